@@ -1,0 +1,82 @@
+"""What EN and SN share: running-statistics buffers and statistics in the current mode."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from .statistics import (
+    InstanceStats,
+    batch_stats,
+    check_normalizers,
+    normalizer_stats,
+    running_average_factor,
+    update_running_stats,
+)
+
+
+class MixedNorm2d(nn.Module):
+    """Base of layers that mix several normalizers of an N x C x H x W input.
+
+    Buffers mirror ``nn.BatchNorm2d`` (``running_mean``, ``running_var``,
+    ``num_batches_tracked``) so the "bn" member behaves exactly like it:
+    batch statistics in training (updating the running ones), running ones in eval.
+    """
+
+    def __init__(
+        self,
+        num_features: int,
+        normalizers: tuple[str, ...],
+        eps: float,
+        momentum: float | None,
+        num_groups: int,
+    ) -> None:
+        super().__init__()
+        self.normalizers = check_normalizers(normalizers)
+        if num_features < 1:
+            raise ValueError(f"num_features must be positive, got {num_features}")
+        if "gn" in self.normalizers and (num_groups < 1 or num_features % num_groups):
+            raise ValueError(f"num_groups={num_groups} must divide num_features={num_features}")
+        self.num_features = num_features
+        self.eps = eps
+        self.momentum = momentum
+        self.num_groups = num_groups
+        self.register_buffer("running_mean", torch.zeros(num_features))
+        self.register_buffer("running_var", torch.ones(num_features))
+        self.register_buffer("num_batches_tracked", torch.tensor(0, dtype=torch.long))
+
+    def reset_running_stats(self) -> None:
+        """Zero means, unit variances, no batches seen (as ``nn.BatchNorm2d``)."""
+        self.running_mean.zero_()
+        self.running_var.fill_(1.0)
+        self.num_batches_tracked.zero_()
+
+    def _check_input_dim(self, x: Tensor) -> None:
+        if x.dim() != 4:
+            raise ValueError(f"expected 4D input (N x C x H x W), got {x.dim()}D input")
+        if x.shape[1] != self.num_features:
+            raise ValueError(f"expected {self.num_features} channels, got {x.shape[1]}")
+
+    def _statistics(self, stats: InstanceStats, update: bool) -> tuple[Tensor, Tensor]:
+        """Every normalizer's means and variances (K x N x C) in the current mode.
+
+        ``update`` advances the running statistics (training only), as a BN forward does.
+        """
+        bn: tuple[Tensor, Tensor] | None = None
+        if "bn" in self.normalizers:
+            if self.training:
+                bn = batch_stats(stats)
+                if update:
+                    self.num_batches_tracked.add_(1)
+                    factor = running_average_factor(self.momentum, self.num_batches_tracked)
+                    count = stats.count * stats.mean.shape[0]
+                    update_running_stats(self.running_mean, self.running_var, *bn, count, factor)
+            else:
+                bn = (self.running_mean.unsqueeze(0), self.running_var.unsqueeze(0))
+        return normalizer_stats(stats, self.normalizers, self.num_groups, bn)
+
+
+def affine_apply(x: Tensor, a: Tensor, b: Tensor) -> Tensor:
+    """Y = A * X + B with per-(sample, channel) A, B (N x C), in X's dtype, one fused op."""
+    n, c = a.shape
+    return torch.addcmul(b.to(x.dtype).view(n, c, 1, 1), a.to(x.dtype).view(n, c, 1, 1), x)

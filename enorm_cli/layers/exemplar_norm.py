@@ -1,0 +1,147 @@
+"""Exemplar Normalization (EN; Zhang et al., CVPR 2020) as a drop-in 2-D norm layer.
+
+The spec is ``shared/en-layer.md``: K normalizers (bn, in, ln, optionally gn), a
+small ratio branch that predicts per-sample mixing ratios, and the mix of the
+normalized outputs computed as ``Y = A * X + B`` with N x C coefficients, so X
+is read once for the statistics and once for the output and never copied K times.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from .base import MixedNorm2d, affine_apply
+from .statistics import InstanceStats, group_count, instance_stats
+
+ACTIVATIONS = ("tanh", "relu")
+
+
+class RatioBranch(nn.Module):
+    """Predicts lambda (N x K) from the pooled, pre-normalized features.
+
+    xhat (N x K x C) -> grouped 1-D conv, kernel 1, C -> G channels over the K
+    axis (G = C / r; C weights whatever r) -> z (N x K x G) -> v = z z^T (K x K)
+    -> FC(K^2, pi K) -> tanh | relu -> FC(pi K, K). Softmax is applied by the caller.
+    """
+
+    def __init__(
+        self,
+        num_features: int,
+        num_normalizers: int,
+        reduction: int,
+        pi: int,
+        activation: str,
+        use_conv: bool,
+    ) -> None:
+        super().__init__()
+        k = num_normalizers
+        self.groups = group_count(num_features, reduction)
+        self.conv = (
+            nn.Conv1d(num_features, self.groups, kernel_size=1, groups=self.groups, bias=False)
+            if use_conv
+            else None
+        )
+        self.fc1 = nn.Linear(k * k, pi * k)
+        self.act: nn.Module = nn.Tanh() if activation == "tanh" else nn.ReLU()
+        self.fc2 = nn.Linear(pi * k, k)
+
+    def forward(self, xhat: Tensor) -> Tensor:
+        """xhat: N x K x C pre-normalized pooled features -> ratio logits N x K."""
+        if self.conv is not None:
+            # Conv1d wants N x C x L with the K normalizers as the length axis.
+            z = self.conv(xhat.transpose(1, 2)).transpose(1, 2)
+        else:
+            z = xhat
+        v = torch.bmm(z, z.transpose(1, 2)).flatten(1)
+        return self.fc2(self.act(self.fc1(v)))
+
+
+class ExemplarNorm2d(MixedNorm2d):
+    """Exemplar Normalization for N x C x H x W inputs.
+
+    Parameters: ``weight``/``bias`` (K x C, or 1 x C with ``shared_affine``), the
+    ratio branch ``ratio`` (conv: C weights; fc1: K^2 pi K + pi K; fc2: pi K K + K),
+    so one layer adds ``2KC + C + (K^2 pi K + pi K) + (pi K K + K)`` parameters
+    (``2C`` instead of ``2KC`` when shared; ``C`` fewer without the conv); for
+    C=64, K=3, pi=50 that is 2,401. Buffers mirror ``nn.BatchNorm2d``:
+    ``running_mean``, ``running_var``, ``num_batches_tracked`` (used by "bn").
+
+    When r does not divide C, the conv uses the largest divisor of C that is at
+    most C / r as its group count (at least 1), so odd widths never fail.
+    """
+
+    _version = 1
+
+    def __init__(
+        self,
+        num_features: int,
+        normalizers: tuple[str, ...] = ("bn", "in", "ln"),
+        reduction: int = 16,
+        pi: int = 50,
+        eps: float = 1e-5,
+        momentum: float | None = 0.1,
+        activation: str = "tanh",
+        use_conv: bool = True,
+        shared_affine: bool = False,
+        num_groups: int = 32,
+    ) -> None:
+        super().__init__(num_features, normalizers, eps, momentum, num_groups)
+        if reduction < 1 or pi < 1:
+            raise ValueError(f"reduction and pi must be positive, got {reduction} and {pi}")
+        if activation not in ACTIVATIONS:
+            raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
+        self.reduction = reduction
+        self.pi = pi
+        self.activation = activation
+        self.use_conv = use_conv
+        self.shared_affine = shared_affine
+        k = len(self.normalizers)
+        rows = 1 if shared_affine else k
+        self.weight = nn.Parameter(torch.ones(rows, num_features))
+        self.bias = nn.Parameter(torch.zeros(rows, num_features))
+        self.ratio = RatioBranch(num_features, k, reduction, pi, activation, use_conv)
+
+    def _ratios(self, stats: InstanceStats, means: Tensor, rstd: Tensor) -> Tensor:
+        """lambda (N x K): the ratio branch on the pooled input pre-normalized by each normalizer."""
+        xhat = ((stats.mean.unsqueeze(0) - means) * rstd).transpose(0, 1)  # N x K x C
+        return torch.softmax(self.ratio(xhat.to(self.ratio.fc1.weight.dtype)), dim=1)
+
+    def ratios(self, x: Tensor) -> Tensor:
+        """The lambda (N x K) that ``forward`` would use on x now; running stats untouched."""
+        self._check_input_dim(x)
+        stats = instance_stats(x)
+        means, variances = self._statistics(stats, update=False)
+        return self._ratios(stats, means, torch.rsqrt(variances + self.eps))
+
+    def forward(self, x: Tensor) -> Tensor:
+        self._check_input_dim(x)
+        stats = instance_stats(x)
+        means, variances = self._statistics(stats, update=True)
+        rstd = torch.rsqrt(variances + self.eps)  # K x N x C
+        lam = self._ratios(stats, means, rstd).transpose(0, 1).unsqueeze(2)  # K x N x 1
+        weight = self.weight.unsqueeze(1).to(rstd.dtype)  # K x 1 x C (or 1 x 1 x C)
+        bias = self.bias.unsqueeze(1).to(rstd.dtype)
+        scale = weight * rstd  # gamma_k / sqrt(var_k + eps)
+        a = (lam * scale).sum(0)
+        b = (lam * (bias - scale * means)).sum(0)
+        return affine_apply(x, a, b)
+
+    def extra_repr(self) -> str:
+        parts = [
+            f"{self.num_features}",
+            f"normalizers={self.normalizers}",
+            f"reduction={self.reduction}",
+            f"pi={self.pi}",
+            f"eps={self.eps}",
+            f"momentum={self.momentum}",
+        ]
+        if self.activation != "tanh":
+            parts.append(f"activation={self.activation}")
+        if not self.use_conv:
+            parts.append("use_conv=False")
+        if self.shared_affine:
+            parts.append("shared_affine=True")
+        if "gn" in self.normalizers:
+            parts.append(f"num_groups={self.num_groups}")
+        return ", ".join(parts)

@@ -1,0 +1,145 @@
+"""One-pass statistics for every normalizer that EN and SN mix.
+
+Every normalizer's mean and variance is a reduction of one N x C table: the
+per-(sample, channel) mean and variance of X (the instance statistics). X is
+read once, by ``torch.var_mean`` (numerically stable, float32 at least, also
+under autocast); bn, ln and gn statistics are then pooled from the table with
+the law of total variance, ``var = mean(var_in) + mean((mu_in - mu)^2)``, which
+is exact for groups of equal size and has no ``E[x^2] - E[x]^2`` cancellation,
+so inputs with |mean|/std of 1e3 and more keep their precision.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+NORMALIZERS: tuple[str, ...] = ("bn", "in", "ln", "gn")
+"""Every normalizer name the layers accept."""
+
+
+@dataclass(frozen=True)
+class InstanceStats:
+    """Per-(sample, channel) statistics of X: mean and biased variance, N x C, float32+."""
+
+    mean: Tensor
+    var: Tensor
+    count: int
+    """Elements per (sample, channel): H * W."""
+
+
+def check_normalizers(normalizers: tuple[str, ...] | list[str]) -> tuple[str, ...]:
+    """Validate a normalizer set and return it as a tuple (order = the K axis)."""
+    names = tuple(normalizers)
+    if not names:
+        raise ValueError("normalizers must name at least one of " + ", ".join(NORMALIZERS))
+    unknown = [n for n in names if n not in NORMALIZERS]
+    if unknown:
+        raise ValueError(
+            f"unknown normalizer(s) {', '.join(unknown)}; choose from {', '.join(NORMALIZERS)}"
+        )
+    if len(set(names)) != len(names):
+        raise ValueError(f"normalizers repeat a name: {', '.join(names)}")
+    return names
+
+
+def instance_stats(x: Tensor) -> InstanceStats:
+    """Read X once: mean and biased variance over (H, W) per sample and channel."""
+    if x.dtype not in (torch.float32, torch.float64):
+        x = x.float()
+    var, mean = torch.var_mean(x.flatten(2), dim=2, correction=0)
+    return InstanceStats(mean=mean, var=var, count=x.shape[2] * x.shape[3])
+
+
+def pool_stats(mean: Tensor, var: Tensor, dim: int | tuple[int, ...]) -> tuple[Tensor, Tensor]:
+    """Pool equal-size groups: mean of means, and the law of total variance."""
+    pooled_mean = mean.mean(dim=dim, keepdim=True)
+    pooled_var = var.mean(dim=dim, keepdim=True) + (mean - pooled_mean).square().mean(
+        dim=dim, keepdim=True
+    )
+    return pooled_mean, pooled_var
+
+
+def batch_stats(stats: InstanceStats) -> tuple[Tensor, Tensor]:
+    """bn statistics over (N, H, W): each 1 x C."""
+    return pool_stats(stats.mean, stats.var, 0)
+
+
+def layer_stats(stats: InstanceStats) -> tuple[Tensor, Tensor]:
+    """ln statistics over (C, H, W): each N x 1."""
+    return pool_stats(stats.mean, stats.var, 1)
+
+
+def group_stats(stats: InstanceStats, num_groups: int) -> tuple[Tensor, Tensor]:
+    """gn statistics over (C/G, H, W), broadcast back to N x C."""
+    n, c = stats.mean.shape
+    mean = stats.mean.reshape(n, num_groups, c // num_groups)
+    var = stats.var.reshape(n, num_groups, c // num_groups)
+    group_mean, group_var = pool_stats(mean, var, 2)
+    shape = (n, num_groups, c // num_groups)
+    return group_mean.expand(shape).reshape(n, c), group_var.expand(shape).reshape(n, c)
+
+
+def normalizer_stats(
+    stats: InstanceStats,
+    normalizers: tuple[str, ...],
+    num_groups: int,
+    bn_stats: tuple[Tensor, Tensor] | None = None,
+) -> tuple[Tensor, Tensor]:
+    """Means and variances of every normalizer, stacked as K x N x C (broadcast views).
+
+    ``bn_stats`` overrides the batch statistics (eval mode: running statistics;
+    training: the batch statistics already computed for the running update).
+    """
+    n, c = stats.mean.shape
+    means: list[Tensor] = []
+    variances: list[Tensor] = []
+    for name in normalizers:
+        if name == "bn":
+            mean, var = bn_stats if bn_stats is not None else batch_stats(stats)
+        elif name == "in":
+            mean, var = stats.mean, stats.var
+        elif name == "ln":
+            mean, var = layer_stats(stats)
+        else:  # "gn"; check_normalizers admits nothing else
+            mean, var = group_stats(stats, num_groups)
+        means.append(mean.to(stats.mean.dtype).expand(n, c))
+        variances.append(var.to(stats.mean.dtype).expand(n, c))
+    return torch.stack(means), torch.stack(variances)
+
+
+def running_average_factor(momentum: float | None, num_batches_tracked: Tensor) -> float:
+    """PyTorch's BatchNorm factor: ``momentum``, or 1/t (a cumulative average) when None."""
+    if momentum is None:
+        return 1.0 / float(num_batches_tracked.item())
+    return momentum
+
+
+@torch.no_grad()
+def update_running_stats(
+    running_mean: Tensor,
+    running_var: Tensor,
+    batch_mean: Tensor,
+    batch_var: Tensor,
+    count: int,
+    factor: float,
+) -> None:
+    """``running = (1 - factor) * running + factor * stat``, with the unbiased variance.
+
+    ``count`` is the number of elements per channel (N * H * W); a single element
+    leaves the variance biased (0) instead of dividing by zero.
+    """
+    unbiased = batch_var * (count / max(count - 1, 1))
+    running_mean.lerp_(batch_mean.reshape(-1).to(running_mean.dtype), factor)
+    running_var.lerp_(unbiased.reshape(-1).to(running_var.dtype), factor)
+
+
+def group_count(num_features: int, reduction: int) -> int:
+    """Groups of the ratio branch's conv: the largest divisor of C that is <= C / r, >= 1.
+
+    With r dividing C this is C / r, as in the paper; odd widths still work.
+    """
+    limit = max(num_features // reduction, 1)
+    return max(g for g in range(1, limit + 1) if num_features % g == 0)

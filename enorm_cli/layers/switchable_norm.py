@@ -1,0 +1,73 @@
+"""Switchable Normalization (SN; Luo et al., ICLR 2019), the baseline EN is measured against.
+
+Official semantics (switchablenorms/Switchable-Normalization, ``SwitchNorm2d``):
+one static softmax over the normalizers' means and a separate one over their
+variances, the mixed statistics normalize X, then one affine pair. Two
+deliberate differences from that code, both shared with EN through
+``statistics.py``: variances are biased everywhere (the official code's unbiased
+instance variance is NaN on 1x1 maps), and running statistics follow PyTorch's
+``momentum`` convention (0.1 here is the official 0.9/0.997 "keep" factor's complement).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from .base import MixedNorm2d, affine_apply
+from .statistics import instance_stats
+
+
+class SwitchableNorm2d(MixedNorm2d):
+    """Switchable Normalization for N x C x H x W inputs.
+
+    Parameters: ``weight``, ``bias`` (C,), ``mean_weight`` and ``var_weight`` (K,),
+    the softmax logits of the static mixing ratios (ones at init: uniform ratios).
+    Buffers as ``nn.BatchNorm2d``.
+    """
+
+    _version = 1
+
+    def __init__(
+        self,
+        num_features: int,
+        normalizers: tuple[str, ...] = ("bn", "in", "ln"),
+        eps: float = 1e-5,
+        momentum: float | None = 0.1,
+        num_groups: int = 32,
+    ) -> None:
+        super().__init__(num_features, normalizers, eps, momentum, num_groups)
+        k = len(self.normalizers)
+        self.weight = nn.Parameter(torch.ones(num_features))
+        self.bias = nn.Parameter(torch.zeros(num_features))
+        self.mean_weight = nn.Parameter(torch.ones(k))
+        self.var_weight = nn.Parameter(torch.ones(k))
+
+    def mean_ratios(self) -> Tensor:
+        """Softmax of ``mean_weight``: how the means are mixed (K,)."""
+        return torch.softmax(self.mean_weight, dim=0)
+
+    def var_ratios(self) -> Tensor:
+        """Softmax of ``var_weight``: how the variances are mixed (K,)."""
+        return torch.softmax(self.var_weight, dim=0)
+
+    def ratios(self, x: Tensor) -> Tensor:
+        """The mean ratios, the same for every sample (N x K): SN's ratios are static."""
+        return self.mean_ratios().unsqueeze(0).expand(x.shape[0], -1)
+
+    def forward(self, x: Tensor) -> Tensor:
+        self._check_input_dim(x)
+        means, variances = self._statistics(instance_stats(x), update=True)
+        mw = self.mean_ratios().to(means.dtype).view(-1, 1, 1)
+        vw = self.var_ratios().to(means.dtype).view(-1, 1, 1)
+        mean = (mw * means).sum(0)
+        var = (vw * variances).sum(0)
+        a = self.weight.to(var.dtype) * torch.rsqrt(var + self.eps)
+        b = self.bias.to(var.dtype) - a * mean
+        return affine_apply(x, a, b)
+
+    def extra_repr(self) -> str:
+        return (
+            f"{self.num_features}, normalizers={self.normalizers}, "
+            f"eps={self.eps}, momentum={self.momentum}"
+        )

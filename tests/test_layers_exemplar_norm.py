@@ -1,0 +1,239 @@
+"""ExemplarNorm2d against a float64 reference written from the paper's equations."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from reference import en_reference
+from torch import nn
+from torch.func import functional_call
+
+from enorm_cli.layers import ExemplarNorm2d
+
+CONFIGS = {
+    "bn-in-ln": {},
+    "with-gn": {"normalizers": ("bn", "in", "ln", "gn"), "num_groups": 8},
+    "gn-ln": {"normalizers": ("gn", "ln"), "num_groups": 4},
+    "bn-only": {"normalizers": ("bn",)},
+    "shared-affine": {"shared_affine": True},
+    "relu": {"activation": "relu"},
+    "no-conv": {"use_conv": False},
+    "odd-width": {"num_features": 30, "reduction": 16},
+}
+
+
+def make_layer(num_features: int = 32, reduction: int = 4, **kwargs) -> ExemplarNorm2d:
+    """A layer with every parameter randomized, so a swapped index or a lost term shows."""
+    layer = ExemplarNorm2d(num_features, reduction=reduction, **kwargs)
+    with torch.no_grad():
+        for name, p in layer.named_parameters():
+            p.copy_(torch.randn_like(p) * (0.5 if name in ("weight", "bias") else 0.3))
+            if name == "weight":
+                p.add_(1.0)
+    return layer
+
+
+def batch(n: int = 6, c: int = 32, hw: int = 5, shift: float = 0.0, scale: float = 1.0) -> torch.Tensor:
+    """Channels and samples with different means and scales, as real features have."""
+    chan = torch.randn(1, c, 1, 1)
+    samp = torch.randn(n, 1, 1, 1) * 0.5
+    return (torch.randn(n, c, hw, hw) * scale * (1 + chan.abs()) + chan + samp + shift).float()
+
+
+@pytest.mark.parametrize("mode", ["train", "eval"])
+@pytest.mark.parametrize("config", list(CONFIGS))
+def test_matches_float64_reference(config: str, mode: str) -> None:
+    kwargs = dict(CONFIGS[config])
+    layer = make_layer(**kwargs)
+    c = layer.num_features
+    for _ in range(3):  # non-trivial running statistics for eval mode
+        layer(batch(c=c))
+    layer.train(mode == "train")
+    x = batch(c=c)
+    expected, expected_lam = en_reference(layer, x)
+    y = layer(x)
+    torch.testing.assert_close(y.double(), expected, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(layer.ratios(x).double(), expected_lam, rtol=1e-5, atol=1e-5)
+
+
+def test_ratios_sum_to_one_per_sample_and_are_what_forward_used() -> None:
+    layer = ExemplarNorm2d(32, reduction=4)  # plain random init, nothing tuned
+    x = batch()
+    before = (layer.running_mean.clone(), layer.running_var.clone(), layer.num_batches_tracked.clone())
+    lam = layer.ratios(x)
+    assert lam.shape == (6, 3)
+    torch.testing.assert_close(lam.sum(1), torch.ones(6))
+    assert (lam - lam[:1]).abs().amax() > 1e-5, "ratios must differ across samples"
+    torch.testing.assert_close(layer.running_mean, before[0], rtol=0, atol=0)
+    torch.testing.assert_close(layer.running_var, before[1], rtol=0, atol=0)
+    assert layer.num_batches_tracked == before[2]
+    for mode in (True, False):
+        layer.train(mode)
+        lam = layer.ratios(x).detach()
+        y_from_lam, _ = en_reference(layer, x, lam=lam)
+        torch.testing.assert_close(layer(x).double(), y_from_lam, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("momentum", [0.1, 0.5, None])
+def test_running_stats_equal_batchnorm(momentum: float | None) -> None:
+    layer = ExemplarNorm2d(16, momentum=momentum)
+    bn = nn.BatchNorm2d(16, momentum=momentum)
+    for step in range(5):
+        x = batch(n=4 + step, c=16, shift=step)
+        layer(x)
+        bn(x)
+    torch.testing.assert_close(layer.running_mean, bn.running_mean, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(layer.running_var, bn.running_var, rtol=1e-5, atol=1e-6)
+    assert layer.num_batches_tracked == bn.num_batches_tracked
+
+
+def test_bn_only_with_unit_ratio_is_batchnorm() -> None:
+    layer = ExemplarNorm2d(16, normalizers=("bn",))
+    bn = nn.BatchNorm2d(16)
+    with torch.no_grad():
+        bn.weight.normal_()
+        bn.bias.normal_()
+        layer.weight.copy_(bn.weight.unsqueeze(0))
+        layer.bias.copy_(bn.bias.unsqueeze(0))
+    x = batch(c=16)
+    torch.testing.assert_close(layer(x), bn(x), rtol=1e-5, atol=1e-5)
+    layer.eval()
+    bn.eval()
+    torch.testing.assert_close(layer(x), bn(x), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("config", ["bn-in-ln", "with-gn", "no-conv", "shared-affine"])
+def test_gradcheck_reaches_every_parameter(config: str) -> None:
+    kwargs = dict(CONFIGS[config])
+    kwargs.setdefault("num_features", 8)
+    kwargs["num_groups"] = 2 if "num_groups" in kwargs else 32
+    layer = make_layer(reduction=2, **kwargs).double()
+    names = [n for n, _ in layer.named_parameters()]
+    params = tuple(p.detach().clone().requires_grad_() for _, p in layer.named_parameters())
+    x = batch(n=3, c=8, hw=3).double().requires_grad_()
+
+    def fn(x: torch.Tensor, *ps: torch.Tensor) -> torch.Tensor:
+        return functional_call(layer, dict(zip(names, ps)), (x,))
+
+    assert torch.autograd.gradcheck(fn, (x, *params), eps=1e-6, atol=1e-5)
+    out = fn(x, *params)
+    grads = torch.autograd.grad((out * torch.randn_like(out)).sum(), params)
+    for name, g in zip(names, grads):
+        assert g.abs().sum() > 0, f"no gradient reaches {name}"
+
+
+@pytest.mark.parametrize("shape", [(1, 16, 1, 1), (1, 16, 4, 4), (5, 16, 1, 1)])
+@pytest.mark.parametrize("normalizers", [("bn", "in", "ln"), ("bn", "in", "ln", "gn")])
+def test_batch_of_one_and_1x1_maps_are_finite(shape: tuple[int, ...], normalizers) -> None:
+    layer = ExemplarNorm2d(16, normalizers=normalizers, num_groups=4)
+    x = torch.randn(shape, requires_grad=True)
+    y = layer(x)
+    (y * torch.randn_like(y)).sum().backward()
+    assert torch.isfinite(y).all()
+    assert torch.isfinite(x.grad).all()
+    for name, p in layer.named_parameters():
+        assert torch.isfinite(p.grad).all(), name
+    assert torch.isfinite(layer.running_var).all()
+    layer.eval()
+    assert torch.isfinite(layer(x)).all()
+
+
+@pytest.mark.parametrize("mode", ["train", "eval"])
+@pytest.mark.parametrize("config", ["bn-in-ln", "with-gn"])
+def test_large_mean_over_std_stays_accurate(config: str, mode: str) -> None:
+    layer = make_layer(momentum=None, **CONFIGS[config])
+    for _ in range(3):
+        layer(batch(shift=1e3))
+    layer.train(mode == "train")
+    x = batch(shift=1e3)  # |mean| / std ~ 1e3
+    expected, _ = en_reference(layer, x)
+    y = layer(x).double()
+    rel = (y - expected).abs().max() / expected.abs().max()
+    assert rel < 1e-3, f"relative error {rel:.2e}"
+
+
+def test_state_dict_round_trip() -> None:
+    layer = make_layer(normalizers=("bn", "in", "ln", "gn"), num_groups=8)
+    layer(batch())
+    clone = ExemplarNorm2d(32, reduction=4, normalizers=("bn", "in", "ln", "gn"), num_groups=8)
+    clone.load_state_dict(layer.state_dict(), strict=True)
+    layer.eval()
+    clone.eval()
+    x = batch()
+    torch.testing.assert_close(clone(x), layer(x), rtol=0, atol=0)
+    keys = set(layer.state_dict())
+    assert {"weight", "bias", "running_mean", "running_var", "num_batches_tracked"} <= keys
+
+
+def test_module_contract() -> None:
+    layer = ExemplarNorm2d(64)
+    assert layer.normalizers == ("bn", "in", "ln")
+    assert layer.weight.shape == (3, 64) and layer.bias.shape == (3, 64)
+    assert layer.running_mean.shape == (64,) and layer.running_var.shape == (64,)
+    shared = ExemplarNorm2d(64, shared_affine=True)
+    assert shared.weight.shape == (1, 64)
+    text = repr(layer)
+    for part in ("64", "('bn', 'in', 'ln')", "reduction=16", "pi=50"):
+        assert part in text
+    with pytest.raises(ValueError, match="unknown normalizer"):
+        ExemplarNorm2d(64, normalizers=("bn", "xx"))
+    with pytest.raises(ValueError, match="activation"):
+        ExemplarNorm2d(64, activation="gelu")
+    with pytest.raises(ValueError, match="must divide"):
+        ExemplarNorm2d(30, normalizers=("gn",), num_groups=4)
+    with pytest.raises(ValueError, match="4D"):
+        layer(torch.randn(2, 64))
+
+
+def test_parameter_count_matches_docstring_formula() -> None:
+    c, k, pi = 64, 3, 50
+    layer = ExemplarNorm2d(c, pi=pi, reduction=16)
+    formula = 2 * k * c + c + (k * k * pi * k + pi * k) + (pi * k * k + k)
+    assert formula == 2401
+    assert sum(p.numel() for p in layer.parameters()) == formula
+    no_conv = ExemplarNorm2d(c, pi=pi, use_conv=False)
+    assert sum(p.numel() for p in no_conv.parameters()) == formula - c
+    shared = ExemplarNorm2d(c, pi=pi, shared_affine=True)
+    assert sum(p.numel() for p in shared.parameters()) == formula - 2 * (k - 1) * c
+
+
+@pytest.mark.parametrize("num_features, reduction, groups", [(64, 16, 4), (30, 16, 1), (96, 16, 6), (40, 16, 2), (1, 16, 1)])
+def test_odd_widths_pick_a_dividing_group_count(num_features: int, reduction: int, groups: int) -> None:
+    layer = ExemplarNorm2d(num_features, reduction=reduction)
+    assert layer.ratio.groups == groups
+    assert torch.isfinite(layer(torch.randn(2, num_features, 3, 3))).all()
+
+
+def test_bf16_autocast_forward_is_finite() -> None:
+    layer = ExemplarNorm2d(32, reduction=4)
+    x = batch()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = layer(x.bfloat16())
+    assert y.dtype == torch.bfloat16
+    assert torch.isfinite(y).all()
+    torch.testing.assert_close(y.float(), layer(x), rtol=0.05, atol=0.05)
+
+
+def _small_net() -> nn.Module:
+    return nn.Sequential(
+        nn.Conv2d(3, 16, 3, padding=1),
+        ExemplarNorm2d(16, reduction=4),
+        nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(16, 5),
+    )
+
+
+def test_torch_compile_matches_eager() -> None:
+    net = _small_net()
+    x = torch.randn(4, 3, 8, 8)
+    try:
+        compiled = torch.compile(net)
+        net.eval()
+        got = compiled(x)
+    except Exception as exc:  # no C++ toolchain for inductor, for one
+        pytest.skip(f"torch.compile unavailable here: {type(exc).__name__}: {exc}".splitlines()[0])
+    torch.testing.assert_close(got, net(x), rtol=1e-4, atol=1e-5)
+    net.train()
+    torch.testing.assert_close(compiled(x), net(x), rtol=1e-4, atol=1e-5)

@@ -1,0 +1,58 @@
+"""The one-pass statistics table against direct reductions over X."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from enorm_cli.layers import check_normalizers, group_count
+from enorm_cli.layers.statistics import (
+    batch_stats,
+    group_stats,
+    instance_stats,
+    layer_stats,
+)
+
+
+def direct(x: torch.Tensor, dims: tuple[int, ...]) -> tuple[torch.Tensor, torch.Tensor]:
+    var, mean = torch.var_mean(x.double(), dim=dims, correction=0)
+    return mean, var
+
+
+def test_pooled_stats_equal_direct_reductions() -> None:
+    x = torch.randn(5, 12, 6, 7) * torch.rand(1, 12, 1, 1) * 4 + torch.randn(5, 12, 1, 1)
+    stats = instance_stats(x)
+    assert stats.count == 42
+    m, v = direct(x, (0, 2, 3))
+    bm, bv = batch_stats(stats)
+    torch.testing.assert_close(bm.squeeze(0).double(), m, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(bv.squeeze(0).double(), v, rtol=1e-5, atol=1e-6)
+    m, v = direct(x, (1, 2, 3))
+    lm, lv = layer_stats(stats)
+    torch.testing.assert_close(lm.squeeze(1).double(), m, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(lv.squeeze(1).double(), v, rtol=1e-5, atol=1e-6)
+    g = x.reshape(5, 3, 4, 6, 7)
+    m, v = direct(g, (2, 3, 4))
+    gm, gv = group_stats(stats, 3)
+    torch.testing.assert_close(gm[:, ::4].double(), m, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(gv[:, ::4].double(), v, rtol=1e-5, atol=1e-6)
+
+
+def test_bf16_input_gets_float32_statistics() -> None:
+    stats = instance_stats(torch.randn(2, 4, 3, 3).bfloat16())
+    assert stats.mean.dtype == torch.float32 and stats.var.dtype == torch.float32
+
+
+def test_check_normalizers() -> None:
+    assert check_normalizers(["bn", "gn"]) == ("bn", "gn")
+    for bad, match in ((["bn", "bn"], "repeat"), ([], "at least one"), (["bm"], "unknown")):
+        with pytest.raises(ValueError, match=match):
+            check_normalizers(bad)
+
+
+def test_group_count() -> None:
+    assert group_count(2048, 16) == 128
+    assert group_count(30, 16) == 1
+    assert group_count(24, 16) == 1
+    assert group_count(96, 16) == 6
+    assert group_count(3, 1) == 3
