@@ -1,0 +1,1 @@
+"""The ``enorm`` command line: a thin Typer layer over the library."""

@@ -1,0 +1,80 @@
+"""``enorm convert``: replace a model's BatchNorm/GroupNorm layers with EN and save it."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from .common import stdout, user_errors
+
+
+@user_errors
+def convert(
+    model: str = typer.Argument(..., help="timm model name (e.g. resnet50) or torchvision:NAME."),
+    out: Path = typer.Option(..., "--out", "-o", help="Output .safetensors file."),
+    checkpoint: Optional[Path] = typer.Option(  # noqa: UP007
+        None, "--checkpoint", help="Local weights (.pth/.pt/.bin state dict or .safetensors)."
+    ),
+    pretrained: bool = typer.Option(
+        True, "--pretrained/--no-pretrained", help="Start from the hub's pretrained weights."
+    ),
+    num_classes: Optional[int] = typer.Option(None, "--num-classes", help="New classifier width."),  # noqa: UP007
+    normalizers: str = typer.Option("bn,in,ln", "--normalizers", help="Comma-separated: bn,in,ln,gn."),
+    reduction: int = typer.Option(16, "--reduction", help="Ratio-branch conv reduction r."),
+    pi: int = typer.Option(50, "--pi", help="Ratio-branch hidden width factor pi."),
+    margin: float = typer.Option(
+        2.0, "--margin", help="Prior logit of the source normalizer (lambda_src = e^m/(e^m+K-1))."
+    ),
+    include: Optional[str] = typer.Option(None, "--include", help="Convert only modules whose name matches."),  # noqa: UP007
+    exclude: Optional[str] = typer.Option(None, "--exclude", help="Skip modules whose name matches."),  # noqa: UP007
+    calib: Optional[Path] = typer.Option(  # noqa: UP007
+        None, "--calib", help="Folder of images for the verification batch."
+    ),
+    verify: bool = typer.Option(True, "--verify/--no-verify", help="Check the converted model's logits."),
+    as_json: bool = typer.Option(False, "--json", help="Print the report as JSON."),
+    force: bool = typer.Option(False, "--force", help="Overwrite --out if it exists."),
+) -> None:
+    """Convert MODEL's BatchNorm/GroupNorm layers to Exemplar Normalization.
+
+    The converted model computes the same function in eval mode; this is
+    checked on a calibration batch before anything is written.
+
+    Examples:
+
+      enorm convert resnet50 --no-pretrained --out r50_en.safetensors
+
+      enorm convert torchvision:mobilenet_v2 --checkpoint mobilenet_v2-b0353104.pth --out mnv2_en.safetensors
+
+      enorm convert test_efficientnet_gn --no-pretrained --normalizers bn,in,ln,gn --out gn.safetensors
+    """
+    from ..convert import convert as run
+    from ..surgery import ENSettings
+    from .report import print_conversion
+
+    settings = ENSettings(
+        normalizers=tuple(n.strip().lower() for n in normalizers.split(",") if n.strip()),
+        reduction=reduction,
+        pi=pi,
+        margin=margin,
+        include=include,
+        exclude=exclude,
+    )
+    result = run(
+        model, out, settings, checkpoint=checkpoint, pretrained=pretrained, num_classes=num_classes,
+        calib=calib, verify=verify, force=force,
+    )
+    if as_json:
+        typer.echo(json.dumps(result.to_json(), indent=2))
+    else:
+        print_conversion(result, stdout)
+    if not result.verified:
+        typer.echo(
+            f"error: the converted model differs from the source by "
+            f"{result.agreement.relative_delta:.2e} (relative) > {result.tolerance:.0e}; nothing was "
+            "written. Report this with --json output, or pass --no-verify to save anyway",
+            err=True,
+        )
+        raise typer.Exit(1)

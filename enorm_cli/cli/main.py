@@ -1,0 +1,49 @@
+"""``enorm``: the root Typer app. Each subcommand lives in its own module."""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import typer
+
+from .. import __version__
+from .common import set_debug
+from .convert import convert
+
+app = typer.Typer(
+    name="enorm",
+    help=(
+        "Exemplar Normalization (EN) for any timm or torchvision model.\n\n"
+        "Examples:\n\n"
+        "  enorm convert resnet50 --no-pretrained --out r50_en.safetensors\n\n"
+        "  enorm convert torchvision:mobilenet_v2 --checkpoint mobilenet_v2-b0353104.pth "
+        "--out mnv2_en.safetensors"
+    ),
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    rich_markup_mode="rich",
+)
+app.command(no_args_is_help=True)(convert)
+
+
+def _version(value: bool) -> None:
+    if value:
+        typer.echo(f"enorm {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def root(
+    version: Optional[bool] = typer.Option(  # noqa: UP007 (typer needs Optional on 3.10)
+        None, "--version", callback=_version, is_eager=True, help="Print the version and exit."
+    ),
+    debug: bool = typer.Option(False, "--debug", help="Show tracebacks for errors."),
+) -> None:
+    """Exemplar Normalization for timm and torchvision models."""
+    set_debug(debug)
+
+
+def main() -> None:
+    """Console-script entry point."""
+    app()

@@ -1,0 +1,107 @@
+"""``enorm convert`` as a library call: source model -> EN model -> verified .safetensors."""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from torch import nn
+
+from .checkpoint import build_metadata, save_checkpoint
+from .errors import EnormError
+from .fileio import check_writable
+from .models import create_source_model, data_config, num_classes_of
+from .surgery import ConversionReport, ENSettings, convert_model, count_parameters
+from .verify import Agreement, calibration_batch, compare, default_batch
+
+DEFAULT_TOLERANCE = 1e-4
+"""Max |delta logit| relative to max |logit| that still counts as the same function."""
+
+
+@dataclass
+class ConvertResult:
+    model: nn.Module
+    source_model: str
+    report: ConversionReport
+    params_before: int
+    params_after: int
+    agreement: Agreement | None
+    tolerance: float
+    out: Path | None
+
+    @property
+    def verified(self) -> bool:
+        return self.agreement is None or self.agreement.relative_delta <= self.tolerance
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "source_model": self.source_model,
+            "out": str(self.out) if self.out else None,
+            "converted": [
+                {"name": c.name, "source_type": c.source_type, "channels": c.channels,
+                 "normalizers": list(c.normalizers), "params_added": c.params_added}
+                for c in self.report.converted
+            ],
+            "converted_by_type": self.report.by_type(),
+            "skipped": [{"name": n, "type": t, "reason": r} for n, t, r in self.report.skipped],
+            "params_before": self.params_before,
+            "params_after": self.params_after,
+            "verification": self.agreement.to_json() if self.agreement else None,
+            "tolerance": self.tolerance,
+            "verified": self.verified,
+        }
+
+
+def convert(
+    model_name: str,
+    out: Path | None,
+    settings: ENSettings,
+    checkpoint: Path | None = None,
+    pretrained: bool = True,
+    num_classes: int | None = None,
+    calib: Path | None = None,
+    verify: bool = True,
+    force: bool = False,
+    tolerance: float = DEFAULT_TOLERANCE,
+) -> ConvertResult:
+    """Convert, verify in eval mode, and save (only when verified, or when verify is off)."""
+    if out is not None:
+        if out.suffix != ".safetensors":
+            raise EnormError(f"--out {str(out)!r} must end in .safetensors")
+        check_writable(out, force)
+    name, source = create_source_model(model_name, pretrained and checkpoint is None, checkpoint, num_classes)
+    config = data_config(name, source)
+    batch = None
+    if verify:  # read the calibration images before the slow part, to fail early
+        batch = (calibration_batch(calib, config) if calib is not None
+                 else default_batch(tuple(config["input_size"])))
+    model = copy.deepcopy(source) if verify else source
+    params_before = count_parameters(source)
+    report = convert_model(model, settings)
+    if not report.converted:
+        raise EnormError(
+            f"{model_name} has no BatchNorm or GroupNorm layer to convert"
+            + (" that --include/--exclude select" if settings.include or settings.exclude else "")
+            + (f" (it has {', '.join(sorted({t for _, t, _ in report.skipped}))})" if report.skipped else "")
+        )
+    agreement = None
+    if batch is not None:
+        agreement = compare(source, model, batch, str(calib) if calib else "default smooth-noise batch")
+    result = ConvertResult(
+        model=model.eval(), source_model=name.full, report=report, params_before=params_before,
+        params_after=count_parameters(model), agreement=agreement, tolerance=tolerance, out=out,
+    )
+    if out is not None and result.verified:
+        metadata = build_metadata(
+            source_model=name.full,
+            namespace=name.namespace,
+            num_classes=num_classes_of(model),
+            settings=settings.to_json(),
+            converted_layers={c.name: c.source_type for c in report.converted},
+            data_config=config,
+        )
+        check_writable(out, force)  # again: something may have appeared meanwhile
+        save_checkpoint(model, out, metadata)
+    return result

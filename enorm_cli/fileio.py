@@ -1,0 +1,42 @@
+"""Writing user files safely: never half-written, never overwritten without --force."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+from .errors import EnormError
+
+
+def check_writable(path: Path, force: bool, flag: str = "--out") -> None:
+    """Fail before any work when ``path`` cannot be written or would clobber a file."""
+    parent = path.parent if str(path.parent) else Path(".")
+    if path.is_dir():
+        raise EnormError(f"{flag} {str(path)!r} is a directory: give a file name")
+    if path.exists() and not force:
+        raise EnormError(f"{flag} {str(path)!r} exists: pass --force to overwrite it, or pick another path")
+    if not parent.is_dir():
+        raise EnormError(f"directory {str(parent)!r} for {flag} does not exist: create it first")
+    if not os.access(parent, os.W_OK):
+        raise EnormError(f"directory {str(parent)!r} for {flag} is not writable: pick another path")
+
+
+@contextlib.contextmanager
+def atomic_path(path: Path) -> Iterator[Path]:
+    """A temporary path beside ``path``; renamed onto it only if the block succeeds."""
+    parent = path.parent if str(path.parent) else Path(".")
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=parent)
+    os.close(fd)
+    try:
+        yield Path(tmp)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp's 0600 would surprise users
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
