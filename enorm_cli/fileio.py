@@ -20,8 +20,11 @@ def check_writable(path: Path, force: bool, flag: str = "--out") -> None:
         raise EnormError(f"{flag} {str(path)!r} exists: pass --force to overwrite it, or pick another path")
     if not parent.is_dir():
         raise EnormError(f"directory {str(parent)!r} for {flag} does not exist: create it first")
-    if not os.access(parent, os.W_OK):
-        raise EnormError(f"directory {str(parent)!r} for {flag} is not writable: pick another path")
+    try:  # a real probe: os.access says yes to root even on read-only file systems
+        with tempfile.TemporaryFile(dir=parent):
+            pass
+    except OSError:
+        raise EnormError(f"directory {str(parent)!r} for {flag} is not writable: pick another path") from None
 
 
 @contextlib.contextmanager

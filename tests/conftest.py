@@ -19,3 +19,36 @@ def _seed() -> None:
     import torch
 
     torch.manual_seed(0)
+
+
+@pytest.fixture(scope="session")
+def photo_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Real photos (scikit-image and scikit-learn ship them) as image files in class folders."""
+    import numpy as np
+    from PIL import Image
+    from skimage import data
+    from sklearn.datasets import load_sample_images
+
+    root = tmp_path_factory.mktemp("photos")
+    photos = {
+        "cat/chelsea.png": data.chelsea(),
+        "person/astronaut.jpg": data.astronaut(),
+        "cup/coffee.jpg": data.coffee(),
+        "rocket/rocket.jpg": data.rocket(),
+    }
+    for name, image in zip(("china", "flower"), load_sample_images().images):
+        photos[f"scene/{name}.jpg"] = image
+    for rel, image in photos.items():
+        path = root / rel
+        path.parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(np.asarray(image)).save(path)
+    return root
+
+
+@pytest.fixture(scope="session")
+def mobilenet_weights() -> Path:
+    """torchvision's official ImageNet MobileNetV2 weights, fetched by scripts/fetch_assets.sh."""
+    path = Path(os.environ.get("ENORM_ASSETS", ROOT / ".cache" / "assets")) / "mobilenet_v2-b0353104.pth"
+    if not path.is_file():
+        pytest.fail(f"{path} is missing: run ./scripts/test.sh (or scripts/fetch_assets.sh) to fetch it")
+    return path

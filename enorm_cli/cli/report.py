@@ -33,10 +33,12 @@ def print_conversion(result: ConvertResult, console: Console) -> None:
         kinds: dict[str, int] = {}
         for _, kind, reason in result.report.skipped:
             kinds[f"{kind} ({reason})"] = kinds.get(f"{kind} ({reason})", 0) + 1
-        console.print("left as they are: " + "; ".join(f"{n} x {k}" for k, n in kinds.items()), markup=False)
+        console.print("left as they are: " + "; ".join(f"{n} x {k}" for k, n in kinds.items()), markup=False, soft_wrap=True)
     before, after = result.params_before, result.params_after
     console.print(
-        f"parameters: {before:,} -> {after:,} (+{(after - before) / max(before, 1):.2%})", markup=False
+        f"parameters: {before:,} -> {after:,} (+{(after - before) / max(before, 1):.2%})",
+        markup=False,
+        soft_wrap=True,
     )
     a = result.agreement
     if a is None:
@@ -46,7 +48,8 @@ def print_conversion(result: ConvertResult, console: Console) -> None:
         console.print(
             f"verification ({a.samples} samples, {a.calibration}): top-1 agreement "
             f"{a.top1_agreement:.1%}, max |delta logit| {a.max_abs_delta:.2e} "
-            f"({a.relative_delta:.2e} of max |logit|, tolerance {result.tolerance:.0e}): {status}"
+            f"({a.relative_delta:.2e} of max |logit|, tolerance {result.tolerance:.0e}): {status}",
+            soft_wrap=True,
         )
     if result.out is not None and result.verified:
-        console.print(f"wrote {result.out}", markup=False)
+        console.print(f"wrote {result.out}", markup=False, soft_wrap=True)

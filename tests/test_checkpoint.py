@@ -1,0 +1,77 @@
+"""Safetensors checkpoints: metadata, rebuild from the file alone, bad files."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+from torch import nn
+
+from enorm_cli import load_model
+from enorm_cli.checkpoint import build_metadata, read_info, save_checkpoint
+from enorm_cli.convert import convert
+from enorm_cli.errors import EnormError
+from enorm_cli.surgery import ENSettings
+
+
+def test_convert_save_and_load_model_round_trip(tmp_path: Path) -> None:
+    out = tmp_path / "eff.safetensors"
+    settings = ENSettings(normalizers=("bn", "ln"), pi=10, reduction=4)
+    result = convert("test_efficientnet", out, settings, pretrained=False, num_classes=7)
+    meta = safe_open(str(out), framework="pt").metadata()
+    assert meta["format"] == "pt" and all(isinstance(v, str) for v in meta.values())
+    info = read_info(out)
+    assert info.source_model == "test_efficientnet" and info.num_classes == 7
+    assert info.settings["normalizers"] == ["bn", "ln"] and info.settings["pi"] == 10
+    assert set(info.converted_layers.values()) == {"BatchNormAct2d"}
+    assert info.data_config["input_size"] == [3, 160, 160]
+    assert json.loads(meta["enorm.converted_layers"]) == info.converted_layers
+    loaded = load_model(out)
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x), result.model(x), rtol=0, atol=0)
+
+
+def test_shared_tensors_are_saved_once_and_reload(tmp_path: Path) -> None:
+    model = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 4))
+    model[1].weight = model[0].weight
+    path = tmp_path / "tied.safetensors"
+    save_checkpoint(model, path, {"format": "pt"})
+    from safetensors.torch import load_model as st_load
+
+    fresh = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 4))
+    fresh[1].weight = fresh[0].weight
+    st_load(fresh, str(path))
+    torch.testing.assert_close(fresh[1].weight, model[0].weight)
+
+
+def test_foreign_corrupt_and_missing_files(tmp_path: Path) -> None:
+    foreign = tmp_path / "plain.safetensors"
+    save_file({"w": torch.zeros(2)}, str(foreign))
+    with pytest.raises(EnormError, match="not an enorm checkpoint"):
+        load_model(foreign)
+    corrupt = tmp_path / "corrupt.safetensors"
+    corrupt.write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json}......")
+    with pytest.raises(EnormError, match="not a readable .safetensors"):
+        load_model(corrupt)
+    with pytest.raises(EnormError, match="not found"):
+        load_model(tmp_path / "nope.safetensors")
+
+
+def test_truncated_checkpoint_is_reported(tmp_path: Path) -> None:
+    out = tmp_path / "r.safetensors"
+    convert("test_resnet", out, ENSettings(), pretrained=False)
+    data = out.read_bytes()
+    out.write_bytes(data[: len(data) // 2])
+    with pytest.raises(EnormError):
+        load_model(out)
+
+
+def test_metadata_is_strings_only() -> None:
+    meta = build_metadata("m", "timm", 3, {"a": [1]}, {"x": "BatchNorm2d"}, {"mean": [0.5]}, {"ratio_stats": {"l": 1}})
+    assert all(isinstance(v, str) for v in meta.values())
+    assert json.loads(meta["enorm.ratio_stats"]) == {"l": 1}
