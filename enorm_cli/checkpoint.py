@@ -126,8 +126,10 @@ def load_model(path: str | Path) -> nn.Module:
     info = read_info(path)
     name = parse_model_name(info.source_model)
     model = build_model(name, pretrained=False, num_classes=info.num_classes)
-    report = convert_model(model, ENSettings.from_json(info.settings))
-    converted = {layer.name: layer.source_type for layer in report.converted}
+    converted: dict[str, str] = {}
+    if info.extra.get("norm", "en") == "en":  # "bn": a fine-tuned baseline, no surgery
+        report = convert_model(model, ENSettings.from_json(info.settings))
+        converted = {layer.name: layer.source_type for layer in report.converted}
     if converted != info.converted_layers:
         raise EnormError(
             f"{str(path)!r} does not match {info.source_model} as this timm/torchvision builds it "

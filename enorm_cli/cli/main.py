@@ -9,6 +9,8 @@ import typer
 from .. import __version__
 from .common import set_debug
 from .convert import convert
+from .evaluate import evaluate
+from .finetune import finetune
 
 app = typer.Typer(
     name="enorm",
@@ -17,7 +19,9 @@ app = typer.Typer(
         "Examples:\n\n"
         "  enorm convert resnet50 --no-pretrained --out r50_en.safetensors\n\n"
         "  enorm convert torchvision:mobilenet_v2 --checkpoint mobilenet_v2-b0353104.pth "
-        "--out mnv2_en.safetensors"
+        "--out mnv2_en.safetensors\n\n"
+        "  enorm finetune --recipe recipes/quickstart.yaml optim.lr=0.02\n\n"
+        "  enorm eval runs/quickstart/best.safetensors --data fashion_mnist"
     ),
     no_args_is_help=True,
     add_completion=False,
@@ -25,6 +29,8 @@ app = typer.Typer(
     rich_markup_mode="rich",
 )
 app.command(no_args_is_help=True)(convert)
+app.command(no_args_is_help=True)(finetune)
+app.command("eval", no_args_is_help=True)(evaluate)
 
 
 def _version(value: bool) -> None:

@@ -9,8 +9,10 @@ from .statistics import (
     InstanceStats,
     batch_stats,
     check_normalizers,
+    distributed_world_size,
     normalizer_stats,
     running_average_factor,
+    synced_batch_stats,
     update_running_stats,
 )
 
@@ -21,7 +23,12 @@ class MixedNorm2d(nn.Module):
     Buffers mirror ``nn.BatchNorm2d`` (``running_mean``, ``running_var``,
     ``num_batches_tracked``) so the "bn" member behaves exactly like it:
     batch statistics in training (updating the running ones), running ones in eval.
+    With ``sync_stats`` set (a plain attribute, not saved) and torch.distributed
+    running with more than one process, training batch statistics cover the
+    whole distributed batch, as ``nn.SyncBatchNorm`` does.
     """
+
+    sync_stats: bool = False
 
     def __init__(
         self,
@@ -65,11 +72,16 @@ class MixedNorm2d(nn.Module):
         bn: tuple[Tensor, Tensor] | None = None
         if "bn" in self.normalizers:
             if self.training:
-                bn = batch_stats(stats)
+                if self.sync_stats and distributed_world_size() > 1:
+                    mean, var, samples = synced_batch_stats(stats)
+                    bn = (mean, var)
+                else:
+                    bn = batch_stats(stats)
+                    samples = stats.mean.shape[0]
                 if update:
                     self.num_batches_tracked.add_(1)
                     factor = running_average_factor(self.momentum, self.num_batches_tracked)
-                    count = stats.count * stats.mean.shape[0]
+                    count = stats.count * samples
                     update_running_stats(self.running_mean, self.running_var, *bn, count, factor)
             else:
                 bn = (self.running_mean.unsqueeze(0), self.running_var.unsqueeze(0))

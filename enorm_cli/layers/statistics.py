@@ -143,3 +143,29 @@ def group_count(num_features: int, reduction: int) -> int:
     """
     limit = max(num_features // reduction, 1)
     return max(g for g in range(1, limit + 1) if num_features % g == 0)
+
+
+def distributed_world_size() -> int:
+    """Processes in the default group, 1 when torch.distributed is not running."""
+    import torch.distributed as dist
+
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+def synced_batch_stats(stats: InstanceStats) -> tuple[Tensor, Tensor, int]:
+    """bn statistics over the whole distributed batch, as SyncBatchNorm computes them.
+
+    Two differentiable all-reduces of per-channel sums (C + 1 and C values): the
+    global mean first, then the squared deviations from it, so no cancellation.
+    Returns the 1 x C mean and variance and the global sample count.
+    """
+    from torch.distributed.nn.functional import all_reduce
+
+    n = stats.mean.shape[0]
+    count = torch.full((1, 1), float(n), dtype=stats.mean.dtype, device=stats.mean.device)
+    summed = all_reduce(torch.cat([stats.mean.sum(0, keepdim=True), count], dim=1))
+    total = summed[:, -1:]
+    mean = summed[:, :-1] / total
+    deviation = (stats.var + (stats.mean - mean).square()).sum(0, keepdim=True)
+    var = all_reduce(deviation) / total
+    return mean, var, int(total.item())

@@ -1,0 +1,54 @@
+"""``enorm eval``: top-1/top-5 of a checkpoint on a dataset split (cross-dataset evaluation)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+
+from .common import user_errors
+
+
+@user_errors
+def evaluate(
+    checkpoint: Path = typer.Argument(..., help="An enorm .safetensors (convert or finetune output)."),
+    data: Optional[str] = typer.Option(  # noqa: UP007
+        None, "--data", help="Image folder DIR/<class>/<img>, fashion_mnist[:train], or filelist:LIST[@IMAGE_DIR]."
+    ),
+    recipe: Optional[Path] = typer.Option(None, "--recipe", help="Use this recipe's val split."),  # noqa: UP007
+    overrides: Optional[List[str]] = typer.Argument(None, help="Recipe overrides (with --recipe)."),  # noqa: UP006, UP007
+    batch_size: int = typer.Option(64, "--batch-size", min=1),
+    workers: int = typer.Option(2, "--workers", min=0),
+    limit: Optional[int] = typer.Option(None, "--limit", min=1, help="Evaluate a fixed random subset."),  # noqa: UP007
+    first_classes: Optional[int] = typer.Option(  # noqa: UP007
+        None, "--first-classes", min=1, help="Keep labels < N (a 50-class model on ImageNet val)."
+    ),
+    as_json: bool = typer.Option(False, "--json", help="Print the result as JSON."),
+) -> None:
+    """Evaluate CHECKPOINT on a split, preparing images with the checkpoint's data config.
+
+    Examples:
+
+      enorm eval runs/quickstart/best.safetensors --data fashion_mnist
+
+      enorm eval runs/mini_webvision/best.safetensors --data /data/imagenet/val --limit 5000
+    """
+    from ..data import parse_data_spec
+    from ..errors import EnormError
+    from ..recipe import load_recipe
+    from ..train import evaluate_checkpoint
+
+    if (data is None) == (recipe is None):
+        raise EnormError("give exactly one of --data SPEC or --recipe R")
+    cfg = parse_data_spec(data) if data is not None else load_recipe(recipe, overrides or []).data
+    if first_classes is not None:
+        cfg = cfg.model_copy(update={"first_classes": first_classes})
+    result = evaluate_checkpoint(checkpoint, cfg, batch_size, workers, limit)
+    if as_json:
+        typer.echo(json.dumps({"top1": result.top1, "top5": result.top5, "loss": result.loss,
+                               "samples": result.samples}))
+    else:
+        typer.echo(f"{checkpoint}: top-1 {result.top1:.2f}% top-5 {result.top5:.2f}% "
+                   f"loss {result.loss:.4f} on {result.samples} images")

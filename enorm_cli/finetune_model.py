@@ -1,0 +1,88 @@
+"""The model a recipe names, ready to fine-tune, and what its checkpoints must record."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from torch import nn
+
+from .checkpoint import build_metadata, load_model, read_info
+from .errors import EnormError
+from .layers.base import MixedNorm2d
+from .models import create_source_model, data_config, num_classes_of, set_num_classes
+from .recipe import Recipe
+from .surgery import ENSettings, convert_model
+
+
+@dataclass
+class PreparedModel:
+    model: nn.Module
+    source_model: str
+    namespace: str
+    settings: ENSettings
+    converted_layers: dict[str, str]
+    norm: str
+    mean: list[float]
+    std: list[float]
+
+    def metadata(self, data_config: dict[str, Any], extra: dict[str, Any]) -> dict[str, str]:
+        return build_metadata(
+            source_model=self.source_model,
+            namespace=self.namespace,
+            num_classes=num_classes_of(self.model),
+            settings=self.settings.to_json(),
+            converted_layers=self.converted_layers,
+            data_config=data_config,
+            extra={"norm": self.norm, **extra},
+        )
+
+
+def settings_from_recipe(recipe: Recipe) -> ENSettings:
+    en = recipe.model.en
+    return ENSettings(
+        normalizers=tuple(en.normalizers), reduction=en.reduction, pi=en.pi, margin=en.margin,
+        activation=en.activation, use_conv=en.use_conv,
+    )
+
+
+def prepare_model(recipe: Recipe, num_classes: int) -> PreparedModel:
+    """Load an EN checkpoint, or build the source model and convert it (``norm: en``)."""
+    cfg = recipe.model
+    if cfg.name.endswith(".safetensors"):
+        path = Path(cfg.name)
+        info = read_info(path)
+        model = load_model(path)
+        if num_classes != info.num_classes:
+            set_num_classes(model, num_classes)
+        return PreparedModel(
+            model, info.source_model, info.source_model.partition(":")[0] if ":" in info.source_model else "timm",
+            ENSettings.from_json(info.settings), info.converted_layers, info.extra.get("norm", "en"),
+            list(info.data_config["mean"]), list(info.data_config["std"]),
+        )
+    if cfg.pretrained and cfg.checkpoint:
+        raise EnormError("model.pretrained and model.checkpoint are both set: keep one")
+    name, model = create_source_model(
+        cfg.name, pretrained=cfg.pretrained, checkpoint=Path(cfg.checkpoint) if cfg.checkpoint else None,
+        num_classes=num_classes,
+    )
+    config = data_config(name, model)
+    settings = settings_from_recipe(recipe)
+    converted: dict[str, str] = {}
+    if cfg.norm == "en":
+        report = convert_model(model, settings)
+        if not report.converted:
+            raise EnormError(f"{cfg.name} has no BatchNorm or GroupNorm layer to convert: use model.norm=bn")
+        converted = {c.name: c.source_type for c in report.converted}
+    return PreparedModel(
+        model, name.full, name.namespace, settings, converted, cfg.norm, list(config["mean"]), list(config["std"])
+    )
+
+
+def set_sync_stats(model: nn.Module, enabled: bool) -> int:
+    """Turn cross-process bn statistics on or off in every EN/SN layer; returns how many."""
+    layers = [m for m in model.modules() if isinstance(m, MixedNorm2d)]
+    for layer in layers:
+        layer.sync_stats = enabled
+    return len(layers)

@@ -1,0 +1,94 @@
+"""Recording EN's per-sample normalizer ratios with forward hooks (inspect's engine).
+
+The hooks call the layer's own ``ratios(input)`` after its forward, under
+no_grad, so the model's computation path is untouched; ratios are always the
+post-softmax lambdas, named by the layer's normalizers.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from .layers import ExemplarNorm2d, SwitchableNorm2d
+
+
+def en_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """EN (and SN) layers in forward-definition order, by module name."""
+    return [(n, m) for n, m in model.named_modules() if isinstance(m, (ExemplarNorm2d, SwitchableNorm2d))]
+
+
+@dataclass
+class RatioRecorder:
+    """Collects lambda (N x K) of every EN layer for each batch the model sees.
+
+    Use as a context manager around forward passes; ``take()`` returns the
+    ratios of the batches since the last call as N x L x K_max (K padded with NaN
+    when layers mix different numbers of normalizers).
+    """
+
+    model: nn.Module
+    layers: list[tuple[str, nn.Module]] = field(init=False)
+    _handles: list[Any] = field(default_factory=list, init=False)
+    _current: dict[str, Tensor] = field(default_factory=dict, init=False)
+
+    def __post_init__(self) -> None:
+        self.layers = en_layers(self.model)
+
+    @property
+    def names(self) -> list[str]:
+        return [n for n, _ in self.layers]
+
+    @property
+    def normalizers(self) -> list[tuple[str, ...]]:
+        return [m.normalizers for _, m in self.layers]
+
+    @property
+    def k_max(self) -> int:
+        return max((len(m.normalizers) for _, m in self.layers), default=0)
+
+    def __enter__(self) -> RatioRecorder:
+        for name, module in self.layers:
+            self._handles.append(module.register_forward_hook(self._hook(name)))
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+
+    def _hook(self, name: str):
+        def hook(module: nn.Module, inputs: tuple[Tensor, ...], output: Tensor) -> None:
+            with torch.no_grad():
+                self._current[name] = module.ratios(inputs[0]).float()
+
+        return hook
+
+    def take(self) -> Tensor:
+        """Ratios of the last forward: N x L x K_max (NaN where a layer has fewer normalizers)."""
+        if not self._current:
+            raise RuntimeError("no forward pass was recorded")
+        n = next(iter(self._current.values())).shape[0]
+        out = torch.full((n, len(self.layers), self.k_max), float("nan"))
+        for i, (name, _) in enumerate(self.layers):
+            lam = self._current[name]
+            out[:, i, : lam.shape[1]] = lam.cpu()
+        self._current.clear()
+        return out
+
+
+def summarize(names: list[str], normalizers: list[tuple[str, ...]], ratios: Tensor) -> dict[str, Any]:
+    """Per-layer mean and std over samples of each normalizer's ratio (JSON-ready)."""
+    layers = []
+    for i, (name, norms) in enumerate(zip(names, normalizers)):
+        lam = ratios[:, i, : len(norms)].double()
+        layers.append({
+            "name": name,
+            "normalizers": list(norms),
+            "mean": [round(v, 6) for v in lam.mean(0).tolist()],
+            "std": [round(v, 6) for v in (lam.std(0, correction=0) if lam.shape[0] > 1 else torch.zeros(len(norms))).tolist()],
+        })
+    return {"samples": int(ratios.shape[0]), "layers": layers}

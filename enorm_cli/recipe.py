@@ -1,0 +1,211 @@
+"""Fine-tuning recipes: a pydantic schema, YAML files and ``key=value`` overrides.
+
+As torchtune and Hydra users expect: ``enorm finetune --recipe R.yaml optim.lr=0.01
+data.batch_size=64``; override values are parsed as YAML (numbers, lists, null).
+Unknown keys are refused, and every problem is reported at once with its field path.
+"""
+
+from __future__ import annotations
+
+import difflib
+from pathlib import Path
+from typing import Any, Literal, Optional, Union
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from .errors import EnormError
+from .layers.statistics import NORMALIZERS
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", protected_namespaces=())
+
+
+class ENConfig(Section):
+    """EN settings for on-the-fly conversion (see ``enorm convert``)."""
+
+    normalizers: list[str] = ["bn", "in", "ln"]
+    reduction: int = Field(16, ge=1)
+    pi: int = Field(50, ge=1)
+    margin: float = 2.0
+    activation: Literal["tanh", "relu"] = "tanh"
+    use_conv: bool = True
+    sync_stats: Optional[bool] = None
+    """Synchronize the bn member's statistics across processes (None: when >1 process)."""
+
+    @field_validator("normalizers")
+    @classmethod
+    def _known(cls, value: list[str]) -> list[str]:
+        bad = [n for n in value if n not in NORMALIZERS]
+        if bad or not value or len(set(value)) != len(value):
+            raise ValueError(f"give distinct names from {', '.join(NORMALIZERS)}")
+        return value
+
+
+class ModelConfig(Section):
+    name: str
+    """A timm/torchvision model name (converted on the fly), or an EN .safetensors from convert."""
+    checkpoint: Optional[str] = None
+    """Source weights for on-the-fly conversion (state dict or .safetensors)."""
+    pretrained: bool = False
+    num_classes: Optional[int] = Field(None, ge=1)
+    norm: Literal["en", "bn"] = "en"
+    """"bn" fine-tunes the source model as it is: the baseline EN is compared with."""
+    en: ENConfig = ENConfig()
+
+
+class DataConfig(Section):
+    kind: Literal["imagefolder", "filelist", "fashion_mnist"]
+    root: Optional[str] = None
+    train: Union[str, list[str]] = "train"
+    val: str = "val"
+    train_prefix: str = ""
+    """filelist: folder under root that train entries are relative to."""
+    val_prefix: str = ""
+    """filelist: folder under root that val entries are relative to (WebVision: val_images_256)."""
+    first_classes: Optional[int] = Field(None, ge=1)
+    """Keep only labels < N (mini-WebVision: the first 50 classes)."""
+    image_size: int = Field(224, ge=8)
+    batch_size: int = Field(64, ge=1)
+    workers: int = Field(2, ge=0)
+    limit_train: Optional[int] = Field(None, ge=1)
+    limit_val: Optional[int] = Field(None, ge=1)
+    scale: list[float] = [0.08, 1.0]
+    """RandomResizedCrop scale range for training."""
+    hflip: float = Field(0.5, ge=0, le=1)
+    color_jitter: Optional[float] = None
+    crop_pct: Optional[float] = Field(None, gt=0, le=1)
+
+
+class OptimConfig(Section):
+    name: str = "sgd"
+    lr: float = Field(0.01, gt=0)
+    weight_decay: float = Field(1e-4, ge=0)
+    momentum: float = Field(0.9, ge=0)
+    ratio_lr: Optional[float] = Field(None, gt=0)
+    """lr of the EN ratio branch (None: lr * ratio_lr_scale)."""
+    ratio_lr_scale: float = Field(0.1, gt=0)
+    ratio_weight_decay: float = Field(0.0, ge=0)
+    affine_lr: Optional[float] = Field(None, gt=0)
+    """lr of EN's gammas and betas (None: lr)."""
+    affine_weight_decay: float = Field(0.0, ge=0)
+
+
+class ScheduleConfig(Section):
+    name: Literal["cosine", "step", "multistep", "tanh", "poly"] = "cosine"
+    epochs: int = Field(1, ge=1)
+    warmup_epochs: float = Field(0, ge=0)
+    warmup_lr: float = Field(1e-5, ge=0)
+    min_lr: float = Field(0.0, ge=0)
+    decay_epochs: Optional[float] = None
+    decay_milestones: list[int] = [30, 60, 90]
+    decay_rate: float = 0.1
+
+
+class TrainConfig(Section):
+    mixed_precision: Literal["no", "fp16", "bf16"] = "no"
+    grad_accum: int = Field(1, ge=1)
+    seed: int = 0
+    label_smoothing: float = Field(0.0, ge=0, lt=1)
+    grad_clip: Optional[float] = Field(None, gt=0)
+    eval_every: int = Field(1, ge=1)
+    """Evaluate every N epochs (and after the last)."""
+    save_every_steps: Optional[int] = Field(None, ge=1)
+    """Also save a resumable state every N optimizer steps (None: at the end of each epoch)."""
+    keep_states: int = Field(2, ge=1)
+    log_every: int = Field(20, ge=1)
+
+
+class Recipe(Section):
+    model: ModelConfig
+    data: DataConfig
+    optim: OptimConfig = OptimConfig()
+    schedule: ScheduleConfig = ScheduleConfig()
+    train: TrainConfig = TrainConfig()
+    output_dir: str = "runs/finetune"
+
+
+def parse_override(item: str) -> tuple[list[str], Any]:
+    """``a.b.c=value`` -> (["a", "b", "c"], yaml-parsed value)."""
+    key, sep, raw = item.partition("=")
+    if not sep or not key or any(not part for part in key.split(".")):
+        raise EnormError(f"override {item!r} is not key=value: write e.g. optim.lr=0.01")
+    try:
+        value = yaml.safe_load(raw) if raw != "" else ""
+    except yaml.YAMLError:
+        value = raw
+    return key.split("."), value
+
+
+def _known_paths(model: type[BaseModel], prefix: str = "") -> list[str]:
+    paths = []
+    for name, field in model.model_fields.items():
+        paths.append(prefix + name)
+        ann = field.annotation
+        if isinstance(ann, type) and issubclass(ann, BaseModel):
+            paths.extend(_known_paths(ann, prefix + name + "."))
+    return paths
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Set dotted keys in the raw recipe; unknown keys are refused with close names."""
+    known = _known_paths(Recipe)
+    for item in overrides:
+        path, value = parse_override(item)
+        dotted = ".".join(path)
+        if dotted not in known:
+            close = difflib.get_close_matches(dotted, known, n=2)
+            hint = f"did you mean {' or '.join(close)}?" if close else "see the recipe's keys"
+            raise EnormError(f"unknown override key {dotted!r}: {hint}")
+        node = data
+        for part in path[:-1]:
+            if not isinstance(node.get(part), dict):
+                node[part] = {}
+            node = node[part]
+        node[path[-1]] = value
+    return data
+
+
+def _format_errors(source: str, exc: ValidationError) -> str:
+    parts = []
+    for err in exc.errors():
+        loc = ".".join(str(p) for p in err["loc"])
+        msg = err["msg"].removeprefix("Value error, ")
+        if err["type"] == "extra_forbidden":
+            msg = "unknown key (remove it or check its spelling)"
+        elif "input" in err and not isinstance(err["input"], dict):
+            msg += f" (got {err['input']!r})"
+        parts.append(f"{loc}: {msg}")
+    return f"{source}: " + "; ".join(parts)
+
+
+def load_recipe(path: Path | None, overrides: list[str] | None = None) -> Recipe:
+    """Read a YAML recipe (``yaml.safe_load``), apply overrides, validate."""
+    data: dict[str, Any] = {}
+    source = "overrides"
+    if path is not None:
+        source = f"recipe {str(path)!r}"
+        if not Path(path).is_file():
+            raise EnormError(f"recipe {str(path)!r} not found: check the path (recipes/ has examples)")
+        try:
+            loaded = yaml.safe_load(Path(path).read_text())
+        except yaml.YAMLError as exc:
+            where = getattr(exc, "problem_mark", None)
+            at = f" at line {where.line + 1}" if where is not None else ""
+            raise EnormError(f"recipe {str(path)!r} is not valid YAML{at}: fix the syntax") from None
+        if loaded is None:
+            loaded = {}
+        if not isinstance(loaded, dict):
+            raise EnormError(f"recipe {str(path)!r} must be a mapping of sections (model:, data:, ...)")
+        data = loaded
+    data = apply_overrides(data, overrides or [])
+    try:
+        return Recipe.model_validate(data)
+    except ValidationError as exc:
+        raise EnormError(_format_errors(source, exc)) from None
+
+
+def dump_recipe(recipe: Recipe) -> str:
+    """The resolved recipe as YAML (what ``config.yaml`` in the output directory holds)."""
+    return yaml.safe_dump(recipe.model_dump(mode="json"), sort_keys=False)

@@ -1,0 +1,56 @@
+"""Synchronized bn statistics across two real gloo processes equal one process on the whole batch."""
+
+from __future__ import annotations
+
+import os
+import socket
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from enorm_cli.layers import ExemplarNorm2d
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _worker(rank: int, port: int, x: torch.Tensor, state: dict, out: dict) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=2)
+    try:
+        layer = ExemplarNorm2d(8, reduction=2)
+        layer.load_state_dict(state)
+        layer.sync_stats = True
+        part = x[rank * 3 : (rank + 1) * 3].clone().requires_grad_()
+        y = layer(part)
+        (y * torch.arange(y.numel()).view_as(y).sin()[: y.numel()]).sum().backward()
+        grads = torch.stack([p.grad.flatten().sum() for p in layer.parameters()])
+        dist.all_reduce(grads)
+        out[rank] = {"y": y.detach(), "xgrad": part.grad, "grads": grads,
+                     "mean": layer.running_mean.clone(), "var": layer.running_var.clone()}
+    finally:
+        dist.destroy_process_group()
+
+
+def test_two_process_sync_equals_single_process() -> None:
+    x = torch.randn(6, 8, 4, 4) * 2 + 1
+    reference = ExemplarNorm2d(8, reduction=2)
+    state = {k: v.clone() for k, v in reference.state_dict().items()}
+    xr = x.clone().requires_grad_()
+    y = reference(xr)
+    weights = torch.cat([torch.arange(y[:3].numel()).view_as(y[:3]).sin(),
+                         torch.arange(y[3:].numel()).view_as(y[3:]).sin()])
+    (y * weights).sum().backward()
+    manager = mp.Manager()
+    out = manager.dict()
+    mp.spawn(_worker, args=(_free_port(), x, state, out), nprocs=2, join=True)
+    torch.testing.assert_close(torch.cat([out[0]["y"], out[1]["y"]]), y.detach(), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(torch.cat([out[0]["xgrad"], out[1]["xgrad"]]), xr.grad, rtol=1e-4, atol=1e-5)
+    expected = torch.stack([p.grad.flatten().sum() for p in reference.parameters()])
+    torch.testing.assert_close(out[0]["grads"], expected, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(out[0]["mean"], reference.running_mean)
+    torch.testing.assert_close(out[1]["var"], reference.running_var)

@@ -1,0 +1,74 @@
+"""Recipe schema, YAML files and key=value overrides."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from enorm_cli.errors import EnormError
+from enorm_cli.recipe import dump_recipe, load_recipe
+
+RECIPES = sorted((Path(__file__).resolve().parents[1] / "recipes").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("path", RECIPES, ids=[p.stem for p in RECIPES])
+def test_shipped_recipes_validate_and_say_their_hardware(path: Path) -> None:
+    recipe = load_recipe(path)
+    assert recipe.model.name and recipe.data.kind
+    head = path.read_text().split("\n# Model")[0].lower()
+    assert "hardware" in head and "finetune --recipe recipes/" in head
+
+
+def test_quickstart_has_the_documented_keys() -> None:
+    recipe = load_recipe(Path("recipes/quickstart.yaml"))
+    assert recipe.model.name == "torchvision:mobilenet_v2" and recipe.model.num_classes == 10
+    assert recipe.model.en.normalizers == ["bn", "in", "ln"]
+    assert recipe.data.kind == "fashion_mnist" and recipe.data.image_size == 32
+    assert recipe.optim.name == "sgd" and recipe.schedule.name == "cosine"
+
+
+def test_overrides_are_parsed_as_yaml() -> None:
+    recipe = load_recipe(
+        Path("recipes/quickstart.yaml"),
+        ["optim.lr=0.05", "data.batch_size=8", "model.en.normalizers=[bn,ln]", "data.limit_train=null",
+         "train.grad_clip=1.5", "output_dir=/tmp/x"],
+    )
+    assert recipe.optim.lr == 0.05 and recipe.data.batch_size == 8
+    assert recipe.model.en.normalizers == ["bn", "ln"] and recipe.data.limit_train is None
+    assert recipe.train.grad_clip == 1.5 and recipe.output_dir == "/tmp/x"
+    assert "lr: 0.05" in dump_recipe(recipe)
+
+
+@pytest.mark.parametrize(
+    "overrides, match",
+    [
+        (["optim.lrr=1"], "unknown override key 'optim.lrr': did you mean optim.lr"),
+        (["optim.lr"], "not key=value"),
+        (["optim.lr=abc"], r"optim\.lr: .*valid number.*'abc'"),
+        (["data.batch_size=0", "optim.lr=-1"], r"data\.batch_size: .*; optim\.lr: "),
+        (["model.en.normalizers=[bn,xx]"], r"model\.en\.normalizers: give distinct names"),
+        (["data.kind=parquet"], r"data\.kind: "),
+    ],
+)
+def test_bad_overrides_name_the_field(overrides: list[str], match: str) -> None:
+    with pytest.raises(EnormError, match=match):
+        load_recipe(Path("recipes/quickstart.yaml"), overrides)
+
+
+def test_bad_recipe_files(tmp_path: Path) -> None:
+    with pytest.raises(EnormError, match="not found"):
+        load_recipe(tmp_path / "nope.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("model: {name: x\ndata: [")
+    with pytest.raises(EnormError, match="not valid YAML at line"):
+        load_recipe(bad)
+    bad.write_text("- a list\n")
+    with pytest.raises(EnormError, match="mapping"):
+        load_recipe(bad)
+    bad.write_text("model: {name: resnet50}\ndata: {kind: fashion_mnist}\noptimizer: {lr: 1}\n")
+    with pytest.raises(EnormError, match="optimizer: unknown key"):
+        load_recipe(bad)
+    bad.write_text("data: {kind: fashion_mnist}\n")
+    with pytest.raises(EnormError, match="model: Field required"):
+        load_recipe(bad)

@@ -1,0 +1,151 @@
+"""Fine-tuning end to end: real data, real models, real processes (gloo on CPU)."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from test_data import write_crops
+
+from enorm_cli import load_model
+from enorm_cli.checkpoint import read_info
+from enorm_cli.errors import EnormError
+from enorm_cli.recipe import load_recipe
+from enorm_cli.train import finetune, param_groups
+
+ROOT = Path(__file__).resolve().parents[1]
+QUICK = ROOT / "recipes" / "quickstart.yaml"
+
+
+def small_quickstart(out: Path, *extra: str) -> list[str]:
+    return ["data.limit_train=1024", "data.limit_val=512", "data.workers=0", f"output_dir={out}", *extra]
+
+
+def read_metrics(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.mark.slow
+def test_quickstart_subset_learns_and_ratios_move(tmp_path: Path, mobilenet_weights: Path) -> None:
+    out = tmp_path / "run"
+    recipe = load_recipe(QUICK, small_quickstart(out, f"model.checkpoint={mobilenet_weights}"))
+    summary = finetune(recipe, progress=False)
+    assert summary["top1"] > 40.0, summary  # chance is 10%
+    assert summary["samples"] == 512
+    for name in ("config.yaml", "metrics.jsonl", "last.safetensors", "best.safetensors"):
+        assert (out / name).is_file(), name
+    records = read_metrics(out)
+    assert any("loss" in r and "images_per_s" in r for r in records) and records[-1]["eval"]
+    info = read_info(out / "last.safetensors")
+    stats = info.extra["ratio_stats"]
+    assert stats["samples"] == 512 and len(stats["layers"]) == 52
+    prior = 2.718281828**2 / (2.718281828**2 + 2)
+    moved = max(abs(layer["mean"][0] - prior) for layer in stats["layers"])
+    spread = max(max(layer["std"]) for layer in stats["layers"])
+    assert moved > 0.01 and spread > 1e-3, (moved, spread)
+    for layer in stats["layers"]:
+        assert abs(sum(layer["mean"]) - 1) < 1e-4
+    model = load_model(out / "best.safetensors")
+    assert model.classifier[1].out_features == 10
+
+
+def test_param_groups_split_en_parts() -> None:
+    recipe = load_recipe(QUICK, ["model.checkpoint=null", "optim.lr=0.1", "optim.ratio_lr_scale=0.5"])
+    from enorm_cli.finetune_model import prepare_model
+
+    prepared = prepare_model(recipe, 10)
+    groups = {g["name"]: g for g in param_groups(prepared.model, recipe)}
+    assert groups["ratio"]["lr"] == 0.05 and groups["ratio"]["weight_decay"] == 0.0
+    assert groups["affine"]["lr"] == 0.1 and groups["decay"]["weight_decay"] == 1e-4
+    total = sum(p.numel() for g in groups.values() for p in g["params"])
+    assert total == sum(p.numel() for p in prepared.model.parameters())
+
+
+def tiny_recipe(root: Path, out: Path, kind: str, *extra: str) -> list[str]:
+    data = (["data.kind=imagefolder"] if kind == "imagefolder" else
+            ["data.kind=filelist", "data.train=info/train_list.txt", "data.val=info/val_list.txt"])
+    return ["model.name=test_resnet", "model.checkpoint=null", "model.num_classes=3", f"data.root={root}",
+            *data, "data.image_size=32", "data.batch_size=4", "data.workers=0", "data.limit_train=null",
+            "data.limit_val=null", "optim.lr=0.05", "schedule.epochs=2", f"output_dir={out}", *extra]
+
+
+@pytest.fixture()
+def crops(tmp_path: Path, photo_dir: Path) -> Path:
+    root = tmp_path / "crops"
+    made = write_crops(photo_dir, root, per_class=8)
+    (root / "info").mkdir()
+    for split, lines in made.items():
+        (root / "info" / f"{split}_list.txt").write_text("\n".join(lines) + "\n")
+    return root
+
+
+@pytest.mark.parametrize("kind", ["imagefolder", "filelist"])
+def test_finetune_on_image_files(crops: Path, tmp_path: Path, kind: str) -> None:
+    out = tmp_path / kind
+    summary = finetune(load_recipe(QUICK, tiny_recipe(crops, out, kind)), progress=False)
+    assert summary["samples"] == 12 and summary["epoch"] == 2
+    assert [r["epoch"] for r in read_metrics(out) if r.get("eval")] == [1, 2]
+    assert load_model(out / "last.safetensors") is not None
+    with pytest.raises(EnormError, match="already holds a run"):
+        finetune(load_recipe(QUICK, tiny_recipe(crops, out, kind)), progress=False)
+
+
+def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(crops: Path, tmp_path: Path) -> None:
+    out = tmp_path / "nan"
+    finetune(load_recipe(QUICK, tiny_recipe(crops, out, "imagefolder", "schedule.epochs=1")), progress=False)
+    good = (out / "last.safetensors").read_bytes()
+    recipe = load_recipe(QUICK, tiny_recipe(crops, out, "imagefolder", "schedule.epochs=2", "optim.lr=1e30"))
+    with pytest.raises(EnormError, match=r"loss became (nan|inf) at step \d+ \(epoch 2\)"):
+        finetune(recipe, resume=True, progress=False)
+    assert (out / "last.safetensors").read_bytes() == good
+
+
+def _env() -> dict[str, str]:
+    return {**os.environ, "OMP_NUM_THREADS": "1", "COLUMNS": "200"}
+
+
+@pytest.mark.slow
+def test_torchrun_two_processes_exact_eval(crops: Path, tmp_path: Path) -> None:
+    """MULTI_CPU over gloo: synced EN statistics, gather_for_metrics counts each image once."""
+    out = tmp_path / "ddp"
+    args = tiny_recipe(crops, out, "filelist", "schedule.epochs=1")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "0",
+           "-m", "enorm_cli", "finetune", "--recipe", str(QUICK), "--no-progress", *args]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=_env(), timeout=600, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    evals = [r for r in read_metrics(out) if r.get("eval")]
+    assert evals[-1]["samples"] == 9  # 9 val images over 2 processes: none counted twice
+    assert proc.stdout.count("val top-1") == 1  # only the main process prints
+    assert (out / "last.safetensors").is_file()
+
+
+@pytest.mark.slow
+def test_resume_after_kill_9(crops: Path, tmp_path: Path) -> None:
+    out = tmp_path / "killed"
+    args = tiny_recipe(crops, out, "imagefolder", "schedule.epochs=3", "train.save_every_steps=2",
+                       "data.batch_size=2")
+    base = [sys.executable, "-m", "enorm_cli", "finetune", "--recipe", str(QUICK), "--no-progress"]
+    proc = subprocess.Popen([*base, *args], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=_env(), cwd=ROOT)
+    deadline = time.time() + 300
+    while time.time() < deadline and not list((out / "state").glob("step_*/progress.json")):
+        time.sleep(0.2)
+    time.sleep(1.0)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL
+    assert list((out / "state").glob("step_*/progress.json")), "killed before any state was saved"
+    done = subprocess.run([*base, "--resume", *args], capture_output=True, text=True, env=_env(), cwd=ROOT,
+                          timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "resuming from" in done.stdout
+    evals = [r for r in read_metrics(out) if r.get("eval")]
+    assert [r["epoch"] for r in evals][-1] == 3 and evals[-1]["step"] == 3 * 12
+    steps = [r["step"] for r in read_metrics(out)]
+    assert steps == sorted(steps)
+    assert len(list((out / "state").glob("step_*"))) <= 2  # keep_states
