@@ -162,6 +162,11 @@ class MetricsLog:
                 f.write(json.dumps(record) + "\n")
 
 
+def _cpu_only() -> bool:
+    """True without a GPU: Accelerate only picks MULTI_CPU (gloo) under torchrun when told ``cpu=True``."""
+    return not torch.accelerator.is_available()
+
+
 def _make_loader(split: Split, batch_size: int, workers: int, train: bool) -> torch.utils.data.DataLoader:
     return torch.utils.data.DataLoader(
         split.dataset, batch_size=batch_size, shuffle=train, num_workers=workers,
@@ -179,6 +184,7 @@ def finetune(recipe: Recipe, resume: bool = False, force: bool = False, progress
 
     output_dir = Path(recipe.output_dir)
     accelerator = Accelerator(
+        cpu=_cpu_only(),
         mixed_precision=recipe.train.mixed_precision,
         gradient_accumulation_steps=recipe.train.grad_accum,
         dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=recipe.train.seed),
@@ -251,7 +257,7 @@ def finetune(recipe: Recipe, resume: bool = False, force: bool = False, progress
             model.train()
             train_loader.set_epoch(epoch)
             loader = accelerator.skip_first_batches(train_loader, start_batch) if start_batch else train_loader
-            tick, images = time.perf_counter(), 0
+            tick, images, window = time.perf_counter(), 0, []
             for batch_index, (x, y) in enumerate(loader, start=start_batch):
                 with accelerator.accumulate(model):
                     loss = criterion(model(x), y)
@@ -277,11 +283,14 @@ def finetune(recipe: Recipe, resume: bool = False, force: bool = False, progress
                 rate = images / max(elapsed, 1e-9)
                 bar.update(task, advance=1, description=f"epoch {epoch + 1}/{s.epochs}",
                            info=f"loss {mean_loss:.3f} lr {lr:.2e} {rate:.0f} img/s")
-                if global_step % recipe.train.log_every == 0:
-                    metrics.write({"step": global_step, "epoch": epoch + 1, "loss": mean_loss, "lr": lr,
+                window.append(mean_loss)
+                if global_step % recipe.train.log_every == 0 or batch_index + 1 == len(train_loader):
+                    logged = sum(window) / len(window)  # mean over the steps since the last record
+                    window.clear()
+                    metrics.write({"step": global_step, "epoch": epoch + 1, "loss": logged, "lr": lr,
                                    "images_per_s": rate})
                     if not (progress and main):
-                        accelerator.print(f"epoch {epoch + 1} step {global_step}: loss {mean_loss:.4f} "
+                        accelerator.print(f"epoch {epoch + 1} step {global_step}: loss {logged:.4f} "
                                           f"lr {lr:.3e} {rate:.0f} img/s")
                 if recipe.train.save_every_steps and global_step % recipe.train.save_every_steps == 0:
                     _save_state(accelerator, output_dir, recipe, epoch, batch_index + 1, global_step, best_top1)
@@ -367,7 +376,7 @@ def evaluate_checkpoint(path: Path, data: Any, batch_size: int, workers: int, li
     transform = build_transform(cfg, info.data_config["mean"], info.data_config["std"], training=False)
     split = load_split(cfg, "val", transform, limit, info.num_classes)
     model = load_model(path)
-    accelerator = Accelerator()
+    accelerator = Accelerator(cpu=_cpu_only())
     loader = _make_loader(split, batch_size, workers, train=False)
     model, loader = accelerator.prepare(model, loader)
     return evaluate(model, loader, accelerator, record_ratios=False)

@@ -35,7 +35,7 @@ def test_finetune_then_eval_agree(crops: Path, tmp_path: Path) -> None:  # noqa:
     result = invoke("eval", str(out / "last.safetensors"), "--data", str(crops / "val"), "--json")
     assert result.exit_code == 0, result.stderr
     evaluated = json.loads(result.stdout)
-    assert evaluated["samples"] == 9 and evaluated["top1"] == pytest.approx(final["top1"])
+    assert evaluated["samples"] == 12 and evaluated["top1"] == pytest.approx(final["top1"])
     result = invoke("eval", str(out / "last.safetensors"), "--recipe", str(QUICK),
                     *tiny_recipe(crops, out, "filelist"))
     assert result.exit_code == 0 and "top-1" in result.stdout

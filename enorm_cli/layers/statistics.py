@@ -12,6 +12,7 @@ so inputs with |mean|/std of 1e3 and more keep their precision.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -152,6 +153,30 @@ def distributed_world_size() -> int:
     return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
 
 
+class _AllReduceSum(torch.autograd.Function):
+    """Differentiable sum over processes: the gradient of a sum is the sum of the gradients.
+
+    Our own because ``torch.distributed.nn.functional.all_reduce`` is deprecated and the
+    functional collectives gained autograd only in recent torch releases.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, tensor: Tensor) -> Tensor:
+        import torch.distributed as dist
+
+        out = tensor.clone()
+        dist.all_reduce(out)
+        return out
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> Tensor:
+        import torch.distributed as dist
+
+        grad = grad.contiguous().clone()
+        dist.all_reduce(grad)
+        return grad
+
+
 def synced_batch_stats(stats: InstanceStats) -> tuple[Tensor, Tensor, int]:
     """bn statistics over the whole distributed batch, as SyncBatchNorm computes them.
 
@@ -159,8 +184,7 @@ def synced_batch_stats(stats: InstanceStats) -> tuple[Tensor, Tensor, int]:
     global mean first, then the squared deviations from it, so no cancellation.
     Returns the 1 x C mean and variance and the global sample count.
     """
-    from torch.distributed.nn.functional import all_reduce
-
+    all_reduce = _AllReduceSum.apply
     n = stats.mean.shape[0]
     count = torch.full((1, 1), float(n), dtype=stats.mean.dtype, device=stats.mean.device)
     summed = all_reduce(torch.cat([stats.mean.sum(0, keepdim=True), count], dim=1))
