@@ -33,6 +33,8 @@ class CheckpointInfo:
     data_config: dict[str, Any]
     extra: dict[str, Any]
     enorm_version: str
+    layer_normalizers: dict[str, list[str]]
+    """Each converted layer's normalizers, in order (the settings' set plus a GroupNorm source's own)."""
 
 
 def build_metadata(
@@ -42,6 +44,7 @@ def build_metadata(
     settings: dict[str, Any],
     converted_layers: dict[str, str],
     data_config: dict[str, Any],
+    layer_normalizers: dict[str, list[str]],
     extra: dict[str, Any] | None = None,
 ) -> dict[str, str]:
     """String metadata for safetensors; ``extra`` carries later fields (ratio stats, ...)."""
@@ -55,6 +58,7 @@ def build_metadata(
         KEY + "en_settings": json.dumps(settings, sort_keys=True),
         KEY + "converted_layers": json.dumps(converted_layers),
         KEY + "data_config": json.dumps(data_config, sort_keys=True),
+        KEY + "layer_normalizers": json.dumps(layer_normalizers),
     }
     for key, value in (extra or {}).items():
         meta[KEY + key] = json.dumps(value)
@@ -98,7 +102,7 @@ def read_info(path: Path) -> CheckpointInfo:
             f"{FORMAT_VERSION}: upgrade enorm"
         )
     known = {"format_version", "version", "source_model", "namespace", "num_classes",
-             "en_settings", "converted_layers", "data_config"}
+             "en_settings", "converted_layers", "data_config", "layer_normalizers"}
     try:
         return CheckpointInfo(
             source_model=meta[KEY + "source_model"],
@@ -109,6 +113,7 @@ def read_info(path: Path) -> CheckpointInfo:
             extra={k[len(KEY):]: json.loads(v) for k, v in meta.items()
                    if k.startswith(KEY) and k[len(KEY):] not in known},
             enorm_version=meta[KEY + "version"],
+            layer_normalizers=json.loads(meta.get(KEY + "layer_normalizers", "{}")),
         )
     except (KeyError, ValueError) as exc:
         raise EnormError(f"{str(path)!r} has damaged enorm metadata ({exc}); re-create it") from None
@@ -127,7 +132,7 @@ def load_model(path: str | Path) -> nn.Module:
     name = parse_model_name(info.source_model)
     model = build_model(name, pretrained=False, num_classes=info.num_classes)
     converted: dict[str, str] = {}
-    if info.extra.get("norm", "en") == "en":  # "bn": a fine-tuned baseline, no surgery
+    if info.extra.get("norm", "en") != "bn":  # "bn": a fine-tuned baseline, no surgery
         report = convert_model(model, ENSettings.from_json(info.settings))
         converted = {layer.name: layer.source_type for layer in report.converted}
     if converted != info.converted_layers:

@@ -23,6 +23,7 @@ class PreparedModel:
     namespace: str
     settings: ENSettings
     converted_layers: dict[str, str]
+    layer_normalizers: dict[str, list[str]]
     norm: str
     mean: list[float]
     std: list[float]
@@ -35,6 +36,7 @@ class PreparedModel:
             settings=self.settings.to_json(),
             converted_layers=self.converted_layers,
             data_config=data_config,
+            layer_normalizers=self.layer_normalizers,
             extra={"norm": self.norm, **extra},
         )
 
@@ -43,7 +45,8 @@ def settings_from_recipe(recipe: Recipe) -> ENSettings:
     en = recipe.model.en
     return ENSettings(
         normalizers=tuple(en.normalizers), reduction=en.reduction, pi=en.pi, margin=en.margin,
-        activation=en.activation, use_conv=en.use_conv,
+        activation=en.activation, use_conv=en.use_conv, shared_affine=en.shared_affine,
+        layer=recipe.model.norm if recipe.model.norm != "bn" else "en",
     )
 
 
@@ -58,7 +61,8 @@ def prepare_model(recipe: Recipe, num_classes: int) -> PreparedModel:
             set_num_classes(model, num_classes)
         return PreparedModel(
             model, info.source_model, info.source_model.partition(":")[0] if ":" in info.source_model else "timm",
-            ENSettings.from_json(info.settings), info.converted_layers, info.extra.get("norm", "en"),
+            ENSettings.from_json(info.settings), info.converted_layers, info.layer_normalizers,
+            info.extra.get("norm", "en"),
             list(info.data_config["mean"]), list(info.data_config["std"]),
         )
     if cfg.pretrained and cfg.checkpoint:
@@ -70,13 +74,16 @@ def prepare_model(recipe: Recipe, num_classes: int) -> PreparedModel:
     config = data_config(name, model)
     settings = settings_from_recipe(recipe)
     converted: dict[str, str] = {}
-    if cfg.norm == "en":
+    normalizers: dict[str, list[str]] = {}
+    if cfg.norm != "bn":
         report = convert_model(model, settings)
         if not report.converted:
             raise EnormError(f"{cfg.name} has no BatchNorm or GroupNorm layer to convert: use model.norm=bn")
         converted = {c.name: c.source_type for c in report.converted}
+        normalizers = {c.name: list(c.normalizers) for c in report.converted}
     return PreparedModel(
-        model, name.full, name.namespace, settings, converted, cfg.norm, list(config["mean"]), list(config["std"])
+        model, name.full, name.namespace, settings, converted, normalizers, cfg.norm,
+        list(config["mean"]), list(config["std"]),
     )
 
 

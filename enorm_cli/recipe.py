@@ -31,6 +31,8 @@ class ENConfig(Section):
     margin: float = 2.0
     activation: Literal["tanh", "relu"] = "tanh"
     use_conv: bool = True
+    shared_affine: bool = False
+    """One affine pair for all normalizers (the paper's ablation; starts near, not at, the source)."""
     sync_stats: Optional[bool] = None
     """Synchronize the bn member's statistics across processes (None: when >1 process)."""
 
@@ -50,8 +52,9 @@ class ModelConfig(Section):
     """Source weights for on-the-fly conversion (state dict or .safetensors)."""
     pretrained: bool = False
     num_classes: Optional[int] = Field(None, ge=1)
-    norm: Literal["en", "bn"] = "en"
-    """"bn" fine-tunes the source model as it is: the baseline EN is compared with."""
+    norm: Literal["en", "sn", "bn"] = "en"
+    """"en": Exemplar Normalization; "sn": Switchable Normalization (the baseline layer, same
+    ``en`` settings for normalizers and margin); "bn": the source model as it is."""
     en: ENConfig = ENConfig()
 
 

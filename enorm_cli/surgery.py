@@ -23,7 +23,10 @@ import torch
 from torch import Tensor, nn
 
 from .errors import EnormError
-from .layers import NORMALIZERS, ExemplarNorm2d
+from .layers import NORMALIZERS, ExemplarNorm2d, SwitchableNorm2d
+from .layers.base import MixedNorm2d
+
+LAYERS = ("en", "sn")
 
 
 @dataclass(frozen=True)
@@ -38,8 +41,14 @@ class ENSettings:
     use_conv: bool = True
     include: str | None = None
     exclude: str | None = None
+    layer: str = "en"
+    shared_affine: bool = False
 
     def __post_init__(self) -> None:
+        if self.layer not in LAYERS:
+            raise EnormError(f"bad --layer {self.layer!r}: use en (Exemplar) or sn (Switchable, the baseline)")
+        if self.activation not in ("tanh", "relu"):
+            raise EnormError(f"bad activation {self.activation!r}: use tanh or relu")
         bad = [n for n in self.normalizers if n not in NORMALIZERS]
         if bad or not self.normalizers or len(set(self.normalizers)) != len(self.normalizers):
             raise EnormError(
@@ -59,12 +68,22 @@ class ENSettings:
                 except re.error as exc:
                     raise EnormError(f"{flag} {pattern!r} is not a valid regex: {exc}") from None
 
+    @property
+    def exact(self) -> bool:
+        """Whether converted layers start as exactly their source (EN with per-normalizer affines).
+
+        SN's static ratios mix the normalizers' statistics, and one shared affine set
+        scales every normalizer alike: both start near, not at, the source function.
+        """
+        return self.layer == "en" and not self.shared_affine
+
     def to_json(self) -> dict[str, Any]:
         return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> ENSettings:
-        return cls(**{**data, "normalizers": tuple(data["normalizers"])})
+        known = {f for f in cls.__dataclass_fields__}
+        return cls(**{**{k: v for k, v in data.items() if k in known}, "normalizers": tuple(data["normalizers"])})
 
     def selects(self, name: str) -> bool:
         """Whether --include/--exclude let the module with this name be converted."""
@@ -73,8 +92,8 @@ class ENSettings:
         return self.exclude is None or not re.search(self.exclude, name)
 
 
-class ExemplarNormAct2d(ExemplarNorm2d):
-    """ExemplarNorm2d followed by a drop and an activation, in place of timm's *NormAct2d."""
+class _ActTail:
+    """A drop and an activation after the norm, as timm's *NormAct2d layers have."""
 
     def __init__(self, *args: Any, drop: nn.Module | None = None, act: nn.Module | None = None, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -83,6 +102,14 @@ class ExemplarNormAct2d(ExemplarNorm2d):
 
     def forward(self, x: Tensor) -> Tensor:
         return self.act(self.drop(super().forward(x)))
+
+
+class ExemplarNormAct2d(_ActTail, ExemplarNorm2d):
+    """ExemplarNorm2d followed by a drop and an activation, in place of timm's *NormAct2d."""
+
+
+class SwitchableNormAct2d(_ActTail, SwitchableNorm2d):
+    """SwitchableNorm2d followed by a drop and an activation, in place of timm's *NormAct2d."""
 
 
 @dataclass(frozen=True)
@@ -150,7 +177,7 @@ def _policies() -> dict[type, tuple[str, Callable[[Any], SourceNorm]]]:
 def _looks_like_norm(module: nn.Module) -> bool:
     """Norm layers we leave alone but report (LayerNorm, BatchNorm1d, ...)."""
     name = type(module).__name__
-    return "Norm" in name and not isinstance(module, ExemplarNorm2d) and not any(
+    return "Norm" in name and not isinstance(module, MixedNorm2d) and not any(
         isinstance(c, nn.Module) and "Norm" in type(c).__name__ for c in module.children()
     )
 
@@ -177,35 +204,56 @@ class ConversionReport:
         return counts
 
 
-def build_exemplar_norm(src: SourceNorm, settings: ENSettings) -> ExemplarNorm2d:
-    """An EN layer that computes what ``src`` computes (eval mode), on src's device and dtype."""
+def build_norm(src: SourceNorm, settings: ENSettings) -> MixedNorm2d:
+    """The EN (or SN) layer that replaces ``src``, on src's device and dtype.
+
+    EN with per-normalizer affines computes exactly what ``src`` computes in eval
+    mode; SN and shared-affine EN start near it (``ENSettings.exact``).
+    """
     normalizers = settings.normalizers
     if src.normalizer not in normalizers:
         normalizers = (*normalizers, src.normalizer)
-    kwargs = dict(
-        normalizers=normalizers, reduction=settings.reduction, pi=settings.pi, eps=src.eps,
-        momentum=src.momentum, activation=settings.activation, use_conv=settings.use_conv,
+    common: dict[str, Any] = dict(
+        normalizers=normalizers, eps=src.eps, momentum=src.momentum,
         num_groups=src.num_groups if "gn" in normalizers else 32,
     )
-    if src.act is not None or src.drop is not None:
-        layer: ExemplarNorm2d = ExemplarNormAct2d(src.num_features, drop=src.drop, act=src.act, **kwargs)
+    tail = src.act is not None or src.drop is not None
+    layer: MixedNorm2d
+    if settings.layer == "sn":
+        cls_sn = SwitchableNormAct2d if tail else SwitchableNorm2d
+        layer = cls_sn(src.num_features, **common, **({"drop": src.drop, "act": src.act} if tail else {}))
     else:
-        layer = ExemplarNorm2d(src.num_features, **kwargs)
+        cls_en = ExemplarNormAct2d if tail else ExemplarNorm2d
+        layer = cls_en(
+            src.num_features, **common, reduction=settings.reduction, pi=settings.pi,
+            activation=settings.activation, use_conv=settings.use_conv, shared_affine=settings.shared_affine,
+            **({"drop": src.drop, "act": src.act} if tail else {}),
+        )
     ref = src.weight if src.weight is not None else src.running_mean
     if ref is not None:
         layer.to(device=ref.device, dtype=ref.dtype if ref.dtype.is_floating_point else None)
     k = len(normalizers)
     s = normalizers.index(src.normalizer)
     lam_src = math.exp(settings.margin) / (math.exp(settings.margin) + k - 1)
+    prior = torch.zeros(k)
+    prior[s] = settings.margin
     with torch.no_grad():
         gamma = src.weight.detach() if src.weight is not None else torch.ones(src.num_features)
         beta = src.bias.detach() if src.bias is not None else torch.zeros(src.num_features)
-        layer.weight.zero_()
-        layer.weight[s] = gamma.to(layer.weight) / lam_src
-        layer.bias.copy_(beta.to(layer.bias).expand_as(layer.bias))
-        layer.ratio.fc2.weight.zero_()
-        layer.ratio.fc2.bias.zero_()
-        layer.ratio.fc2.bias[s] = settings.margin
+        if isinstance(layer, SwitchableNorm2d):
+            layer.weight.copy_(gamma)
+            layer.bias.copy_(beta)
+            layer.mean_weight.copy_(prior)
+            layer.var_weight.copy_(prior)
+        else:
+            layer.weight.zero_()
+            if settings.shared_affine:
+                layer.weight[0] = gamma.to(layer.weight)
+            else:
+                layer.weight[s] = gamma.to(layer.weight) / lam_src
+            layer.bias.copy_(beta.to(layer.bias).expand_as(layer.bias))
+            layer.ratio.fc2.weight.zero_()
+            layer.ratio.fc2.bias.copy_(prior)
         if src.running_mean is not None and src.running_var is not None:
             layer.running_mean.copy_(src.running_mean)
             layer.running_var.copy_(src.running_var)
@@ -234,7 +282,7 @@ def convert_model(model: nn.Module, settings: ENSettings) -> ConversionReport:
             continue
         new = replacements.get(id(module))
         if new is None:
-            new = build_exemplar_norm(policy[1](module), settings)
+            new = build_norm(policy[1](module), settings)
             replacements[id(module)] = new
         parent_name, _, child = name.rpartition(".")
         if not name:

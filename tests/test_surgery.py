@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import math
 
 import pytest
 import timm
@@ -144,3 +145,19 @@ def test_bad_settings_are_user_errors() -> None:
 def test_settings_json_round_trip() -> None:
     settings = ENSettings(normalizers=("bn", "gn"), include="layer", margin=0.5)
     assert ENSettings.from_json(settings.to_json()) == settings
+
+
+@pytest.mark.parametrize("settings", [ENSettings(layer="sn"), ENSettings(shared_affine=True)], ids=["sn", "shared"])
+def test_sn_and_shared_affine_start_near_the_source(settings: ENSettings) -> None:
+    """Not exact by design (mixed statistics), but the source normalizer dominates and all is finite."""
+    from enorm_cli.layers import SwitchableNorm2d
+    from enorm_cli.surgery import SwitchableNormAct2d
+
+    converted, delta = convert_and_compare(timm.create_model("test_efficientnet"), settings, 64)
+    assert 0 < delta < 10 and math.isfinite(delta)
+    layers = [m for m in converted.modules() if isinstance(m, (SwitchableNorm2d, ExemplarNorm2d))]
+    assert layers and all(isinstance(m, SwitchableNorm2d) == (settings.layer == "sn") for m in layers)
+    assert any(isinstance(m, (SwitchableNormAct2d, ExemplarNormAct2d)) for m in layers)
+    lam = layers[0].ratios(torch.randn(2, layers[0].num_features, 4, 4))
+    torch.testing.assert_close(lam[:, 0], torch.full((2,), math.exp(2) / (math.exp(2) + 2)))
+    assert settings.exact is False and ENSettings().exact is True

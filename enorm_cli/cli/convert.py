@@ -28,6 +28,8 @@ def convert(
     margin: float = typer.Option(
         2.0, "--margin", help="Prior logit of the source normalizer (lambda_src = e^m/(e^m+K-1))."
     ),
+    layer: str = typer.Option("en", "--layer", help="en (Exemplar Normalization) or sn (Switchable, the baseline)."),
+    shared_affine: bool = typer.Option(False, "--shared-affine", help="One affine pair for all normalizers (ablation)."),
     include: Optional[str] = typer.Option(None, "--include", help="Convert only modules whose name matches."),  # noqa: UP007
     exclude: Optional[str] = typer.Option(None, "--exclude", help="Skip modules whose name matches."),  # noqa: UP007
     calib: Optional[Path] = typer.Option(  # noqa: UP007
@@ -59,6 +61,8 @@ def convert(
         reduction=reduction,
         pi=pi,
         margin=margin,
+        layer=layer.strip().lower(),
+        shared_affine=shared_affine,
         include=include,
         exclude=exclude,
     )

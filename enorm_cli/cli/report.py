@@ -44,7 +44,8 @@ def print_conversion(result: ConvertResult, console: Console) -> None:
     if a is None:
         console.print("verification: skipped (--no-verify)")
     else:
-        status = "[green]same function[/green]" if result.verified else "[red]DIFFERENT[/red]"
+        status = ("[green]same function[/green]" if result.verified else "[red]DIFFERENT[/red]") if result.exact else (
+            "[yellow]near the source by design (SN / shared affine: the mixed statistics differ)[/yellow]")
         console.print(
             f"verification ({a.samples} samples, {a.calibration}): top-1 agreement "
             f"{a.top1_agreement:.1%}, max |delta logit| {a.max_abs_delta:.2e} "
