@@ -222,6 +222,15 @@ def load_split(
     return Split(dataset, targets, classes)
 
 
+def checkpoint_split(cfg: DataConfig, data_config: dict[str, Any], num_classes: int | None,
+                     limit: int | None) -> Split:
+    """The val split of ``cfg`` prepared as a checkpoint's model expects (its size, crop, mean/std)."""
+    size = int(data_config["input_size"][-1])
+    cfg = cfg.model_copy(update={"image_size": size, "crop_pct": data_config.get("crop_pct")})
+    transform = build_transform(cfg, data_config["mean"], data_config["std"], training=False)
+    return load_split(cfg, "val", transform, limit, num_classes)
+
+
 def infer_num_classes(split: Split) -> int:
     """Classes of a dataset: its class list, else the largest label + 1."""
     return len(split.classes) if split.classes else max(split.targets) + 1

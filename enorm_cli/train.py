@@ -24,8 +24,8 @@ from .checkpoint import save_checkpoint
 from .data import Split, build_transform, eval_data_config, infer_num_classes, load_split
 from .errors import EnormError
 from .fileio import atomic_path
-from .finetune_model import PreparedModel, prepare_model, set_sync_stats
-from .layers import ExemplarNorm2d
+from .finetune_model import prepare_model, set_sync_stats
+from .layers import ExemplarNorm2d, SwitchableNorm2d
 from .ratios import RatioRecorder, summarize
 from .recipe import Recipe, dump_recipe
 
@@ -43,7 +43,7 @@ class EvalResult:
 
 
 def param_groups(model: nn.Module, recipe: Recipe) -> list[dict[str, Any]]:
-    """Optimizer groups: EN ratio branch and EN affine get their own lr and weight decay.
+    """Optimizer groups: EN's ratio branch (SN's ratio logits) and affines get their own lr and decay.
 
     Other 1-D parameters (biases, norm weights) get no weight decay, as timm does.
     """
@@ -53,6 +53,9 @@ def param_groups(model: nn.Module, recipe: Recipe) -> list[dict[str, Any]]:
     for module in model.modules():
         if isinstance(module, ExemplarNorm2d):
             ratio_ids.update(id(p) for p in module.ratio.parameters())
+            affine_ids.update((id(module.weight), id(module.bias)))
+        elif isinstance(module, SwitchableNorm2d):  # SN's static ratio logits are its "branch"
+            ratio_ids.update((id(module.mean_weight), id(module.var_weight)))
             affine_ids.update((id(module.weight), id(module.bias)))
     groups: dict[str, dict[str, Any]] = {
         "ratio": {"params": [], "lr": o.ratio_lr or o.lr * o.ratio_lr_scale, "weight_decay": o.ratio_weight_decay},
@@ -368,13 +371,10 @@ def evaluate_checkpoint(path: Path, data: Any, batch_size: int, workers: int, li
     from accelerate import Accelerator
 
     from .checkpoint import load_model, read_info
-    from .recipe import DataConfig
+    from .data import checkpoint_split
 
     info = read_info(path)
-    size = int(info.data_config["input_size"][-1])
-    cfg: DataConfig = data.model_copy(update={"image_size": size, "crop_pct": info.data_config.get("crop_pct")})
-    transform = build_transform(cfg, info.data_config["mean"], info.data_config["std"], training=False)
-    split = load_split(cfg, "val", transform, limit, info.num_classes)
+    split = checkpoint_split(data, info.data_config, info.num_classes, limit)
     model = load_model(path)
     accelerator = Accelerator(cpu=_cpu_only())
     loader = _make_loader(split, batch_size, workers, train=False)

@@ -11,6 +11,7 @@ from .common import set_debug
 from .convert import convert
 from .evaluate import evaluate
 from .finetune import finetune
+from .inspect import inspect
 
 app = typer.Typer(
     name="enorm",
@@ -21,7 +22,8 @@ app = typer.Typer(
         "  enorm convert torchvision:mobilenet_v2 --checkpoint mobilenet_v2-b0353104.pth "
         "--out mnv2_en.safetensors\n\n"
         "  enorm finetune --recipe recipes/quickstart.yaml optim.lr=0.02\n\n"
-        "  enorm eval runs/quickstart/best.safetensors --data fashion_mnist"
+        "  enorm eval runs/quickstart/best.safetensors --data fashion_mnist\n\n"
+        "  enorm inspect runs/quickstart/best.safetensors --data fashion_mnist --by-class --plot ratios.png"
     ),
     no_args_is_help=True,
     add_completion=False,
@@ -31,6 +33,7 @@ app = typer.Typer(
 app.command(no_args_is_help=True)(convert)
 app.command(no_args_is_help=True)(finetune)
 app.command("eval", no_args_is_help=True)(evaluate)
+app.command(no_args_is_help=True)(inspect)
 
 
 def _version(value: bool) -> None:

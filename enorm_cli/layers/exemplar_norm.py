@@ -23,6 +23,8 @@ class RatioBranch(nn.Module):
     xhat (N x K x C) -> grouped 1-D conv, kernel 1, C -> G channels over the K
     axis (G = C / r; C weights whatever r) -> z (N x K x G) -> v = z z^T (K x K)
     -> FC(K^2, pi K) -> tanh | relu -> FC(pi K, K). Softmax is applied by the caller.
+    The conv is kept as an ``nn.Conv1d`` for its parameter layout; forward computes it
+    as a grouped multiply-sum (measured in benchmarks/README.md).
     """
 
     def __init__(
@@ -49,8 +51,11 @@ class RatioBranch(nn.Module):
     def forward(self, xhat: Tensor) -> Tensor:
         """xhat: N x K x C pre-normalized pooled features -> ratio logits N x K."""
         if self.conv is not None:
-            # Conv1d wants N x C x L with the K normalizers as the length axis.
-            z = self.conv(xhat.transpose(1, 2)).transpose(1, 2)
+            # The grouped kernel-1 conv as a multiply and a sum over each group's channels:
+            # the same weights (G x C/G x 1) and result, without CPU grouped conv's slow path.
+            n, k, c = xhat.shape
+            w = self.conv.weight.view(self.groups, c // self.groups).to(xhat.dtype)
+            z = (xhat.view(n, k, self.groups, c // self.groups) * w).sum(-1)
         else:
             z = xhat
         v = torch.bmm(z, z.transpose(1, 2)).flatten(1)

@@ -1,0 +1,90 @@
+"""``enorm inspect``: which normalizers EN chose, per layer, per sample and per class."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+
+from .common import stdout, user_errors
+
+
+@user_errors
+def inspect(
+    checkpoint: Path = typer.Argument(..., help="An enorm .safetensors (convert or finetune output)."),
+    overrides: Optional[List[str]] = typer.Argument(None, help="Recipe overrides (with --recipe)."),  # noqa: UP006, UP007
+    data: Optional[str] = typer.Option(  # noqa: UP007
+        None, "--data", help="Image folder DIR/<class>/<img>, fashion_mnist[:train], or filelist:LIST[@IMAGE_DIR]."
+    ),
+    recipe: Optional[Path] = typer.Option(None, "--recipe", help="Use this recipe's val split."),  # noqa: UP007
+    samples: int = typer.Option(512, "--samples", help="How many images (a fixed random subset)."),
+    by_class: bool = typer.Option(False, "--by-class", help="Mean ratios per class; the classes that deviate most."),
+    json_out: Optional[Path] = typer.Option(None, "--json", help="Write rows as JSON ('-': stdout)."),  # noqa: UP007
+    csv_out: Optional[Path] = typer.Option(None, "--csv", help="Write rows as CSV ('-': stdout)."),  # noqa: UP007
+    plot: Optional[Path] = typer.Option(None, "--plot", help="Write a PNG figure."),  # noqa: UP007
+    top: int = typer.Option(3, "--top", help="How many deviating classes to name."),
+    batch_size: int = typer.Option(64, "--batch-size"),
+    workers: int = typer.Option(2, "--workers"),
+    force: bool = typer.Option(False, "--force", help="Overwrite --json/--csv/--plot files."),
+) -> None:
+    """Show EN's normalizer ratios (after the softmax, named) for every EN layer of CHECKPOINT.
+
+    Without data: the layers and the ratio statistics stored at the checkpoint's last
+    eval (or, for a fresh conversion, the prior). With --data or --recipe: the model
+    runs in eval mode over --samples images and hooks record every layer's ratios.
+
+    Examples:
+
+      enorm inspect runs/quickstart/best.safetensors
+
+      enorm inspect runs/quickstart/best.safetensors --data fashion_mnist --by-class --plot ratios.png
+
+      enorm inspect runs/quickstart/best.safetensors --recipe recipes/quickstart.yaml --json rows.json
+    """
+    from ..errors import EnormError
+    from ..fileio import check_writable
+
+    if samples < 1:
+        raise EnormError(f"--samples must be a positive integer, got {samples}")
+    if batch_size < 1 or workers < 0:
+        raise EnormError("--batch-size must be positive and --workers not negative")
+    if data is not None and recipe is not None:
+        raise EnormError("give at most one of --data SPEC or --recipe R")
+    if by_class and data is None and recipe is None:
+        raise EnormError("--by-class needs images: add --data SPEC or --recipe R")
+    for flag, path in (("--json", json_out), ("--csv", csv_out), ("--plot", plot)):
+        if path is not None and str(path) != "-":
+            check_writable(path, force, flag)
+    if json_out is not None and csv_out is not None and str(json_out) == str(csv_out) == "-":
+        raise EnormError("--json - and --csv - both want stdout: send one of them to a file")
+    if plot is not None and plot.suffix.lower() != ".png":
+        raise EnormError(f"--plot {str(plot)!r} must end in .png")
+
+    from ..inspect_ratios import inspect_checkpoint, inspect_on_data
+
+    if data is None and recipe is None:
+        result = inspect_checkpoint(checkpoint)
+    else:
+        from ..data import parse_data_spec
+        from ..recipe import load_recipe
+
+        cfg = parse_data_spec(data) if data is not None else load_recipe(recipe, overrides or []).data
+        result = inspect_on_data(checkpoint, cfg, samples, batch_size, workers, by_class)
+
+    from .inspect_report import print_inspection, write_csv, write_json
+
+    to_stdout = any(p is not None and str(p) == "-" for p in (json_out, csv_out))
+    if not to_stdout:
+        print_inspection(result, stdout, top)
+    if json_out is not None:
+        write_json(result, None if str(json_out) == "-" else json_out)
+    if csv_out is not None:
+        write_csv(result, None if str(csv_out) == "-" else csv_out)
+    if plot is not None:
+        from ..ratio_plot import plot_ratios
+
+        plot_ratios(result, plot)
+    for path in (json_out, csv_out, plot):
+        if path is not None and str(path) != "-":
+            typer.echo(f"wrote {path}", err=to_stdout)  # keep stdout machine-readable

@@ -1,0 +1,135 @@
+"""Rich tables and JSON/CSV files for ``enorm inspect``."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+from pathlib import Path
+from typing import Any
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from ..fileio import atomic_path
+from ..inspect_ratios import InspectResult
+
+SOURCE_TEXT = {
+    "data": "measured on {n} samples",
+    "stored": "stored at the checkpoint's last eval ({n} samples); pass --data for a fresh measurement",
+    "prior": "the prior: no ratios stored and none measured; the ratio branch starts input-independent",
+    "prior (fc2 bias only)": "the ratio branch's bias term only (no ratios stored): pass --data to measure",
+}
+
+
+def _normalizer_names(result: InspectResult) -> list[str]:
+    return list(dict.fromkeys(n for r in result.ratios for n in r.normalizers))
+
+
+def print_inspection(result: InspectResult, console: Console, top: int = 3) -> None:
+    """The per-layer table, a summary line, and with classes the ones that deviate most."""
+    names = _normalizer_names(result)
+    kind = result.kind.upper()
+    title = f"enorm inspect: {result.checkpoint} ({kind}, {len(result.ratios)} layers)"
+    table = Table(title=title, title_justify="left", caption="cells: mean±std of each normalizer's ratio",
+                  caption_justify="left")
+    table.add_column("#", justify="right")
+    table.add_column("layer", no_wrap=True, min_width=max((len(r.name) for r in result.ratios), default=5))
+    table.add_column("C", justify="right")
+    if result.source != "data":
+        table.add_column("params+", justify="right")
+    for n in names:
+        table.add_column(n, justify="right")
+    table.add_column("dominant")
+    if result.source == "data":
+        table.add_column("dominant p10-p90", justify="right")
+    for i, (info, r) in enumerate(zip(result.layers, result.ratios)):
+        cells = [str(i), r.name, str(info.channels)]
+        if result.source != "data":
+            cells.append(f"{info.params_added:,}")
+        for n in names:
+            if n in r.normalizers:
+                j = r.normalizers.index(n)
+                cells.append(f"{r.mean[j]:.3f}±{r.std[j]:.3f}")
+            else:
+                cells.append("-")
+        cells.append(r.dominant)
+        if result.source == "data":
+            j = r.normalizers.index(r.dominant)
+            cells.append(f"{r.p10[j]:.3f}-{r.p90[j]:.3f}")
+        table.add_row(*cells)
+    console.print(table)
+    console.print(SOURCE_TEXT[result.source].format(n=result.samples), markup=False, soft_wrap=True)
+    dominant: dict[str, int] = {}
+    for r in result.ratios:
+        dominant[r.dominant] = dominant.get(r.dominant, 0) + 1
+    added = sum(layer.params_added for layer in result.layers)
+    console.print(
+        "ratios after the softmax; dominant normalizer: "
+        + ", ".join(f"{n} ({c} layer{'s' if c > 1 else ''})" for n, c in sorted(dominant.items(), key=lambda kv: -kv[1]))
+        + f"; {kind} adds {added:,} parameters",
+        markup=False, soft_wrap=True,
+    )
+    if result.classes:
+        _print_classes(result, console, names, top)
+
+
+def _print_classes(result: InspectResult, console: Console, names: list[str], top: int) -> None:
+    """Every class's mean ratios over layers, ranked by distance from the overall mean."""
+    assert result.classes is not None
+    table = Table(title="per class (ranked by how far its ratios sit from all samples')", title_justify="left")
+    table.add_column("class")
+    table.add_column("n", justify="right")
+    table.add_column("distance", justify="right")
+    for n in names:
+        table.add_column(f"{n} (avg over layers)", justify="right")
+    table.add_column("most different layer")
+    for c in result.classes:
+        cells = [c.name, str(c.samples), f"{c.deviation:.4f}"]
+        for n in names:
+            values = [m[r.normalizers.index(n)] for r, m in zip(result.ratios, c.mean) if n in r.normalizers]
+            cells.append(f"{sum(values) / len(values):.3f}" if values else "-")
+        cells.append(c.most_deviant_layer)
+        table.add_row(*cells)
+    console.print(table)
+    worst = result.classes[: max(top, 0)]
+    if worst:
+        parts = []
+        for c in worst:
+            i = [r.name for r in result.ratios].index(c.most_deviant_layer)
+            r = result.ratios[i]
+            mine = ", ".join(f"{n} {v:.2f}" for n, v in zip(r.normalizers, c.mean[i]))
+            overall = ", ".join(f"{n} {v:.2f}" for n, v in zip(r.normalizers, r.mean))
+            parts.append(f"{c.name} (at {r.name}: {mine} vs all {overall})")
+        console.print("classes whose ratios differ most: " + "; ".join(parts), markup=False, soft_wrap=True)
+
+
+def rows_of(result: InspectResult) -> list[dict[str, Any]]:
+    """Per layer, or per layer and class when classes were measured."""
+    return result.class_rows() if result.classes else result.rows()
+
+
+def write_json(result: InspectResult, path: Path | None) -> None:
+    """JSON list of rows; to stdout when ``path`` is None."""
+    text = json.dumps(rows_of(result), indent=1)
+    if path is None:
+        typer.echo(text)
+        return
+    with atomic_path(path) as tmp:
+        tmp.write_text(text + "\n")
+
+
+def write_csv(result: InspectResult, path: Path | None) -> None:
+    """CSV of the same rows (columns: the union of every row's keys); to stdout when ``path`` is None."""
+    rows = rows_of(result)
+    fields = list(dict.fromkeys(k for row in rows for k in row))
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=fields, restval="")
+    writer.writeheader()
+    writer.writerows(rows)
+    if path is None:
+        typer.echo(buffer.getvalue(), nl=False)
+        return
+    with atomic_path(path) as tmp:
+        tmp.write_text(buffer.getvalue())

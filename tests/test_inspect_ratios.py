@@ -1,0 +1,80 @@
+"""inspect's engine: the checkpoint alone (stored or prior ratios) and measured on real images."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pytest
+from test_data import write_crops
+
+from enorm_cli.convert import convert
+from enorm_cli.data import parse_data_spec
+from enorm_cli.inspect_ratios import inspect_checkpoint, inspect_on_data
+from enorm_cli.recipe import load_recipe
+from enorm_cli.surgery import ENSettings
+from enorm_cli.train import finetune
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="session")
+def image_classes(tmp_path_factory: pytest.TempPathFactory, photo_dir: Path) -> Path:
+    """root/{train,val}/class{0,1,2}/*.png: crops of three real photos."""
+    root = tmp_path_factory.mktemp("classes")
+    write_crops(photo_dir, root, per_class=8)
+    return root
+
+
+@pytest.fixture(scope="session")
+def finetuned(tmp_path_factory: pytest.TempPathFactory, image_classes: Path) -> Path:
+    """A real fine-tuning run (test_resnet, 2 epochs): its best.safetensors holds ratio stats."""
+    out = tmp_path_factory.mktemp("ft") / "run"
+    recipe = load_recipe(ROOT / "recipes" / "quickstart.yaml", [
+        "model.name=test_resnet", "model.checkpoint=null", "model.num_classes=3", "data.kind=imagefolder",
+        f"data.root={image_classes}", "data.image_size=32", "data.batch_size=4", "data.workers=0",
+        "data.limit_train=null", "data.limit_val=null", "optim.lr=0.05", "schedule.epochs=2",
+        "model.en.normalizers=[bn,in,ln]", f"output_dir={out}",
+    ])
+    finetune(recipe, progress=False)
+    return out / "best.safetensors"
+
+
+def _sums_to_one(rows: list[dict], names: tuple[str, ...]) -> bool:
+    return all(abs(sum(row[n] for n in names if n in row) - 1) < 1e-4 for row in rows)
+
+
+def test_fresh_conversion_shows_the_prior(tmp_path: Path) -> None:
+    out = tmp_path / "en.safetensors"
+    convert("test_efficientnet_gn", out, ENSettings(normalizers=("bn", "ln")), pretrained=False)
+    result = inspect_checkpoint(out)
+    assert result.source == "prior" and result.kind == "en"
+    gn_layers = [layer for layer in result.layers if layer.source_type.startswith("GroupNorm")]
+    assert gn_layers and all(layer.normalizers[-1] in ("gn", "in") for layer in gn_layers)
+    for layer, ratios in zip(result.layers, result.ratios):
+        k = len(layer.normalizers)
+        assert max(ratios.mean) == pytest.approx(math.exp(2) / (math.exp(2) + k - 1))
+        assert layer.params_added > 0
+    assert _sums_to_one(result.rows(), ("bn", "in", "ln", "gn"))
+
+
+def test_finetuned_checkpoint_shows_stored_ratios(finetuned: Path) -> None:
+    result = inspect_checkpoint(finetuned)
+    assert result.source == "stored" and result.samples == 12
+    assert len(result.ratios) == len(result.layers) > 0
+    assert any(r.std[0] > 0 for r in result.ratios)
+    assert _sums_to_one(result.rows(), ("bn", "in", "ln"))
+
+
+def test_measured_per_sample_and_per_class(finetuned: Path, image_classes: Path) -> None:
+    result = inspect_on_data(finetuned, parse_data_spec(str(image_classes / "val")), samples=10, workers=0,
+                             by_class=True)
+    assert result.source == "data" and result.samples == 10
+    assert result.per_sample is not None and tuple(result.per_sample.shape) == (10, len(result.layers), 3)
+    assert result.classes is not None and {c.name for c in result.classes} <= {"class0", "class1", "class2"}
+    deviations = [c.deviation for c in result.classes]
+    assert deviations == sorted(deviations, reverse=True) and deviations[0] > 0
+    rows = result.class_rows()
+    assert len(rows) == len(result.layers) * len(result.classes) and _sums_to_one(rows, ("bn", "in", "ln"))
+    for r in result.ratios:
+        assert all(0 <= lo <= hi <= 1 for lo, hi in zip(r.p10, r.p90))
