@@ -23,7 +23,8 @@ def test_shipped_recipes_validate_and_say_their_hardware(path: Path) -> None:
 def test_quickstart_has_the_documented_keys() -> None:
     recipe = load_recipe(Path("recipes/quickstart.yaml"))
     assert recipe.model.name == "torchvision:mobilenet_v2" and recipe.model.num_classes == 10
-    assert recipe.model.en.normalizers == ["bn", "in", "ln"]
+    assert recipe.model.en.normalizers == ["bn", "ln"]  # README: why not in at 32 px
+    assert (recipe.model.en.reduction, recipe.model.en.pi) == (16, 50)
     assert recipe.data.kind == "fashion_mnist" and recipe.data.image_size == 32
     assert recipe.optim.name == "sgd" and recipe.schedule.name == "cosine"
 
@@ -31,11 +32,11 @@ def test_quickstart_has_the_documented_keys() -> None:
 def test_overrides_are_parsed_as_yaml() -> None:
     recipe = load_recipe(
         Path("recipes/quickstart.yaml"),
-        ["optim.lr=0.05", "data.batch_size=8", "model.en.normalizers=[bn,ln]", "data.limit_train=null",
+        ["optim.lr=0.05", "data.batch_size=8", "model.en.normalizers=[bn,in,ln]", "data.limit_train=null",
          "train.grad_clip=1.5", "output_dir=/tmp/x"],
     )
     assert recipe.optim.lr == 0.05 and recipe.data.batch_size == 8
-    assert recipe.model.en.normalizers == ["bn", "ln"] and recipe.data.limit_train is None
+    assert recipe.model.en.normalizers == ["bn", "in", "ln"] and recipe.data.limit_train is None
     assert recipe.train.grad_clip == 1.5 and recipe.output_dir == "/tmp/x"
     assert "lr: 0.05" in dump_recipe(recipe)
 
