@@ -1,0 +1,249 @@
+"""EN's cost next to BatchNorm and SN, measured side by side in one interleaved run.
+
+For each model: the timm original (BN, or GN for the GroupNorm model), the same model
+converted to SN and to EN by enorm's surgery. Measured per variant: train step
+(forward, backward, SGD step), inference, train memory, parameters and FLOPs, every
+figure also as a ratio to the original. Repetitions are interleaved (BN, SN, EN, BN,
+...) so that machine noise hits all alike; medians are reported.
+
+Memory. GPU: ``torch.cuda.max_memory_allocated`` over a train step. CPU: the bytes of the
+distinct storages autograd saves for backward in one forward (via
+``torch.autograd.graph.saved_tensors_hooks``): the activation memory a train step holds at
+its peak, beyond the weights (parameters are counted separately).
+
+    python benchmarks/bench_norm.py                      # quick mode (CPU sizes), < 5 minutes here
+    python benchmarks/bench_norm.py --mode full          # batch 32/64 at 224 px (for a GPU)
+    python benchmarks/bench_norm.py --layers             # ExemplarNorm2d alone vs nn.BatchNorm2d
+    python benchmarks/bench_norm.py --json bench.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from enorm_cli.layers import ExemplarNorm2d, SwitchableNorm2d  # noqa: E402
+from enorm_cli.surgery import ENSettings, convert_model  # noqa: E402
+
+# model -> (batch, image size) per mode
+MODES: dict[str, dict[str, tuple[int, int]]] = {
+    "quick": {"resnet50": (8, 160), "mobilenetv2_100": (64, 32), "resnet50_gn": (8, 160)},
+    "full": {"resnet50": (32, 224), "mobilenetv2_100": (64, 224), "resnet50_gn": (32, 224)},
+}
+
+# Feature shapes (N, C, H, W): resnet50's stage outputs at 160 px, batch 8; MobileNetV2 at 32 px, batch 64.
+LAYER_SHAPES = [
+    (8, 64, 80, 80), (8, 256, 40, 40), (8, 512, 20, 20), (8, 1024, 10, 10), (8, 2048, 5, 5),
+    (64, 32, 16, 16), (64, 144, 8, 8), (64, 192, 4, 4), (64, 576, 2, 2), (64, 960, 1, 1),
+]
+
+
+class Timer:
+    """Wall time on CPU; CUDA events on a GPU."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.cuda = device.type == "cuda"
+
+    def __call__(self, fn: Callable[[], Any]) -> float:
+        if self.cuda:
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            torch.cuda.synchronize()
+            return start.elapsed_time(end) / 1e3
+        t = time.perf_counter()
+        fn()
+        return time.perf_counter() - t
+
+
+def variants(name: str) -> dict[str, nn.Module]:
+    import timm
+
+    original = timm.create_model(name, num_classes=1000)
+    out = {"bn": original}
+    for layer in ("sn", "en"):
+        model = copy.deepcopy(original)
+        convert_model(model, ENSettings(layer=layer))
+        out[layer] = model
+    return out
+
+
+def saved_bytes(model: nn.Module, x: torch.Tensor) -> int:
+    """Bytes of distinct storages autograd saves for backward in one forward."""
+    seen: dict[int, int] = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        storage = t.untyped_storage()
+        seen[storage.data_ptr()] = storage.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        model(x).sum()
+    return sum(seen.values())
+
+
+def flops(model: nn.Module, x: torch.Tensor) -> int:
+    from torch.utils.flop_counter import FlopCounterMode
+
+    counter = FlopCounterMode(display=False)
+    with counter, torch.no_grad():
+        model(x)
+    return counter.get_total_flops()
+
+
+def bench_models(mode: str, reps: int, device: torch.device, only: list[str] | None) -> list[dict[str, Any]]:
+    timer = Timer(device)
+    results = []
+    for name, (batch, size) in MODES[mode].items():
+        if only and name not in only:
+            continue
+        models = {k: m.to(device) for k, m in variants(name).items()}
+        x = torch.randn(batch, 3, size, size, device=device)
+        y = torch.randint(0, 1000, (batch,), device=device)
+        optims = {k: torch.optim.SGD(m.parameters(), lr=1e-4, momentum=0.9) for k, m in models.items()}
+        criterion = nn.CrossEntropyLoss()
+
+        def train_step(k: str) -> None:
+            models[k].train()
+            optims[k].zero_grad(set_to_none=True)
+            criterion(models[k](x), y).backward()
+            optims[k].step()
+
+        def infer(k: str) -> None:
+            models[k].eval()
+            with torch.inference_mode():
+                models[k](x)
+
+        for k in models:  # warm-up: allocator, kernels, optimizer state
+            train_step(k)
+            infer(k)
+        train: dict[str, list[float]] = {k: [] for k in models}
+        inference: dict[str, list[float]] = {k: [] for k in models}
+        for _ in range(reps):
+            for k in models:
+                train[k].append(timer(lambda k=k: train_step(k)))
+            for k in models:
+                inference[k].append(timer(lambda k=k: infer(k)))
+        row: dict[str, Any] = {"model": name, "batch": batch, "size": size, "variants": {}}
+        for k, model in models.items():
+            if device.type == "cuda":
+                torch.cuda.reset_peak_memory_stats()
+                train_step(k)
+                memory = torch.cuda.max_memory_allocated()
+            else:
+                model.train()
+                memory = saved_bytes(model, x)
+            model.eval()
+            row["variants"][k] = {
+                "train_s": statistics.median(train[k]), "infer_s": statistics.median(inference[k]),
+                "memory_bytes": memory, "params": sum(p.numel() for p in model.parameters()),
+                "flops": flops(model, x),
+            }
+        base = row["variants"]["bn"]
+        for v in row["variants"].values():
+            v["ratio"] = {key: v[key] / base[key] for key in ("train_s", "infer_s", "memory_bytes", "params", "flops")}
+        results.append(row)
+        print(json.dumps({"model": name, **{k: v["ratio"] for k, v in row["variants"].items()}}), flush=True)
+    return results
+
+
+def bench_layers(reps: int, device: torch.device) -> list[dict[str, Any]]:
+    """Forward + backward of one norm layer on each feature shape, interleaved."""
+    timer = Timer(device)
+    rows = []
+    for shape in LAYER_SHAPES:
+        c = shape[1]
+        layers = {"bn": nn.BatchNorm2d(c), "sn": SwitchableNorm2d(c), "en": ExemplarNorm2d(c)}
+        layers = {k: m.to(device).train() for k, m in layers.items()}
+        x = torch.randn(*shape, device=device, requires_grad=True)
+        grad = torch.randn(*shape, device=device)
+
+        def step(k: str) -> None:
+            layers[k](x).backward(grad)
+
+        for k in layers:
+            step(k)
+        times: dict[str, list[float]] = {k: [] for k in layers}
+        for _ in range(reps):
+            for k in layers:
+                times[k].append(timer(lambda k=k: step(k)))
+        med = {k: statistics.median(v) for k, v in times.items()}
+        rows.append({"shape": list(shape), **{f"{k}_ms": med[k] * 1e3 for k in med},
+                     "sn_ratio": med["sn"] / med["bn"], "en_ratio": med["en"] / med["bn"]})
+        print(json.dumps(rows[-1]), flush=True)
+    return rows
+
+
+def print_tables(models: list[dict[str, Any]], layers: list[dict[str, Any]]) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console()
+    if models:
+        table = Table(title="train step, inference, memory, params, FLOPs: value and ratio to the original")
+        for col in ("model", "variant", "train step", "inference", "train memory", "params", "GFLOPs"):
+            table.add_column(col, justify="right" if col not in ("model", "variant") else "left")
+        for row in models:
+            for k, v in row["variants"].items():
+                r = v["ratio"]
+                table.add_row(
+                    f"{row['model']} b{row['batch']} {row['size']}px", k,
+                    f"{v['train_s'] * 1e3:.0f} ms ({r['train_s']:.2f}x)", f"{v['infer_s'] * 1e3:.0f} ms ({r['infer_s']:.2f}x)",
+                    f"{v['memory_bytes'] / 2**20:.0f} MiB ({r['memory_bytes']:.2f}x)",
+                    f"{v['params'] / 1e6:.2f}M ({r['params']:.3f}x)", f"{v['flops'] / 1e9:.2f} ({r['flops']:.3f}x)",
+                )
+        console.print(table)
+    if layers:
+        table = Table(title="one layer, forward + backward (train mode)")
+        for col in ("N x C x H x W", "BN ms", "SN ms (x BN)", "EN ms (x BN)"):
+            table.add_column(col, justify="right")
+        for row in layers:
+            table.add_row("x".join(map(str, row["shape"])), f"{row['bn_ms']:.2f}",
+                          f"{row['sn_ms']:.2f} ({row['sn_ratio']:.2f}x)", f"{row['en_ms']:.2f} ({row['en_ratio']:.2f}x)")
+        console.print(table)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--mode", choices=sorted(MODES), default="quick")
+    parser.add_argument("--models", nargs="*", default=None, help="a subset of the mode's models")
+    parser.add_argument("--reps", type=int, default=7)
+    parser.add_argument("--layers", action="store_true", help="the layer microbenchmark instead of models")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--json", type=Path, default=None)
+    args = parser.parse_args(argv)
+    device = torch.device(args.device)
+    torch.manual_seed(0)
+    start = time.perf_counter()
+    layers = bench_layers(args.reps, device) if args.layers else []
+    models = [] if args.layers else bench_models(args.mode, args.reps, device, args.models)
+    print_tables(models, layers)
+    meta = {
+        "date": time.strftime("%Y-%m-%d"), "device": torch.cuda.get_device_name() if device.type == "cuda"
+        else f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores",
+        "torch": torch.__version__, "threads": torch.get_num_threads(), "mode": args.mode, "reps": args.reps,
+        "seconds": round(time.perf_counter() - start, 1),
+    }
+    print(f"finished in {meta['seconds']} s on {meta['device']}")
+    if args.json:
+        args.json.write_text(json.dumps({"meta": meta, "models": models, "layers": layers}, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
