@@ -25,7 +25,8 @@ QUICK = ROOT / "recipes" / "quickstart.yaml"
 
 
 def small_quickstart(out: Path, *extra: str) -> list[str]:
-    return ["data.limit_train=1024", "data.limit_val=512", "data.workers=0", f"output_dir={out}", *extra]
+    return ["data.limit_train=1024", "data.limit_val=512", "data.batch_size=64", "data.workers=0",
+            f"output_dir={out}", *extra]
 
 
 def read_metrics(out: Path) -> list[dict]:
