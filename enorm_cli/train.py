@@ -244,8 +244,8 @@ def finetune(recipe: Recipe, resume: bool = False, force: bool = False, progress
         progress_info = json.loads((state / PROGRESS_FILE).read_text())
         start_epoch, start_batch = progress_info["epoch"], progress_info["batch"]
         global_step, best_top1 = progress_info["global_step"], progress_info["best_top1"]
-        if start_batch >= len(train_loader):
-            start_epoch, start_batch = start_epoch + 1, 0
+        # A state saved at an epoch's last batch resumes into that epoch with no batches
+        # left, so its eval and checkpoints still happen.
         accelerator.print(f"resuming from {state} (epoch {start_epoch + 1}, step {global_step})")
     if main:
         _write_text(output_dir / "config.yaml", dump_recipe(recipe))
@@ -259,7 +259,10 @@ def finetune(recipe: Recipe, resume: bool = False, force: bool = False, progress
         for epoch in range(start_epoch, s.epochs):
             model.train()
             train_loader.set_epoch(epoch)
-            loader = accelerator.skip_first_batches(train_loader, start_batch) if start_batch else train_loader
+            if start_batch >= len(train_loader):
+                loader: Any = []
+            else:
+                loader = accelerator.skip_first_batches(train_loader, start_batch) if start_batch else train_loader
             tick, images, window = time.perf_counter(), 0, []
             for batch_index, (x, y) in enumerate(loader, start=start_batch):
                 with accelerator.accumulate(model):

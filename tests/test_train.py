@@ -25,7 +25,7 @@ QUICK = ROOT / "recipes" / "quickstart.yaml"
 
 
 def small_quickstart(out: Path, *extra: str) -> list[str]:
-    return ["data.limit_train=1024", "data.limit_val=512", "data.batch_size=64", "data.workers=0",
+    return ["data.limit_train=2048", "data.limit_val=512", "data.batch_size=64", "data.workers=0",
             f"output_dir={out}", *extra]
 
 
@@ -138,7 +138,6 @@ def test_resume_after_kill_9(crops: Path, tmp_path: Path) -> None:
     deadline = time.time() + 300
     while time.time() < deadline and not list((out / "state").glob("step_*/progress.json")):
         time.sleep(0.2)
-    time.sleep(1.0)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert proc.returncode == -signal.SIGKILL
