@@ -78,3 +78,14 @@ def test_measured_per_sample_and_per_class(finetuned: Path, image_classes: Path)
     assert len(rows) == len(result.layers) * len(result.classes) and _sums_to_one(rows, ("bn", "in", "ln"))
     for r in result.ratios:
         assert all(0 <= lo <= hi <= 1 for lo, hi in zip(r.p10, r.p90))
+
+
+def test_sn_checkpoint_shows_static_ratios(tmp_path: Path, image_classes: Path) -> None:
+    out = tmp_path / "sn.safetensors"
+    convert("test_resnet", out, ENSettings(layer="sn"), pretrained=False)
+    result = inspect_checkpoint(out)
+    assert result.kind == "sn" and result.source == "prior"
+    assert result.ratios[0].mean[0] == pytest.approx(math.exp(2) / (math.exp(2) + 2))
+    measured = inspect_on_data(out, parse_data_spec(str(image_classes / "val")), samples=4, workers=0)
+    for stored, seen in zip(result.ratios, measured.ratios):
+        assert seen.mean == pytest.approx(stored.mean, abs=1e-6) and max(seen.std) < 1e-6
