@@ -167,7 +167,8 @@ class MetricsLog:
 
 def _cpu_only() -> bool:
     """True without a GPU: Accelerate only picks MULTI_CPU (gloo) under torchrun when told ``cpu=True``."""
-    return not torch.accelerator.is_available()
+    accel = getattr(torch, "accelerator", None)  # torch >= 2.6; older: CUDA is what Accelerate would use
+    return not (accel.is_available() if accel is not None else torch.cuda.is_available())
 
 
 def _make_loader(split: Split, batch_size: int, workers: int, train: bool) -> torch.utils.data.DataLoader:
