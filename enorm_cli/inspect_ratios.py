@@ -9,7 +9,7 @@ with no model built and no timm import), or a forward pass over data with
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +18,7 @@ from torch import Tensor
 
 from .checkpoint import CheckpointInfo, read_info
 from .errors import EnormError
+from .ratios import LayerRatios, layer_ratios
 
 
 @dataclass
@@ -27,22 +28,6 @@ class LayerInfo:
     channels: int
     normalizers: list[str]
     params_added: int
-
-
-@dataclass
-class LayerRatios:
-    """Mean and spread over samples of each normalizer's ratio in one layer."""
-
-    name: str
-    normalizers: list[str]
-    mean: list[float]
-    std: list[float]
-    p10: list[float] = field(default_factory=list)
-    p90: list[float] = field(default_factory=list)
-
-    @property
-    def dominant(self) -> str:
-        return self.normalizers[max(range(len(self.mean)), key=self.mean.__getitem__)]
 
 
 @dataclass
@@ -67,6 +52,11 @@ class InspectResult:
     ratios: list[LayerRatios]
     classes: list[ClassRatios] | None = None
     per_sample: Tensor | None = None  # N x L x K_max, for plots
+
+    @property
+    def normalizer_names(self) -> list[str]:
+        """Every normalizer any layer mixes, in first-seen order (table and plot columns)."""
+        return list(dict.fromkeys(n for r in self.ratios for n in r.normalizers))
 
     def rows(self) -> list[dict[str, Any]]:
         """One row per layer: each normalizer's mean ratio under its own name (they sum to 1)."""
@@ -112,29 +102,26 @@ def checkpoint_layers(path: Path, info: CheckpointInfo) -> tuple[str, list[Layer
     return kind, layers
 
 
-def prior_ratios(path: Path, kind: str, layers: list[LayerInfo]) -> list[LayerRatios]:
+def prior_ratios(path: Path, kind: str, layers: list[LayerInfo]) -> tuple[list[LayerRatios], bool]:
     """Ratios that do not depend on the input: SN's static ones, or EN's branch at conversion.
 
     For EN this is softmax(fc2.bias): exact while fc2.weight is zero (a fresh
-    conversion), the branch's bias term otherwise.
+    conversion), the branch's bias term otherwise. Returns the ratios and whether
+    they are exact.
     """
     from safetensors import safe_open
 
     out = []
+    exact = True
     with safe_open(str(path), framework="pt") as f:
         for layer in layers:
             logits = f.get_tensor(f"{layer.name}.mean_weight" if kind == "sn" else f"{layer.name}.ratio.fc2.bias")
+            if kind != "sn":
+                exact = exact and not f.get_tensor(f"{layer.name}.ratio.fc2.weight").any()
             lam = torch.softmax(logits.double(), 0).tolist()
             zeros = [0.0] * len(lam)
             out.append(LayerRatios(layer.name, layer.normalizers, lam, zeros, lam, lam))
-    return out
-
-
-def _branch_is_constant(path: Path, layers: list[LayerInfo]) -> bool:
-    from safetensors import safe_open
-
-    with safe_open(str(path), framework="pt") as f:
-        return all(not f.get_tensor(f"{layer.name}.ratio.fc2.weight").any() for layer in layers)
+    return out, exact
 
 
 def inspect_checkpoint(path: Path) -> InspectResult:
@@ -146,20 +133,8 @@ def inspect_checkpoint(path: Path) -> InspectResult:
         ratios = [LayerRatios(s["name"], list(s["normalizers"]), list(s["mean"]), list(s["std"]))
                   for s in stored["layers"]]
         return InspectResult(str(path), kind, "stored", int(stored["samples"]), layers, ratios)
-    ratios = prior_ratios(path, kind, layers)
-    exact = kind == "sn" or _branch_is_constant(path, layers)
+    ratios, exact = prior_ratios(path, kind, layers)
     return InspectResult(str(path), kind, "prior" if exact else "prior (fc2 bias only)", 0, layers, ratios)
-
-
-def summarize_samples(names: list[str], normalizers: list[list[str]], ratios: Tensor) -> list[LayerRatios]:
-    """Per layer: mean, std, 10th and 90th percentiles over samples of every normalizer's ratio."""
-    out = []
-    for i, (name, norms) in enumerate(zip(names, normalizers)):
-        lam = ratios[:, i, : len(norms)].double()
-        q = torch.quantile(lam, torch.tensor([0.1, 0.9], dtype=lam.dtype), dim=0)
-        std = lam.std(0, correction=0) if lam.shape[0] > 1 else torch.zeros(len(norms), dtype=lam.dtype)
-        out.append(LayerRatios(name, list(norms), lam.mean(0).tolist(), std.tolist(), q[0].tolist(), q[1].tolist()))
-    return out
 
 
 def per_class(ratios: Tensor, targets: Tensor, layer_ratios: list[LayerRatios],
@@ -204,6 +179,6 @@ def inspect_on_data(path: Path, data: Any, samples: int, batch_size: int = 64, w
             labels.append(y)
     ratios = torch.cat(batches)
     targets = torch.cat(labels)
-    summary = summarize_samples(recorder.names, [list(n) for n in recorder.normalizers], ratios)
+    summary = layer_ratios(recorder.names, recorder.normalizers, ratios)
     classes = per_class(ratios, targets, summary, split.classes) if by_class else None
     return InspectResult(str(path), kind, "data", int(ratios.shape[0]), layers, summary, classes, ratios)

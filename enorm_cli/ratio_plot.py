@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 from .fileio import atomic_path
 from .inspect_ratios import InspectResult
@@ -16,6 +17,13 @@ def pick_layers(result: InspectResult, wanted: int = 4) -> list[int]:
     return sorted(sorted(range(len(spread)), key=lambda i: -spread[i])[:wanted])
 
 
+def _layer_ticks(ax: Any, names: list[str]) -> None:
+    """About 16 layer names along a depth axis."""
+    step = max(1, len(names) // 16)
+    ax.set_xticks(range(0, len(names), step), [names[i] for i in range(0, len(names), step)], rotation=60,
+                  ha="right", fontsize=7)
+
+
 def plot_ratios(result: InspectResult, out: Path, layers: list[int] | None = None) -> None:
     """One PNG: stacked mean ratios per layer; with per-sample data, box plots for chosen layers;
     with classes, a heat map of each class's distance from the mean ratios per layer."""
@@ -25,7 +33,7 @@ def plot_ratios(result: InspectResult, out: Path, layers: list[int] | None = Non
     import matplotlib.pyplot as plt
 
     names = [r.name for r in result.ratios]
-    normalizers = list(dict.fromkeys(n for r in result.ratios for n in r.normalizers))
+    normalizers = result.normalizer_names
     panels = 1 + (result.per_sample is not None) + (bool(result.classes))
     fig, axes = plt.subplots(panels, 1, figsize=(max(8.0, 0.22 * len(names) + 3), 3.6 * panels), squeeze=False)
     ax = axes[0][0]
@@ -41,9 +49,7 @@ def plot_ratios(result: InspectResult, out: Path, layers: list[int] | None = Non
     ax.set_xlabel("layer (input to output)")
     ax.set_ylim(0, 1)
     ax.set_xlim(-0.6, len(names) - 0.4)
-    step = max(1, len(names) // 16)
-    ax.set_xticks(range(0, len(names), step), [names[i] for i in range(0, len(names), step)], rotation=60,
-                  ha="right", fontsize=7)
+    _layer_ticks(ax, names)
     ax.legend(loc="upper right", ncol=len(normalizers), fontsize=8)
     row = 1
     if result.per_sample is not None:
@@ -75,8 +81,7 @@ def plot_ratios(result: InspectResult, out: Path, layers: list[int] | None = Non
                              for c in classes])
         image = ax.imshow(grid.numpy(), aspect="auto", cmap="magma")
         ax.set_yticks(range(len(classes)), [c.name for c in classes], fontsize=8)
-        ax.set_xticks(range(0, len(names), step), [names[i] for i in range(0, len(names), step)], rotation=60,
-                      ha="right", fontsize=7)
+        _layer_ticks(ax, names)
         ax.set_title("per class: distance of its mean ratios from all samples' (total variation)")
         fig.colorbar(image, ax=ax, fraction=0.03)
     fig.tight_layout()

@@ -218,16 +218,15 @@ def build_norm(src: SourceNorm, settings: ENSettings) -> MixedNorm2d:
         num_groups=src.num_groups if "gn" in normalizers else 32,
     )
     tail = src.act is not None or src.drop is not None
+    if tail:
+        common.update(drop=src.drop, act=src.act)
     layer: MixedNorm2d
     if settings.layer == "sn":
-        cls_sn = SwitchableNormAct2d if tail else SwitchableNorm2d
-        layer = cls_sn(src.num_features, **common, **({"drop": src.drop, "act": src.act} if tail else {}))
+        layer = (SwitchableNormAct2d if tail else SwitchableNorm2d)(src.num_features, **common)
     else:
-        cls_en = ExemplarNormAct2d if tail else ExemplarNorm2d
-        layer = cls_en(
+        layer = (ExemplarNormAct2d if tail else ExemplarNorm2d)(
             src.num_features, **common, reduction=settings.reduction, pi=settings.pi,
             activation=settings.activation, use_conv=settings.use_conv, shared_affine=settings.shared_affine,
-            **({"drop": src.drop, "act": src.act} if tail else {}),
         )
     ref = src.weight if src.weight is not None else src.running_mean
     if ref is not None:

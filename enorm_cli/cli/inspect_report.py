@@ -23,13 +23,9 @@ SOURCE_TEXT = {
 }
 
 
-def _normalizer_names(result: InspectResult) -> list[str]:
-    return list(dict.fromkeys(n for r in result.ratios for n in r.normalizers))
-
-
 def print_inspection(result: InspectResult, console: Console, top: int = 3) -> None:
     """The per-layer table, a summary line, and with classes the ones that deviate most."""
-    names = _normalizer_names(result)
+    names = result.normalizer_names
     kind = result.kind.upper()
     title = f"enorm inspect: {result.checkpoint} ({kind}, {len(result.ratios)} layers)"
     table = Table(title=title, title_justify="left", caption="cells: mean±std of each normalizer's ratio",
