@@ -28,7 +28,7 @@ SETTINGS: dict[str, dict[str, Any]] = {
     "quickstart_10k": {
         "recipe": "recipes/quickstart.yaml",
         "overrides": ["data.limit_train=10000", "data.limit_val=2000", "data.batch_size=64", "optim.lr=0.01",
-                      "data.scale=[0.6,1.0]"],
+                      "data.scale=[0.6,1.0]", "data.crop_pct=null"],
         "what": "converted ImageNet MobileNetV2 fine-tuned on Fashion-MNIST (10k train, 2k val, 32 px, 1 epoch)",
     },
     "quickstart": {
