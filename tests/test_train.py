@@ -151,3 +151,22 @@ def test_resume_after_kill_9(crops: Path, tmp_path: Path) -> None:
     steps = [r["step"] for r in read_metrics(out)]
     assert steps == sorted(steps)
     assert len(list((out / "state").glob("step_*"))) <= 2  # keep_states
+
+
+def test_failed_save_keeps_the_previous_checkpoint(crops: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    out = tmp_path / "disk_full"
+    finetune(load_recipe(QUICK, tiny_recipe(crops, out, "imagefolder", "schedule.epochs=1")), progress=False)
+    good = (out / "last.safetensors").read_bytes()
+
+    def disk_full(model, filename, metadata=None):  # writes half a file, then fails as a full disk does
+        Path(filename).write_bytes(b"\0" * 100)
+        raise OSError(28, "No space left on device")
+
+    import safetensors.torch
+
+    monkeypatch.setattr(safetensors.torch, "save_model", disk_full)
+    recipe = load_recipe(QUICK, tiny_recipe(crops, out, "imagefolder", "schedule.epochs=2"))
+    with pytest.raises(EnormError, match=r"could not save .*last\.safetensors.*No space left.*previous checkpoint is intact"):
+        finetune(recipe, resume=True, progress=False)
+    assert (out / "last.safetensors").read_bytes() == good
+    assert not [p for p in out.iterdir() if p.name.endswith(".tmp")]
