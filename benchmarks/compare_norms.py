@@ -36,9 +36,16 @@ SETTINGS: dict[str, dict[str, Any]] = {
         "overrides": [],
         "what": "recipes/quickstart.yaml as it is (60k train, 10k test, 32 px, 1 epoch)",
     },
+    "scratch": {
+        "recipe": "recipes/quickstart.yaml",
+        "overrides": ["model.name=resnet18", "model.checkpoint=null", "model.pretrained=false",
+                      "data.limit_train=10000", "data.limit_val=2000", "schedule.epochs=2", "optim.lr=0.1"],
+        "what": "timm resnet18 from random init on Fashion-MNIST (10k train, 2k test, 32 px, 2 epochs, lr 0.1)",
+    },
     "smoke": {
         "recipe": "recipes/quickstart.yaml",
-        "overrides": ["data.limit_train=256", "data.limit_val=128", "data.workers=0"],
+        "overrides": ["model.name=test_resnet", "model.checkpoint=null", "data.limit_train=256",
+                      "data.limit_val=64", "data.workers=0", "data.batch_size=32"],
         "what": "tiny subset, for tests",
     },
 }
@@ -46,7 +53,13 @@ SETTINGS: dict[str, dict[str, Any]] = {
 # Variants: overrides on top of a setting.
 VARIANTS: dict[str, list[str]] = {
     "bn": ["model.norm=bn"],
+    "sn": ["model.norm=sn"],  # Switchable Normalization, the recipe's normalizers
     "en": [],  # the recipe's own EN settings
+    # the paper's ablations, on top of the recipe's EN
+    "en_pi10": ["model.en.pi=10"],
+    "en_noconv": ["model.en.use_conv=false"],
+    "en_relu": ["model.en.activation=relu"],
+    "en_shared_affine": ["model.en.shared_affine=true"],
     "en_bn_in_ln": ["model.en.normalizers=[bn,in,ln]"],
     "en_bn_ln": ["model.en.normalizers=[bn,ln]"],
 }
@@ -96,18 +109,23 @@ def markdown(rows: list[dict[str, Any]]) -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--setting", choices=sorted(SETTINGS), default="quickstart")
-    parser.add_argument("--variants", nargs="+", choices=sorted(VARIANTS), default=["bn", "en_bn_ln", "en_bn_in_ln"])
+    parser.add_argument("--variants", nargs="+", choices=sorted(VARIANTS), default=["bn", "sn", "en"])
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     parser.add_argument("--out", type=Path, default=ROOT / "runs" / "compare")
     parser.add_argument("--json", type=Path, default=None, help="write the results here")
     parser.add_argument("overrides", nargs="*", help="extra recipe overrides for every run")
     args = parser.parse_args(argv)
 
-    runs = []
+    meta = {"setting": args.setting, "what": SETTINGS[args.setting]["what"], "overrides": args.overrides,
+            "machine": platform.processor() or platform.machine(), "cpus": os.cpu_count(),
+            "date": time.strftime("%Y-%m-%d")}
+    runs: list[dict[str, Any]] = []
     for seed in args.seeds:  # seeds outermost: load drift hits every variant alike
         for variant in args.variants:
             runs.append(run_one(args.setting, variant, seed, args.out, args.overrides))
             print(json.dumps(runs[-1]), flush=True)
+            if args.json:  # after every run: an interrupted comparison keeps what it measured
+                args.json.write_text(json.dumps({"meta": meta, "runs": runs, "summary": summarize(runs)}, indent=1))
     rows = summarize(runs)
     from rich.console import Console
     from rich.table import Table
@@ -121,10 +139,6 @@ def main(argv: list[str] | None = None) -> int:
                       f"{r['train_images_per_s']:.0f}")
     Console().print(table)
     print(markdown(rows))
-    if args.json:
-        meta = {"setting": args.setting, "overrides": args.overrides, "machine": platform.processor() or platform.machine(),
-                "cpus": os.cpu_count(), "date": time.strftime("%Y-%m-%d")}
-        args.json.write_text(json.dumps({"meta": meta, "runs": runs, "summary": rows}, indent=1))
     return 0
 
 
