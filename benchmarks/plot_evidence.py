@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import textwrap
 from pathlib import Path
 
 
@@ -34,8 +35,9 @@ def main(argv: list[str] | None = None) -> int:
         high = max(max(r["top1"]) for r in rows)
         ax.set_ylim(low - 3, high + 2)
         ax.set_xticks(range(len(rows)), names, rotation=30, ha="right")
-        ax.set_ylabel("test top-1 (%), bars: mean ± std, dots: seeds")
-        ax.set_title(result["meta"]["what"], fontsize=9, wrap=True)
+        ax.set_ylabel("test top-1 (%)")
+        ax.set_title("\n".join(textwrap.wrap(result["meta"]["what"], 60)) + "\nbars: mean ± std over seeds; dots: seeds",
+                     fontsize=9)
     fig.tight_layout()
     fig.savefig(args.out, dpi=110)
     print(f"wrote {args.out}")
