@@ -1,9 +1,9 @@
 """Recording EN's per-sample normalizer ratios with forward hooks (inspect's engine).
 
-For EN the hook sits on the ratio branch and takes the softmax of the logits
-forward itself computed (nothing is recomputed); for SN it reads the layer's
-static ratios. The model's computation path is untouched; ratios are always the
-post-softmax lambdas, named by the layer's normalizers.
+A forward hook on each EN (or SN) layer computes ``layer.ratios(input)`` under
+no_grad: the lambdas forward used (the same math on the same input; forward's fused
+kernels do not expose them), or SN's static ratios. The model's computation path is
+untouched; ratios are always the post-softmax lambdas, named by the layer's normalizers.
 """
 
 from __future__ import annotations
@@ -53,22 +53,13 @@ class RatioRecorder:
 
     def __enter__(self) -> RatioRecorder:
         for name, module in self.layers:
-            if isinstance(module, ExemplarNorm2d):  # the branch's logits: what forward mixed with
-                self._handles.append(module.ratio.register_forward_hook(self._branch_hook(name)))
-            else:
-                self._handles.append(module.register_forward_hook(self._hook(name)))
+            self._handles.append(module.register_forward_hook(self._hook(name)))
         return self
 
     def __exit__(self, *exc: Any) -> None:
         for handle in self._handles:
             handle.remove()
         self._handles.clear()
-
-    def _branch_hook(self, name: str):
-        def hook(module: nn.Module, inputs: tuple[Tensor, ...], logits: Tensor) -> None:
-            self._current[name] = torch.softmax(logits.detach().float(), dim=1)
-
-        return hook
 
     def _hook(self, name: str):
         def hook(module: nn.Module, inputs: tuple[Tensor, ...], output: Tensor) -> None:

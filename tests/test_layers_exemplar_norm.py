@@ -102,12 +102,16 @@ def test_bn_only_with_unit_ratio_is_batchnorm() -> None:
     torch.testing.assert_close(layer(x), bn(x), rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("config", ["bn-in-ln", "with-gn", "no-conv", "shared-affine"])
-def test_gradcheck_reaches_every_parameter(config: str) -> None:
+@pytest.mark.parametrize("mode", ["train", "eval"])
+@pytest.mark.parametrize("config", ["bn-in-ln", "with-gn", "gn-ln", "no-conv", "shared-affine", "relu"])
+def test_gradcheck_reaches_every_parameter(config: str, mode: str) -> None:
+    """The hand-written backwards (fused_affine, exemplar_mix) against finite differences."""
     kwargs = dict(CONFIGS[config])
     kwargs.setdefault("num_features", 8)
     kwargs["num_groups"] = 2 if "num_groups" in kwargs else 32
     layer = make_layer(reduction=2, **kwargs).double()
+    layer(batch(n=3, c=8, hw=3).double())  # running statistics that are not 0 and 1
+    layer.train(mode == "train")
     names = [n for n, _ in layer.named_parameters()]
     params = tuple(p.detach().clone().requires_grad_() for _, p in layer.named_parameters())
     x = batch(n=3, c=8, hw=3).double().requires_grad_()

@@ -1,10 +1,11 @@
-"""What EN and SN share: running-statistics buffers and statistics in the current mode."""
+"""What EN and SN share: running-statistics buffers, statistics in the current mode, forward."""
 
 from __future__ import annotations
 
 import torch
 from torch import Tensor, nn
 
+from .fused_affine import fused_affine
 from .statistics import (
     InstanceStats,
     batch_stats,
@@ -64,8 +65,8 @@ class MixedNorm2d(nn.Module):
         if x.shape[1] != self.num_features:
             raise ValueError(f"expected {self.num_features} channels, got {x.shape[1]}")
 
-    def _statistics(self, stats: InstanceStats, update: bool) -> tuple[Tensor, Tensor]:
-        """Every normalizer's means and variances (K x N x C) in the current mode.
+    def _statistics(self, stats: InstanceStats, update: bool) -> list[tuple[Tensor, Tensor]]:
+        """Every normalizer's (mean, variance) in the current mode (shapes: ``normalizer_stats``).
 
         ``update`` advances the running statistics (training only), as a BN forward does.
         """
@@ -79,16 +80,22 @@ class MixedNorm2d(nn.Module):
                     bn = batch_stats(stats)
                     samples = stats.mean.shape[0]
                 if update:
-                    self.num_batches_tracked.add_(1)
-                    factor = running_average_factor(self.momentum, self.num_batches_tracked)
-                    count = stats.count * samples
-                    update_running_stats(self.running_mean, self.running_var, *bn, count, factor)
+                    self._update_running_stats(*bn, stats.count * samples)
             else:
                 bn = (self.running_mean.unsqueeze(0), self.running_var.unsqueeze(0))
         return normalizer_stats(stats, self.normalizers, self.num_groups, bn)
 
+    def _update_running_stats(self, batch_mean: Tensor, batch_var: Tensor, count: int) -> None:
+        """One BatchNorm running-statistics step; ``count`` elements per channel (N * H * W)."""
+        self.num_batches_tracked.add_(1)
+        factor = running_average_factor(self.momentum, self.num_batches_tracked)
+        update_running_stats(self.running_mean, self.running_var, batch_mean, batch_var, count, factor)
 
-def affine_apply(x: Tensor, a: Tensor, b: Tensor) -> Tensor:
-    """Y = A * X + B with per-(sample, channel) A, B (N x C), in X's dtype, one fused op."""
-    n, c = a.shape
-    return torch.addcmul(b.to(x.dtype).view(n, c, 1, 1), a.to(x.dtype).view(n, c, 1, 1), x)
+    def _coefficients(self, stats: InstanceStats, update: bool) -> tuple[Tensor, Tensor]:
+        """A, B (N x C) of ``Y = A * X + B``; ``update`` advances the running statistics."""
+        raise NotImplementedError
+
+    def forward(self, x: Tensor) -> Tensor:
+        self._check_input_dim(x)
+        params = [p for p in self.parameters() if p.requires_grad]
+        return fused_affine(x, lambda stats: self._coefficients(stats, update=True), params)

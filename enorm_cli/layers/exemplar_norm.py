@@ -11,8 +11,9 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from .base import MixedNorm2d, affine_apply
-from .statistics import InstanceStats, group_count, instance_stats
+from .base import MixedNorm2d
+from .exemplar_function import ENConfig, ExemplarNormFunction
+from .statistics import InstanceStats, distributed_world_size, group_count, instance_stats
 
 ACTIVATIONS = ("tanh", "relu")
 
@@ -107,30 +108,66 @@ class ExemplarNorm2d(MixedNorm2d):
         self.bias = nn.Parameter(torch.zeros(rows, num_features))
         self.ratio = RatioBranch(num_features, k, reduction, pi, activation, use_conv)
 
-    def _ratios(self, stats: InstanceStats, means: Tensor, rstd: Tensor) -> Tensor:
-        """lambda (N x K): the ratio branch on the pooled input pre-normalized by each normalizer."""
-        xhat = ((stats.mean.unsqueeze(0) - means) * rstd).transpose(0, 1)  # N x K x C
-        return torch.softmax(self.ratio(xhat.to(self.ratio.fc1.weight.dtype)), dim=1)
+    def _ratio_logits(self, stats: InstanceStats, pairs: list[tuple[Tensor, Tensor]], rstds: list[Tensor]) -> Tensor:
+        """Ratio logits (N x K): the branch on the pooled input pre-normalized by each normalizer."""
+        xhat = [
+            torch.zeros_like(stats.mean) if name == "in"  # mu_in - mu_in: exactly 0
+            else (stats.mean - mean) * rstd
+            for name, (mean, _), rstd in zip(self.normalizers, pairs, rstds)
+        ]
+        return self.ratio(torch.stack(xhat, dim=1).to(self.ratio.fc1.weight.dtype))  # N x K x C in
+
+    def _rstds(self, pairs: list[tuple[Tensor, Tensor]]) -> list[Tensor]:
+        return [torch.rsqrt(var + self.eps) for _, var in pairs]
 
     def ratios(self, x: Tensor) -> Tensor:
         """The lambda (N x K) that ``forward`` would use on x now; running stats untouched."""
         self._check_input_dim(x)
         stats = instance_stats(x)
-        means, variances = self._statistics(stats, update=False)
-        return self._ratios(stats, means, torch.rsqrt(variances + self.eps))
+        pairs = self._statistics(stats, update=False)
+        return torch.softmax(self._ratio_logits(stats, pairs, self._rstds(pairs)), dim=1)
+
+    def _coefficients(self, stats: InstanceStats, update: bool) -> tuple[Tensor, Tensor]:
+        """A = sum_k lambda_k gamma_k rstd_k and B = sum_k lambda_k (beta_k - gamma_k rstd_k mu_k).
+
+        The plain autograd form of ``ExemplarNormFunction``'s math, for synced statistics.
+        """
+        pairs = self._statistics(stats, update)
+        rstds = self._rstds(pairs)
+        lam = torch.softmax(self._ratio_logits(stats, pairs, rstds), dim=1).to(stats.mean.dtype)  # N x K
+        weight = self.weight.to(lam.dtype)
+        bias = self.bias.to(lam.dtype)
+        b = bias if self.shared_affine else lam @ bias  # sum_k lambda_k beta_k (sum lambda = 1)
+        a: Tensor | None = None
+        for k, ((mean, _), rstd) in enumerate(zip(pairs, rstds)):
+            scale = lam[:, k : k + 1] * (weight[0 if self.shared_affine else k] * rstd)  # N x C
+            a = scale if a is None else a + scale
+            b = torch.addcmul(b, scale, mean, value=-1.0)
+        assert a is not None
+        return a, b.expand_as(a)
 
     def forward(self, x: Tensor) -> Tensor:
+        if self.training and self.sync_stats and "bn" in self.normalizers and distributed_world_size() > 1:
+            return super().forward(x)  # statistics all-reduced inside autograd
         self._check_input_dim(x)
-        stats = instance_stats(x)
-        means, variances = self._statistics(stats, update=True)
-        rstd = torch.rsqrt(variances + self.eps)  # K x N x C
-        lam = self._ratios(stats, means, rstd).transpose(0, 1).unsqueeze(2)  # K x N x 1
-        weight = self.weight.unsqueeze(1).to(rstd.dtype)  # K x 1 x C (or 1 x 1 x C)
-        bias = self.bias.unsqueeze(1).to(rstd.dtype)
-        scale = weight * rstd  # gamma_k / sqrt(var_k + eps)
-        a = (lam * scale).sum(0)
-        b = (lam * (bias - scale * means)).sum(0)
-        return affine_apply(x, a, b)
+        cfg = ENConfig(
+            normalizers=self.normalizers,
+            eps=self.eps,
+            relu=self.activation == "relu",
+            shared_affine=self.shared_affine,
+            num_groups=self.num_groups,
+            training=self.training,
+        )
+        branch = self.ratio
+        with torch.autocast(x.device.type, enabled=False):
+            y, batch = ExemplarNormFunction.apply(
+                x, cfg, self.running_mean, self.running_var, self.weight, self.bias,
+                None if branch.conv is None else branch.conv.weight,
+                branch.fc1.weight, branch.fc1.bias, branch.fc2.weight, branch.fc2.bias,
+            )
+        if batch.numel():
+            self._update_running_stats(batch[0], batch[1], x.shape[0] * x.shape[2] * x.shape[3])
+        return y
 
     def extra_repr(self) -> str:
         parts = [

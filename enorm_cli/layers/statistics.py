@@ -2,7 +2,7 @@
 
 Every normalizer's mean and variance is a reduction of one N x C table: the
 per-(sample, channel) mean and variance of X (the instance statistics),
-computed once per forward by ``_InstanceMoments`` (mean, then squared
+computed once per forward by ``moments`` (mean, then the norm of the
 deviations: numerically stable, float32 at least, also under autocast, and
 much faster on CPU than ``torch.var_mean``); bn, ln and gn statistics are then pooled from the table with
 the law of total variance, ``var = mean(var_in) + mean((mu_in - mu)^2)``, which
@@ -47,20 +47,40 @@ def check_normalizers(normalizers: tuple[str, ...] | list[str]) -> tuple[str, ..
     return names
 
 
-class _InstanceMoments(torch.autograd.Function):
-    """Mean and biased variance over the last axis of N x C x L, saving only X and the mean.
+ONE_PASS_CONDITION = 64.0
+"""One-pass variances are kept where mean^2 <= 64 var: their float32 error is then about
+1e-5 relative. Beyond that (large |mean|/std, constant rows) the two-pass form is used."""
 
-    Two passes (mean, then squared deviations from it) under no autograd: exact where
-    E[x^2] - E[x]^2 cancels, and on CPU 5-60x faster than ``torch.var_mean``'s
-    per-row Welford loop on these shapes (benchmarks/README.md). The temporary of
-    deviations is freed at once; backward rebuilds it:
-    dL/dx = g_mean / L + 2 g_var (x - mean) / L.
+
+def moments(x: Tensor) -> tuple[Tensor, Tensor]:
+    """Mean and biased variance over the last axis of N x C x L, in x's dtype (no autograd).
+
+    On CPU, one read for the sum and one for the 2-norm, with no temporary (X-sized
+    temporaries are what cost most on CPU, benchmarks/README.md): var = E[x^2] - mean^2,
+    kept only where that cannot lose precision (``ONE_PASS_CONDITION``), else (and on
+    GPUs) two passes: mean, then the norm of the deviations, exact where E[x^2] - E[x]^2
+    would cancel. Both are far faster on CPU than ``torch.var_mean``'s Welford loop.
+    """
+    with torch.no_grad():
+        length = x.shape[-1]
+        mean = x.mean(-1)
+        if x.device.type == "cpu":
+            var = torch.linalg.vector_norm(x, dim=-1).square_().div_(length).sub_(mean * mean)
+            if not bool((mean * mean > ONE_PASS_CONDITION * var).any()):
+                return mean, var.clamp_(min=0.0)
+        norm = torch.linalg.vector_norm(x - mean.unsqueeze(-1), dim=-1)
+        return mean, norm.square_().div_(length)
+
+
+class _InstanceMoments(torch.autograd.Function):
+    """``moments`` with autograd, saving only X and the mean.
+
+    Backward rebuilds the deviations: dL/dx = g_mean / L + 2 g_var (x - mean) / L.
     """
 
     @staticmethod
     def forward(ctx: Any, x: Tensor) -> tuple[Tensor, Tensor]:
-        mean = x.mean(-1)
-        var = (x - mean.unsqueeze(-1)).square_().mean(-1)
+        mean, var = moments(x)
         ctx.save_for_backward(x, mean)
         return mean, var
 
@@ -116,15 +136,16 @@ def normalizer_stats(
     normalizers: tuple[str, ...],
     num_groups: int,
     bn_stats: tuple[Tensor, Tensor] | None = None,
-) -> tuple[Tensor, Tensor]:
-    """Means and variances of every normalizer, stacked as K x N x C (broadcast views).
+) -> list[tuple[Tensor, Tensor]]:
+    """Every normalizer's (mean, variance), in the order given, each in its own shape.
 
+    bn: 1 x C, ln: N x 1, in and gn: N x C; all broadcast to N x C. Kept unexpanded so
+    the per-normalizer math runs on C or N values where it can, not on K x N x C.
     ``bn_stats`` overrides the batch statistics (eval mode: running statistics;
     training: the batch statistics already computed for the running update).
     """
-    n, c = stats.mean.shape
-    means: list[Tensor] = []
-    variances: list[Tensor] = []
+    dtype = stats.mean.dtype
+    pairs: list[tuple[Tensor, Tensor]] = []
     for name in normalizers:
         if name == "bn":
             mean, var = bn_stats if bn_stats is not None else batch_stats(stats)
@@ -134,9 +155,8 @@ def normalizer_stats(
             mean, var = layer_stats(stats)
         else:  # "gn"; check_normalizers admits nothing else
             mean, var = group_stats(stats, num_groups)
-        means.append(mean.to(stats.mean.dtype).expand(n, c))
-        variances.append(var.to(stats.mean.dtype).expand(n, c))
-    return torch.stack(means), torch.stack(variances)
+        pairs.append((mean.to(dtype), var.to(dtype)))
+    return pairs
 
 
 def running_average_factor(momentum: float | None, num_batches_tracked: Tensor) -> float:

@@ -14,8 +14,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from .base import MixedNorm2d, affine_apply
-from .statistics import instance_stats
+from .base import MixedNorm2d
+from .statistics import InstanceStats
 
 
 class SwitchableNorm2d(MixedNorm2d):
@@ -55,16 +55,15 @@ class SwitchableNorm2d(MixedNorm2d):
         """The mean ratios, the same for every sample (N x K): SN's ratios are static."""
         return self.mean_ratios().unsqueeze(0).expand(x.shape[0], -1)
 
-    def forward(self, x: Tensor) -> Tensor:
-        self._check_input_dim(x)
-        means, variances = self._statistics(instance_stats(x), update=True)
-        mw = self.mean_ratios().to(means.dtype).view(-1, 1, 1)
-        vw = self.var_ratios().to(means.dtype).view(-1, 1, 1)
-        mean = (mw * means).sum(0)
-        var = (vw * variances).sum(0)
-        a = self.weight.to(var.dtype) * torch.rsqrt(var + self.eps)
-        b = self.bias.to(var.dtype) - a * mean
-        return affine_apply(x, a, b)
+    def _coefficients(self, stats: InstanceStats, update: bool) -> tuple[Tensor, Tensor]:
+        """A = gamma / sqrt(sum_k w_k var_k + eps), B = beta - A sum_k w'_k mu_k."""
+        pairs = self._statistics(stats, update)
+        mw = self.mean_ratios().to(stats.mean.dtype)
+        vw = self.var_ratios().to(stats.mean.dtype)
+        mean = sum(w * m for w, (m, _) in zip(mw, pairs))
+        var = sum(w * v for w, (_, v) in zip(vw, pairs))
+        a = (self.weight.to(var.dtype) * torch.rsqrt(var + self.eps)).expand_as(stats.mean)
+        return a, torch.addcmul(self.bias.to(var.dtype), a, mean, value=-1.0).expand_as(a)
 
     def extra_repr(self) -> str:
         return (
