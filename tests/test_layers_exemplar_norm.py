@@ -241,3 +241,30 @@ def test_torch_compile_matches_eager() -> None:
     torch.testing.assert_close(got, net(x), rtol=1e-4, atol=1e-5)
     net.train()
     torch.testing.assert_close(compiled(x), net(x), rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("mode", ["train", "eval"])
+@pytest.mark.parametrize("config", list(CONFIGS))
+def test_fast_path_equals_autograd_path(config: str, mode: str) -> None:
+    """The one-node forward/backward equals the plain autograd form (used with synced stats)."""
+    from enorm_cli.layers.base import MixedNorm2d
+
+    fast = make_layer(**CONFIGS[config])
+    plain = make_layer(**CONFIGS[config])
+    plain.load_state_dict(fast.state_dict())
+    c = fast.num_features
+    for layer in (fast, plain):
+        layer.train(mode == "train")
+    x = batch(c=c)
+    outputs = []
+    for layer, run in ((fast, fast.forward), (plain, lambda t: MixedNorm2d.forward(plain, t))):
+        xi = x.clone().requires_grad_()
+        y = run(xi)
+        (y * torch.linspace(-1, 1, y.numel()).view_as(y)).sum().backward()
+        outputs.append((y, xi.grad, [p.grad for p in layer.parameters()], layer.running_mean.clone()))
+    (y1, gx1, gp1, rm1), (y2, gx2, gp2, rm2) = outputs
+    torch.testing.assert_close(y1, y2, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(gx1, gx2, rtol=1e-4, atol=1e-5)
+    for g1, g2 in zip(gp1, gp2):  # float32 sums in a different order: tolerance scaled to the gradient
+        torch.testing.assert_close(g1, g2, rtol=1e-3, atol=1e-4 * float(g2.abs().max()))
+    torch.testing.assert_close(rm1, rm2)

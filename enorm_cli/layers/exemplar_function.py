@@ -43,6 +43,10 @@ class ENConfig:
     training: bool
 
 
+def _to(t: Tensor, dtype: torch.dtype) -> Tensor:
+    return t if t.dtype == dtype else t.to(dtype)
+
+
 def _pool(m: Tensor, v: Tensor, dim: int) -> tuple[Tensor, Tensor, Tensor]:
     """Mean, variance (law of total variance) over ``dim`` of the N x C table, and m - mean."""
     mean = m.mean(dim, keepdim=True)
@@ -71,51 +75,52 @@ def _stack_stats(cfg: ENConfig, m: Tensor, v: Tensor, running: tuple[Tensor, Ten
             mean, var = mean.expand(-1, -1, c // cfg.num_groups).flatten(1), var.expand(-1, -1, c // cfg.num_groups).flatten(1)
         else:  # "in"
             mean, var = m, v
-        means.append(mean.to(m.dtype).expand(n, c))
-        variances.append(var.to(m.dtype).expand(n, c))
+        means.append(_to(mean, m.dtype).expand(n, c))
+        variances.append(_to(var, m.dtype).expand(n, c))
     return torch.stack(means), torch.stack(variances), batch
 
 
-def _params(weight: Tensor, bias: Tensor, dt: torch.dtype) -> tuple[Tensor, Tensor]:
-    return weight.to(dt), bias.to(dt)
+def exemplar_norm(x: Tensor, cfg: ENConfig, running_mean: Tensor, running_var: Tensor, weight: Tensor,
+                  bias: Tensor, conv: Tensor | None, fc1_w: Tensor, fc1_b: Tensor, fc2_w: Tensor,
+                  fc2_b: Tensor) -> tuple[Tensor, Tensor | None, tuple[Tensor, ...]]:
+    """EN(x) without autograd: y, the bn batch statistics (2 x C, training) and what backward needs."""
+    xw = wide(x).flatten(2)
+    m, v = moments(xw)
+    dt = m.dtype
+    n, c = m.shape
+    big_m, big_s, batch = _stack_stats(cfg, m, v, (running_mean, running_var))
+    rstd = big_s.add_(cfg.eps).rsqrt_()  # K x N x C
+    dev = m - big_m
+    xhat = dev * rstd
+    if conv is None:
+        z = xhat
+    else:
+        groups = conv.shape[0]
+        z = (xhat * _to(conv, dt).view(c)).unflatten(2, (groups, c // groups)).sum(-1)  # K x N x G
+    zt = z.transpose(0, 1)  # N x K x G
+    vv = torch.bmm(zt, zt.transpose(1, 2)).flatten(1)  # N x K^2
+    h = torch.addmm(_to(fc1_b, dt), vv, _to(fc1_w, dt).t())
+    h = h.relu_() if cfg.relu else h.tanh_()
+    lam = torch.softmax(torch.addmm(_to(fc2_b, dt), h, _to(fc2_w, dt).t()), dim=1)  # N x K
+    gamma, beta = _to(weight, dt), _to(bias, dt)
+    mixed = (lam.t().unsqueeze(-1) * gamma.unsqueeze(1)).mul_(rstd)  # lambda_k gamma_k R_k, K x N x C
+    a = mixed.sum(0)
+    b = (beta.expand(n, c) if cfg.shared_affine else lam @ beta) - (mixed.mul_(big_m)).sum(0)
+    return affine_apply(x, a, b), batch, (m, big_m, rstd, dev, lam, h, vv, zt, a)
 
 
 class ExemplarNormFunction(torch.autograd.Function):
-    """y, bn batch statistics (2 x C or empty) = EN(x) with the given parameters."""
+    """y, bn batch statistics (2 x C or empty) = EN(x), as one node with a hand-written backward."""
 
     @staticmethod
     def forward(ctx: Any, x: Tensor, cfg: ENConfig, running_mean: Tensor, running_var: Tensor, weight: Tensor,
                 bias: Tensor, conv: Tensor | None, fc1_w: Tensor, fc1_b: Tensor, fc2_w: Tensor,
                 fc2_b: Tensor) -> tuple[Tensor, Tensor]:
-        xw = wide(x).flatten(2)
-        m, v = moments(xw)
-        dt = m.dtype
-        n, c = m.shape
-        big_m, big_s, batch = _stack_stats(cfg, m, v, (running_mean, running_var))
-        rstd = torch.rsqrt(big_s + cfg.eps)  # K x N x C
-        dev = m - big_m
-        xhat = dev * rstd
-        k = xhat.shape[0]
-        if conv is None:
-            z = xhat
-        else:
-            groups = conv.shape[0]
-            z = (xhat * conv.to(dt).view(c)).unflatten(2, (groups, c // groups)).sum(-1)  # K x N x G
-        zt = z.transpose(0, 1)  # N x K x G
-        vv = torch.bmm(zt, zt.transpose(1, 2)).flatten(1)  # N x K^2
-        h = torch.addmm(fc1_b.to(dt), vv, fc1_w.to(dt).t())
-        h = h.relu_() if cfg.relu else h.tanh_()
-        lam = torch.softmax(torch.addmm(fc2_b.to(dt), h, fc2_w.to(dt).t()), dim=1)  # N x K
-        gamma, beta = _params(weight, bias, dt)
-        scale = gamma.unsqueeze(1) * rstd  # gamma_k R_k, K x N x C
-        mixed = lam.t().unsqueeze(-1) * scale  # lambda_k gamma_k R_k
-        a = mixed.sum(0)
-        b = (beta.expand(n, c) if cfg.shared_affine else lam @ beta) - (mixed * big_m).sum(0)
-        y = affine_apply(x, a, b)
+        y, batch, saved = exemplar_norm(x, cfg, running_mean, running_var, weight, bias, conv,
+                                        fc1_w, fc1_b, fc2_w, fc2_b)
         ctx.cfg = cfg
-        ctx.k = k
-        ctx.save_for_backward(x, m, big_m, rstd, dev, lam, h, vv, zt, a, weight, bias, conv, fc1_w, fc2_w)
-        batch = batch if batch is not None else m.new_empty(0)
+        ctx.save_for_backward(x, *saved, weight, bias, conv, fc1_w, fc2_w)
+        batch = batch if batch is not None else saved[0].new_empty(0)
         ctx.mark_non_differentiable(batch)
         return y, batch
 
@@ -126,11 +131,11 @@ class ExemplarNormFunction(torch.autograd.Function):
         x, m, big_m, rstd, dev, lam, h, vv, zt, a, weight, bias, conv, fc1_w, fc2_w = ctx.saved_tensors
         dt = m.dtype
         n, c = m.shape
-        k = ctx.k
+        k = len(cfg.normalizers)
         xw, gw = wide(x).flatten(2), wide(grad_y).flatten(2)
         da = row_dot(gw, xw)  # dL/dA, N x C
         db = gw.sum(-1)  # dL/dB
-        gamma, beta = _params(weight, bias, dt)
+        gamma, beta = _to(weight, dt), _to(bias, dt)
         lam_t = lam.t().unsqueeze(-1)  # K x N x 1
         scale = gamma.unsqueeze(1) * rstd
 
@@ -152,10 +157,10 @@ class ExemplarNormFunction(torch.autograd.Function):
         # lambda -> softmax -> FC2 -> act -> FC1 -> z z^T -> z.
         g_logits = lam * (g_lam - (lam * g_lam).sum(1, keepdim=True))
         g_fc2_w, g_fc2_b = g_logits.t() @ h, g_logits.sum(0)
-        g_h = g_logits @ fc2_w.to(dt)
+        g_h = g_logits @ _to(fc2_w, dt)
         g_h = g_h * (h > 0) if cfg.relu else g_h * (1 - h * h)
         g_fc1_w, g_fc1_b = g_h.t() @ vv, g_h.sum(0)
-        g_vv = (g_h @ fc1_w.to(dt)).view(n, k, k)
+        g_vv = (g_h @ _to(fc1_w, dt)).view(n, k, k)
         g_z = torch.bmm(g_vv + g_vv.transpose(1, 2), zt).transpose(0, 1)  # K x N x G
 
         # z -> Xhat = D R -> m, M, R (and the conv weight).
@@ -167,7 +172,7 @@ class ExemplarNormFunction(torch.autograd.Function):
             groups = conv.shape[0]
             g_zx = g_z.unsqueeze(-1)  # K x N x G x 1
             g_conv = (xhat.unflatten(2, (groups, c // groups)) * g_zx).sum((0, 1)).view(conv.shape)
-            g_xhat = (g_zx * conv.to(dt).view(groups, c // groups)).flatten(2)
+            g_xhat = (g_zx * _to(conv, dt).view(groups, c // groups)).flatten(2)
         g_rstd = g_rstd.addcmul_(g_xhat, dev)
         g_dev = g_xhat * rstd
         g_m = g_dev.sum(0)

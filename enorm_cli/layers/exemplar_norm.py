@@ -12,7 +12,7 @@ import torch
 from torch import Tensor, nn
 
 from .base import MixedNorm2d
-from .exemplar_function import ENConfig, ExemplarNormFunction
+from .exemplar_function import ENConfig, ExemplarNormFunction, exemplar_norm
 from .statistics import InstanceStats, distributed_world_size, group_count, instance_stats
 
 ACTIVATIONS = ("tanh", "relu")
@@ -159,13 +159,17 @@ class ExemplarNorm2d(MixedNorm2d):
             training=self.training,
         )
         branch = self.ratio
+        args = (
+            x, cfg, self.running_mean, self.running_var, self.weight, self.bias,
+            None if branch.conv is None else branch.conv.weight,
+            branch.fc1.weight, branch.fc1.bias, branch.fc2.weight, branch.fc2.bias,
+        )
         with torch.autocast(x.device.type, enabled=False):
-            y, batch = ExemplarNormFunction.apply(
-                x, cfg, self.running_mean, self.running_var, self.weight, self.bias,
-                None if branch.conv is None else branch.conv.weight,
-                branch.fc1.weight, branch.fc1.bias, branch.fc2.weight, branch.fc2.bias,
-            )
-        if batch.numel():
+            if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in args[4:] + (x,)):
+                y, batch = ExemplarNormFunction.apply(*args)
+            else:
+                y, batch, _ = exemplar_norm(*args)
+        if batch is not None and batch.numel():
             self._update_running_stats(batch[0], batch[1], x.shape[0] * x.shape[2] * x.shape[3])
         return y
 
