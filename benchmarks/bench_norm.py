@@ -1,7 +1,8 @@
 """EN's cost next to BatchNorm and SN, measured side by side in one interleaved run.
 
 For each model: the timm original (BN, or GN for the GroupNorm model), the same model
-converted to SN and to EN by enorm's surgery. Measured per variant: train step
+converted to SN and to EN by enorm's surgery, and the official SN code's forward
+(``official_sn.py``, the baseline the performance issue quotes). Measured per variant: train step
 (forward, backward, SGD step), inference, train memory, parameters and FLOPs, every
 figure also as a ratio to the original. Repetitions are interleaved (BN, SN, EN, BN,
 ...) so that machine noise hits all alike; medians are reported.
@@ -15,6 +16,8 @@ its peak, beyond the weights (parameters are counted separately).
     python benchmarks/bench_norm.py --mode full          # batch 32/64 at 224 px (for a GPU)
     python benchmarks/bench_norm.py --layers             # ExemplarNorm2d alone vs nn.BatchNorm2d
     python benchmarks/bench_norm.py --json bench.json
+    python benchmarks/bench_norm.py --compile            # torch.compile every variant (compile time reported)
+    python benchmarks/bench_norm.py --channels-last      # inputs and weights in channels_last
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ import platform
 import statistics
 import sys
 import time
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -36,6 +40,7 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from benchmarks.official_sn import OfficialSwitchNorm2d, swap_in_official_sn  # noqa: E402
 from enorm_cli.layers import ExemplarNorm2d, SwitchableNorm2d  # noqa: E402
 from enorm_cli.surgery import ENSettings, convert_model  # noqa: E402
 
@@ -80,7 +85,8 @@ def variants(name: str) -> dict[str, nn.Module]:
         model = copy.deepcopy(original)
         convert_model(model, ENSettings(layer=layer))
         out[layer] = model
-    return out
+    out["sn_official"] = swap_in_official_sn(copy.deepcopy(original))
+    return {k: out[k] for k in ("bn", "sn", "sn_official", "en")}
 
 
 def saved_bytes(model: nn.Module, x: torch.Tensor) -> int:
@@ -106,32 +112,38 @@ def flops(model: nn.Module, x: torch.Tensor) -> int:
     return counter.get_total_flops()
 
 
-def bench_models(mode: str, reps: int, device: torch.device, only: list[str] | None) -> list[dict[str, Any]]:
+def bench_models(mode: str, reps: int, device: torch.device, only: list[str] | None,
+                 compile_models: bool = False, channels_last: bool = False) -> list[dict[str, Any]]:
     timer = Timer(device)
     results = []
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
     for name, (batch, size) in MODES[mode].items():
         if only and name not in only:
             continue
-        models = {k: m.to(device) for k, m in variants(name).items()}
-        x = torch.randn(batch, 3, size, size, device=device)
+        models = {k: m.to(device, memory_format=fmt) for k, m in variants(name).items()}
+        x = torch.randn(batch, 3, size, size, device=device).contiguous(memory_format=fmt)
         y = torch.randint(0, 1000, (batch,), device=device)
         optims = {k: torch.optim.SGD(m.parameters(), lr=1e-4, momentum=0.9) for k, m in models.items()}
         criterion = nn.CrossEntropyLoss()
+        run = {k: torch.compile(m) if compile_models else m for k, m in models.items()}
 
         def train_step(k: str) -> None:
             models[k].train()
             optims[k].zero_grad(set_to_none=True)
-            criterion(models[k](x), y).backward()
+            criterion(run[k](x), y).backward()
             optims[k].step()
 
         def infer(k: str) -> None:
             models[k].eval()
-            with torch.inference_mode():
-                models[k](x)
+            with torch.no_grad():  # not inference_mode: torch.compile needs the same mode each call
+                run[k](x)
 
-        for k in models:  # warm-up: allocator, kernels, optimizer state
+        compile_s: dict[str, float] = {}
+        for k in models:  # warm-up: allocator, kernels, optimizer state, compilation
+            t = time.perf_counter()
             train_step(k)
             infer(k)
+            compile_s[k] = time.perf_counter() - t
         train: dict[str, list[float]] = {k: [] for k in models}
         inference: dict[str, list[float]] = {k: [] for k in models}
         for _ in range(reps):
@@ -152,13 +164,14 @@ def bench_models(mode: str, reps: int, device: torch.device, only: list[str] | N
             row["variants"][k] = {
                 "train_s": statistics.median(train[k]), "infer_s": statistics.median(inference[k]),
                 "memory_bytes": memory, "params": sum(p.numel() for p in model.parameters()),
-                "flops": flops(model, x),
+                "flops": flops(model, x), "first_calls_s": round(compile_s[k], 2),
             }
         base = row["variants"]["bn"]
         for v in row["variants"].values():
             v["ratio"] = {key: v[key] / base[key] for key in ("train_s", "infer_s", "memory_bytes", "params", "flops")}
         results.append(row)
         print(json.dumps({"model": name, **{k: v["ratio"] for k, v in row["variants"].items()}}), flush=True)
+        del models, run, optims
     return results
 
 
@@ -168,7 +181,8 @@ def bench_layers(reps: int, device: torch.device) -> list[dict[str, Any]]:
     rows = []
     for shape in LAYER_SHAPES:
         c = shape[1]
-        layers = {"bn": nn.BatchNorm2d(c), "sn": SwitchableNorm2d(c), "en": ExemplarNorm2d(c)}
+        layers = {"bn": nn.BatchNorm2d(c), "sn": SwitchableNorm2d(c), "sn_official": OfficialSwitchNorm2d(c),
+                  "en": ExemplarNorm2d(c)}
         layers = {k: m.to(device).train() for k, m in layers.items()}
         x = torch.randn(*shape, device=device, requires_grad=True)
         grad = torch.randn(*shape, device=device)
@@ -184,7 +198,7 @@ def bench_layers(reps: int, device: torch.device) -> list[dict[str, Any]]:
                 times[k].append(timer(lambda k=k: step(k)))
         med = {k: statistics.median(v) for k, v in times.items()}
         rows.append({"shape": list(shape), **{f"{k}_ms": med[k] * 1e3 for k in med},
-                     "sn_ratio": med["sn"] / med["bn"], "en_ratio": med["en"] / med["bn"]})
+                     **{f"{k}_ratio": med[k] / med["bn"] for k in med if k != "bn"}})
         print(json.dumps(rows[-1]), flush=True)
     return rows
 
@@ -193,10 +207,10 @@ def print_tables(models: list[dict[str, Any]], layers: list[dict[str, Any]]) -> 
     from rich.console import Console
     from rich.table import Table
 
-    console = Console()
+    console = Console(width=max(Console().width, 150))
     if models:
         table = Table(title="train step, inference, memory, params, FLOPs: value and ratio to the original")
-        for col in ("model", "variant", "train step", "inference", "train memory", "params", "GFLOPs"):
+        for col in ("model", "variant", "train step", "inference", "train memory", "params", "GFLOPs", "first calls"):
             table.add_column(col, justify="right" if col not in ("model", "variant") else "left")
         for row in models:
             for k, v in row["variants"].items():
@@ -206,15 +220,16 @@ def print_tables(models: list[dict[str, Any]], layers: list[dict[str, Any]]) -> 
                     f"{v['train_s'] * 1e3:.0f} ms ({r['train_s']:.2f}x)", f"{v['infer_s'] * 1e3:.0f} ms ({r['infer_s']:.2f}x)",
                     f"{v['memory_bytes'] / 2**20:.0f} MiB ({r['memory_bytes']:.2f}x)",
                     f"{v['params'] / 1e6:.2f}M ({r['params']:.3f}x)", f"{v['flops'] / 1e9:.2f} ({r['flops']:.3f}x)",
+                    f"{v['first_calls_s']:.1f} s",
                 )
         console.print(table)
     if layers:
         table = Table(title="one layer, forward + backward (train mode)")
-        for col in ("N x C x H x W", "BN ms", "SN ms (x BN)", "EN ms (x BN)"):
+        for col in ("N x C x H x W", "BN ms", "SN ms (x BN)", "official SN ms (x BN)", "EN ms (x BN)"):
             table.add_column(col, justify="right")
         for row in layers:
             table.add_row("x".join(map(str, row["shape"])), f"{row['bn_ms']:.2f}",
-                          f"{row['sn_ms']:.2f} ({row['sn_ratio']:.2f}x)", f"{row['en_ms']:.2f} ({row['en_ratio']:.2f}x)")
+                          *(f"{row[k + '_ms']:.2f} ({row[k + '_ratio']:.2f}x)" for k in ("sn", "sn_official", "en")))
         console.print(table)
 
 
@@ -226,17 +241,23 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--layers", action="store_true", help="the layer microbenchmark instead of models")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--json", type=Path, default=None)
+    parser.add_argument("--compile", action="store_true", help="torch.compile every variant; 'first calls' = compile time")
+    parser.add_argument("--channels-last", action="store_true", help="channels_last inputs and weights")
     args = parser.parse_args(argv)
     device = torch.device(args.device)
     torch.manual_seed(0)
     start = time.perf_counter()
     layers = bench_layers(args.reps, device) if args.layers else []
-    models = [] if args.layers else bench_models(args.mode, args.reps, device, args.models)
+    # the official SN code's unbiased instance variance is NaN on 1x1 maps (it warns every call)
+    warnings.filterwarnings("ignore", message=".*degrees of freedom is <= 0.*")
+    models = [] if args.layers else bench_models(args.mode, args.reps, device, args.models, args.compile,
+                                                 args.channels_last)
     print_tables(models, layers)
     meta = {
         "date": time.strftime("%Y-%m-%d"), "device": torch.cuda.get_device_name() if device.type == "cuda"
         else f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores",
         "torch": torch.__version__, "threads": torch.get_num_threads(), "mode": args.mode, "reps": args.reps,
+        "compile": args.compile, "channels_last": args.channels_last,
         "seconds": round(time.perf_counter() - start, 1),
     }
     print(f"finished in {meta['seconds']} s on {meta['device']}")

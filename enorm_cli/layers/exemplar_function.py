@@ -28,7 +28,7 @@ from torch import Tensor
 from torch.autograd.function import once_differentiable
 
 from .fused_affine import affine_apply, row_dot, wide
-from .statistics import moments
+from .statistics import moments, pool_stats
 
 
 @dataclass(frozen=True)
@@ -47,32 +47,32 @@ def _to(t: Tensor, dtype: torch.dtype) -> Tensor:
     return t if t.dtype == dtype else t.to(dtype)
 
 
-def _pool(m: Tensor, v: Tensor, dim: int) -> tuple[Tensor, Tensor, Tensor]:
-    """Mean, variance (law of total variance) over ``dim`` of the N x C table, and m - mean."""
-    mean = m.mean(dim, keepdim=True)
-    dev = m - mean
-    return mean, v.mean(dim, keepdim=True) + dev.square().mean(dim, keepdim=True), dev
-
-
 def _group_view(t: Tensor, groups: int) -> Tensor:
     return t.unflatten(1, (groups, t.shape[1] // groups))
 
 
-def _stack_stats(cfg: ENConfig, m: Tensor, v: Tensor, running: tuple[Tensor, Tensor]) -> tuple[Tensor, Tensor, Tensor | None]:
+def _stack_stats(
+    cfg: ENConfig, m: Tensor, v: Tensor, running: tuple[Tensor, Tensor]
+) -> tuple[Tensor, Tensor, Tensor | None]:
     """M, S (K x N x C) and the bn batch statistics (2 x C) for the running update, or None."""
     n, c = m.shape
     means, variances, batch = [], [], None
     for name in cfg.normalizers:
         if name == "bn" and cfg.training:
-            mean, var, _ = _pool(m, v, 0)
+            mean, var = pool_stats(m, v, 0)
             batch = torch.cat([mean, var])
         elif name == "bn":
             mean, var = running[0].unsqueeze(0), running[1].unsqueeze(0)
         elif name == "ln":
-            mean, var, _ = _pool(m, v, 1)
+            mean, var = pool_stats(m, v, 1)
         elif name == "gn":
-            mean, var, _ = _pool(_group_view(m, cfg.num_groups), _group_view(v, cfg.num_groups), 2)
-            mean, var = mean.expand(-1, -1, c // cfg.num_groups).flatten(1), var.expand(-1, -1, c // cfg.num_groups).flatten(1)
+            mean, var = pool_stats(
+                _group_view(m, cfg.num_groups), _group_view(v, cfg.num_groups), 2
+            )
+            mean, var = (
+                mean.expand(-1, -1, c // cfg.num_groups).flatten(1),
+                var.expand(-1, -1, c // cfg.num_groups).flatten(1),
+            )
         else:  # "in"
             mean, var = m, v
         means.append(_to(mean, m.dtype).expand(n, c))
@@ -80,9 +80,19 @@ def _stack_stats(cfg: ENConfig, m: Tensor, v: Tensor, running: tuple[Tensor, Ten
     return torch.stack(means), torch.stack(variances), batch
 
 
-def exemplar_norm(x: Tensor, cfg: ENConfig, running_mean: Tensor, running_var: Tensor, weight: Tensor,
-                  bias: Tensor, conv: Tensor | None, fc1_w: Tensor, fc1_b: Tensor, fc2_w: Tensor,
-                  fc2_b: Tensor) -> tuple[Tensor, Tensor | None, tuple[Tensor, ...]]:
+def exemplar_norm(
+    x: Tensor,
+    cfg: ENConfig,
+    running_mean: Tensor,
+    running_var: Tensor,
+    weight: Tensor,
+    bias: Tensor,
+    conv: Tensor | None,
+    fc1_w: Tensor,
+    fc1_b: Tensor,
+    fc2_w: Tensor,
+    fc2_b: Tensor,
+) -> tuple[Tensor, Tensor | None, tuple[Tensor, ...]]:
     """EN(x) without autograd: y, the bn batch statistics (2 x C, training) and what backward needs."""
     xw = wide(x).flatten(2)
     m, v = moments(xw)
@@ -103,7 +113,9 @@ def exemplar_norm(x: Tensor, cfg: ENConfig, running_mean: Tensor, running_var: T
     h = h.relu_() if cfg.relu else h.tanh_()
     lam = torch.softmax(torch.addmm(_to(fc2_b, dt), h, _to(fc2_w, dt).t()), dim=1)  # N x K
     gamma, beta = _to(weight, dt), _to(bias, dt)
-    mixed = (lam.t().unsqueeze(-1) * gamma.unsqueeze(1)).mul_(rstd)  # lambda_k gamma_k R_k, K x N x C
+    mixed = (lam.t().unsqueeze(-1) * gamma.unsqueeze(1)).mul_(
+        rstd
+    )  # lambda_k gamma_k R_k, K x N x C
     a = mixed.sum(0)
     b = (beta.expand(n, c) if cfg.shared_affine else lam @ beta) - (mixed.mul_(big_m)).sum(0)
     return affine_apply(x, a, b), batch, (m, big_m, rstd, dev, lam, h, vv, zt, a)
@@ -113,11 +125,23 @@ class ExemplarNormFunction(torch.autograd.Function):
     """y, bn batch statistics (2 x C or empty) = EN(x), as one node with a hand-written backward."""
 
     @staticmethod
-    def forward(ctx: Any, x: Tensor, cfg: ENConfig, running_mean: Tensor, running_var: Tensor, weight: Tensor,
-                bias: Tensor, conv: Tensor | None, fc1_w: Tensor, fc1_b: Tensor, fc2_w: Tensor,
-                fc2_b: Tensor) -> tuple[Tensor, Tensor]:
-        y, batch, saved = exemplar_norm(x, cfg, running_mean, running_var, weight, bias, conv,
-                                        fc1_w, fc1_b, fc2_w, fc2_b)
+    def forward(
+        ctx: Any,
+        x: Tensor,
+        cfg: ENConfig,
+        running_mean: Tensor,
+        running_var: Tensor,
+        weight: Tensor,
+        bias: Tensor,
+        conv: Tensor | None,
+        fc1_w: Tensor,
+        fc1_b: Tensor,
+        fc2_w: Tensor,
+        fc2_b: Tensor,
+    ) -> tuple[Tensor, Tensor]:
+        y, batch, saved = exemplar_norm(
+            x, cfg, running_mean, running_var, weight, bias, conv, fc1_w, fc1_b, fc2_w, fc2_b
+        )
         ctx.cfg = cfg
         ctx.save_for_backward(x, *saved, weight, bias, conv, fc1_w, fc2_w)
         batch = batch if batch is not None else saved[0].new_empty(0)
@@ -128,7 +152,9 @@ class ExemplarNormFunction(torch.autograd.Function):
     @once_differentiable
     def backward(ctx: Any, grad_y: Tensor, _grad_batch: Tensor | None) -> tuple[Tensor | None, ...]:
         cfg: ENConfig = ctx.cfg
-        x, m, big_m, rstd, dev, lam, h, vv, zt, a, weight, bias, conv, fc1_w, fc2_w = ctx.saved_tensors
+        x, m, big_m, rstd, dev, lam, h, vv, zt, a, weight, bias, conv, fc1_w, fc2_w = (
+            ctx.saved_tensors
+        )
         dt = m.dtype
         n, c = m.shape
         k = len(cfg.normalizers)
@@ -179,27 +205,26 @@ class ExemplarNormFunction(torch.autograd.Function):
         g_big_m = g_big_m.sub_(g_dev)
         g_big_s = g_rstd.mul_(rstd.pow(3)).mul_(-0.5)
 
-        # M, S -> each normalizer's statistics -> m, v.
+        # M, S -> each normalizer's statistics -> m, v. Pooled ones (law of total variance):
+        # d mean/dm = 1/count, d var/dv = 1/count, d var/dm = 2 (m - mean)/count.
         g_v = torch.zeros_like(m)
         for i, name in enumerate(cfg.normalizers):
+            if name == "bn" and not cfg.training:
+                continue  # running statistics are constants
             if name == "in":
                 g_m += g_big_m[i]
                 g_v += g_big_s[i]
-            elif name == "bn" and not cfg.training:
                 continue
-            else:
-                if name == "gn":
-                    gm_, gs_ = _group_view(g_big_m[i], cfg.num_groups), _group_view(g_big_s[i], cfg.num_groups)
-                    dims, count = 2, c // cfg.num_groups
-                else:
-                    gm_, gs_ = g_big_m[i], g_big_s[i]
-                    dims, count = (0, n) if name == "bn" else (1, c)
-                g_mean = gm_.sum(dims, keepdim=True) / count
-                g_var = gs_.sum(dims, keepdim=True) / count
-                deviation = dev[i] if name != "gn" else _group_view(dev[i], cfg.num_groups)
-                g_m_i = (deviation * (2 * g_var)).add_(g_mean)
-                g_m += g_m_i.flatten(1) if name == "gn" else g_m_i
-                g_v += g_var.expand_as(gs_).flatten(1) if name == "gn" else g_var
+            dim = {"bn": 0, "ln": 1, "gn": 2}[name]
+
+            def view(t: Tensor, grouped: bool = name == "gn") -> Tensor:
+                return _group_view(t, cfg.num_groups) if grouped else t
+
+            count = view(m).shape[dim]
+            g_mean = view(g_big_m[i]).sum(dim, keepdim=True) / count
+            g_var = view(g_big_s[i]).sum(dim, keepdim=True) / count
+            view(g_m).add_(g_mean).addcmul_(view(dev[i]), g_var, value=2.0)
+            view(g_v).add_(g_var)
 
         grad_x = None
         if ctx.needs_input_grad[0]:
@@ -214,5 +239,16 @@ class ExemplarNormFunction(torch.autograd.Function):
         def cast(g: Tensor | None, like: Tensor | None) -> Tensor | None:
             return None if g is None or like is None else g.to(like.dtype)
 
-        return (grad_x, None, None, None, cast(g_gamma, weight), cast(g_beta, bias), cast(g_conv, conv),
-                cast(g_fc1_w, fc1_w), cast(g_fc1_b, fc1_w), cast(g_fc2_w, fc2_w), cast(g_fc2_b, fc2_w))
+        return (
+            grad_x,
+            None,
+            None,
+            None,
+            cast(g_gamma, weight),
+            cast(g_beta, bias),
+            cast(g_conv, conv),
+            cast(g_fc1_w, fc1_w),
+            cast(g_fc1_b, fc1_w),
+            cast(g_fc2_w, fc2_w),
+            cast(g_fc2_b, fc2_w),
+        )

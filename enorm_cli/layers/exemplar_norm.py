@@ -25,7 +25,9 @@ class RatioBranch(nn.Module):
     axis (G = C / r; C weights whatever r) -> z (N x K x G) -> v = z z^T (K x K)
     -> FC(K^2, pi K) -> tanh | relu -> FC(pi K, K). Softmax is applied by the caller.
     The conv is kept as an ``nn.Conv1d`` for its parameter layout; forward computes it
-    as a grouped multiply-sum (measured in benchmarks/README.md).
+    as a grouped multiply-sum. ``ExemplarNorm2d.forward`` does this same math inside its
+    one-node fast path (``exemplar_function.py``); this module serves ``ratios()`` and
+    the autograd path, so hooks on it fire only there.
     """
 
     def __init__(

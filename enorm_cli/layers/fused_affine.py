@@ -6,15 +6,16 @@ parameters). Left to autograd, each big elementwise op over X records its own no
 temporaries: on CPU the backward then makes five or six X-sized passes and allocations
 (``benchmarks/README.md``). ``_FusedAffine`` splits the work instead:
 
-- the passes over X by hand: statistics (mean; then the norm of the deviations, no
-  E[x^2] - E[x]^2 cancellation), the output, and in backward the two reductions
+- the passes over X by hand: statistics (``statistics.moments``), the output, and in backward the two reductions
   ``sum(dY * X)``, ``sum(dY)`` and ``dX = A * dY + alpha * X + beta``;
 - the small N x C math (pooled statistics, the ratio branch, the coefficients) by
   autograd, recorded on detached statistics inside forward and differentiated with
   ``torch.autograd.grad`` in backward.
 
 Backward saves X, the N x C mean and A (as BatchNorm saves X, mean and invstd).
-Double backward is not supported (``once_differentiable``).
+Double backward is not supported (``once_differentiable``). SN uses this node; EN uses it
+with synced statistics, and otherwise the whole-layer node of ``exemplar_function.py``.
+The helpers here (``affine_apply``, ``row_dot``, ``wide``) serve both.
 """
 
 from __future__ import annotations
@@ -86,7 +87,9 @@ class _FusedAffine(torch.autograd.Function):
         grad_a = row_dot(gw, xw)
         grad_b = gw.sum(-1)
         wanted = [t for t in (*leaves, *params) if t.requires_grad]
-        found = torch.autograd.grad((a_node, b_node), wanted, (grad_a, grad_b), retain_graph=True, allow_unused=True)
+        found = torch.autograd.grad(
+            (a_node, b_node), wanted, (grad_a, grad_b), retain_graph=True, allow_unused=True
+        )
         by_id = {id(t): g for t, g in zip(wanted, found)}
         param_grads = tuple(by_id.get(id(p)) for p in params)
         grad_x = None
@@ -105,6 +108,7 @@ class _FusedAffine(torch.autograd.Function):
         return (grad_x, None, *param_grads)
 
 
+@torch.compiler.disable  # the nested autograd graph cannot be traced; compiled models call it eagerly
 def fused_affine(x: Tensor, coefficients: Coefficients, params: Sequence[Tensor]) -> Tensor:
     """``A * X + B`` with (A, B) = coefficients(instance statistics of X).
 
