@@ -21,7 +21,7 @@ checked against the float64 reference and by gradcheck in the tests.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor
@@ -80,42 +80,45 @@ def _stack_stats(
     return torch.stack(means), torch.stack(variances), batch
 
 
+class ENTensors(NamedTuple):
+    """Every tensor the math reads besides x, in ``ExemplarNormFunction.apply``'s order."""
+
+    running_mean: Tensor
+    running_var: Tensor
+    weight: Tensor
+    bias: Tensor
+    conv: Tensor | None
+    fc1_w: Tensor
+    fc1_b: Tensor
+    fc2_w: Tensor
+    fc2_b: Tensor
+
+
 def exemplar_norm(
-    x: Tensor,
-    cfg: ENConfig,
-    running_mean: Tensor,
-    running_var: Tensor,
-    weight: Tensor,
-    bias: Tensor,
-    conv: Tensor | None,
-    fc1_w: Tensor,
-    fc1_b: Tensor,
-    fc2_w: Tensor,
-    fc2_b: Tensor,
+    x: Tensor, cfg: ENConfig, p: ENTensors
 ) -> tuple[Tensor, Tensor | None, tuple[Tensor, ...]]:
     """EN(x) without autograd: y, the bn batch statistics (2 x C, training) and what backward needs."""
     xw = wide(x).flatten(2)
     m, v = moments(xw)
     dt = m.dtype
     n, c = m.shape
-    big_m, big_s, batch = _stack_stats(cfg, m, v, (running_mean, running_var))
+    big_m, big_s, batch = _stack_stats(cfg, m, v, (p.running_mean, p.running_var))
     rstd = big_s.add_(cfg.eps).rsqrt_()  # K x N x C
     dev = m - big_m
     xhat = dev * rstd
-    if conv is None:
+    if p.conv is None:
         z = xhat
     else:
-        groups = conv.shape[0]
-        z = (xhat * _to(conv, dt).view(c)).unflatten(2, (groups, c // groups)).sum(-1)  # K x N x G
+        groups = p.conv.shape[0]
+        z = (xhat * _to(p.conv, dt).view(c)).unflatten(2, (groups, c // groups)).sum(-1)  # K x N x G
     zt = z.transpose(0, 1)  # N x K x G
     vv = torch.bmm(zt, zt.transpose(1, 2)).flatten(1)  # N x K^2
-    h = torch.addmm(_to(fc1_b, dt), vv, _to(fc1_w, dt).t())
+    h = torch.addmm(_to(p.fc1_b, dt), vv, _to(p.fc1_w, dt).t())
     h = h.relu_() if cfg.relu else h.tanh_()
-    lam = torch.softmax(torch.addmm(_to(fc2_b, dt), h, _to(fc2_w, dt).t()), dim=1)  # N x K
-    gamma, beta = _to(weight, dt), _to(bias, dt)
-    mixed = (lam.t().unsqueeze(-1) * gamma.unsqueeze(1)).mul_(
-        rstd
-    )  # lambda_k gamma_k R_k, K x N x C
+    lam = torch.softmax(torch.addmm(_to(p.fc2_b, dt), h, _to(p.fc2_w, dt).t()), dim=1)  # N x K
+    gamma, beta = _to(p.weight, dt), _to(p.bias, dt)
+    # lambda_k gamma_k R_k, K x N x C
+    mixed = (lam.t().unsqueeze(-1) * gamma.unsqueeze(1)).mul_(rstd)
     a = mixed.sum(0)
     b = (beta.expand(n, c) if cfg.shared_affine else lam @ beta) - (mixed.mul_(big_m)).sum(0)
     return affine_apply(x, a, b), batch, (m, big_m, rstd, dev, lam, h, vv, zt, a)
@@ -125,25 +128,11 @@ class ExemplarNormFunction(torch.autograd.Function):
     """y, bn batch statistics (2 x C or empty) = EN(x), as one node with a hand-written backward."""
 
     @staticmethod
-    def forward(
-        ctx: Any,
-        x: Tensor,
-        cfg: ENConfig,
-        running_mean: Tensor,
-        running_var: Tensor,
-        weight: Tensor,
-        bias: Tensor,
-        conv: Tensor | None,
-        fc1_w: Tensor,
-        fc1_b: Tensor,
-        fc2_w: Tensor,
-        fc2_b: Tensor,
-    ) -> tuple[Tensor, Tensor]:
-        y, batch, saved = exemplar_norm(
-            x, cfg, running_mean, running_var, weight, bias, conv, fc1_w, fc1_b, fc2_w, fc2_b
-        )
+    def forward(ctx: Any, x: Tensor, cfg: ENConfig, *tensors: Tensor | None) -> tuple[Tensor, Tensor]:
+        p = ENTensors(*tensors)
+        y, batch, saved = exemplar_norm(x, cfg, p)
         ctx.cfg = cfg
-        ctx.save_for_backward(x, *saved, weight, bias, conv, fc1_w, fc2_w)
+        ctx.save_for_backward(x, *saved, p.weight, p.bias, p.conv, p.fc1_w, p.fc2_w)
         batch = batch if batch is not None else saved[0].new_empty(0)
         ctx.mark_non_differentiable(batch)
         return y, batch

@@ -12,7 +12,7 @@ import torch
 from torch import Tensor, nn
 
 from .base import MixedNorm2d
-from .exemplar_function import ENConfig, ExemplarNormFunction, exemplar_norm
+from .exemplar_function import ENConfig, ENTensors, ExemplarNormFunction, exemplar_norm
 from .statistics import InstanceStats, distributed_world_size, group_count, instance_stats
 
 ACTIVATIONS = ("tanh", "relu")
@@ -161,16 +161,19 @@ class ExemplarNorm2d(MixedNorm2d):
             training=self.training,
         )
         branch = self.ratio
-        args = (
-            x, cfg, self.running_mean, self.running_var, self.weight, self.bias,
+        tensors = ENTensors(
+            self.running_mean, self.running_var, self.weight, self.bias,
             None if branch.conv is None else branch.conv.weight,
             branch.fc1.weight, branch.fc1.bias, branch.fc2.weight, branch.fc2.bias,
         )
+        needs_grad = torch.is_grad_enabled() and (
+            x.requires_grad or any(t is not None and t.requires_grad for t in tensors)
+        )
         with torch.autocast(x.device.type, enabled=False):
-            if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in args[4:] + (x,)):
-                y, batch = ExemplarNormFunction.apply(*args)
+            if needs_grad:
+                y, batch = ExemplarNormFunction.apply(x, cfg, *tensors)
             else:
-                y, batch, _ = exemplar_norm(*args)
+                y, batch, _ = exemplar_norm(x, cfg, tensors)
         if batch is not None and batch.numel():
             self._update_running_stats(batch[0], batch[1], x.shape[0] * x.shape[2] * x.shape[3])
         return y
