@@ -56,3 +56,20 @@ def test_group_count() -> None:
     assert group_count(24, 16) == 1
     assert group_count(96, 16) == 6
     assert group_count(3, 1) == 3
+
+
+@pytest.mark.parametrize("hw", [1, 2, 4, 7])
+@pytest.mark.parametrize("shift", [0.0, 1e3])
+def test_moments_every_path_against_float64(hw: int, shift: float) -> None:
+    """1x1 (exact zero variance), short rows (two-pass), long rows (one-pass: shift 0),
+    |mean|/std 1e3 (long rows fall back to two passes)."""
+    from enorm_cli.layers.statistics import moments
+
+    x = torch.randn(3, 5, hw, hw) * (1 + torch.rand(1, 5, 1, 1)) + 0.1 * torch.randn(1, 5, 1, 1) + shift
+    mean, var = moments(x.flatten(2))
+    ref_var, ref_mean = torch.var_mean(x.double().flatten(2), dim=-1, correction=0)
+    torch.testing.assert_close(mean.double(), ref_mean, rtol=1e-6, atol=1e-5)
+    scale = float(ref_var.max()) if hw > 1 else 1.0
+    torch.testing.assert_close(var.double(), ref_var, rtol=1e-4, atol=1e-5 * scale)
+    if hw == 1:
+        assert (var == 0).all()

@@ -223,10 +223,10 @@ class ExemplarNormFunction(torch.autograd.Function):
             beta_x = g_m / length - alpha * m
             grad_x = affine_apply(gw.view(x.shape), a, beta_x)
             grad_x.view(xw.shape).addcmul_(alpha.unsqueeze(-1), xw)
-            grad_x = grad_x.to(x.dtype)
+            grad_x = _to(grad_x, x.dtype)
 
         def cast(g: Tensor | None, like: Tensor | None) -> Tensor | None:
-            return None if g is None or like is None else g.to(like.dtype)
+            return None if g is None or like is None else _to(g, like.dtype)
 
         return (
             grad_x,

@@ -51,6 +51,10 @@ ONE_PASS_CONDITION = 64.0
 """One-pass variances are kept where mean^2 <= 64 var: their float32 error is then about
 1e-5 relative. Beyond that (large |mean|/std, constant rows) the two-pass form is used."""
 
+ONE_PASS_MIN_LENGTH = 16
+"""Below 16 values per row (4x4 maps) the two-pass temporary is small and the one-pass
+check fails often (2x2 maps: 21 of MobileNetV2's 52 layers at 32 px), so it is not tried."""
+
 
 def moments(x: Tensor) -> tuple[Tensor, Tensor]:
     """Mean and biased variance over the last axis of N x C x L, in x's dtype (no autograd).
@@ -63,8 +67,11 @@ def moments(x: Tensor) -> tuple[Tensor, Tensor]:
     """
     with torch.no_grad():
         length = x.shape[-1]
+        if length == 1:  # 1x1 maps
+            return x[..., 0].clone(), x.new_zeros(x.shape[:-1])
         mean = x.mean(-1)
-        if x.device.type == "cpu" and not torch.compiler.is_compiling():  # the check is data-dependent
+        one_pass = x.device.type == "cpu" and length >= ONE_PASS_MIN_LENGTH
+        if one_pass and not torch.compiler.is_compiling():  # the check is data-dependent
             var = torch.linalg.vector_norm(x, dim=-1).square_().div_(length).sub_(mean * mean)
             if not bool((mean * mean > ONE_PASS_CONDITION * var).any()):
                 return mean, var.clamp_(min=0.0)
