@@ -171,7 +171,8 @@ def bench_models(mode: str, reps: int, device: torch.device, only: list[str] | N
             v["ratio"] = {key: v[key] / base[key] for key in ("train_s", "infer_s", "memory_bytes", "params", "flops")}
         results.append(row)
         print(json.dumps({"model": name, **{k: v["ratio"] for k, v in row["variants"].items()}}), flush=True)
-        del models, run, optims
+        for held in (models, run, optims):  # free this model's variants before the next
+            held.clear()
     return results
 
 
