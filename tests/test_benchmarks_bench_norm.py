@@ -1,0 +1,36 @@
+"""Smoke runs of the cost benchmarks: they run and report every variant (no timing is checked)."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from benchmarks import bench_norm  # noqa: E402
+from benchmarks.official_sn import OfficialSwitchNorm2d, swap_in_official_sn  # noqa: E402
+
+
+def test_layer_microbenchmark_reports_every_variant(tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.setattr(bench_norm, "LAYER_SHAPES", [(2, 8, 4, 4), (4, 16, 1, 1)])
+    out = tmp_path / "layers.json"
+    assert bench_norm.main(["--layers", "--reps", "1", "--json", str(out)]) == 0
+    rows = json.loads(out.read_text())["layers"]
+    assert [r["shape"] for r in rows] == [[2, 8, 4, 4], [4, 16, 1, 1]]
+    for row in rows:
+        assert all(row[f"{k}_ms"] > 0 for k in ("bn", "sn", "sn_official", "en"))
+
+
+def test_official_sn_swap_keeps_timm_norm_act_tails() -> None:
+    import timm
+
+    model = swap_in_official_sn(timm.create_model("test_efficientnet", num_classes=5))
+    assert any(isinstance(m, OfficialSwitchNorm2d) for m in model.modules())
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in model.modules())
+    model.train()
+    out = model(torch.randn(2, 3, 64, 64))  # no 1x1 maps: there the official code gives NaN
+    assert out.shape == (2, 5) and torch.isfinite(out).all()
