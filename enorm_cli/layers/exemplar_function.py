@@ -27,7 +27,7 @@ import torch
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
-from .fused_affine import affine_apply, row_dot, wide
+from .fused_affine import affine_apply, affine_grads, input_grad, wide
 from .statistics import moments, pool_stats
 
 
@@ -147,9 +147,7 @@ class ExemplarNormFunction(torch.autograd.Function):
         dt = m.dtype
         n, c = m.shape
         k = len(cfg.normalizers)
-        xw, gw = wide(x).flatten(2), wide(grad_y).flatten(2)
-        da = row_dot(gw, xw)  # dL/dA, N x C
-        db = gw.sum(-1)  # dL/dB
+        xw, gw, da, db = affine_grads(x, grad_y)  # dL/dA, dL/dB: N x C
         gamma, beta = _to(weight, dt), _to(bias, dt)
         lam_t = lam.t().unsqueeze(-1)  # K x N x 1
         scale = gamma.unsqueeze(1) * rstd
@@ -215,15 +213,7 @@ class ExemplarNormFunction(torch.autograd.Function):
             view(g_m).add_(g_mean).addcmul_(view(dev[i]), g_var, value=2.0)
             view(g_v).add_(g_var)
 
-        grad_x = None
-        if ctx.needs_input_grad[0]:
-            # dX = A dY + dL/dm / L + 2 dL/dv (X - m) / L = A dY + alpha X + beta
-            length = xw.shape[-1]
-            alpha = g_v * (2.0 / length)
-            beta_x = g_m / length - alpha * m
-            grad_x = affine_apply(gw.view(x.shape), a, beta_x)
-            grad_x.view(xw.shape).addcmul_(alpha.unsqueeze(-1), xw)
-            grad_x = _to(grad_x, x.dtype)
+        grad_x = input_grad(x, xw, gw, a, m, g_m, g_v) if ctx.needs_input_grad[0] else None
 
         def cast(g: Tensor | None, like: Tensor | None) -> Tensor | None:
             return None if g is None or like is None else _to(g, like.dtype)

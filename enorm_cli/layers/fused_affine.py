@@ -15,7 +15,7 @@ temporaries: on CPU the backward then makes five or six X-sized passes and alloc
 Backward saves X, the N x C mean and A (as BatchNorm saves X, mean and invstd).
 Double backward is not supported (``once_differentiable``). SN uses this node; EN uses it
 with synced statistics, and otherwise the whole-layer node of ``exemplar_function.py``.
-The helpers here (``affine_apply``, ``row_dot``, ``wide``) serve both.
+The helpers here (``affine_apply``, ``affine_grads``, ``input_grad``, ``wide``) serve both.
 """
 
 from __future__ import annotations
@@ -66,6 +66,29 @@ def wide(t: Tensor) -> Tensor:
     return t if t.dtype in (torch.float32, torch.float64) else t.float()
 
 
+def affine_grads(x: Tensor, grad_y: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """X and dY as N x C x L (float32+), and dL/dA = sum(dY X), dL/dB = sum(dY) per row."""
+    xw, gw = wide(x).flatten(2), wide(grad_y).flatten(2)
+    return xw, gw, row_dot(gw, xw), gw.sum(-1)
+
+
+def input_grad(x: Tensor, xw: Tensor, gw: Tensor, a: Tensor, mean: Tensor,
+               g_mean: Tensor | None, g_var: Tensor | None) -> Tensor:
+    """dL/dX of ``Y = A X + B`` with A, B functions of X's instance mean and variance.
+
+    dX = A dY + dL/dmean / L + 2 dL/dvar (X - mean) / L = A dY + alpha X + beta: two
+    passes over X (``affine_apply``, then one in-place ``addcmul_``), in X's dtype.
+    """
+    length = xw.shape[-1]
+    alpha = torch.zeros_like(mean) if g_var is None else g_var * (2.0 / length)
+    beta = -alpha * mean
+    if g_mean is not None:
+        beta = beta + g_mean / length
+    grad_x = affine_apply(gw.view(x.shape), a, beta)
+    grad_x.view(xw.shape).addcmul_(alpha.unsqueeze(-1), xw)
+    return grad_x if grad_x.dtype == x.dtype else grad_x.to(x.dtype)
+
+
 class _FusedAffine(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, x: Tensor, coefficients: Coefficients, *params: Tensor) -> Tensor:
@@ -83,9 +106,7 @@ class _FusedAffine(torch.autograd.Function):
     def backward(ctx: Any, grad_y: Tensor) -> tuple[Tensor | None, ...]:
         x, mean, a = ctx.saved_tensors
         a_node, b_node, leaves, params = ctx.graph  # freed with ctx, when the outer graph goes
-        xw, gw = wide(x).flatten(2), wide(grad_y).flatten(2)
-        grad_a = row_dot(gw, xw)
-        grad_b = gw.sum(-1)
+        xw, gw, grad_a, grad_b = affine_grads(x, grad_y)
         wanted = [t for t in (*leaves, *params) if t.requires_grad]
         found = torch.autograd.grad(
             (a_node, b_node), wanted, (grad_a, grad_b), retain_graph=True, allow_unused=True
@@ -94,17 +115,7 @@ class _FusedAffine(torch.autograd.Function):
         param_grads = tuple(by_id.get(id(p)) for p in params)
         grad_x = None
         if ctx.needs_input_grad[0]:
-            length = xw.shape[-1]
-            g_mean = by_id.get(id(leaves[0]))
-            g_var = by_id.get(id(leaves[1]))
-            # dX = A dY + dL/dmean / L + 2 dL/dvar (X - mean) / L = A dY + alpha X + beta
-            alpha = torch.zeros_like(mean) if g_var is None else g_var * (2.0 / length)
-            beta = -alpha * mean
-            if g_mean is not None:
-                beta = beta + g_mean / length
-            grad_x = affine_apply(gw.view_as(x), a, beta)
-            grad_x.view_as(xw).addcmul_(alpha.unsqueeze(-1), xw)
-            grad_x = grad_x.to(x.dtype)
+            grad_x = input_grad(x, xw, gw, a, mean, by_id.get(id(leaves[0])), by_id.get(id(leaves[1])))
         return (grad_x, None, *param_grads)
 
 

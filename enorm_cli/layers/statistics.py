@@ -72,8 +72,9 @@ def moments(x: Tensor) -> tuple[Tensor, Tensor]:
         mean = x.mean(-1)
         one_pass = x.device.type == "cpu" and length >= ONE_PASS_MIN_LENGTH
         if one_pass and not torch.compiler.is_compiling():  # the check is data-dependent
-            var = torch.linalg.vector_norm(x, dim=-1).square_().div_(length).sub_(mean * mean)
-            if not bool((mean * mean > ONE_PASS_CONDITION * var).any()):
+            mean_sq = mean * mean
+            var = torch.linalg.vector_norm(x, dim=-1).square_().div_(length).sub_(mean_sq)
+            if not bool((mean_sq > ONE_PASS_CONDITION * var).any()):
                 return mean, var.clamp_(min=0.0)
         norm = torch.linalg.vector_norm(x - mean.unsqueeze(-1), dim=-1)
         return mean, norm.square_().div_(length)
