@@ -38,8 +38,13 @@ class ClassRatios:
     name: str
     samples: int
     mean: list[list[float]]  # layer x normalizer
-    deviation: float  # mean over layers of the total-variation distance to the overall mean
+    distances: list[float]  # per layer: total-variation distance to all samples' mean ratios
     most_deviant_layer: str
+
+    @property
+    def deviation(self) -> float:
+        """Mean over layers of ``distances``: how far this class's ratios sit overall."""
+        return sum(self.distances) / len(self.distances)
 
 
 @dataclass
@@ -148,7 +153,7 @@ def per_class(ratios: Tensor, targets: Tensor, layer_ratios: list[LayerRatios],
         worst = int(tv.argmax())
         mean = [mine[i, : len(r.normalizers)].tolist() for i, r in enumerate(layer_ratios)]
         name = class_names[label] if class_names and label < len(class_names) else str(label)
-        out.append(ClassRatios(label, name, int((targets == label).sum()), mean, float(tv.mean()),
+        out.append(ClassRatios(label, name, int((targets == label).sum()), mean, tv.tolist(),
                                layer_ratios[worst].name))
     return sorted(out, key=lambda c: -c.deviation)
 

@@ -73,13 +73,8 @@ def plot_ratios(result: InspectResult, out: Path, layers: list[int] | None = Non
         ax.set_title("the layers whose ratios vary most across samples (boxes: quartiles, whiskers: 1.5 IQR)")
     if result.classes:
         ax = axes[row][0]
-        import torch
-
         classes = sorted(result.classes, key=lambda c: c.label)
-        overall = [r.mean for r in result.ratios]
-        grid = torch.tensor([[0.5 * sum(abs(a - b) for a, b in zip(cm, om)) for cm, om in zip(c.mean, overall)]
-                             for c in classes])
-        image = ax.imshow(grid.numpy(), aspect="auto", cmap="magma")
+        image = ax.imshow([c.distances for c in classes], aspect="auto", cmap="magma")
         ax.set_yticks(range(len(classes)), [c.name for c in classes], fontsize=8)
         _layer_ticks(ax, names)
         ax.set_title("per class: distance of its mean ratios from all samples' (total variation)")
