@@ -46,6 +46,7 @@ def settings_from_recipe(recipe: Recipe) -> ENSettings:
     return ENSettings(
         normalizers=tuple(en.normalizers), reduction=en.reduction, pi=en.pi, margin=en.margin,
         activation=en.activation, use_conv=en.use_conv, shared_affine=en.shared_affine,
+        logit_scale=en.logit_scale,
         layer=recipe.model.norm if recipe.model.norm != "bn" else "en",
     )
 

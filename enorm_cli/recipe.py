@@ -33,6 +33,8 @@ class ENConfig(Section):
     use_conv: bool = True
     shared_affine: bool = False
     """One affine pair for all normalizers (the paper's ablation; starts near, not at, the source)."""
+    logit_scale: Optional[float] = Field(None, gt=0)
+    """FC2's scale s in the ratio branch (logits = b + s W h); None: 1 / sqrt(pi K)."""
     sync_stats: Optional[bool] = None
     """Synchronize the bn member's statistics across processes (None: when >1 process)."""
 
@@ -56,6 +58,11 @@ class ModelConfig(Section):
     """"en": Exemplar Normalization; "sn": Switchable Normalization (the baseline layer, same
     ``en`` settings for normalizers and margin); "bn": the source model as it is."""
     en: ENConfig = ENConfig()
+    bn_stats: Literal["batch", "running"] = "batch"
+    """Where the bn statistics come from while training (BatchNorm, and EN's/SN's bn member):
+    "batch" as BatchNorm does (the default: measured better, README Stability); "running":
+    the source's running statistics, frozen (as FrozenBatchNorm2d, mmdetection's
+    norm_eval), while affines, IN/LN and the ratio branch learn."""
 
 
 class DataConfig(Section):

@@ -43,6 +43,8 @@ class ENSettings:
     exclude: str | None = None
     layer: str = "en"
     shared_affine: bool = False
+    logit_scale: float | None = None
+    """EN's FC2 scale s (logits = b + s W h); None: 1 / sqrt(pi K) (``default_logit_scale``)."""
 
     def __post_init__(self) -> None:
         if self.layer not in LAYERS:
@@ -59,6 +61,8 @@ class ENSettings:
             raise EnormError(f"--reduction must be a positive integer, got {self.reduction}")
         if self.pi < 1:
             raise EnormError(f"--pi must be a positive integer, got {self.pi}")
+        if self.logit_scale is not None and not (math.isfinite(self.logit_scale) and self.logit_scale > 0):
+            raise EnormError(f"logit_scale must be a positive number, got {self.logit_scale}")
         if not math.isfinite(self.margin):
             raise EnormError(f"--margin must be a finite number, got {self.margin}")
         for flag, pattern in (("--include", self.include), ("--exclude", self.exclude)):
@@ -83,7 +87,10 @@ class ENSettings:
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> ENSettings:
         known = {f for f in cls.__dataclass_fields__}
-        return cls(**{**{k: v for k, v in data.items() if k in known}, "normalizers": tuple(data["normalizers"])})
+        # Checkpoints written before logit_scale existed had an unscaled FC2.
+        legacy = {"logit_scale": 1.0}
+        return cls(**{**legacy, **{k: v for k, v in data.items() if k in known},
+                      "normalizers": tuple(data["normalizers"])})
 
     def selects(self, name: str) -> bool:
         """Whether --include/--exclude let the module with this name be converted."""
@@ -227,6 +234,7 @@ def build_norm(src: SourceNorm, settings: ENSettings) -> MixedNorm2d:
         layer = (ExemplarNormAct2d if tail else ExemplarNorm2d)(
             src.num_features, **common, reduction=settings.reduction, pi=settings.pi,
             activation=settings.activation, use_conv=settings.use_conv, shared_affine=settings.shared_affine,
+            logit_scale=settings.logit_scale,
         )
     ref = src.weight if src.weight is not None else src.running_mean
     if ref is not None:

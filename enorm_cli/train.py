@@ -26,6 +26,7 @@ from .errors import EnormError
 from .fileio import atomic_path
 from .finetune_model import prepare_model, set_sync_stats
 from .layers import ExemplarNorm2d, SwitchableNorm2d
+from .layers.base import MixedNorm2d
 from .ratios import RatioRecorder, summarize
 from .recipe import Recipe, dump_recipe
 
@@ -70,6 +71,21 @@ def param_groups(model: nn.Module, recipe: Recipe) -> list[dict[str, Any]]:
                else "decay" if p.ndim > 1 else "no_decay")
         groups[key]["params"].append(p)
     return [{"name": k, **g} for k, g in groups.items() if g["params"]]
+
+
+def set_train_mode(model: nn.Module, bn_stats: str) -> None:
+    """``model.train()``, then with frozen bn statistics every BatchNorm and EN/SN layer in eval mode.
+
+    In eval mode these layers normalize with their running statistics and leave them
+    as they are, while gradients still reach their affines (and EN's ratio branch; IN
+    and LN are the same in both modes): BatchNorm becomes a frozen-statistics
+    BatchNorm with a trainable affine, EN a per-sample normalizer with no batch dependence.
+    """
+    model.train()
+    if bn_stats == "running":
+        for module in model.modules():
+            if isinstance(module, (nn.modules.batchnorm._BatchNorm, MixedNorm2d)):
+                module.eval()
 
 
 def _accuracy_counts(logits: torch.Tensor, target: torch.Tensor) -> tuple[float, float]:
@@ -258,7 +274,7 @@ def finetune(recipe: Recipe, resume: bool = False, force: bool = False, progress
     with _progress(enabled=progress and main) as bar:
         task = bar.add_task("train", total=steps_per_epoch * s.epochs, completed=global_step, info="")
         for epoch in range(start_epoch, s.epochs):
-            model.train()
+            set_train_mode(model, recipe.model.bn_stats)
             train_loader.set_epoch(epoch)
             if start_batch >= len(train_loader):
                 loader: Any = []
@@ -322,7 +338,7 @@ def finetune(recipe: Recipe, resume: bool = False, force: bool = False, progress
                     _save_model(unwrapped, output_dir / "last.safetensors", meta)
                     if improved:
                         _save_model(unwrapped, output_dir / "best.safetensors", meta)
-                model.train()
+                set_train_mode(model, recipe.model.bn_stats)
             _save_state(accelerator, output_dir, recipe, epoch + 1, 0, global_step, best_top1)
     accelerator.wait_for_everyone()
     accelerator.end_training()

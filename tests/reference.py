@@ -59,7 +59,7 @@ def en_reference(layer, x: Tensor, lam: Tensor | None = None) -> tuple[Tensor, T
         v = torch.einsum("nkc,njc->nkj", z, z).flatten(1)
         h = v @ p["ratio.fc1.weight"].T + p["ratio.fc1.bias"]
         h = torch.tanh(h) if layer.activation == "tanh" else torch.relu(h)
-        logits = h @ p["ratio.fc2.weight"].T + p["ratio.fc2.bias"]
+        logits = layer.logit_scale * (h @ p["ratio.fc2.weight"].T) + p["ratio.fc2.bias"]
         lam = torch.softmax(logits, dim=1)
     lam = lam.double()
     gamma = p["weight"].expand(len(layer.normalizers), -1)

@@ -145,6 +145,17 @@ def test_bad_settings_are_user_errors() -> None:
 def test_settings_json_round_trip() -> None:
     settings = ENSettings(normalizers=("bn", "gn"), include="layer", margin=0.5)
     assert ENSettings.from_json(settings.to_json()) == settings
+    scaled = ENSettings(logit_scale=0.25)
+    assert ENSettings.from_json(scaled.to_json()) == scaled
+
+
+def test_settings_written_before_logit_scale_rebuild_an_unscaled_branch() -> None:
+    """Checkpoints from before logit_scale existed had FC2 = b + W h: they must load as they were."""
+    old = {k: v for k, v in ENSettings().to_json().items() if k != "logit_scale"}
+    assert ENSettings.from_json(old).logit_scale == 1.0
+    assert ENSettings.from_json(ENSettings().to_json()).logit_scale is None  # new: 1 / sqrt(pi K)
+    with pytest.raises(EnormError, match="logit_scale"):
+        ENSettings(logit_scale=0.0)
 
 
 @pytest.mark.parametrize("settings", [ENSettings(layer="sn"), ENSettings(shared_affine=True)], ids=["sn", "shared"])

@@ -16,9 +16,10 @@ from test_data import write_crops
 
 from enorm_cli import load_model
 from enorm_cli.checkpoint import read_info
+from enorm_cli.layers import ExemplarNorm2d
 from enorm_cli.errors import EnormError
 from enorm_cli.recipe import load_recipe
-from enorm_cli.train import finetune, param_groups
+from enorm_cli.train import finetune, param_groups, set_train_mode
 
 ROOT = Path(__file__).resolve().parents[1]
 QUICK = ROOT / "recipes" / "quickstart.yaml"
@@ -68,6 +69,34 @@ def test_param_groups_split_en_parts() -> None:
     assert groups["affine"]["lr"] == 0.1 and groups["decay"]["weight_decay"] == 1e-4
     total = sum(p.numel() for g in groups.values() for p in g["params"])
     assert total == sum(p.numel() for p in prepared.model.parameters())
+
+
+@pytest.mark.parametrize("norm", ["bn", "en"])
+def test_running_bn_stats_freeze_statistics_while_affines_learn(norm: str) -> None:
+    """model.bn_stats=running: BatchNorm (and EN's bn member) normalize with the source's running
+    statistics and never change them, as FrozenBatchNorm2d; affines still get gradients."""
+    import torch
+
+    from enorm_cli.finetune_model import prepare_model
+
+    recipe = load_recipe(QUICK, ["model.name=test_resnet", "model.checkpoint=null", f"model.norm={norm}",
+                                 "model.bn_stats=running"])
+    model = prepare_model(recipe, 10).model
+    norms = [m for m in model.modules() if isinstance(m, (torch.nn.BatchNorm2d, ExemplarNorm2d))]
+    before = [m.running_mean.clone() for m in norms]
+    set_train_mode(model, recipe.model.bn_stats)
+    assert model.training and not any(m.training for m in norms)
+    x = torch.randn(4, 3, 32, 32)
+    eval_out = model.eval()(x).detach()
+    set_train_mode(model, "running")
+    out = model(x)
+    torch.testing.assert_close(out, eval_out)  # the function does not depend on the batch
+    out.square().mean().backward()
+    assert all(m.weight.grad is not None for m in norms)  # (zero-init residual gammas stop some)
+    assert sum(bool(m.weight.grad.abs().sum() > 0) for m in norms) > len(norms) // 2
+    assert all(torch.equal(m.running_mean, b) for m, b in zip(norms, before))
+    set_train_mode(model, "batch")
+    assert all(m.training for m in norms)
 
 
 def tiny_recipe(root: Path, out: Path, kind: str, *extra: str) -> list[str]:

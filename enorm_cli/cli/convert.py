@@ -28,6 +28,9 @@ def convert(
     margin: float = typer.Option(
         2.0, "--margin", help="Prior logit of the source normalizer (lambda_src = e^m/(e^m+K-1))."
     ),
+    logit_scale: Optional[float] = typer.Option(  # noqa: UP007
+        None, "--logit-scale", help="Ratio-branch FC2 scale s (logits = b + s W h); default 1/sqrt(pi K)."
+    ),
     layer: str = typer.Option("en", "--layer", help="en (Exemplar Normalization) or sn (Switchable, the baseline)."),
     shared_affine: bool = typer.Option(False, "--shared-affine", help="One affine pair for all normalizers (ablation)."),
     include: Optional[str] = typer.Option(None, "--include", help="Convert only modules whose name matches."),  # noqa: UP007
@@ -63,6 +66,7 @@ def convert(
         margin=margin,
         layer=layer.strip().lower(),
         shared_affine=shared_affine,
+        logit_scale=logit_scale,
         include=include,
         exclude=exclude,
     )

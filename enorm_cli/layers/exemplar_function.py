@@ -11,7 +11,8 @@ output (1 write), and in backward ``sum(dY X)``, ``sum(dY)`` and ``dX = A dY + a
 Notation (``shared/en-layer.md``): m, v are the per-(n, c) mean and variance of X; M, S
 (K x N x C) every normalizer's mean and variance broadcast to N x C; R = (S + eps)^-1/2;
 D = m - M; Xhat = D R; z the grouped conv of Xhat; lambda = softmax(FC2(act(FC1(z z^T))));
-A = sum_k lambda_k gamma_k R_k; B = lambda beta - sum_k lambda_k gamma_k R_k M_k.
+A = sum_k lambda_k gamma_k R_k; B = lambda beta - sum_k lambda_k gamma_k R_k M_k. FC2 is
+``b + s W h`` with the layer's ``logit_scale`` s (``exemplar_norm.default_logit_scale``).
 
 Used in every mode except distributed synced statistics (``MixedNorm2d.sync_stats``),
 which runs the plain autograd path of ``ExemplarNorm2d._coefficients``; both are
@@ -41,6 +42,7 @@ class ENConfig:
     shared_affine: bool
     num_groups: int
     training: bool
+    logit_scale: float = 1.0
 
 
 def _to(t: Tensor, dtype: torch.dtype) -> Tensor:
@@ -115,7 +117,8 @@ def exemplar_norm(
     vv = torch.bmm(zt, zt.transpose(1, 2)).flatten(1)  # N x K^2
     h = torch.addmm(_to(p.fc1_b, dt), vv, _to(p.fc1_w, dt).t())
     h = h.relu_() if cfg.relu else h.tanh_()
-    lam = torch.softmax(torch.addmm(_to(p.fc2_b, dt), h, _to(p.fc2_w, dt).t()), dim=1)  # N x K
+    logits = torch.addmm(_to(p.fc2_b, dt), h, _to(p.fc2_w, dt).t(), alpha=cfg.logit_scale)
+    lam = torch.softmax(logits, dim=1)  # N x K
     gamma, beta = _to(p.weight, dt), _to(p.bias, dt)
     # lambda_k gamma_k R_k, K x N x C
     mixed = (lam.t().unsqueeze(-1) * gamma.unsqueeze(1)).mul_(rstd)
@@ -169,8 +172,8 @@ class ExemplarNormFunction(torch.autograd.Function):
 
         # lambda -> softmax -> FC2 -> act -> FC1 -> z z^T -> z.
         g_logits = lam * (g_lam - (lam * g_lam).sum(1, keepdim=True))
-        g_fc2_w, g_fc2_b = g_logits.t() @ h, g_logits.sum(0)
-        g_h = g_logits @ _to(fc2_w, dt)
+        g_fc2_w, g_fc2_b = (g_logits.t() @ h).mul_(cfg.logit_scale), g_logits.sum(0)
+        g_h = (g_logits @ _to(fc2_w, dt)).mul_(cfg.logit_scale)
         g_h = g_h * (h > 0) if cfg.relu else g_h * (1 - h * h)
         g_fc1_w, g_fc1_b = g_h.t() @ vv, g_h.sum(0)
         g_vv = (g_h @ _to(fc1_w, dt)).view(n, k, k)

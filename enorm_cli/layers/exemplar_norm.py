@@ -8,6 +8,8 @@ is read once for the statistics and once for the output and never copied K times
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor, nn
 
@@ -16,6 +18,19 @@ from .exemplar_function import ENConfig, ENTensors, ExemplarNormFunction, exempl
 from .statistics import InstanceStats, distributed_world_size, group_count, instance_stats
 
 ACTIVATIONS = ("tanh", "relu")
+
+
+def default_logit_scale(num_normalizers: int, pi: int) -> float:
+    """s = 1 / sqrt(pi K): FC2's data-dependent term is ``s W h``, its bias is not scaled.
+
+    The branch's hidden layer h has pi K units, and tanh saturates them (|h| ~ 1 on wide
+    layers), so an SGD step on W moves each sample's ratio logits by lr |g| sum_j h_j^2,
+    about pi K (100-150) times what the same step moves a plain logit (SN's, or FC2's
+    bias). With s, that factor becomes s^2 sum_j h_j^2 <= 1: EN's ratios start no more
+    mobile than SN's, and a noisy early gradient (a new head, small batches) cannot
+    throw a whole layer onto a normalizer whose gamma is still 0 (README, Stability).
+    """
+    return 1.0 / math.sqrt(pi * num_normalizers)
 
 
 class RatioBranch(nn.Module):
@@ -38,9 +53,11 @@ class RatioBranch(nn.Module):
         pi: int,
         activation: str,
         use_conv: bool,
+        logit_scale: float = 1.0,
     ) -> None:
         super().__init__()
         k = num_normalizers
+        self.logit_scale = logit_scale
         self.groups = group_count(num_features, reduction)
         self.conv = (
             nn.Conv1d(num_features, self.groups, kernel_size=1, groups=self.groups, bias=False)
@@ -62,7 +79,8 @@ class RatioBranch(nn.Module):
         else:
             z = xhat
         v = torch.bmm(z, z.transpose(1, 2)).flatten(1)
-        return self.fc2(self.act(self.fc1(v)))
+        h = self.act(self.fc1(v))
+        return torch.addmm(self.fc2.bias, h, self.fc2.weight.t(), alpha=self.logit_scale)
 
 
 class ExemplarNorm2d(MixedNorm2d):
@@ -93,6 +111,7 @@ class ExemplarNorm2d(MixedNorm2d):
         use_conv: bool = True,
         shared_affine: bool = False,
         num_groups: int = 32,
+        logit_scale: float | None = None,
     ) -> None:
         super().__init__(num_features, normalizers, eps, momentum, num_groups)
         if reduction < 1 or pi < 1:
@@ -108,7 +127,12 @@ class ExemplarNorm2d(MixedNorm2d):
         rows = 1 if shared_affine else k
         self.weight = nn.Parameter(torch.ones(rows, num_features))
         self.bias = nn.Parameter(torch.zeros(rows, num_features))
-        self.ratio = RatioBranch(num_features, k, reduction, pi, activation, use_conv)
+        if logit_scale is None:
+            logit_scale = default_logit_scale(k, pi)
+        if not logit_scale > 0:
+            raise ValueError(f"logit_scale must be positive, got {logit_scale}")
+        self.logit_scale = float(logit_scale)
+        self.ratio = RatioBranch(num_features, k, reduction, pi, activation, use_conv, self.logit_scale)
 
     def _ratio_logits(self, stats: InstanceStats, pairs: list[tuple[Tensor, Tensor]], rstds: list[Tensor]) -> Tensor:
         """Ratio logits (N x K): the branch on the pooled input pre-normalized by each normalizer."""
@@ -159,6 +183,7 @@ class ExemplarNorm2d(MixedNorm2d):
             shared_affine=self.shared_affine,
             num_groups=self.num_groups,
             training=self.training,
+            logit_scale=self.logit_scale,
         )
         branch = self.ratio
         tensors = ENTensors(
@@ -187,6 +212,7 @@ class ExemplarNorm2d(MixedNorm2d):
             f"eps={self.eps}",
             f"momentum={self.momentum}",
         ]
+        parts.append(f"logit_scale={self.logit_scale:.4g}")
         if self.activation != "tanh":
             parts.append(f"activation={self.activation}")
         if not self.use_conv:

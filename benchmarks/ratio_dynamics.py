@@ -1,0 +1,138 @@
+"""Why EN diverges where BatchNorm learns: per-layer ratio dynamics during fine-tuning.
+
+Fine-tunes a recipe's model (quickstart by default) with the recipe's optimizer groups,
+and at every step records, for each EN layer: the batch-mean ratio of every normalizer,
+the ratio branch's gradient norm (fc2, fc1, conv), the gradient norm of the layer's
+gammas, and the layer's gain on its source normalizer (lambda_src * gamma_src / gamma at
+conversion). A layer "flips" when its batch-mean source ratio falls below 0.5.
+
+    python benchmarks/ratio_dynamics.py data.batch_size=8 optim.lr=0.005 --steps 200
+    python benchmarks/ratio_dynamics.py data.batch_size=8 optim.lr=0.005 model.bn_stats=running
+
+Writes JSON (``--json``) with one record per step; prints the flips and a summary.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _norm(params: list[torch.Tensor]) -> float:
+    grads = [p.grad.detach().flatten() for p in params if p.grad is not None]
+    return float(torch.cat(grads).norm()) if grads else 0.0
+
+
+def run(overrides: list[str], steps: int, recipe_path: Path, every: int) -> dict[str, Any]:
+    from accelerate.utils import set_seed
+    from timm.optim import create_optimizer_v2
+    from timm.scheduler import create_scheduler_v2
+
+    from enorm_cli.data import build_transform, load_split
+    from enorm_cli.finetune_model import prepare_model
+    from enorm_cli.layers import ExemplarNorm2d
+    from enorm_cli.recipe import load_recipe
+    from enorm_cli.train import _make_loader, _with_transform, param_groups, set_train_mode
+
+    recipe = load_recipe(recipe_path, overrides)
+    set_seed(recipe.train.seed)
+    split = load_split(recipe.data, "train", None, recipe.data.limit_train, recipe.model.num_classes)
+    prepared = prepare_model(recipe, recipe.model.num_classes or 10)
+    split.dataset = _with_transform(split.dataset, build_transform(recipe.data, prepared.mean, prepared.std, True))
+    loader = _make_loader(split, recipe.data.batch_size, recipe.data.workers, train=True)
+    model = prepared.model
+    layers = [(n, m) for n, m in model.named_modules() if isinstance(m, ExemplarNorm2d)]
+    # the source normalizer: the only one whose gammas are non-zero at conversion
+    src = {n: int(m.weight.detach().abs().sum(1).argmax()) for n, m in layers}
+    o = recipe.optim
+    optimizer = create_optimizer_v2(param_groups(model, recipe), opt=o.name, lr=o.lr,
+                                    weight_decay=o.weight_decay, momentum=o.momentum)
+    s = recipe.schedule
+    total = min(steps, len(loader) * s.epochs)
+    scheduler, _ = create_scheduler_v2(optimizer, sched=s.name, num_epochs=s.epochs, warmup_epochs=s.warmup_epochs,
+                                       warmup_lr=s.warmup_lr, min_lr=s.min_lr, step_on_epochs=False,
+                                       updates_per_epoch=len(loader))
+    criterion = nn.CrossEntropyLoss()
+    captured: dict[str, torch.Tensor] = {}
+
+    def hook(name: str) -> Any:
+        def fn(module: nn.Module, inputs: tuple[torch.Tensor, ...], _out: Any) -> None:
+            with torch.no_grad():
+                captured[name] = module.ratios(inputs[0]).mean(0)
+        return fn
+
+    handles = [m.register_forward_hook(hook(n)) for n, m in layers]
+    records: list[dict[str, Any]] = []
+    flipped: dict[str, int] = {}
+    step = 0
+    tick = time.perf_counter()
+    set_train_mode(model, recipe.model.bn_stats)
+    while step < total:
+        for x, y in loader:
+            loss = criterion(model(x), y)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            step += 1
+            rec: dict[str, Any] = {"step": step, "loss": float(loss), "layers": {}}
+            for name, m in layers:
+                lam = captured[name]
+                ratio_src = float(lam[src[name]])
+                if ratio_src < 0.5 and name not in flipped:
+                    flipped[name] = step
+                if step % every == 0 or step == 1:
+                    rec["layers"][name] = {
+                        "ratios": [round(float(v), 4) for v in lam],
+                        "grad_fc2": _norm([m.ratio.fc2.weight, m.ratio.fc2.bias]),
+                        "grad_fc1": _norm([m.ratio.fc1.weight, m.ratio.fc1.bias]),
+                        "grad_gamma": _norm([m.weight]),
+                        "fc2_bias": [round(float(v), 3) for v in m.ratio.fc2.bias.detach()],
+                    }
+            optimizer.step()
+            scheduler.step_update(step)
+            records.append(rec)
+            if step >= total:
+                break
+    for h in handles:
+        h.remove()
+    return {"overrides": overrides, "steps": total, "seconds": round(time.perf_counter() - tick, 1),
+            "flipped": flipped, "layer_names": [n for n, _ in layers], "records": records}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("overrides", nargs="*")
+    parser.add_argument("--recipe", type=Path, default=ROOT / "recipes" / "quickstart.yaml")
+    parser.add_argument("--steps", type=int, default=200)
+    parser.add_argument("--every", type=int, default=10, help="per-layer detail every N steps")
+    parser.add_argument("--json", type=Path, default=None)
+    args = parser.parse_args(argv)
+    base = ["data.limit_train=3000", "data.workers=0", f"model.checkpoint={ROOT}/.cache/assets/mobilenet_v2-b0353104.pth"]
+    out = run(base + args.overrides, args.steps, args.recipe, args.every)
+    if args.json:
+        args.json.write_text(json.dumps(out))
+    losses = [r["loss"] for r in out["records"]]
+    chunk = max(len(losses) // 10, 1)
+    print("loss by tenth:", " ".join(f"{sum(losses[i:i + chunk]) / len(losses[i:i + chunk]):.2f}"
+                                      for i in range(0, len(losses), chunk)))
+    print(f"{len(out['flipped'])} of {len(out['layer_names'])} layers flipped (source ratio < 0.5):",
+          ", ".join(f"{n}@{s}" for n, s in sorted(out["flipped"].items(), key=lambda kv: kv[1])[:12]))
+    last = out["records"][-1]
+    detail = [r for r in out["records"] if r["layers"]]
+    for name in out["layer_names"][-3:] + out["layer_names"][:1]:
+        series = [(r["step"], r["layers"][name]) for r in detail]
+        print(name, " | ".join(f"s{s}: {d['ratios'][0]:.2f} g2={d['grad_fc2']:.2g} gg={d['grad_gamma']:.2g}"
+                               for s, d in series[:: max(len(series) // 6, 1)]))
+    print(f"final loss {last['loss']:.3f}; {out['seconds']} s")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,192 @@
+"""Stability grid: BN, frozen-statistics BN, SN and EN over learning rates and batch sizes.
+
+Fine-tunes torchvision's ImageNet MobileNetV2 (recipes/quickstart.yaml: Fashion-MNIST at
+32 px, SGD, cosine, 1 epoch) at every (batch size, learning rate) cell, once per variant,
+with nothing else changed. Every run is the real ``enorm finetune`` code
+(``enorm_cli.train.finetune``, in this process so that timm is imported once). The
+training subset grows with the batch size so that every cell takes enough steps to learn
+(``--images``); the val subset is the same for every run. Results go to JSON after every
+run (an interrupted grid keeps what it measured) and to a heat-map figure.
+
+    python benchmarks/stability.py                         # the README grid (< 60 min on 2 CPU cores)
+    python benchmarks/stability.py --grid smoke            # what the tests run
+    python benchmarks/stability.py --variants en bn --lrs 0.005 --batches 4 --json /tmp/s.json
+
+Chance is 10% (10 classes): a run "learns" above 2x chance (20%).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+CHANCE = 10.0
+
+# Variants: overrides on top of the recipe, nothing else differs between them.
+VARIANTS: dict[str, list[str]] = {
+    "bn": ["model.norm=bn", "model.bn_stats=batch"],  # the original model, BatchNorm as it trains
+    "bn_frozen": ["model.norm=bn", "model.bn_stats=running"],  # FrozenBatchNorm2d statistics, affine learns
+    "sn": ["model.norm=sn"],  # Switchable Normalization, the baseline layer (recipe's bn_stats)
+    "en": ["model.norm=en"],  # EN with the recipe's (the package's) defaults
+}
+
+GRIDS: dict[str, dict[str, Any]] = {
+    "readme": {
+        "lrs": [0.002, 0.005, 0.01, 0.02, 0.05],
+        "batches": [4, 16, 128],
+        "images": {4: 1000, 16: 2000, 128: 8000},
+        "val": 2000,
+    },
+    "smoke": {"lrs": [0.01], "batches": [4], "images": {4: 16}, "val": 16, "model": "test_resnet"},
+}
+
+
+def run_cell(variant: str, batch: int, lr: float, images: int, val: int, out_root: Path,
+             extra: list[str], seed: int) -> dict[str, Any]:
+    """One fine-tune; returns its final eval record, mean train loss of its last tenth, and wall time."""
+    from enorm_cli.recipe import load_recipe
+    from enorm_cli.train import finetune
+
+    out = out_root / f"{variant}-b{batch}-lr{lr:g}-s{seed}"
+    overrides = [
+        f"data.batch_size={batch}", f"optim.lr={lr}", f"data.limit_train={images}", f"data.limit_val={val}",
+        "data.workers=0", "train.log_every=1", f"train.seed={seed}", f"output_dir={out}", *extra, *VARIANTS[variant],
+    ]
+    recipe = load_recipe(ROOT / "recipes" / "quickstart.yaml", overrides)
+    start = time.perf_counter()
+    final = finetune(recipe, force=True, progress=False)
+    wall = time.perf_counter() - start
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    losses = [r["loss"] for r in records if "loss" in r and not r.get("eval")]
+    tail = losses[-max(len(losses) // 10, 1):]
+    return {"variant": variant, "batch": batch, "lr": lr, "seed": seed, "images": images,
+            "top1": final["top1"], "top5": final["top5"], "train_loss_end": sum(tail) / len(tail),
+            "steps": final["step"], "wall_s": round(wall, 1)}
+
+
+def table(runs: list[dict[str, Any]], variants: list[str]) -> str:
+    """Markdown: one row per (batch, lr), one column per variant; best per row in bold."""
+    cells = {(r["variant"], r["batch"], r["lr"]): r["top1"] for r in runs}
+    keys = sorted({(r["batch"], r["lr"]) for r in runs})
+    lines = ["| batch | lr | " + " | ".join(variants) + " |", "|---|---|" + "---|" * len(variants)]
+    for batch, lr in keys:
+        vals = [cells.get((v, batch, lr)) for v in variants]
+        best = max((v for v in vals if v is not None), default=None)
+        text = ["-" if v is None else (f"**{v:.2f}**" if v == best else f"{v:.2f}") for v in vals]
+        lines.append(f"| {batch} | {lr:g} | " + " | ".join(text) + " |")
+    return "\n".join(lines)
+
+
+def check(runs: list[dict[str, Any]]) -> list[str]:
+    """The issue's done-when conditions on a grid, as lines (each starts with PASS or FAIL)."""
+    cells = {(r["variant"], r["batch"], r["lr"]): r["top1"] for r in runs}
+    out = []
+    learned = [(b, lr) for (v, b, lr) in cells if v == "bn" and cells[(v, b, lr)] > 2 * CHANCE]
+    bad = [(b, lr) for b, lr in learned if ("en", b, lr) in cells and cells[("en", b, lr)] < 2 * CHANCE]
+    out.append(f"{'FAIL' if bad else 'PASS'} EN never near chance where BN learns"
+               + (f": {bad}" if bad else f" ({len(learned)} cells)"))
+    fifty = [(b, lr) for (v, b, lr) in cells if v == "bn" and cells[(v, b, lr)] >= 50]
+    worse = [(b, lr, round(cells[("en", b, lr)] - cells[("bn", b, lr)], 2)) for b, lr in fifty
+             if ("en", b, lr) in cells and cells[("en", b, lr)] < cells[("bn", b, lr)] - 1.0]
+    out.append(f"{'FAIL' if worse else 'PASS'} EN within 1 point of BN or above where BN >= 50%"
+               + (f": {worse}" if worse else f" ({len(fifty)} cells)"))
+    for b in sorted({b for (_, b, _) in cells if b <= 8}):
+        def best(v: str, b: int = b) -> float:
+            return max((t for (vv, bb, _), t in cells.items() if vv == v and bb == b), default=float("nan"))
+        en, bn, frozen = best("en"), best("bn"), best("bn_frozen")
+        ok = en >= bn + 3 and en >= frozen
+        out.append(f"{'PASS' if ok else 'FAIL'} batch {b}: EN best {en:.2f} vs BN best {bn:.2f} (+3 needed), "
+                   f"frozen-statistics BN best {frozen:.2f}")
+    return out
+
+
+def plot(runs: list[dict[str, Any]], variants: list[str], path: Path) -> None:
+    """One heat map per variant: batch x lr, colour = top-1, the number written in each cell."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    batches = sorted({r["batch"] for r in runs})
+    lrs = sorted({r["lr"] for r in runs})
+    cells = {(r["variant"], r["batch"], r["lr"]): r["top1"] for r in runs}
+    fig, axes = plt.subplots(1, len(variants), figsize=(3.2 * len(variants), 0.8 * len(batches) + 1.6),
+                             squeeze=False, sharey=True)
+    for ax, v in zip(axes[0], variants):
+        grid = [[cells.get((v, b, lr), float("nan")) for lr in lrs] for b in batches]
+        im = ax.imshow(grid, vmin=0, vmax=100, cmap="viridis", aspect="auto")
+        for i, row in enumerate(grid):
+            for j, val in enumerate(row):
+                if val == val:
+                    ax.text(j, i, f"{val:.0f}", ha="center", va="center", fontsize=9,
+                            color="white" if val < 60 else "black")
+        ax.set_title(v)
+        ax.set_xticks(range(len(lrs)), [f"{lr:g}" for lr in lrs], rotation=45)
+        ax.set_yticks(range(len(batches)), [str(b) for b in batches])
+        ax.set_xlabel("learning rate")
+    axes[0][0].set_ylabel("batch size")
+    fig.colorbar(im, ax=axes[0].tolist(), label="val top-1 (%)", shrink=0.8)
+    fig.suptitle("Fine-tuning ImageNet MobileNetV2 on Fashion-MNIST: top-1 per (batch, lr)")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110, bbox_inches="tight")
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--grid", choices=sorted(GRIDS), default="readme")
+    parser.add_argument("--variants", nargs="+", choices=sorted(VARIANTS), default=list(VARIANTS))
+    parser.add_argument("--lrs", nargs="+", type=float, default=None)
+    parser.add_argument("--batches", nargs="+", type=int, default=None)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", type=Path, default=ROOT / "runs" / "stability")
+    parser.add_argument("--json", type=Path, default=None, help="default: OUT/stability.json")
+    parser.add_argument("--plot", type=Path, default=None, help="default: OUT/stability.png")
+    parser.add_argument("--resume", action="store_true", help="keep the runs already in --json")
+    parser.add_argument("overrides", nargs="*", help="extra recipe overrides for every run")
+    args = parser.parse_args(argv)
+    grid = GRIDS[args.grid]
+    lrs, batches = args.lrs or grid["lrs"], args.batches or grid["batches"]
+    extra = list(args.overrides)
+    if "model" in grid:
+        extra = [f"model.name={grid['model']}", "model.checkpoint=null", *extra]
+    else:
+        assets = Path(os.environ.get("ENORM_ASSETS", ROOT / ".cache" / "assets"))
+        extra = [f"model.checkpoint={assets / 'mobilenet_v2-b0353104.pth'}", *extra]
+    json_path = args.json or args.out / "stability.json"
+    plot_path = args.plot or args.out / "stability.png"
+    json_path.parent.mkdir(parents=True, exist_ok=True)
+    meta = {"grid": args.grid, "overrides": args.overrides, "images": {str(k): v for k, v in grid["images"].items()},
+            "val": grid["val"], "machine": platform.processor() or platform.machine(), "cpus": os.cpu_count(),
+            "date": time.strftime("%Y-%m-%d")}
+    runs: list[dict[str, Any]] = []
+    if args.resume and json_path.exists():
+        runs = json.loads(json_path.read_text())["runs"]
+    done = {(r["variant"], r["batch"], r["lr"]) for r in runs}
+    start = time.perf_counter()
+    for batch in batches:
+        for lr in lrs:
+            for variant in args.variants:  # variants innermost: load drift hits them alike
+                if (variant, batch, lr) in done:
+                    continue
+                images = grid["images"].get(batch, max(grid["images"].values()))
+                runs.append(run_cell(variant, batch, lr, images, grid["val"], args.out, extra, args.seed))
+                print(json.dumps(runs[-1]), flush=True)
+                json_path.write_text(json.dumps({"meta": meta, "runs": runs}, indent=1))
+    meta["wall_s"] = round(time.perf_counter() - start, 1)
+    json_path.write_text(json.dumps({"meta": meta, "runs": runs, "checks": check(runs)}, indent=1))
+    plot(runs, args.variants, plot_path)
+    print(table(runs, args.variants))
+    print("\n".join(check(runs)))
+    print(f"{len(runs)} runs, {meta['wall_s']:.0f} s; {json_path}, {plot_path}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
