@@ -81,7 +81,7 @@ def run(overrides: list[str], steps: int, recipe_path: Path, every: int) -> dict
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             step += 1
-            rec: dict[str, Any] = {"step": step, "loss": float(loss), "layers": {}}
+            rec: dict[str, Any] = {"step": step, "loss": float(loss.detach()), "layers": {}}
             for name, m in layers:
                 lam = captured[name]
                 ratio_src = float(lam[src[name]])

@@ -49,7 +49,11 @@ GRIDS: dict[str, dict[str, Any]] = {
 
 def run_cell(variant: str, batch: int, lr: float, images: int, val: int, out_root: Path,
              extra: list[str], seed: int) -> dict[str, Any]:
-    """One fine-tune; returns its final eval record, mean train loss of its last tenth, and wall time."""
+    """One fine-tune; returns its final eval record, mean train loss of its last tenth, and wall time.
+
+    A run whose loss turns NaN/Inf (enorm stops it) is recorded as diverged, with top-1 None.
+    """
+    from enorm_cli.errors import EnormError
     from enorm_cli.recipe import load_recipe
     from enorm_cli.train import finetune
 
@@ -60,32 +64,46 @@ def run_cell(variant: str, batch: int, lr: float, images: int, val: int, out_roo
     ]
     recipe = load_recipe(ROOT / "recipes" / "quickstart.yaml", overrides)
     start = time.perf_counter()
-    final = finetune(recipe, force=True, progress=False)
+    try:
+        final: dict[str, Any] = finetune(recipe, force=True, progress=False)
+    except EnormError as exc:
+        if "loss became" not in str(exc):
+            raise
+        final = {"top1": None, "top5": None, "diverged": str(exc).split(";")[0]}
     wall = time.perf_counter() - start
-    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    log = out / "metrics.jsonl"
+    records = [json.loads(line) for line in log.read_text().splitlines()] if log.exists() else []
     losses = [r["loss"] for r in records if "loss" in r and not r.get("eval")]
-    tail = losses[-max(len(losses) // 10, 1):]
+    tail = losses[-max(len(losses) // 10, 1):] or [float("nan")]
     return {"variant": variant, "batch": batch, "lr": lr, "seed": seed, "images": images,
             "top1": final["top1"], "top5": final["top5"], "train_loss_end": sum(tail) / len(tail),
-            "steps": final["step"], "wall_s": round(wall, 1)}
+            "steps": final.get("step", len(losses)), "wall_s": round(wall, 1),
+            **({"diverged": final["diverged"]} if "diverged" in final else {})}
+
+
+def _top1(run: dict[str, Any]) -> float:
+    """Top-1 for comparisons: a diverged run (None) learned nothing, 0."""
+    return 0.0 if run["top1"] is None else run["top1"]
 
 
 def table(runs: list[dict[str, Any]], variants: list[str]) -> str:
     """Markdown: one row per (batch, lr), one column per variant; best per row in bold."""
     cells = {(r["variant"], r["batch"], r["lr"]): r["top1"] for r in runs}
     keys = sorted({(r["batch"], r["lr"]) for r in runs})
+    missing = object()
     lines = ["| batch | lr | " + " | ".join(variants) + " |", "|---|---|" + "---|" * len(variants)]
     for batch, lr in keys:
-        vals = [cells.get((v, batch, lr)) for v in variants]
-        best = max((v for v in vals if v is not None), default=None)
-        text = ["-" if v is None else (f"**{v:.2f}**" if v == best else f"{v:.2f}") for v in vals]
+        vals = [cells.get((v, batch, lr), missing) for v in variants]
+        best = max((v for v in vals if isinstance(v, float)), default=None)
+        text = ["-" if v is missing else "NaN loss" if v is None else (f"**{v:.2f}**" if v == best else f"{v:.2f}")
+                for v in vals]
         lines.append(f"| {batch} | {lr:g} | " + " | ".join(text) + " |")
     return "\n".join(lines)
 
 
 def check(runs: list[dict[str, Any]]) -> list[str]:
     """The issue's done-when conditions on a grid, as lines (each starts with PASS or FAIL)."""
-    cells = {(r["variant"], r["batch"], r["lr"]): r["top1"] for r in runs}
+    cells = {(r["variant"], r["batch"], r["lr"]): _top1(r) for r in runs}
     out = []
     learned = [(b, lr) for (v, b, lr) in cells if v == "bn" and cells[(v, b, lr)] > 2 * CHANCE]
     bad = [(b, lr) for b, lr in learned if ("en", b, lr) in cells and cells[("en", b, lr)] < 2 * CHANCE]
@@ -115,7 +133,7 @@ def plot(runs: list[dict[str, Any]], variants: list[str], path: Path) -> None:
 
     batches = sorted({r["batch"] for r in runs})
     lrs = sorted({r["lr"] for r in runs})
-    cells = {(r["variant"], r["batch"], r["lr"]): r["top1"] for r in runs}
+    cells = {(r["variant"], r["batch"], r["lr"]): _top1(r) for r in runs}
     fig, axes = plt.subplots(1, len(variants), figsize=(3.2 * len(variants), 0.8 * len(batches) + 1.6),
                              squeeze=False, sharey=True)
     for ax, v in zip(axes[0], variants):

@@ -41,3 +41,15 @@ def test_checks_flag_collapse_and_a_small_batch_gap() -> None:
     assert lines[2].startswith("FAIL batch 4")
     runs[1]["top1"] = 64.0
     assert [line[:4] for line in stability.check(runs)] == ["PASS", "PASS", "PASS"]
+
+
+def test_a_diverged_run_counts_as_not_learning() -> None:
+    runs = [
+        {"variant": "bn", "batch": 4, "lr": 0.05, "top1": None, "diverged": "loss became nan at step 61"},
+        {"variant": "en", "batch": 4, "lr": 0.05, "top1": 11.0},
+        {"variant": "bn", "batch": 16, "lr": 0.05, "top1": 40.0},
+        {"variant": "en", "batch": 16, "lr": 0.05, "top1": None},
+    ]
+    lines = stability.check(runs)
+    assert lines[0].startswith("FAIL") and "(16, 0.05)" in lines[0] and "(4, 0.05)" not in lines[0]
+    assert "NaN loss" in stability.table(runs, ["bn", "en"])

@@ -1,0 +1,37 @@
+"""The collapse, end to end: the quickstart model at batch 128 and lr 0.05 (README, Stability).
+
+With an unscaled ratio branch (``model.en.logit_scale=1.0``, the code before the fix) the last
+layer, 1280 channels in front of the new head, flips onto ln (whose gamma is 0) within a few
+steps and its softmax saturates: its output is the constant beta and no gradient reaches the
+network any more. The default branch moves the same layer without saturating it.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+import ratio_dynamics  # noqa: E402
+
+LAST = "features.18.1"
+
+
+def last_layer_after(mobilenet_weights: Path, *extra: str) -> dict:
+    overrides = [f"model.checkpoint={mobilenet_weights}", "data.limit_train=1280", "data.workers=0",
+                 "data.batch_size=128", "optim.lr=0.05", *extra]
+    out = ratio_dynamics.run(overrides, steps=10, recipe_path=ROOT / "recipes" / "quickstart.yaml", every=10)
+    return out["records"][-1]["layers"][LAST]
+
+
+@pytest.mark.slow
+def test_unscaled_branch_kills_the_last_layer_and_the_default_does_not(mobilenet_weights: Path) -> None:
+    old = last_layer_after(mobilenet_weights, "model.en.logit_scale=1.0")
+    assert old["ratios"][0] < 0.01  # bn ratio: saturated on ln
+    new = last_layer_after(mobilenet_weights)
+    assert new["ratios"][0] > 0.1
+    assert new["grad_fc2"] > 100 * old["grad_fc2"]  # the branch still learns
