@@ -62,7 +62,7 @@ class ENSettings:
         if self.pi < 1:
             raise EnormError(f"--pi must be a positive integer, got {self.pi}")
         if self.logit_scale is not None and not (math.isfinite(self.logit_scale) and self.logit_scale > 0):
-            raise EnormError(f"logit_scale must be a positive number, got {self.logit_scale}")
+            raise EnormError(f"--logit-scale must be a positive number, got {self.logit_scale}")
         if not math.isfinite(self.margin):
             raise EnormError(f"--margin must be a finite number, got {self.margin}")
         for flag, pattern in (("--include", self.include), ("--exclude", self.exclude)):

@@ -61,4 +61,3 @@ def test_unscaled_branch_moves_ratio_logits_far_more_than_a_plain_logit() -> Non
 def test_default_branch_moves_ratio_logits_like_a_plain_logit() -> None:
     total, bias_part = step_logit_change(converted_wide_layer(None), lr=0.01)
     assert total < 4 * 2 * bias_part
-

@@ -154,7 +154,7 @@ def test_settings_written_before_logit_scale_rebuild_an_unscaled_branch() -> Non
     old = {k: v for k, v in ENSettings().to_json().items() if k != "logit_scale"}
     assert ENSettings.from_json(old).logit_scale == 1.0
     assert ENSettings.from_json(ENSettings().to_json()).logit_scale is None  # new: 1 / sqrt(pi K)
-    with pytest.raises(EnormError, match="logit_scale"):
+    with pytest.raises(EnormError, match="logit-scale"):
         ENSettings(logit_scale=0.0)
 
 

@@ -38,7 +38,8 @@ class RatioBranch(nn.Module):
 
     xhat (N x K x C) -> grouped 1-D conv, kernel 1, C -> G channels over the K
     axis (G = C / r; C weights whatever r) -> z (N x K x G) -> v = z z^T (K x K)
-    -> FC(K^2, pi K) -> tanh | relu -> FC(pi K, K). Softmax is applied by the caller.
+    -> FC(K^2, pi K) -> tanh | relu -> FC(pi K, K) computed as ``b + s W h`` with
+    ``logit_scale`` s (``default_logit_scale``). Softmax is applied by the caller.
     The conv is kept as an ``nn.Conv1d`` for its parameter layout; forward computes it
     as a grouped multiply-sum. ``ExemplarNorm2d.forward`` does this same math inside its
     one-node fast path (``exemplar_function.py``); this module serves ``ratios()`` and
@@ -131,8 +132,12 @@ class ExemplarNorm2d(MixedNorm2d):
             logit_scale = default_logit_scale(k, pi)
         if not logit_scale > 0:
             raise ValueError(f"logit_scale must be positive, got {logit_scale}")
-        self.logit_scale = float(logit_scale)
-        self.ratio = RatioBranch(num_features, k, reduction, pi, activation, use_conv, self.logit_scale)
+        self.ratio = RatioBranch(num_features, k, reduction, pi, activation, use_conv, float(logit_scale))
+
+    @property
+    def logit_scale(self) -> float:
+        """FC2's scale s (logits = b + s W h), kept by the ratio branch."""
+        return self.ratio.logit_scale
 
     def _ratio_logits(self, stats: InstanceStats, pairs: list[tuple[Tensor, Tensor]], rstds: list[Tensor]) -> Tensor:
         """Ratio logits (N x K): the branch on the pooled input pre-normalized by each normalizer."""
@@ -211,8 +216,8 @@ class ExemplarNorm2d(MixedNorm2d):
             f"pi={self.pi}",
             f"eps={self.eps}",
             f"momentum={self.momentum}",
+            f"logit_scale={self.logit_scale:.4g}",
         ]
-        parts.append(f"logit_scale={self.logit_scale:.4g}")
         if self.activation != "tanh":
             parts.append(f"activation={self.activation}")
         if not self.use_conv:
