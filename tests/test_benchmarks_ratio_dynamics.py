@@ -22,7 +22,7 @@ LAST = "features.18.1"
 
 
 def last_layer_after(mobilenet_weights: Path, *extra: str) -> dict:
-    overrides = [f"model.checkpoint={mobilenet_weights}", "data.limit_train=1280", "data.workers=0",
+    overrides = [f"model.checkpoint={mobilenet_weights}", "data.limit_train=8000", "data.workers=0",
                  "data.batch_size=128", "optim.lr=0.05", *extra]
     out = ratio_dynamics.run(overrides, steps=10, recipe_path=ROOT / "recipes" / "quickstart.yaml", every=10)
     return out["records"][-1]["layers"][LAST]

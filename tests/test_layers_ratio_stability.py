@@ -34,7 +34,7 @@ def converted_wide_layer(logit_scale: float | None, channels: int = 1280) -> Exe
 def step_logit_change(layer: ExemplarNorm2d, lr: float) -> tuple[float, float]:
     """One SGD step on FC2 alone: how far the mean ratio logit moves through W h, and through b."""
     x = torch.randn(8, layer.num_features, 1, 1) * 1.5 + 0.3
-    stats_before = layer.ratios(x).detach()
+    before = layer.ratios(x).detach()
     y = layer(x)
     (y.square().mean()).backward()  # asks every layer for less gain, as a fresh head often does
     fc2 = layer.ratio.fc2
@@ -44,7 +44,7 @@ def step_logit_change(layer: ExemplarNorm2d, lr: float) -> tuple[float, float]:
         fc2.bias.sub_(lr * fc2.bias.grad)
     after = layer.ratios(x).detach()
     logit = lambda lam: (lam[:, 0].log() - lam[:, 1].log()).mean().item()  # noqa: E731
-    return abs(logit(after) - logit(stats_before)), bias_move
+    return abs(logit(after) - logit(before)), bias_move
 
 
 def test_default_logit_scale_is_one_over_sqrt_pi_k() -> None:
