@@ -5,11 +5,12 @@ Fine-tunes torchvision's ImageNet MobileNetV2 (recipes/quickstart.yaml: Fashion-
 with nothing else changed. Every run is the real ``enorm finetune`` code
 (``enorm_cli.train.finetune``, in this process so that timm is imported once). The
 training subset grows with the batch size so that every cell takes enough steps to learn
-(``--images``); the val subset is the same for every run. Results go to JSON after every
+(``GRIDS``); the val subset is the same for every run. Results go to JSON after every
 run (an interrupted grid keeps what it measured) and to a heat-map figure.
 
-    python benchmarks/stability.py                         # the README grid (< 60 min on 2 CPU cores)
+    python benchmarks/stability.py                         # the README grid (about 37 min alone on 2 CPU cores)
     python benchmarks/stability.py --grid smoke            # what the tests run
+    python benchmarks/stability.py --resume                # finish an interrupted grid
     python benchmarks/stability.py --variants en bn --lrs 0.005 --batches 4 --json /tmp/s.json
 
 Chance is 10% (10 classes): a run "learns" above 2x chance (20%).
