@@ -2,9 +2,8 @@
 
 Fine-tunes a recipe's model (quickstart by default) with the recipe's optimizer groups,
 and at every step records, for each EN layer: the batch-mean ratio of every normalizer,
-the ratio branch's gradient norm (fc2, fc1, conv), the gradient norm of the layer's
-gammas, and the layer's gain on its source normalizer (lambda_src * gamma_src / gamma at
-conversion). A layer "flips" when its batch-mean source ratio falls below 0.5.
+the ratio branch's gradient norms (fc2, fc1), the gradient norm of the layer's gammas and
+FC2's bias. A layer "flips" when its batch-mean source ratio falls below 0.5.
 
     python benchmarks/ratio_dynamics.py data.batch_size=8 optim.lr=0.005 --steps 200
     python benchmarks/ratio_dynamics.py data.batch_size=8 optim.lr=0.005 model.bn_stats=running
@@ -16,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import time
 from pathlib import Path
 from typing import Any
@@ -33,14 +33,12 @@ def _norm(params: list[torch.Tensor]) -> float:
 
 def run(overrides: list[str], steps: int, recipe_path: Path, every: int) -> dict[str, Any]:
     from accelerate.utils import set_seed
-    from timm.optim import create_optimizer_v2
-    from timm.scheduler import create_scheduler_v2
 
     from enorm_cli.data import build_transform, load_split
     from enorm_cli.finetune_model import prepare_model
     from enorm_cli.layers import ExemplarNorm2d
     from enorm_cli.recipe import load_recipe
-    from enorm_cli.train import _make_loader, _with_transform, param_groups, set_train_mode
+    from enorm_cli.train import _make_loader, _with_transform, build_optimizer, build_scheduler, set_train_mode
 
     recipe = load_recipe(recipe_path, overrides)
     set_seed(recipe.train.seed)
@@ -52,14 +50,9 @@ def run(overrides: list[str], steps: int, recipe_path: Path, every: int) -> dict
     layers = [(n, m) for n, m in model.named_modules() if isinstance(m, ExemplarNorm2d)]
     # the source normalizer: the only one whose gammas are non-zero at conversion
     src = {n: int(m.weight.detach().abs().sum(1).argmax()) for n, m in layers}
-    o = recipe.optim
-    optimizer = create_optimizer_v2(param_groups(model, recipe), opt=o.name, lr=o.lr,
-                                    weight_decay=o.weight_decay, momentum=o.momentum)
-    s = recipe.schedule
-    total = min(steps, len(loader) * s.epochs)
-    scheduler, _ = create_scheduler_v2(optimizer, sched=s.name, num_epochs=s.epochs, warmup_epochs=s.warmup_epochs,
-                                       warmup_lr=s.warmup_lr, min_lr=s.min_lr, step_on_epochs=False,
-                                       updates_per_epoch=len(loader))
+    optimizer = build_optimizer(model, recipe)
+    scheduler = build_scheduler(optimizer, recipe, len(loader))
+    total = min(steps, len(loader) * recipe.schedule.epochs)
     criterion = nn.CrossEntropyLoss()
     captured: dict[str, torch.Tensor] = {}
 
@@ -114,7 +107,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--every", type=int, default=10, help="per-layer detail every N steps")
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args(argv)
-    base = ["data.limit_train=3000", "data.workers=0", f"model.checkpoint={ROOT}/.cache/assets/mobilenet_v2-b0353104.pth"]
+    assets = Path(os.environ.get("ENORM_ASSETS", ROOT / ".cache" / "assets"))
+    base = ["data.limit_train=3000", "data.workers=0", f"model.checkpoint={assets / 'mobilenet_v2-b0353104.pth'}"]
     out = run(base + args.overrides, args.steps, args.recipe, args.every)
     if args.json:
         args.json.write_text(json.dumps(out))

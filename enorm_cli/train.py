@@ -73,6 +73,32 @@ def param_groups(model: nn.Module, recipe: Recipe) -> list[dict[str, Any]]:
     return [{"name": k, **g} for k, g in groups.items() if g["params"]]
 
 
+def build_optimizer(model: nn.Module, recipe: Recipe) -> torch.optim.Optimizer:
+    """timm's ``create_optimizer_v2`` over ``param_groups``; a bad optim section is a user error."""
+    from timm.optim import create_optimizer_v2
+
+    o = recipe.optim
+    try:
+        return create_optimizer_v2(
+            param_groups(model, recipe), opt=o.name, lr=o.lr, weight_decay=o.weight_decay, momentum=o.momentum,
+        )
+    except (ValueError, AssertionError, TypeError) as exc:  # timm: unknown name, bad momentum, ...
+        raise EnormError(f"optim: {exc or type(exc).__name__} (check optim.name and its settings)") from None
+
+
+def build_scheduler(optimizer: torch.optim.Optimizer, recipe: Recipe, steps_per_epoch: int) -> Any:
+    """timm's ``create_scheduler_v2`` for the recipe's schedule, stepped per optimizer update."""
+    from timm.scheduler import create_scheduler_v2
+
+    s = recipe.schedule
+    scheduler, _ = create_scheduler_v2(
+        optimizer, sched=s.name, num_epochs=s.epochs, warmup_epochs=s.warmup_epochs, warmup_lr=s.warmup_lr,
+        min_lr=s.min_lr, decay_epochs=s.decay_epochs or max(s.epochs // 3, 1), decay_milestones=s.decay_milestones,
+        decay_rate=s.decay_rate, step_on_epochs=False, updates_per_epoch=steps_per_epoch,
+    )
+    return scheduler
+
+
 def set_train_mode(model: nn.Module, bn_stats: str) -> None:
     """``model.train()``, then with frozen bn statistics every BatchNorm and EN/SN layer in eval mode.
 
@@ -199,9 +225,6 @@ def finetune(recipe: Recipe, resume: bool = False, force: bool = False, progress
     """Run a recipe; returns the final summary (also the last line of metrics.jsonl)."""
     from accelerate import Accelerator
     from accelerate.utils import DataLoaderConfiguration, set_seed
-    from timm.optim import create_optimizer_v2
-    from timm.scheduler import create_scheduler_v2
-
     output_dir = Path(recipe.output_dir)
     accelerator = Accelerator(
         cpu=_cpu_only(),
@@ -233,23 +256,13 @@ def finetune(recipe: Recipe, resume: bool = False, force: bool = False, progress
 
     train_loader = _make_loader(train_probe, recipe.data.batch_size, recipe.data.workers, train=True)
     val_loader = _make_loader(val_split, recipe.data.batch_size, recipe.data.workers, train=False)
-    try:
-        optimizer = create_optimizer_v2(
-            param_groups(prepared.model, recipe), opt=recipe.optim.name, lr=recipe.optim.lr,
-            weight_decay=recipe.optim.weight_decay, momentum=recipe.optim.momentum,
-        )
-    except (ValueError, AssertionError, TypeError) as exc:  # timm: unknown name, bad momentum, ...
-        raise EnormError(f"optim: {exc or type(exc).__name__} (check optim.name and its settings)") from None
+    optimizer = build_optimizer(prepared.model, recipe)
     model, optimizer, train_loader, val_loader = accelerator.prepare(
         prepared.model, optimizer, train_loader, val_loader
     )
     steps_per_epoch = max(len(train_loader) // recipe.train.grad_accum, 1)
     s = recipe.schedule
-    scheduler, _ = create_scheduler_v2(
-        optimizer, sched=s.name, num_epochs=s.epochs, warmup_epochs=s.warmup_epochs, warmup_lr=s.warmup_lr,
-        min_lr=s.min_lr, decay_epochs=s.decay_epochs or max(s.epochs // 3, 1), decay_milestones=s.decay_milestones,
-        decay_rate=s.decay_rate, step_on_epochs=False, updates_per_epoch=steps_per_epoch,
-    )
+    scheduler = build_scheduler(optimizer, recipe, steps_per_epoch)
     criterion = nn.CrossEntropyLoss(label_smoothing=recipe.train.label_smoothing)
     data_cfg = eval_data_config(recipe.data, prepared.mean, prepared.std)
 
