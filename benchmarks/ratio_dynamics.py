@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import time
 from pathlib import Path
 from typing import Any
@@ -38,7 +37,13 @@ def run(overrides: list[str], steps: int, recipe_path: Path, every: int) -> dict
     from enorm_cli.finetune_model import prepare_model
     from enorm_cli.layers import ExemplarNorm2d
     from enorm_cli.recipe import load_recipe
-    from enorm_cli.train import _make_loader, _with_transform, build_optimizer, build_scheduler, set_train_mode
+    from enorm_cli.train import (
+        _make_loader,
+        _with_transform,
+        build_optimizer,
+        build_scheduler,
+        set_train_mode,
+    )
 
     recipe = load_recipe(recipe_path, overrides)
     set_seed(recipe.train.seed)
@@ -107,8 +112,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--every", type=int, default=10, help="per-layer detail every N steps")
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args(argv)
-    assets = Path(os.environ.get("ENORM_ASSETS", ROOT / ".cache" / "assets"))
-    base = ["data.limit_train=3000", "data.workers=0", f"model.checkpoint={assets / 'mobilenet_v2-b0353104.pth'}"]
+    base = ["data.limit_train=3000", "data.workers=0"]  # weights: the recipe's, from the user cache
     out = run(base + args.overrides, args.steps, args.recipe, args.every)
     if args.json:
         args.json.write_text(json.dumps(out))

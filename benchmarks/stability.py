@@ -175,9 +175,6 @@ def main(argv: list[str] | None = None) -> int:
     extra = list(args.overrides)
     if "model" in grid:
         extra = [f"model.name={grid['model']}", "model.checkpoint=null", *extra]
-    else:
-        assets = Path(os.environ.get("ENORM_ASSETS", ROOT / ".cache" / "assets"))
-        extra = [f"model.checkpoint={assets / 'mobilenet_v2-b0353104.pth'}", *extra]
     json_path = args.json or args.out / "stability.json"
     plot_path = args.plot or args.out / "stability.png"
     json_path.parent.mkdir(parents=True, exist_ok=True)

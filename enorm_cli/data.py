@@ -30,8 +30,10 @@ FASHION_MNIST_CLASSES = (
 
 
 def default_data_root() -> Path:
-    """Where downloaded or unpacked data lives unless the recipe says: $ENORM_DATA or .cache/data."""
-    return Path(os.environ.get("ENORM_DATA", ".cache/data"))
+    """Where unpacked data lives unless the recipe says: the user cache's data/ (``cache.py``)."""
+    from .cache import data_dir
+
+    return data_dir()
 
 
 class ToRGB:
@@ -82,7 +84,7 @@ def prepare_fashion_mnist(root: Path) -> Path:
             return root
     raise EnormError(
         f"Fashion-MNIST not found under {str(raw)!r} or {str(FASHION_MNIST_SYSTEM)!r}: "
-        "install it with `apt-get install dataset-fashion-mnist` (or run scripts/fetch_assets.sh)"
+        "install it with `apt-get install dataset-fashion-mnist`, then run `enorm fetch`"
     )
 
 

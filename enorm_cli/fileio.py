@@ -31,7 +31,7 @@ def check_writable(path: Path, force: bool, flag: str = "--out") -> None:
 def atomic_path(path: Path) -> Iterator[Path]:
     """A temporary path beside ``path``; renamed onto it only if the block succeeds."""
     parent = path.parent if str(path.parent) else Path(".")
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=parent)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=f".tmp{path.suffix}", dir=parent)  # suffix kept: torch.export.save wants .pt2
     os.close(fd)
     try:
         yield Path(tmp)

@@ -180,7 +180,10 @@ def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
     Accepts the common wrappers (``state_dict``, ``model``, ``module.`` prefixes).
     """
     if not path.is_file():
-        raise EnormError(f"checkpoint {str(path)!r} not found: check the path")
+        from .cache import assets_dir
+
+        fix = "run `enorm fetch`" if path.parent == assets_dir() else "check the path"
+        raise EnormError(f"checkpoint {str(path)!r} not found: {fix}")
     if path.suffix == ".safetensors":
         from safetensors import SafetensorError
         from safetensors.torch import load_file

@@ -9,13 +9,18 @@ from __future__ import annotations
 
 import difflib
 from pathlib import Path
-from typing import Any, Literal, Optional, Union
+from typing import Annotated, Any, Literal, Optional, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from .cache import expand_path
 from .errors import EnormError
 from .layers.statistics import NORMALIZERS
+
+
+UserPath = Annotated[str, AfterValidator(expand_path)]
+"""A path in a recipe: ``${ENORM_HOME}`` (the user cache, ``cache.py``), ``$VARS`` and ``~`` expand."""
 
 
 class Section(BaseModel):
@@ -48,9 +53,9 @@ class ENConfig(Section):
 
 
 class ModelConfig(Section):
-    name: str
+    name: UserPath
     """A timm/torchvision model name (converted on the fly), or an EN .safetensors from convert."""
-    checkpoint: Optional[str] = None
+    checkpoint: Optional[UserPath] = None
     """Source weights for on-the-fly conversion (state dict or .safetensors)."""
     pretrained: bool = False
     num_classes: Optional[int] = Field(None, ge=1)
@@ -67,7 +72,8 @@ class ModelConfig(Section):
 
 class DataConfig(Section):
     kind: Literal["imagefolder", "filelist", "fashion_mnist"]
-    root: Optional[str] = None
+    root: Optional[UserPath] = None
+    """Data folder; fashion_mnist: None = the user cache's data/ (``cache.py``)."""
     train: Union[str, list[str]] = "train"
     val: str = "val"
     train_prefix: str = ""
@@ -125,6 +131,8 @@ class TrainConfig(Section):
     """Also save a resumable state every N optimizer steps (None: at the end of each epoch)."""
     keep_states: int = Field(2, ge=1)
     log_every: int = Field(20, ge=1)
+    log_with: list[str] = []
+    """Accelerate trackers beside metrics.jsonl, e.g. [tensorboard] (logs in output_dir/logs)."""
 
 
 class Recipe(Section):
@@ -133,7 +141,7 @@ class Recipe(Section):
     optim: OptimConfig = OptimConfig()
     schedule: ScheduleConfig = ScheduleConfig()
     train: TrainConfig = TrainConfig()
-    output_dir: str = "runs/finetune"
+    output_dir: UserPath = "runs/finetune"
 
 
 def parse_override(item: str) -> tuple[list[str], Any]:

@@ -15,7 +15,7 @@ import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from torch import nn
@@ -29,8 +29,11 @@ from .layers import ExemplarNorm2d, SwitchableNorm2d
 from .layers.base import MixedNorm2d
 from .ratios import RatioRecorder, summarize
 from .recipe import Recipe, dump_recipe
+from .trackers import check_trackers, flat_config, scalars
 
 STATE_DIR = "state"
+LOGS_DIR = "logs"
+"""Trackers' local files (TensorBoard: ``tensorboard --logdir OUTPUT_DIR/logs``)."""
 PROGRESS_FILE = "progress.json"
 
 
@@ -189,11 +192,16 @@ def _write_text(path: Path, text: str) -> None:
 
 
 class MetricsLog:
-    """metrics.jsonl: one JSON object per line (train steps and evals), main process only."""
+    """metrics.jsonl: one JSON object per line (train steps and evals), main process only.
 
-    def __init__(self, path: Path, enabled: bool, keep_until_step: int | None) -> None:
+    ``tracker`` (Accelerate's ``log``) receives the same numbers (``trackers.scalars``).
+    """
+
+    def __init__(self, path: Path, enabled: bool, keep_until_step: int | None,
+                 tracker: Callable[..., None] | None = None) -> None:
         self.path = path
         self.enabled = enabled
+        self.tracker = tracker
         if enabled and keep_until_step is not None and path.exists():  # resume: drop what was redone
             kept = [line for line in path.read_text().splitlines()
                     if line.strip() and json.loads(line).get("step", 0) <= keep_until_step]
@@ -205,6 +213,8 @@ class MetricsLog:
         if self.enabled:
             with open(self.path, "a") as f:
                 f.write(json.dumps(record) + "\n")
+        if self.tracker is not None:  # Accelerate logs on the main process only
+            self.tracker(scalars(record), step=record["step"])
 
 
 def _cpu_only() -> bool:
@@ -224,10 +234,18 @@ def _make_loader(split: Split, batch_size: int, workers: int, train: bool) -> to
 def finetune(recipe: Recipe, resume: bool = False, force: bool = False, progress: bool = True) -> dict[str, Any]:
     """Run a recipe; returns the final summary (also the last line of metrics.jsonl)."""
     from accelerate import Accelerator
-    from accelerate.utils import DataLoaderConfiguration, set_seed
+    from accelerate.state import AcceleratorState
+    from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration, set_seed
     output_dir = Path(recipe.output_dir)
+    trackers = check_trackers(recipe.train.log_with)
+    # Each run sets its own precision: Accelerate keeps the first run's in a process-wide
+    # singleton and refuses another (a bf16 recipe, then an fp32 one, in one Python process).
+    # The distributed environment (PartialState) is kept.
+    AcceleratorState._reset_state()
     accelerator = Accelerator(
         cpu=_cpu_only(),
+        log_with=trackers or None,
+        project_config=ProjectConfiguration(project_dir=str(output_dir), logging_dir=str(output_dir / LOGS_DIR)),
         mixed_precision=recipe.train.mixed_precision,
         gradient_accumulation_steps=recipe.train.grad_accum,
         dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=recipe.train.seed),
@@ -236,7 +254,7 @@ def finetune(recipe: Recipe, resume: bool = False, force: bool = False, progress
     _check_output_dir(output_dir, resume, force)  # every process: none may start alone
     if main:
         if force and not resume:
-            for stale in (STATE_DIR, "metrics.jsonl", "last.safetensors", "best.safetensors"):
+            for stale in (STATE_DIR, LOGS_DIR, "metrics.jsonl", "last.safetensors", "best.safetensors"):
                 target = output_dir / stale
                 shutil.rmtree(target) if target.is_dir() else target.unlink(missing_ok=True)
         output_dir.mkdir(parents=True, exist_ok=True)
@@ -279,7 +297,10 @@ def finetune(recipe: Recipe, resume: bool = False, force: bool = False, progress
         accelerator.print(f"resuming from {state} (epoch {start_epoch + 1}, step {global_step})")
     if main:
         _write_text(output_dir / "config.yaml", dump_recipe(recipe))
-    metrics = MetricsLog(output_dir / "metrics.jsonl", main, global_step if resume else None)
+    if trackers:
+        accelerator.init_trackers(output_dir.resolve().name, config=flat_config(recipe.model_dump(mode="json")))
+    metrics = MetricsLog(output_dir / "metrics.jsonl", main, global_step if resume else None,
+                         accelerator.log if trackers else None)
     scheduler.step_update(global_step)
 
     summary: dict[str, Any] = {}

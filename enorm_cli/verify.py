@@ -80,17 +80,21 @@ def _transform_args(data_config: dict[str, Any]) -> dict[str, Any]:
     return {k: tuple(v) if isinstance(v, list) else v for k, v in data_config.items() if k in keys}
 
 
+def agreement(expected: Tensor, got: Tensor, calibration: str) -> Agreement:
+    """How closely ``got`` logits follow ``expected`` (same batch)."""
+    expected, got = expected.float(), got.float()
+    return Agreement(
+        samples=expected.shape[0],
+        top1_agreement=(expected.argmax(1) == got.argmax(1)).float().mean().item(),
+        max_abs_delta=(expected - got).abs().max().item(),
+        max_abs_logit=expected.abs().max().item(),
+        calibration=calibration,
+    )
+
+
 @torch.no_grad()
 def compare(source: nn.Module, converted: nn.Module, batch: Tensor, calibration: str) -> Agreement:
     """Logits of both models in eval mode on ``batch``."""
     source.eval()
     converted.eval()
-    a = source(batch).float()
-    b = converted(batch).float()
-    return Agreement(
-        samples=batch.shape[0],
-        top1_agreement=(a.argmax(1) == b.argmax(1)).float().mean().item(),
-        max_abs_delta=(a - b).abs().max().item(),
-        max_abs_logit=a.abs().max().item(),
-        calibration=calibration,
-    )
+    return agreement(source(batch), converted(batch), calibration)

@@ -1,18 +1,17 @@
 #!/usr/bin/env bash
 # The main job on a fresh machine, with all its set-up (venv, install, assets; cached):
 #  1. convert torchvision's ImageNet MobileNetV2 to EN and verify it computes the same function;
-#  2. fine-tune it on Fashion-MNIST (recipes/quickstart.yaml: about 4 minutes on 2 CPU cores);
+#  2. fine-tune it on Fashion-MNIST (the packaged recipe quickstart: about 5 minutes on 2 CPU cores);
 #  3. show which normalizers it chose, per layer and per class, with a figure.
 # Extra arguments are recipe overrides for step 2, e.g. ./scripts/quickstart.sh schedule.epochs=2
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup_env.sh
 ENORM="${ENORM_VENV:-$PWD/.venv}/bin/enorm"
-ASSETS="${ENORM_ASSETS:-$PWD/.cache/assets}"
+ASSETS="$("${ENORM_VENV:-$PWD/.venv}/bin/python" -c 'from enorm_cli.cache import assets_dir; print(assets_dir())')"
 mkdir -p runs
 "$ENORM" convert torchvision:mobilenet_v2 --checkpoint "$ASSETS/mobilenet_v2-b0353104.pth" \
   --out runs/mnv2_en.safetensors --force
-"$ENORM" finetune --recipe recipes/quickstart.yaml --force \
-  "model.checkpoint=$ASSETS/mobilenet_v2-b0353104.pth" "$@"
+"$ENORM" finetune --recipe quickstart --force "$@"
 "$ENORM" inspect runs/quickstart/best.safetensors --data fashion_mnist --samples 512 --by-class \
   --plot runs/quickstart/ratios.png --json runs/quickstart/ratios.json --force

@@ -14,4 +14,4 @@ if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
   "$VENV/bin/pip" install --quiet -e ".[dev]" 2> >(grep -v "^WARNING: Location" >&2)
   touch "$stamp"
 fi
-PYTHON="$VENV/bin/python" bash scripts/fetch_assets.sh
+ENORM="$VENV/bin/enorm" bash scripts/fetch_assets.sh

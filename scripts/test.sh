@@ -4,5 +4,4 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup_env.sh
-export ENORM_ASSETS="${ENORM_ASSETS:-$PWD/.cache/assets}"
 exec "${ENORM_VENV:-$PWD/.venv}/bin/python" -m pytest -q "$@"

@@ -47,8 +47,10 @@ def photo_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="session")
 def mobilenet_weights() -> Path:
-    """torchvision's official ImageNet MobileNetV2 weights, fetched by scripts/fetch_assets.sh."""
-    path = Path(os.environ.get("ENORM_ASSETS", ROOT / ".cache" / "assets")) / "mobilenet_v2-b0353104.pth"
+    """torchvision's official ImageNet MobileNetV2 weights in the user cache (``enorm fetch``)."""
+    from enorm_cli.cache import assets_dir
+
+    path = assets_dir() / "mobilenet_v2-b0353104.pth"
     if not path.is_file():
-        pytest.fail(f"{path} is missing: run ./scripts/test.sh (or scripts/fetch_assets.sh) to fetch it")
+        pytest.fail(f"{path} is missing: run ./scripts/test.sh (or enorm fetch) to fetch it")
     return path

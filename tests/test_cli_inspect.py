@@ -78,3 +78,23 @@ def test_subprocess_without_data(finetuned: Path) -> None:  # noqa: F811
     rows = list(csv.DictReader(proc.stdout.splitlines()))
     assert rows and rows[0]["layer"] and abs(sum(float(rows[0][n]) for n in ("bn", "in", "ln")) - 1) < 1e-4
     assert not (ROOT / "-").exists()
+
+
+def test_piped_output_at_80_columns_keeps_every_ratio(tmp_path: Path, image_classes: Path) -> None:  # noqa: F811
+    """``enorm inspect ... | cat``: rich renders 80 columns; no ratio may be cut to '0.9…'."""
+    import os
+    import re
+
+    ckpt = tmp_path / "gn.safetensors"  # K = 4 and long layer names: the widest table there is
+    invoke("convert", "test_efficientnet_gn", "--no-pretrained", "--normalizers", "bn,in,ln,gn", "--out", str(ckpt))
+    env = {k: v for k, v in os.environ.items() if k not in ("COLUMNS", "LINES")}
+    for extra in ([], ["--data", str(image_classes / "val"), "--samples", "6", "--workers", "0", "--by-class"]):
+        proc = subprocess.run([sys.executable, "-m", "enorm_cli", "inspect", str(ckpt), *extra],
+                              capture_output=True, text=True, cwd=ROOT, env=env)
+        assert proc.returncode == 0, proc.stderr
+        table = [line for line in proc.stdout.splitlines() if "blocks." in line or line.startswith(" bn1")]
+        assert table and max(len(line) for line in proc.stdout.splitlines() if "±" in line) <= 80
+        assert "…" not in "\n".join(table), proc.stdout
+        cells = re.findall(r"\d\.\d+±\d\.\d+", proc.stdout)
+        assert len(cells) == 13 * 4  # every layer, every normalizer
+        assert all(len(c.split("±")[0].split(".")[1]) >= 2 for c in cells)

@@ -16,8 +16,8 @@ from test_data import write_crops
 
 from enorm_cli import load_model
 from enorm_cli.checkpoint import read_info
-from enorm_cli.layers import ExemplarNorm2d
 from enorm_cli.errors import EnormError
+from enorm_cli.layers import ExemplarNorm2d
 from enorm_cli.recipe import load_recipe
 from enorm_cli.train import finetune, param_groups, set_train_mode
 

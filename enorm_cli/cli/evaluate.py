@@ -17,7 +17,9 @@ def evaluate(
     data: Optional[str] = typer.Option(  # noqa: UP007
         None, "--data", help="Image folder DIR/<class>/<img>, fashion_mnist[:train], or filelist:LIST[@IMAGE_DIR]."
     ),
-    recipe: Optional[Path] = typer.Option(None, "--recipe", help="Use this recipe's val split."),  # noqa: UP007
+    recipe: Optional[str] = typer.Option(  # noqa: UP007
+        None, "--recipe", help="Use this recipe's val split (a file or a packaged NAME)."
+    ),
     overrides: Optional[List[str]] = typer.Argument(None, help="Recipe overrides (with --recipe)."),  # noqa: UP006, UP007
     batch_size: int = typer.Option(64, "--batch-size", min=1),
     workers: int = typer.Option(2, "--workers", min=0),
@@ -38,11 +40,12 @@ def evaluate(
     from ..data import parse_data_spec
     from ..errors import EnormError
     from ..recipe import load_recipe
+    from ..recipe_registry import resolve_recipe
     from ..train import evaluate_checkpoint
 
     if (data is None) == (recipe is None):
         raise EnormError("give exactly one of --data SPEC or --recipe R")
-    cfg = parse_data_spec(data) if data is not None else load_recipe(recipe, overrides or []).data
+    cfg = parse_data_spec(data) if data is not None else load_recipe(resolve_recipe(recipe), overrides or []).data
     if first_classes is not None:
         cfg = cfg.model_copy(update={"first_classes": first_classes})
     result = evaluate_checkpoint(checkpoint, cfg, batch_size, workers, limit)

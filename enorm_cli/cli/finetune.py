@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import List, Optional
 
 import typer
@@ -15,7 +14,9 @@ def finetune(
     overrides: Optional[List[str]] = typer.Argument(  # noqa: UP006, UP007
         None, help="Recipe overrides as key=value, e.g. optim.lr=0.01 data.batch_size=64."
     ),
-    recipe: Path = typer.Option(..., "--recipe", "-r", help="YAML recipe (see recipes/)."),
+    recipe: str = typer.Option(
+        ..., "--recipe", "-r", help="A recipe file, or a packaged NAME (enorm recipes lists them)."
+    ),
     resume: bool = typer.Option(False, "--resume", help="Continue the run in output_dir from its last state."),
     force: bool = typer.Option(False, "--force", help="Start over in an output_dir that holds a run."),
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Rich progress bar (off for log files)."),
@@ -24,15 +25,18 @@ def finetune(
 
     Examples:
 
-      enorm finetune --recipe recipes/quickstart.yaml
+      enorm finetune --recipe quickstart
 
-      enorm finetune --recipe recipes/quickstart.yaml optim.lr=0.02 schedule.epochs=2
+      enorm finetune --recipe quickstart optim.lr=0.02 schedule.epochs=2
 
-      torchrun --nproc_per_node 2 -m enorm_cli finetune --recipe recipes/quickstart.yaml
+      enorm finetune --recipe my_run.yaml
 
-      accelerate launch --multi_gpu --num_processes 8 -m enorm_cli finetune --recipe recipes/webvision.yaml data.root=/data/webvision
+      torchrun --nproc_per_node 2 -m enorm_cli finetune --recipe quickstart
+
+      accelerate launch --multi_gpu --num_processes 8 -m enorm_cli finetune --recipe webvision data.root=/data/webvision
     """
     from ..recipe import load_recipe
+    from ..recipe_registry import resolve_recipe
     from ..train import finetune as run
 
-    run(load_recipe(recipe, overrides or []), resume=resume, force=force, progress=progress)
+    run(load_recipe(resolve_recipe(recipe), overrides or []), resume=resume, force=force, progress=progress)

@@ -17,7 +17,9 @@ def inspect(
     data: Optional[str] = typer.Option(  # noqa: UP007
         None, "--data", help="Image folder DIR/<class>/<img>, fashion_mnist[:train], or filelist:LIST[@IMAGE_DIR]."
     ),
-    recipe: Optional[Path] = typer.Option(None, "--recipe", help="Use this recipe's val split."),  # noqa: UP007
+    recipe: Optional[str] = typer.Option(  # noqa: UP007
+        None, "--recipe", help="Use this recipe's val split (a file or a packaged NAME)."
+    ),
     samples: int = typer.Option(512, "--samples", help="How many images (a fixed random subset)."),
     by_class: bool = typer.Option(False, "--by-class", help="Mean ratios per class; the classes that deviate most."),
     json_out: Optional[Path] = typer.Option(None, "--json", help="Write rows as JSON ('-': stdout)."),  # noqa: UP007
@@ -40,7 +42,7 @@ def inspect(
 
       enorm inspect runs/quickstart/best.safetensors --data fashion_mnist --by-class --plot ratios.png
 
-      enorm inspect runs/quickstart/best.safetensors --recipe recipes/quickstart.yaml --json rows.json
+      enorm inspect runs/quickstart/best.safetensors --recipe quickstart --json rows.json
     """
     from ..errors import EnormError
     from ..fileio import check_writable
@@ -68,8 +70,9 @@ def inspect(
     else:
         from ..data import parse_data_spec
         from ..recipe import load_recipe
+        from ..recipe_registry import resolve_recipe
 
-        cfg = parse_data_spec(data) if data is not None else load_recipe(recipe, overrides or []).data
+        cfg = parse_data_spec(data) if data is not None else load_recipe(resolve_recipe(recipe), overrides or []).data
         result = inspect_on_data(checkpoint, cfg, samples, batch_size, workers, by_class)
 
     from .inspect_report import print_inspection, write_csv, write_json

@@ -9,7 +9,9 @@ from pathlib import Path
 from typing import Any
 
 import typer
+from rich import box
 from rich.console import Console
+from rich.measure import Measurement
 from rich.table import Table
 
 from ..fileio import atomic_path
@@ -23,38 +25,58 @@ SOURCE_TEXT = {
 }
 
 
-def print_inspection(result: InspectResult, console: Console, top: int = 3) -> None:
-    """The per-layer table, a summary line, and with classes the ones that deviate most."""
+def _layer_table(result: InspectResult, compact: bool) -> Table:
+    """The per-layer table; ``compact``: 2 decimals, no borders or index, short headers, layer names fold."""
     names = result.normalizer_names
     kind = result.kind.upper()
+    digits = 2 if compact else 3
     title = f"enorm inspect: {result.checkpoint} ({kind}, {len(result.ratios)} layers)"
     table = Table(title=title, title_justify="left", caption="cells: mean±std of each normalizer's ratio",
-                  caption_justify="left")
-    table.add_column("#", justify="right")
-    table.add_column("layer", no_wrap=True, min_width=max((len(r.name) for r in result.ratios), default=5))
-    table.add_column("C", justify="right")
+                  caption_justify="left", box=box.SIMPLE_HEAD if compact else box.HEAVY_HEAD,
+                  pad_edge=not compact, collapse_padding=compact)
+    if not compact:
+        table.add_column("#", justify="right")
+    table.add_column("layer", overflow="fold", no_wrap=not compact,
+                     min_width=8 if compact else max((len(r.name) for r in result.ratios), default=5))
+    table.add_column("C", justify="right", no_wrap=True)
     if result.source != "data":
-        table.add_column("params+", justify="right")
+        table.add_column("params+", justify="right", no_wrap=True)
     for n in names:
-        table.add_column(n, justify="right")
-    table.add_column("dominant")
+        table.add_column(n, justify="right", no_wrap=True)
+    table.add_column("top" if compact else "dominant", no_wrap=True)
     if result.source == "data":
-        table.add_column("dominant p10-p90", justify="right")
+        table.add_column("top p10-p90" if compact else "dominant p10-p90", justify="right", no_wrap=True)
     for i, (info, r) in enumerate(zip(result.layers, result.ratios)):
-        cells = [str(i), r.name, str(info.channels)]
+        cells = [] if compact else [str(i)]
+        cells += [r.name, str(info.channels)]
         if result.source != "data":
             cells.append(f"{info.params_added:,}")
         for n in names:
             if n in r.normalizers:
                 j = r.normalizers.index(n)
-                cells.append(f"{r.mean[j]:.3f}±{r.std[j]:.3f}")
+                cells.append(f"{r.mean[j]:.{digits}f}±{r.std[j]:.{digits}f}")
             else:
                 cells.append("-")
         cells.append(r.dominant)
         if result.source == "data":
             j = r.normalizers.index(r.dominant)
-            cells.append(f"{r.p10[j]:.3f}-{r.p90[j]:.3f}")
+            cells.append(f"{r.p10[j]:.{digits}f}-{r.p90[j]:.{digits}f}")
         table.add_row(*cells)
+    return table
+
+
+def print_inspection(result: InspectResult, console: Console, top: int = 3) -> None:
+    """The per-layer table, a summary line, and with classes the ones that deviate most.
+
+    Where the full table does not fit (80 columns: a pipe, a CI log), a compact one that
+    keeps every ratio to 2 decimals and folds long layer names instead of cutting numbers.
+    """
+    names = result.normalizer_names
+    kind = result.kind.upper()
+    table = _layer_table(result, compact=False)
+    unbounded = console.options.update(max_width=10_000)  # Measurement clamps to max_width
+    if Measurement.get(console, unbounded, table).maximum > console.width:
+        table = _layer_table(result, compact=True)
     console.print(table)
     console.print(SOURCE_TEXT[result.source].format(n=result.samples), markup=False, soft_wrap=True)
     dominant: dict[str, int] = {}
@@ -74,13 +96,14 @@ def print_inspection(result: InspectResult, console: Console, top: int = 3) -> N
 def _print_classes(result: InspectResult, console: Console, names: list[str], top: int) -> None:
     """Every class's mean ratios over layers, ranked by distance from the overall mean."""
     assert result.classes is not None
-    table = Table(title="per class (ranked by how far its ratios sit from all samples')", title_justify="left")
-    table.add_column("class")
+    table = Table(title="per class (ranked by how far its ratios sit from all samples')", title_justify="left",
+                  caption="normalizer columns: the class's mean ratio, averaged over layers", caption_justify="left")
+    table.add_column("class", overflow="fold")
     table.add_column("n", justify="right")
     table.add_column("distance", justify="right")
     for n in names:
-        table.add_column(f"{n} (avg over layers)", justify="right")
-    table.add_column("most different layer")
+        table.add_column(n, justify="right", no_wrap=True)
+    table.add_column("most different layer", overflow="fold")
     for c in result.classes:
         cells = [c.name, str(c.samples), f"{c.deviation:.4f}"]
         for n in names:

@@ -10,8 +10,11 @@ from .. import __version__
 from .common import set_debug
 from .convert import convert
 from .evaluate import evaluate
+from .export import export
+from .fetch import fetch
 from .finetune import finetune
 from .inspect import inspect
+from .recipes import app as recipes_app
 
 app = typer.Typer(
     name="enorm",
@@ -21,9 +24,11 @@ app = typer.Typer(
         "  enorm convert resnet50 --no-pretrained --out r50_en.safetensors\n\n"
         "  enorm convert torchvision:mobilenet_v2 --checkpoint mobilenet_v2-b0353104.pth "
         "--out mnv2_en.safetensors\n\n"
-        "  enorm finetune --recipe recipes/quickstart.yaml optim.lr=0.02\n\n"
+        "  enorm recipes\n\n"
+        "  enorm fetch && enorm finetune --recipe quickstart optim.lr=0.02\n\n"
         "  enorm eval runs/quickstart/best.safetensors --data fashion_mnist\n\n"
-        "  enorm inspect runs/quickstart/best.safetensors --data fashion_mnist --by-class --plot ratios.png"
+        "  enorm inspect runs/quickstart/best.safetensors --data fashion_mnist --by-class --plot ratios.png\n\n"
+        "  enorm export runs/quickstart/best.safetensors --out mnv2_en.onnx"
     ),
     no_args_is_help=True,
     add_completion=False,
@@ -34,6 +39,9 @@ app.command(no_args_is_help=True)(convert)
 app.command(no_args_is_help=True)(finetune)
 app.command("eval", no_args_is_help=True)(evaluate)
 app.command(no_args_is_help=True)(inspect)
+app.command(no_args_is_help=True)(export)
+app.command()(fetch)
+app.add_typer(recipes_app)
 
 
 def _version(value: bool) -> None:

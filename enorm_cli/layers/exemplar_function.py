@@ -101,7 +101,7 @@ def exemplar_norm(
 ) -> tuple[Tensor, Tensor | None, tuple[Tensor, ...]]:
     """EN(x) without autograd: y, the bn batch statistics (2 x C, training) and what backward needs."""
     xw = wide(x).flatten(2)
-    m, v = moments(xw)
+    m, v = moments(xw, one_pass=cfg.training)
     dt = m.dtype
     n, c = m.shape
     big_m, big_s, batch = _stack_stats(cfg, m, v, (p.running_mean, p.running_var))

@@ -8,6 +8,7 @@ is read once for the statistics and once for the output and never copied K times
 
 from __future__ import annotations
 
+import contextlib
 import math
 
 import torch
@@ -199,7 +200,14 @@ class ExemplarNorm2d(MixedNorm2d):
         needs_grad = torch.is_grad_enabled() and (
             x.requires_grad or any(t is not None and t.requires_grad for t in tensors)
         )
-        with torch.autocast(x.device.type, enabled=False):
+        # float32 math whatever the autocast; no context at all when autocast is off, so
+        # torch.export does not split the graph at every layer (README, Export).
+        autocast_off = (
+            torch.autocast(x.device.type, enabled=False)
+            if torch.is_autocast_enabled(x.device.type)
+            else contextlib.nullcontext()
+        )
+        with autocast_off:
             if needs_grad:
                 y, batch = ExemplarNormFunction.apply(x, cfg, *tensors)
             else:

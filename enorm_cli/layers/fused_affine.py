@@ -129,6 +129,6 @@ def fused_affine(x: Tensor, coefficients: Coefficients, params: Sequence[Tensor]
     if torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in params)):
         return _FusedAffine.apply(x, coefficients, *params)
     xw = wide(x).flatten(2)
-    mean, var = moments(xw)
+    mean, var = moments(xw, one_pass=False)
     a, b = coefficients(InstanceStats(mean=mean, var=var, count=xw.shape[-1]))
     return affine_apply(x, a, b)

@@ -12,6 +12,7 @@ so inputs with |mean|/std of 1e3 and more keep their precision.
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 from typing import Any
 
@@ -56,21 +57,24 @@ ONE_PASS_MIN_LENGTH = 16
 check fails often (2x2 maps: 21 of MobileNetV2's 52 layers at 32 px), so it is not tried."""
 
 
-def moments(x: Tensor) -> tuple[Tensor, Tensor]:
+def moments(x: Tensor, one_pass: bool = True) -> tuple[Tensor, Tensor]:
     """Mean and biased variance over the last axis of N x C x L, in x's dtype (no autograd).
 
-    On CPU, one read for the sum and one for the 2-norm, with no temporary (X-sized
-    temporaries are what cost most on CPU, benchmarks/README.md): var = E[x^2] - mean^2,
-    kept only where that cannot lose precision (``ONE_PASS_CONDITION``), else (and on
-    GPUs) two passes: mean, then the norm of the deviations, exact where E[x^2] - E[x]^2
-    would cancel. Both are far faster on CPU than ``torch.var_mean``'s Welford loop.
+    Two passes by default: mean, then the norm of the deviations, exact where
+    E[x^2] - E[x]^2 would cancel, and far faster on CPU than ``torch.var_mean``'s Welford loop.
+    With ``one_pass`` (training on CPU, where X-sized temporaries cost most,
+    benchmarks/README.md): one read for the sum and one for the 2-norm, with no temporary,
+    var = E[x^2] - mean^2, kept only where that cannot lose precision
+    (``ONE_PASS_CONDITION``). That check is data-dependent, so inference (``one_pass=False``)
+    never makes it: its graph is the same for every input (``torch.jit.trace``,
+    ``torch.export``, ONNX), and two passes cost no more there (measured in README, Export).
     """
-    with torch.no_grad():
+    with torch.no_grad() if torch.is_grad_enabled() else contextlib.nullcontext():
         length = x.shape[-1]
         if length == 1:  # 1x1 maps
             return x[..., 0].clone(), x.new_zeros(x.shape[:-1])
         mean = x.mean(-1)
-        one_pass = x.device.type == "cpu" and length >= ONE_PASS_MIN_LENGTH
+        one_pass = one_pass and x.device.type == "cpu" and length >= ONE_PASS_MIN_LENGTH
         if one_pass and not torch.compiler.is_compiling():  # the check is data-dependent
             mean_sq = mean * mean
             var = torch.linalg.vector_norm(x, dim=-1).square_().div_(length).sub_(mean_sq)
