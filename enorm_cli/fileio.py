@@ -31,7 +31,8 @@ def check_writable(path: Path, force: bool, flag: str = "--out") -> None:
 def atomic_path(path: Path) -> Iterator[Path]:
     """A temporary path beside ``path``; renamed onto it only if the block succeeds."""
     parent = path.parent if str(path.parent) else Path(".")
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=f".tmp{path.suffix}", dir=parent)  # suffix kept: torch.export.save wants .pt2
+    # The suffix stays last: torch.export.save wants a name ending in .pt2.
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=f".tmp{path.suffix}", dir=parent)
     os.close(fd)
     try:
         yield Path(tmp)

@@ -2,7 +2,7 @@
 
 Surgery as data: ``POLICIES`` maps each source class to how its statistics and
 affine parameters are read and which normalizer it is. The replacement starts
-as its source exactly (``shared/en-layer.md``): the ratio branch's last FC is
+as its source exactly (``docs/en-layer.md``): the ratio branch's last FC is
 zero with a bias prior of ``margin`` on the source normalizer, so lambda is
 constant, lambda_src = e^m / (e^m + K - 1); gamma_src = gamma / lambda_src,
 other gammas 0, every beta = beta, running statistics copied. In eval mode

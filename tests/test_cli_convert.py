@@ -120,7 +120,7 @@ def test_every_bad_input_is_one_line_with_the_fix(tmp_path: Path) -> None:
         assert "Traceback" not in result.output
         assert not (tmp_path / "o.safetensors").exists(), args
     assert (tmp_path / "exists.safetensors").read_bytes() == b"keep me"
-    assert not [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")]
+    assert not [p for p in tmp_path.iterdir() if ".tmp" in p.name]
 
 
 def test_debug_shows_the_traceback(tmp_path: Path) -> None:

@@ -8,7 +8,7 @@ same math in some 35 ops forward and 60 backward, batched over the K normalizers
 K x N x C tensors, and touches X only in the passes it must: statistics (2 reads),
 output (1 write), and in backward ``sum(dY X)``, ``sum(dY)`` and ``dX = A dY + alpha X + beta``.
 
-Notation (``shared/en-layer.md``): m, v are the per-(n, c) mean and variance of X; M, S
+Notation (``docs/en-layer.md``): m, v are the per-(n, c) mean and variance of X; M, S
 (K x N x C) every normalizer's mean and variance broadcast to N x C; R = (S + eps)^-1/2;
 D = m - M; Xhat = D R; z the grouped conv of Xhat; lambda = softmax(FC2(act(FC1(z z^T))));
 A = sum_k lambda_k gamma_k R_k; B = lambda beta - sum_k lambda_k gamma_k R_k M_k. FC2 is

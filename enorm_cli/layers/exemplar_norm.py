@@ -1,6 +1,6 @@
 """Exemplar Normalization (EN; Zhang et al., CVPR 2020) as a drop-in 2-D norm layer.
 
-The spec is ``shared/en-layer.md``: K normalizers (bn, in, ln, optionally gn), a
+The spec is ``docs/en-layer.md``: K normalizers (bn, in, ln, optionally gn), a
 small ratio branch that predicts per-sample mixing ratios, and the mix of the
 normalized outputs computed as ``Y = A * X + B`` with N x C coefficients, so X
 is read once for the statistics and once for the output and never copied K times.

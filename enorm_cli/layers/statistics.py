@@ -57,12 +57,12 @@ ONE_PASS_MIN_LENGTH = 16
 check fails often (2x2 maps: 21 of MobileNetV2's 52 layers at 32 px), so it is not tried."""
 
 
-def moments(x: Tensor, one_pass: bool = True) -> tuple[Tensor, Tensor]:
+def moments(x: Tensor, one_pass: bool = False) -> tuple[Tensor, Tensor]:
     """Mean and biased variance over the last axis of N x C x L, in x's dtype (no autograd).
 
     Two passes by default: mean, then the norm of the deviations, exact where
     E[x^2] - E[x]^2 would cancel, and far faster on CPU than ``torch.var_mean``'s Welford loop.
-    With ``one_pass`` (training on CPU, where X-sized temporaries cost most,
+    With ``one_pass`` (the training paths, on CPU, where X-sized temporaries cost most,
     benchmarks/README.md): one read for the sum and one for the 2-norm, with no temporary,
     var = E[x^2] - mean^2, kept only where that cannot lose precision
     (``ONE_PASS_CONDITION``). That check is data-dependent, so inference (``one_pass=False``)
@@ -92,7 +92,7 @@ class _InstanceMoments(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx: Any, x: Tensor) -> tuple[Tensor, Tensor]:
-        mean, var = moments(x)
+        mean, var = moments(x, one_pass=True)
         ctx.save_for_backward(x, mean)
         return mean, var
 
