@@ -55,3 +55,40 @@ def test_two_process_sync_equals_single_process() -> None:
     for rank in (0, 1):  # both ranks hold the running statistics of the whole batch
         torch.testing.assert_close(out[rank]["mean"], reference.running_mean)
         torch.testing.assert_close(out[rank]["var"], reference.running_var)
+
+
+def _bf16_worker(rank: int, port: int, x: torch.Tensor, state: dict, out: dict) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=2)
+    try:
+        layer = ExemplarNorm2d(32, reduction=4)
+        layer.load_state_dict(state)
+        layer.sync_stats = True
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            y = layer(x[rank * 4 : (rank + 1) * 4])
+            lam = layer.ratios(x[rank * 4 : (rank + 1) * 4])
+        out[rank] = {"y": y.detach(), "lam": lam.detach()}
+    finally:
+        dist.destroy_process_group()
+
+
+def test_synced_path_under_bf16_autocast_equals_one_process() -> None:
+    """webvision.yaml's path (bf16, several processes): the ratio branch stays float32 there too.
+
+    Before one precision policy, the synced path ran the branch's linear layers in bf16
+    while one process (the fused node) ran them in float32: lambda differed by ~1e-2.
+    """
+    torch.manual_seed(1)
+    reference = ExemplarNorm2d(32, reduction=4)
+    with torch.no_grad():
+        reference.ratio.fc2.weight.normal_(0, 1.0)  # ratios that depend on the input
+    state = {k: v.clone() for k, v in reference.state_dict().items()}
+    x = torch.randn(8, 32, 6, 6) * 3 + 1
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = reference(x)
+        lam = reference.ratios(x)
+    out = mp.Manager().dict()
+    mp.spawn(_bf16_worker, args=(_free_port(), x, state, out), nprocs=2, join=True)
+    assert out[0]["y"].dtype == y.dtype == torch.float32
+    torch.testing.assert_close(torch.cat([out[0]["lam"], out[1]["lam"]]), lam, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(torch.cat([out[0]["y"], out[1]["y"]]), y, rtol=1e-5, atol=1e-5)

@@ -8,9 +8,9 @@ from torch import Tensor, nn
 from .fused_affine import fused_affine
 from .statistics import (
     InstanceStats,
-    batch_stats,
     check_normalizers,
     distributed_world_size,
+    mode_bn_stats,
     normalizer_stats,
     running_average_factor,
     synced_batch_stats,
@@ -65,25 +65,29 @@ class MixedNorm2d(nn.Module):
         if x.shape[1] != self.num_features:
             raise ValueError(f"expected {self.num_features} channels, got {x.shape[1]}")
 
+    def _bn_stats(self, stats: InstanceStats) -> tuple[tuple[Tensor, Tensor] | None, int]:
+        """The bn member's (mean, var), 1 x C, in the current mode, and the samples they cover.
+
+        Training: the batch's, over every process with ``sync_stats``; eval: the running ones;
+        None without a bn member.
+        """
+        if "bn" not in self.normalizers:
+            return None, 0
+        if self.training and self.sync_stats and distributed_world_size() > 1:
+            mean, var, samples = synced_batch_stats(stats)
+            return (mean, var), samples
+        bn = mode_bn_stats(stats.mean, stats.var, self.training, self.running_mean, self.running_var)
+        return bn, stats.mean.shape[0] if self.training else 0
+
     def _statistics(self, stats: InstanceStats, update: bool) -> list[tuple[Tensor, Tensor]]:
         """Every normalizer's (mean, variance) in the current mode (shapes: ``normalizer_stats``).
 
         ``update`` advances the running statistics (training only), as a BN forward does.
         """
-        bn: tuple[Tensor, Tensor] | None = None
-        if "bn" in self.normalizers:
-            if self.training:
-                if self.sync_stats and distributed_world_size() > 1:
-                    mean, var, samples = synced_batch_stats(stats)
-                    bn = (mean, var)
-                else:
-                    bn = batch_stats(stats)
-                    samples = stats.mean.shape[0]
-                if update:
-                    self._update_running_stats(*bn, stats.count * samples)
-            else:
-                bn = (self.running_mean.unsqueeze(0), self.running_var.unsqueeze(0))
-        return normalizer_stats(stats, self.normalizers, self.num_groups, bn)
+        bn, samples = self._bn_stats(stats)
+        if update and self.training and bn is not None:
+            self._update_running_stats(*bn, stats.count * samples)
+        return normalizer_stats(stats.mean, stats.var, self.normalizers, self.num_groups, bn)
 
     def _update_running_stats(self, batch_mean: Tensor, batch_var: Tensor, count: int) -> None:
         """One BatchNorm running-statistics step; ``count`` elements per channel (N * H * W)."""

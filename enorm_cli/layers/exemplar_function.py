@@ -14,9 +14,12 @@ D = m - M; Xhat = D R; z the grouped conv of Xhat; lambda = softmax(FC2(act(FC1(
 A = sum_k lambda_k gamma_k R_k; B = lambda beta - sum_k lambda_k gamma_k R_k M_k. FC2 is
 ``b + s W h`` with the layer's ``logit_scale`` s (``exemplar_norm.default_logit_scale``).
 
-Used in every mode except distributed synced statistics (``MixedNorm2d.sync_stats``),
-which runs the plain autograd path of ``ExemplarNorm2d._coefficients``; both are
-checked against the float64 reference and by gradcheck in the tests.
+The forward math is defined once, ``en_coefficients`` (statistics dispatch from
+``statistics.normalizer_stats``, the ratio branch ``ratio_logits``, the coefficients).
+This node runs it without autograd and differentiates it by hand; synced statistics
+(``MixedNorm2d.sync_stats``), ``ratios()`` and ``set_fused_en(False)`` run the same function
+under autograd. Both paths are checked against the float64 reference, against each other,
+and by gradcheck in the tests.
 """
 
 from __future__ import annotations
@@ -29,12 +32,12 @@ from torch import Tensor
 from torch.autograd.function import once_differentiable
 
 from .fused_affine import affine_apply, affine_grads, input_grad, wide
-from .statistics import moments, pool_stats
+from .statistics import mode_bn_stats, moments, normalizer_stats
 
 
 @dataclass(frozen=True)
-class ENConfig:
-    """The layer's settings the math reads."""
+class KernelSettings:
+    """The layer's settings the math reads (built by ``ExemplarNorm2d.kernel_settings``)."""
 
     normalizers: tuple[str, ...]
     eps: float
@@ -53,35 +56,6 @@ def _group_view(t: Tensor, groups: int) -> Tensor:
     return t.unflatten(1, (groups, t.shape[1] // groups))
 
 
-def _stack_stats(
-    cfg: ENConfig, m: Tensor, v: Tensor, running: tuple[Tensor, Tensor]
-) -> tuple[Tensor, Tensor, Tensor | None]:
-    """M, S (K x N x C) and the bn batch statistics (2 x C) for the running update, or None."""
-    n, c = m.shape
-    means, variances, batch = [], [], None
-    for name in cfg.normalizers:
-        if name == "bn" and cfg.training:
-            mean, var = pool_stats(m, v, 0)
-            batch = torch.cat([mean, var])
-        elif name == "bn":
-            mean, var = running[0].unsqueeze(0), running[1].unsqueeze(0)
-        elif name == "ln":
-            mean, var = pool_stats(m, v, 1)
-        elif name == "gn":
-            mean, var = pool_stats(
-                _group_view(m, cfg.num_groups), _group_view(v, cfg.num_groups), 2
-            )
-            mean, var = (
-                mean.expand(-1, -1, c // cfg.num_groups).flatten(1),
-                var.expand(-1, -1, c // cfg.num_groups).flatten(1),
-            )
-        else:  # "in"
-            mean, var = m, v
-        means.append(_to(mean, m.dtype).expand(n, c))
-        variances.append(_to(var, m.dtype).expand(n, c))
-    return torch.stack(means), torch.stack(variances), batch
-
-
 class ENTensors(NamedTuple):
     """Every tensor the math reads besides x, in ``ExemplarNormFunction.apply``'s order."""
 
@@ -96,42 +70,98 @@ class ENTensors(NamedTuple):
     fc2_b: Tensor
 
 
+def stacked_stats(
+    cfg: KernelSettings, m: Tensor, v: Tensor, p: ENTensors, bn: tuple[Tensor, Tensor] | None = None
+) -> tuple[Tensor, Tensor, Tensor | None]:
+    """M, S (K x N x C) and the bn statistics to record (2 x C, training), from the instance table.
+
+    bn: ``bn`` when given (synced statistics), else the batch's (training) or the running
+    ones (eval); the other normalizers as ``statistics.normalizer_stats`` says.
+    """
+    n, c = m.shape
+    if bn is None and "bn" in cfg.normalizers:
+        bn = mode_bn_stats(m, v, cfg.training, p.running_mean, p.running_var)
+    pairs = normalizer_stats(m, v, cfg.normalizers, cfg.num_groups, bn)
+    batch = torch.cat(bn) if cfg.training and bn is not None else None
+    means = torch.stack([mean.expand(n, c) for mean, _ in pairs])
+    variances = torch.stack([var.expand(n, c) for _, var in pairs])
+    return means, variances, batch
+
+
+def ratio_logits(
+    xhat: Tensor, conv: Tensor | None, fc1_w: Tensor, fc1_b: Tensor, fc2_w: Tensor, fc2_b: Tensor,
+    relu: bool, logit_scale: float,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """The ratio branch: xhat (K x N x C) -> logits (N x K), with h, v = z z^T and z^T (N x K x G).
+
+    z = the grouped kernel-1 conv of xhat over the K axis, as a multiply and a sum per group
+    (the conv's G x C/G x 1 weights; CPU's grouped conv is slow), v = z z^T,
+    h = act(FC1(v)), logits = b + s W h with s = ``logit_scale``.
+    """
+    dt = xhat.dtype
+    c = xhat.shape[2]
+    if conv is None:
+        z = xhat
+    else:
+        groups = conv.shape[0]
+        z = (xhat * _to(conv, dt).view(c)).unflatten(2, (groups, c // groups)).sum(-1)  # K x N x G
+    zt = z.transpose(0, 1)  # N x K x G
+    vv = torch.bmm(zt, zt.transpose(1, 2)).flatten(1)  # N x K^2
+    h = torch.addmm(_to(fc1_b, dt), vv, _to(fc1_w, dt).t())
+    if torch.is_grad_enabled():
+        h = h.relu() if relu else h.tanh()
+    else:  # in place where autograd is not recording (the fused node, inference)
+        h = h.relu_() if relu else h.tanh_()
+    logits = torch.addmm(_to(fc2_b, dt), h, _to(fc2_w, dt).t(), alpha=logit_scale)
+    return logits, h, vv, zt
+
+
+def en_coefficients(
+    cfg: KernelSettings, m: Tensor, v: Tensor, p: ENTensors, bn: tuple[Tensor, Tensor] | None = None
+) -> tuple[Tensor, Tensor, Tensor | None, tuple[Tensor, ...]]:
+    """EN's math from the instance table: A, B (N x C), the bn statistics to record, and saved.
+
+    The one definition: the one-node path runs it without autograd and differentiates it by
+    hand (``ExemplarNormFunction.backward``); synced statistics and ``ratios()`` run it under
+    autograd (out-of-place ops then, in place otherwise). ``saved`` is
+    (m, M, R, D, lambda, h, v, z^T, A), what the hand-written backward reads.
+    """
+    dt = m.dtype
+    n, c = m.shape
+    # In place where autograd is not recording (the fused node's forward, inference): the
+    # K x N x C temporaries are what this math allocates, and fresh ones cost on CPU.
+    inplace = not torch.is_grad_enabled()
+    big_m, big_s, batch = stacked_stats(cfg, m, v, p, bn)
+    rstd = big_s.add_(cfg.eps).rsqrt_() if inplace else (big_s + cfg.eps).rsqrt()  # K x N x C
+    dev = m - big_m
+    logits, h, vv, zt = ratio_logits(
+        dev * rstd, p.conv, p.fc1_w, p.fc1_b, p.fc2_w, p.fc2_b, cfg.relu, cfg.logit_scale
+    )
+    lam = torch.softmax(logits, dim=1)  # N x K
+    gamma, beta = _to(p.weight, dt), _to(p.bias, dt)
+    mixed = lam.t().unsqueeze(-1) * gamma.unsqueeze(1)  # lambda_k gamma_k R_k, K x N x C
+    mixed = mixed.mul_(rstd) if inplace else mixed * rstd
+    a = mixed.sum(0)
+    mixed = mixed.mul_(big_m) if inplace else mixed * big_m
+    b = (beta.expand(n, c) if cfg.shared_affine else lam @ beta) - mixed.sum(0)
+    return a, b, batch, (m, big_m, rstd, dev, lam, h, vv, zt, a)
+
+
 def exemplar_norm(
-    x: Tensor, cfg: ENConfig, p: ENTensors
+    x: Tensor, cfg: KernelSettings, p: ENTensors
 ) -> tuple[Tensor, Tensor | None, tuple[Tensor, ...]]:
     """EN(x) without autograd: y, the bn batch statistics (2 x C, training) and what backward needs."""
     xw = wide(x).flatten(2)
     m, v = moments(xw, one_pass=cfg.training)
-    dt = m.dtype
-    n, c = m.shape
-    big_m, big_s, batch = _stack_stats(cfg, m, v, (p.running_mean, p.running_var))
-    rstd = big_s.add_(cfg.eps).rsqrt_()  # K x N x C
-    dev = m - big_m
-    xhat = dev * rstd
-    if p.conv is None:
-        z = xhat
-    else:
-        groups = p.conv.shape[0]
-        z = (xhat * _to(p.conv, dt).view(c)).unflatten(2, (groups, c // groups)).sum(-1)  # K x N x G
-    zt = z.transpose(0, 1)  # N x K x G
-    vv = torch.bmm(zt, zt.transpose(1, 2)).flatten(1)  # N x K^2
-    h = torch.addmm(_to(p.fc1_b, dt), vv, _to(p.fc1_w, dt).t())
-    h = h.relu_() if cfg.relu else h.tanh_()
-    logits = torch.addmm(_to(p.fc2_b, dt), h, _to(p.fc2_w, dt).t(), alpha=cfg.logit_scale)
-    lam = torch.softmax(logits, dim=1)  # N x K
-    gamma, beta = _to(p.weight, dt), _to(p.bias, dt)
-    # lambda_k gamma_k R_k, K x N x C
-    mixed = (lam.t().unsqueeze(-1) * gamma.unsqueeze(1)).mul_(rstd)
-    a = mixed.sum(0)
-    b = (beta.expand(n, c) if cfg.shared_affine else lam @ beta) - (mixed.mul_(big_m)).sum(0)
-    return affine_apply(x, a, b), batch, (m, big_m, rstd, dev, lam, h, vv, zt, a)
+    a, b, batch, saved = en_coefficients(cfg, m, v, p)
+    return affine_apply(x, a, b), batch, saved
 
 
 class ExemplarNormFunction(torch.autograd.Function):
     """y, bn batch statistics (2 x C or empty) = EN(x), as one node with a hand-written backward."""
 
     @staticmethod
-    def forward(ctx: Any, x: Tensor, cfg: ENConfig, *tensors: Tensor | None) -> tuple[Tensor, Tensor]:
+    def forward(ctx: Any, x: Tensor, cfg: KernelSettings, *tensors: Tensor | None) -> tuple[Tensor, Tensor]:
         p = ENTensors(*tensors)
         y, batch, saved = exemplar_norm(x, cfg, p)
         ctx.cfg = cfg
@@ -143,7 +173,7 @@ class ExemplarNormFunction(torch.autograd.Function):
     @staticmethod
     @once_differentiable
     def backward(ctx: Any, grad_y: Tensor, _grad_batch: Tensor | None) -> tuple[Tensor | None, ...]:
-        cfg: ENConfig = ctx.cfg
+        cfg: KernelSettings = ctx.cfg
         x, m, big_m, rstd, dev, lam, h, vv, zt, a, weight, bias, conv, fc1_w, fc2_w = (
             ctx.saved_tensors
         )

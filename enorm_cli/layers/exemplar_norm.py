@@ -10,12 +10,20 @@ from __future__ import annotations
 
 import contextlib
 import math
+from collections.abc import Iterator
 
 import torch
 from torch import Tensor, nn
 
 from .base import MixedNorm2d
-from .exemplar_function import ENConfig, ENTensors, ExemplarNormFunction, exemplar_norm
+from .exemplar_function import (
+    ENTensors,
+    ExemplarNormFunction,
+    KernelSettings,
+    en_coefficients,
+    exemplar_norm,
+    ratio_logits,
+)
 from .statistics import InstanceStats, distributed_world_size, group_count, instance_stats
 
 ACTIVATIONS = ("tanh", "relu")
@@ -34,6 +42,44 @@ def default_logit_scale(num_normalizers: int, pi: int) -> float:
     return 1.0 / math.sqrt(pi * num_normalizers)
 
 
+_fused = True
+
+
+def set_fused_en(enable: bool = True) -> None:
+    """Run EN as one autograd node with a hand-written backward (the default), or not.
+
+    With ``False`` every EN layer records ``en_coefficients`` under plain autograd, the path
+    synced statistics always take (as timm's ``set_fast_norm`` switches its norm kernels).
+    Both compute the same function; the switch exists to compare them and to debug.
+    """
+    global _fused
+    _fused = enable
+
+
+def is_fused_en() -> bool:
+    return _fused
+
+
+@contextlib.contextmanager
+def fused_en(enable: bool) -> Iterator[None]:
+    """``set_fused_en`` for a block."""
+    before = _fused
+    set_fused_en(enable)
+    try:
+        yield
+    finally:
+        set_fused_en(before)
+
+
+def _float32_math(x: Tensor) -> contextlib.AbstractContextManager:
+    """Autocast off for EN's statistics and ratio branch (float32 on every path); no context
+    at all when autocast is already off, so torch.export does not split the graph at every
+    layer (README, Export)."""
+    if torch.is_autocast_enabled(x.device.type):
+        return torch.autocast(x.device.type, enabled=False)
+    return contextlib.nullcontext()
+
+
 class RatioBranch(nn.Module):
     """Predicts lambda (N x K) from the pooled, pre-normalized features.
 
@@ -41,10 +87,10 @@ class RatioBranch(nn.Module):
     axis (G = C / r; C weights whatever r) -> z (N x K x G) -> v = z z^T (K x K)
     -> FC(K^2, pi K) -> tanh | relu -> FC(pi K, K) computed as ``b + s W h`` with
     ``logit_scale`` s (``default_logit_scale``). Softmax is applied by the caller.
-    The conv is kept as an ``nn.Conv1d`` for its parameter layout; forward computes it
-    as a grouped multiply-sum. ``ExemplarNorm2d.forward`` does this same math inside its
-    one-node fast path (``exemplar_function.py``); this module serves ``ratios()`` and
-    the autograd path, so hooks on it fire only there.
+    The module holds the parameters (the conv as an ``nn.Conv1d`` for its layout); the
+    math is ``exemplar_function.ratio_logits``, which every EN path calls. ``forward`` is
+    there for users who want the branch alone; EN layers read the parameters directly, so
+    hooks on this module do not fire.
     """
 
     def __init__(
@@ -71,18 +117,10 @@ class RatioBranch(nn.Module):
         self.fc2 = nn.Linear(pi * k, k)
 
     def forward(self, xhat: Tensor) -> Tensor:
-        """xhat: N x K x C pre-normalized pooled features -> ratio logits N x K."""
-        if self.conv is not None:
-            # The grouped kernel-1 conv as a multiply and a sum over each group's channels:
-            # the same weights (G x C/G x 1) and result, without CPU grouped conv's slow path.
-            n, k, c = xhat.shape
-            w = self.conv.weight.view(self.groups, c // self.groups).to(xhat.dtype)
-            z = (xhat.view(n, k, self.groups, c // self.groups) * w).sum(-1)
-        else:
-            z = xhat
-        v = torch.bmm(z, z.transpose(1, 2)).flatten(1)
-        h = self.act(self.fc1(v))
-        return torch.addmm(self.fc2.bias, h, self.fc2.weight.t(), alpha=self.logit_scale)
+        """xhat: N x K x C pre-normalized pooled features -> ratio logits N x K (``ratio_logits``)."""
+        conv = None if self.conv is None else self.conv.weight
+        return ratio_logits(xhat.transpose(0, 1), conv, self.fc1.weight, self.fc1.bias, self.fc2.weight,
+                            self.fc2.bias, isinstance(self.act, nn.ReLU), self.logit_scale)[0]
 
 
 class ExemplarNorm2d(MixedNorm2d):
@@ -140,49 +178,9 @@ class ExemplarNorm2d(MixedNorm2d):
         """FC2's scale s (logits = b + s W h), kept by the ratio branch."""
         return self.ratio.logit_scale
 
-    def _ratio_logits(self, stats: InstanceStats, pairs: list[tuple[Tensor, Tensor]], rstds: list[Tensor]) -> Tensor:
-        """Ratio logits (N x K): the branch on the pooled input pre-normalized by each normalizer."""
-        xhat = [
-            torch.zeros_like(stats.mean) if name == "in"  # mu_in - mu_in: exactly 0
-            else (stats.mean - mean) * rstd
-            for name, (mean, _), rstd in zip(self.normalizers, pairs, rstds)
-        ]
-        return self.ratio(torch.stack(xhat, dim=1).to(self.ratio.fc1.weight.dtype))  # N x K x C in
-
-    def _rstds(self, pairs: list[tuple[Tensor, Tensor]]) -> list[Tensor]:
-        return [torch.rsqrt(var + self.eps) for _, var in pairs]
-
-    def ratios(self, x: Tensor) -> Tensor:
-        """The lambda (N x K) that ``forward`` would use on x now; running stats untouched."""
-        self._check_input_dim(x)
-        stats = instance_stats(x)
-        pairs = self._statistics(stats, update=False)
-        return torch.softmax(self._ratio_logits(stats, pairs, self._rstds(pairs)), dim=1)
-
-    def _coefficients(self, stats: InstanceStats, update: bool) -> tuple[Tensor, Tensor]:
-        """A = sum_k lambda_k gamma_k rstd_k and B = sum_k lambda_k (beta_k - gamma_k rstd_k mu_k).
-
-        The plain autograd form of ``ExemplarNormFunction``'s math, for synced statistics.
-        """
-        pairs = self._statistics(stats, update)
-        rstds = self._rstds(pairs)
-        lam = torch.softmax(self._ratio_logits(stats, pairs, rstds), dim=1).to(stats.mean.dtype)  # N x K
-        weight = self.weight.to(lam.dtype)
-        bias = self.bias.to(lam.dtype)
-        b = bias if self.shared_affine else lam @ bias  # sum_k lambda_k beta_k (sum lambda = 1)
-        a: Tensor | None = None
-        for k, ((mean, _), rstd) in enumerate(zip(pairs, rstds)):
-            scale = lam[:, k : k + 1] * (weight[0 if self.shared_affine else k] * rstd)  # N x C
-            a = scale if a is None else a + scale
-            b = torch.addcmul(b, scale, mean, value=-1.0)
-        assert a is not None
-        return a, b.expand_as(a)
-
-    def forward(self, x: Tensor) -> Tensor:
-        if self.training and self.sync_stats and "bn" in self.normalizers and distributed_world_size() > 1:
-            return super().forward(x)  # statistics all-reduced inside autograd
-        self._check_input_dim(x)
-        cfg = ENConfig(
+    def kernel_settings(self) -> KernelSettings:
+        """What ``exemplar_function``'s math reads from this layer, in the current mode."""
+        return KernelSettings(
             normalizers=self.normalizers,
             eps=self.eps,
             relu=self.activation == "relu",
@@ -191,23 +189,46 @@ class ExemplarNorm2d(MixedNorm2d):
             training=self.training,
             logit_scale=self.logit_scale,
         )
+
+    def kernel_tensors(self) -> ENTensors:
         branch = self.ratio
-        tensors = ENTensors(
+        return ENTensors(
             self.running_mean, self.running_var, self.weight, self.bias,
             None if branch.conv is None else branch.conv.weight,
             branch.fc1.weight, branch.fc1.bias, branch.fc2.weight, branch.fc2.bias,
         )
-        needs_grad = torch.is_grad_enabled() and (
-            x.requires_grad or any(t is not None and t.requires_grad for t in tensors)
-        )
-        # float32 math whatever the autocast; no context at all when autocast is off, so
-        # torch.export does not split the graph at every layer (README, Export).
-        autocast_off = (
-            torch.autocast(x.device.type, enabled=False)
-            if torch.is_autocast_enabled(x.device.type)
-            else contextlib.nullcontext()
-        )
-        with autocast_off:
+
+    def _math(self, stats: InstanceStats) -> tuple[Tensor, Tensor, Tensor | None, tuple[Tensor, ...], int]:
+        """``en_coefficients`` under autograd, with the bn statistics of the current mode (synced too)."""
+        bn, samples = self._bn_stats(stats)
+        cfg = self.kernel_settings()
+        a, b, batch, saved = en_coefficients(cfg, stats.mean, stats.var, self.kernel_tensors(), bn)
+        return a, b, batch, saved, samples
+
+    def ratios(self, x: Tensor) -> Tensor:
+        """The lambda (N x K) that ``forward`` would use on x now; running stats untouched."""
+        self._check_input_dim(x)
+        with _float32_math(x):
+            return self._math(instance_stats(x))[3][4]
+
+    def _coefficients(self, stats: InstanceStats, update: bool) -> tuple[Tensor, Tensor]:
+        """A, B of the autograd path (synced statistics, ``fused_en(False)``), running stats updated."""
+        a, b, batch, _, samples = self._math(stats)
+        if update and batch is not None:
+            self._update_running_stats(batch[0], batch[1], stats.count * samples)
+        return a, b
+
+    def forward(self, x: Tensor) -> Tensor:
+        self._check_input_dim(x)
+        synced = self.training and self.sync_stats and "bn" in self.normalizers and distributed_world_size() > 1
+        with _float32_math(x):
+            if synced or not _fused:
+                return super().forward(x)  # autograd over en_coefficients; synced: all-reduced statistics
+            cfg = self.kernel_settings()
+            tensors = self.kernel_tensors()
+            needs_grad = torch.is_grad_enabled() and (
+                x.requires_grad or any(t is not None and t.requires_grad for t in tensors)
+            )
             if needs_grad:
                 y, batch = ExemplarNormFunction.apply(x, cfg, *tensors)
             else:

@@ -123,51 +123,58 @@ def pool_stats(mean: Tensor, var: Tensor, dim: int | tuple[int, ...]) -> tuple[T
     return pooled_mean, pooled_var
 
 
-def batch_stats(stats: InstanceStats) -> tuple[Tensor, Tensor]:
-    """bn statistics over (N, H, W): each 1 x C."""
-    return pool_stats(stats.mean, stats.var, 0)
+def batch_stats(mean: Tensor, var: Tensor) -> tuple[Tensor, Tensor]:
+    """bn statistics over (N, H, W) from the instance table: each 1 x C."""
+    return pool_stats(mean, var, 0)
 
 
-def layer_stats(stats: InstanceStats) -> tuple[Tensor, Tensor]:
+def mode_bn_stats(
+    mean: Tensor, var: Tensor, training: bool, running_mean: Tensor, running_var: Tensor
+) -> tuple[Tensor, Tensor]:
+    """bn's (mean, var), 1 x C, as BatchNorm takes them: the batch's in training, else the running ones."""
+    if training:
+        return batch_stats(mean, var)
+    return running_mean.unsqueeze(0), running_var.unsqueeze(0)
+
+
+def layer_stats(mean: Tensor, var: Tensor) -> tuple[Tensor, Tensor]:
     """ln statistics over (C, H, W): each N x 1."""
-    return pool_stats(stats.mean, stats.var, 1)
+    return pool_stats(mean, var, 1)
 
 
-def group_stats(stats: InstanceStats, num_groups: int) -> tuple[Tensor, Tensor]:
+def group_stats(mean: Tensor, var: Tensor, num_groups: int) -> tuple[Tensor, Tensor]:
     """gn statistics over (C/G, H, W), broadcast back to N x C."""
-    n, c = stats.mean.shape
-    mean = stats.mean.reshape(n, num_groups, c // num_groups)
-    var = stats.var.reshape(n, num_groups, c // num_groups)
-    group_mean, group_var = pool_stats(mean, var, 2)
+    n, c = mean.shape
     shape = (n, num_groups, c // num_groups)
+    group_mean, group_var = pool_stats(mean.reshape(shape), var.reshape(shape), 2)
     return group_mean.expand(shape).reshape(n, c), group_var.expand(shape).reshape(n, c)
 
 
 def normalizer_stats(
-    stats: InstanceStats,
+    mean: Tensor,
+    var: Tensor,
     normalizers: tuple[str, ...],
     num_groups: int,
     bn_stats: tuple[Tensor, Tensor] | None = None,
 ) -> list[tuple[Tensor, Tensor]]:
-    """Every normalizer's (mean, variance), in the order given, each in its own shape.
+    """Every normalizer's (mean, variance) from the instance table (mean, var: N x C), in order.
 
-    bn: 1 x C, ln: N x 1, in and gn: N x C; all broadcast to N x C. Kept unexpanded so
-    the per-normalizer math runs on C or N values where it can, not on K x N x C.
-    ``bn_stats`` overrides the batch statistics (eval mode: running statistics;
-    training: the batch statistics already computed for the running update).
+    The one place that says which statistics each normalizer uses. bn: 1 x C, ln: N x 1,
+    in and gn: N x C; all broadcast to N x C. ``bn_stats`` replaces the batch's own
+    (eval: the running statistics; synced training: the whole distributed batch's).
     """
-    dtype = stats.mean.dtype
+    dtype = mean.dtype
     pairs: list[tuple[Tensor, Tensor]] = []
     for name in normalizers:
         if name == "bn":
-            mean, var = bn_stats if bn_stats is not None else batch_stats(stats)
+            m, v = bn_stats if bn_stats is not None else batch_stats(mean, var)
         elif name == "in":
-            mean, var = stats.mean, stats.var
+            m, v = mean, var
         elif name == "ln":
-            mean, var = layer_stats(stats)
+            m, v = layer_stats(mean, var)
         else:  # "gn"; check_normalizers admits nothing else
-            mean, var = group_stats(stats, num_groups)
-        pairs.append((mean.to(dtype), var.to(dtype)))
+            m, v = group_stats(mean, var, num_groups)
+        pairs.append((m.to(dtype), v.to(dtype)))
     return pairs
 
 
