@@ -18,7 +18,6 @@ from .cache import expand_path
 from .errors import EnormError
 from .layers.statistics import NORMALIZERS
 
-
 UserPath = Annotated[str, AfterValidator(expand_path)]
 """A path in a recipe: ``${ENORM_HOME}`` (the user cache, ``cache.py``), ``$VARS`` and ``~`` expand."""
 

@@ -162,7 +162,14 @@ def _gn(m: nn.GroupNorm) -> SourceNorm:
 
 def _policies() -> dict[type, tuple[str, Callable[[Any], SourceNorm]]]:
     """Source class -> (type name for reports, reader). Exact classes: subclasses may change forward."""
-    from timm.layers import BatchNormAct2d, FrozenBatchNormAct2d, GroupNorm, GroupNorm1, GroupNorm1Act, GroupNormAct
+    from timm.layers import (
+        BatchNormAct2d,
+        FrozenBatchNormAct2d,
+        GroupNorm,
+        GroupNorm1,
+        GroupNorm1Act,
+        GroupNormAct,
+    )
     from timm.layers.norm_act import SyncBatchNormAct
     from torchvision.ops.misc import FrozenBatchNorm2d
 

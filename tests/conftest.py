@@ -54,3 +54,40 @@ def mobilenet_weights() -> Path:
     if not path.is_file():
         pytest.fail(f"{path} is missing: run ./scripts/test.sh (or enorm fetch) to fetch it")
     return path
+
+
+@pytest.fixture()
+def crops(tmp_path: Path, photo_dir: Path) -> Path:
+    """A 3-class image folder with filelists (8 train, 4 val images per class)."""
+    from helpers import crop_dataset
+
+    return crop_dataset(photo_dir, tmp_path / "crops", per_class=8)
+
+
+@pytest.fixture(scope="session")
+def image_classes(tmp_path_factory: pytest.TempPathFactory, photo_dir: Path) -> Path:
+    """root/{train,val}/class{0,1,2}/*.png: crops of three real photos."""
+    from helpers import write_crops
+
+    root = tmp_path_factory.mktemp("classes")
+    write_crops(photo_dir, root, per_class=8)
+    return root
+
+
+@pytest.fixture(scope="session")
+def finetuned(tmp_path_factory: pytest.TempPathFactory, image_classes: Path) -> Path:
+    """A real fine-tuning run (test_resnet, 2 epochs): its best.safetensors holds ratio stats."""
+    from helpers import QUICK
+
+    from enorm_cli.recipe import load_recipe
+    from enorm_cli.train import finetune
+
+    out = tmp_path_factory.mktemp("ft") / "run"
+    recipe = load_recipe(QUICK, [
+        "model.name=test_resnet", "model.checkpoint=null", "model.num_classes=3", "data.kind=imagefolder",
+        f"data.root={image_classes}", "data.image_size=32", "data.batch_size=4", "data.workers=0",
+        "data.limit_train=null", "data.limit_val=null", "optim.lr=0.05", "schedule.epochs=2",
+        "model.en.normalizers=[bn,in,ln]", f"output_dir={out}",
+    ])
+    finetune(recipe, progress=False)
+    return out / "best.safetensors"

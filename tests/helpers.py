@@ -1,9 +1,70 @@
-"""Helpers shared by the conversion tests."""
+"""Helpers shared by several test modules (fixtures live in conftest.py)."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
+import numpy as np
 import torch
+from PIL import Image
 from torch import nn
+from typer.testing import CliRunner
+
+ROOT = Path(__file__).resolve().parents[1]
+QUICK = ROOT / "recipes" / "quickstart.yaml"
+runner = CliRunner()
+
+
+def invoke(*args: str):
+    """``enorm ARGS`` through Typer's CliRunner (stdout and stderr apart)."""
+    from enorm_cli.cli.main import app
+
+    return runner.invoke(app, list(args))
+
+
+def one_error_line(result, expected: str) -> None:
+    """A user mistake: non-zero exit, one ``error: ...`` line naming ``expected``, no traceback."""
+    assert result.exit_code not in (0, None), result.stdout
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and expected in lines[0], result.stderr
+    assert "Traceback" not in result.output
+
+
+def write_crops(photo_dir: Path, root: Path, per_class: int = 6, size: int = 40) -> dict[str, list[str]]:
+    """Crops of the real photos, one class per photo: root/<split>/<class>/<n>.png."""
+    rng = np.random.default_rng(0)
+    photos = sorted(p for p in photo_dir.rglob("*.*"))[:3]
+    made: dict[str, list[str]] = {"train": [], "val": []}
+    for label, photo in enumerate(photos):
+        image = np.asarray(Image.open(photo).convert("RGB"))
+        for split, count in (("train", per_class), ("val", per_class // 2)):
+            folder = root / split / f"class{label}"
+            folder.mkdir(parents=True, exist_ok=True)
+            for i in range(count):
+                y = rng.integers(0, image.shape[0] - size)
+                x = rng.integers(0, image.shape[1] - size)
+                rel = f"{split}/class{label}/{i}.png"
+                Image.fromarray(image[y : y + size, x : x + size]).save(root / rel)
+                made[split].append(f"{rel} {label}")
+    return made
+
+
+def crop_dataset(photo_dir: Path, root: Path, per_class: int = 6) -> Path:
+    """``write_crops`` plus filelists of the same images under root/info/{train,val}_list.txt."""
+    made = write_crops(photo_dir, root, per_class=per_class)
+    (root / "info").mkdir()
+    for split, lines in made.items():
+        (root / "info" / f"{split}_list.txt").write_text("\n".join(lines) + "\n")
+    return root
+
+
+def tiny_recipe(root: Path, out: Path, kind: str, *extra: str) -> list[str]:
+    """Overrides that turn the quickstart recipe into a seconds-long test_resnet run on ``root``."""
+    data = (["data.kind=imagefolder"] if kind == "imagefolder" else
+            ["data.kind=filelist", "data.train=info/train_list.txt", "data.val=info/val_list.txt"])
+    return ["model.name=test_resnet", "model.checkpoint=null", "model.num_classes=3", f"data.root={root}",
+            *data, "data.image_size=32", "data.batch_size=4", "data.workers=0", "data.limit_train=null",
+            "data.limit_val=null", "optim.lr=0.05", "schedule.epochs=2", f"output_dir={out}", *extra]
 
 
 @torch.no_grad()

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from test_cli_finetune import invoke, one_error_line
+from helpers import invoke, one_error_line
 
 
 @pytest.fixture(scope="module")

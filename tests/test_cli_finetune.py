@@ -6,26 +6,10 @@ import json
 from pathlib import Path
 
 import pytest
-from test_train import QUICK, crops, tiny_recipe  # noqa: F401 (fixture)
-from typer.testing import CliRunner
-
-from enorm_cli.cli.main import app
-
-runner = CliRunner()
+from helpers import QUICK, invoke, one_error_line, tiny_recipe
 
 
-def invoke(*args: str):
-    return runner.invoke(app, list(args))
-
-
-def one_error_line(result, expected: str) -> None:
-    assert result.exit_code not in (0, None), result.stdout
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: ") and expected in lines[0], result.stderr
-    assert "Traceback" not in result.output
-
-
-def test_finetune_then_eval_agree(crops: Path, tmp_path: Path) -> None:  # noqa: F811
+def test_finetune_then_eval_agree(crops: Path, tmp_path: Path) -> None:
     out = tmp_path / "run"
     result = invoke("finetune", "--recipe", str(QUICK), "--no-progress",
                     *tiny_recipe(crops, out, "imagefolder", "schedule.epochs=1"))
@@ -41,7 +25,7 @@ def test_finetune_then_eval_agree(crops: Path, tmp_path: Path) -> None:  # noqa:
     assert result.exit_code == 0 and "top-1" in result.stdout
 
 
-def test_finetune_bad_inputs(crops: Path, tmp_path: Path) -> None:  # noqa: F811
+def test_finetune_bad_inputs(crops: Path, tmp_path: Path) -> None:
     bad_yaml = tmp_path / "bad.yaml"
     bad_yaml.write_text("model: [")
     (crops / "info" / "gone.txt").write_text("train/none/1.png 0\n")

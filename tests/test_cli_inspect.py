@@ -8,20 +8,19 @@ import subprocess
 import sys
 from pathlib import Path
 
+from helpers import ROOT, invoke, one_error_line
 from PIL import Image
 from safetensors.torch import save_file
-from test_cli_finetune import invoke, one_error_line
-from test_inspect_ratios import ROOT, finetuned, image_classes  # noqa: F401 (fixtures)
 
 
-def test_without_data_shows_stored_ratios(finetuned: Path) -> None:  # noqa: F811
+def test_without_data_shows_stored_ratios(finetuned: Path) -> None:
     result = invoke("inspect", str(finetuned))
     assert result.exit_code == 0, result.stderr
     assert "mean±std" in result.stdout and "stored at the checkpoint's last eval" in result.stdout
     assert "dominant normalizer: bn (" in result.stdout
 
 
-def test_with_data_writes_json_csv_and_plot(finetuned: Path, image_classes: Path, tmp_path: Path) -> None:  # noqa: F811
+def test_with_data_writes_json_csv_and_plot(finetuned: Path, image_classes: Path, tmp_path: Path) -> None:
     files = {name: tmp_path / name for name in ("rows.json", "rows.csv", "ratios.png")}
     args = ["inspect", str(finetuned), "--data", str(image_classes / "val"), "--samples", "12", "--workers", "0",
             "--by-class", "--json", str(files["rows.json"]), "--csv", str(files["rows.csv"]),
@@ -41,14 +40,14 @@ def test_with_data_writes_json_csv_and_plot(finetuned: Path, image_classes: Path
     assert json.loads(files["rows.json"].read_text()) == rows
 
 
-def test_json_to_stdout_is_only_json(finetuned: Path) -> None:  # noqa: F811
+def test_json_to_stdout_is_only_json(finetuned: Path) -> None:
     result = invoke("inspect", str(finetuned), "--json", "-")
     assert result.exit_code == 0, result.stderr
     rows = json.loads(result.stdout)
     assert rows and all(abs(sum(row[n] for n in ("bn", "in", "ln")) - 1) < 1e-4 for row in rows)
 
 
-def test_bad_inputs(finetuned: Path, tmp_path: Path) -> None:  # noqa: F811
+def test_bad_inputs(finetuned: Path, tmp_path: Path) -> None:
     import torch
 
     foreign = tmp_path / "foreign.safetensors"
@@ -71,7 +70,7 @@ def test_bad_inputs(finetuned: Path, tmp_path: Path) -> None:  # noqa: F811
         one_error_line(invoke(*args), expected)
 
 
-def test_subprocess_without_data(finetuned: Path) -> None:  # noqa: F811
+def test_subprocess_without_data(finetuned: Path) -> None:
     proc = subprocess.run([sys.executable, "-m", "enorm_cli", "inspect", str(finetuned), "--csv", "-"],
                           capture_output=True, text=True, cwd=ROOT, check=False)
     assert proc.returncode == 0, proc.stderr
@@ -80,7 +79,7 @@ def test_subprocess_without_data(finetuned: Path) -> None:  # noqa: F811
     assert not (ROOT / "-").exists()
 
 
-def test_piped_output_at_80_columns_keeps_every_ratio(tmp_path: Path, image_classes: Path) -> None:  # noqa: F811
+def test_piped_output_at_80_columns_keeps_every_ratio(tmp_path: Path, image_classes: Path) -> None:
     """``enorm inspect ... | cat``: rich renders 80 columns; no ratio may be cut to '0.9…'."""
     import os
     import re

@@ -4,9 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import numpy as np
 import pytest
-from PIL import Image
+from helpers import crop_dataset
 
 from enorm_cli.data import build_transform, infer_num_classes, load_split, parse_data_spec
 from enorm_cli.errors import EnormError
@@ -15,32 +14,9 @@ from enorm_cli.recipe import DataConfig
 MEAN, STD = [0.5, 0.5, 0.5], [0.25, 0.25, 0.25]
 
 
-def write_crops(photo_dir: Path, root: Path, per_class: int = 6, size: int = 40) -> dict[str, list[str]]:
-    """Crops of the real photos, one class per photo: root/<split>/<class>/<n>.png."""
-    rng = np.random.default_rng(0)
-    photos = sorted(p for p in photo_dir.rglob("*.*"))[:3]
-    made: dict[str, list[str]] = {"train": [], "val": []}
-    for label, photo in enumerate(photos):
-        image = np.asarray(Image.open(photo).convert("RGB"))
-        for split, count in (("train", per_class), ("val", per_class // 2)):
-            folder = root / split / f"class{label}"
-            folder.mkdir(parents=True, exist_ok=True)
-            for i in range(count):
-                y = rng.integers(0, image.shape[0] - size)
-                x = rng.integers(0, image.shape[1] - size)
-                rel = f"{split}/class{label}/{i}.png"
-                Image.fromarray(image[y : y + size, x : x + size]).save(root / rel)
-                made[split].append(f"{rel} {label}")
-    return made
-
-
 @pytest.fixture()
 def image_root(tmp_path: Path, photo_dir: Path) -> Path:
-    made = write_crops(photo_dir, tmp_path)
-    (tmp_path / "info").mkdir()
-    for split, lines in made.items():
-        (tmp_path / "info" / f"{split}_list.txt").write_text("\n".join(lines) + "\n")
-    return tmp_path
+    return crop_dataset(photo_dir, tmp_path)
 
 
 def test_imagefolder_and_filelist_read_the_same_images(image_root: Path) -> None:

@@ -6,38 +6,11 @@ import math
 from pathlib import Path
 
 import pytest
-from test_data import write_crops
 
 from enorm_cli.convert import convert
 from enorm_cli.data import parse_data_spec
 from enorm_cli.inspect_ratios import inspect_checkpoint, inspect_on_data
-from enorm_cli.recipe import load_recipe
 from enorm_cli.surgery import ENSettings
-from enorm_cli.train import finetune
-
-ROOT = Path(__file__).resolve().parents[1]
-
-
-@pytest.fixture(scope="session")
-def image_classes(tmp_path_factory: pytest.TempPathFactory, photo_dir: Path) -> Path:
-    """root/{train,val}/class{0,1,2}/*.png: crops of three real photos."""
-    root = tmp_path_factory.mktemp("classes")
-    write_crops(photo_dir, root, per_class=8)
-    return root
-
-
-@pytest.fixture(scope="session")
-def finetuned(tmp_path_factory: pytest.TempPathFactory, image_classes: Path) -> Path:
-    """A real fine-tuning run (test_resnet, 2 epochs): its best.safetensors holds ratio stats."""
-    out = tmp_path_factory.mktemp("ft") / "run"
-    recipe = load_recipe(ROOT / "recipes" / "quickstart.yaml", [
-        "model.name=test_resnet", "model.checkpoint=null", "model.num_classes=3", "data.kind=imagefolder",
-        f"data.root={image_classes}", "data.image_size=32", "data.batch_size=4", "data.workers=0",
-        "data.limit_train=null", "data.limit_val=null", "optim.lr=0.05", "schedule.epochs=2",
-        "model.en.normalizers=[bn,in,ln]", f"output_dir={out}",
-    ])
-    finetune(recipe, progress=False)
-    return out / "best.safetensors"
 
 
 def _sums_to_one(rows: list[dict], names: tuple[str, ...]) -> bool:

@@ -18,13 +18,19 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _worker(rank: int, port: int, x: torch.Tensor, state: dict, out: dict) -> None:
+def _synced_layer(rank: int, port: int, state: dict, channels: int, reduction: int) -> ExemplarNorm2d:
+    """Join the 2-process gloo group; the reference layer's state, with synced statistics."""
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=2)
+    layer = ExemplarNorm2d(channels, reduction=reduction)
+    layer.load_state_dict(state)
+    layer.sync_stats = True
+    return layer
+
+
+def _worker(rank: int, port: int, x: torch.Tensor, state: dict, out: dict) -> None:
+    layer = _synced_layer(rank, port, state, 8, 2)
     try:
-        layer = ExemplarNorm2d(8, reduction=2)
-        layer.load_state_dict(state)
-        layer.sync_stats = True
         part = x[rank * 3 : (rank + 1) * 3].clone().requires_grad_()
         y = layer(part)
         (y * torch.arange(y.numel()).view_as(y).sin()[: y.numel()]).sum().backward()
@@ -58,12 +64,8 @@ def test_two_process_sync_equals_single_process() -> None:
 
 
 def _bf16_worker(rank: int, port: int, x: torch.Tensor, state: dict, out: dict) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=2)
+    layer = _synced_layer(rank, port, state, 32, 4)
     try:
-        layer = ExemplarNorm2d(32, reduction=4)
-        layer.load_state_dict(state)
-        layer.sync_stats = True
         with torch.autocast("cpu", dtype=torch.bfloat16):
             y = layer(x[rank * 4 : (rank + 1) * 4])
             lam = layer.ratios(x[rank * 4 : (rank + 1) * 4])

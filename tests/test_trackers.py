@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 
 import pytest
-from test_train import QUICK, crops, tiny_recipe  # noqa: F401 (fixture)
+from helpers import QUICK, tiny_recipe
 
 from enorm_cli.errors import EnormError
 from enorm_cli.recipe import load_recipe
@@ -31,7 +31,7 @@ def test_flat_config_and_scalars() -> None:
     assert scalars({"step": 3, "loss": 1, "top1": 50.0, "eval": True}) == {"train/loss": 1.0, "val/top1": 50.0}
 
 
-def test_tensorboard_gets_the_same_numbers_as_metrics_jsonl(crops: Path, tmp_path: Path) -> None:  # noqa: F811
+def test_tensorboard_gets_the_same_numbers_as_metrics_jsonl(crops: Path, tmp_path: Path) -> None:
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     out = tmp_path / "run"

@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 
 import pytest
-from test_data import write_crops
+from helpers import QUICK, ROOT, tiny_recipe
 
 from enorm_cli import load_model
 from enorm_cli.checkpoint import read_info
@@ -20,9 +20,6 @@ from enorm_cli.errors import EnormError
 from enorm_cli.layers import ExemplarNorm2d
 from enorm_cli.recipe import load_recipe
 from enorm_cli.train import finetune, param_groups, set_train_mode
-
-ROOT = Path(__file__).resolve().parents[1]
-QUICK = ROOT / "recipes" / "quickstart.yaml"
 
 
 def small_quickstart(out: Path, *extra: str) -> list[str]:
@@ -97,24 +94,6 @@ def test_running_bn_stats_freeze_statistics_while_affines_learn(norm: str) -> No
     assert all(torch.equal(m.running_mean, b) for m, b in zip(norms, before))
     set_train_mode(model, "batch")
     assert all(m.training for m in norms)
-
-
-def tiny_recipe(root: Path, out: Path, kind: str, *extra: str) -> list[str]:
-    data = (["data.kind=imagefolder"] if kind == "imagefolder" else
-            ["data.kind=filelist", "data.train=info/train_list.txt", "data.val=info/val_list.txt"])
-    return ["model.name=test_resnet", "model.checkpoint=null", "model.num_classes=3", f"data.root={root}",
-            *data, "data.image_size=32", "data.batch_size=4", "data.workers=0", "data.limit_train=null",
-            "data.limit_val=null", "optim.lr=0.05", "schedule.epochs=2", f"output_dir={out}", *extra]
-
-
-@pytest.fixture()
-def crops(tmp_path: Path, photo_dir: Path) -> Path:
-    root = tmp_path / "crops"
-    made = write_crops(photo_dir, root, per_class=8)
-    (root / "info").mkdir()
-    for split, lines in made.items():
-        (root / "info" / f"{split}_list.txt").write_text("\n".join(lines) + "\n")
-    return root
 
 
 @pytest.mark.parametrize("kind", ["imagefolder", "filelist"])

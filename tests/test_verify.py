@@ -1,0 +1,53 @@
+"""Function-preservation checks: the calibration batch and the agreement figures."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from enorm_cli.errors import EnormError
+from enorm_cli.verify import agreement, calibration_batch, compare, default_batch
+
+CONFIG = {"input_size": [3, 32, 32], "interpolation": "bilinear", "mean": [0.5] * 3, "std": [0.25] * 3,
+          "crop_pct": 1.0, "crop_mode": "center"}
+
+
+def test_default_batch_is_deterministic_and_smooth() -> None:
+    a, b = default_batch((3, 64, 48)), default_batch((3, 64, 48))
+    assert a.shape == (8, 3, 64, 48) and torch.equal(a, b)
+    neighbours = (a[..., 1:, :] - a[..., :-1, :]).abs().mean()
+    assert neighbours < 0.5 * a.std()  # low-frequency, unlike white noise (about 1.1 std)
+
+
+def test_calibration_batch_reads_images_with_the_eval_transform(photo_dir: Path) -> None:
+    batch = calibration_batch(photo_dir, CONFIG)
+    assert batch.shape == (6, 3, 32, 32) and batch.dtype == torch.float32
+    assert calibration_batch(photo_dir, CONFIG, limit=2).shape[0] == 2
+
+
+def test_calibration_errors_name_the_fix(tmp_path: Path) -> None:
+    with pytest.raises(EnormError, match="is not a directory"):
+        calibration_batch(tmp_path / "none", CONFIG)
+    with pytest.raises(EnormError, match="holds no images"):
+        calibration_batch(tmp_path, CONFIG)
+    (tmp_path / "broken.png").write_bytes(b"not a png")
+    with pytest.raises(EnormError, match="cannot be read.*remove it"):
+        calibration_batch(tmp_path, CONFIG)
+
+
+def test_agreement_figures() -> None:
+    expected = torch.tensor([[4.0, 1.0], [0.0, 2.0], [1.0, 0.5]])
+    got = expected + torch.tensor([[0.0, 0.0], [3.0, 0.0], [0.0, 0.1]])
+    result = agreement(expected, got, "three rows")
+    assert result.samples == 3 and result.top1_agreement == pytest.approx(2 / 3)
+    assert result.max_abs_delta == pytest.approx(3.0) and result.max_abs_logit == 4.0
+    assert result.relative_delta == pytest.approx(0.75) and result.to_json()["relative_delta"] == pytest.approx(0.75)
+
+
+def test_compare_runs_both_in_eval_mode() -> None:
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 1), torch.nn.BatchNorm2d(4), torch.nn.Flatten(1))
+    model.train()
+    result = compare(model, model, default_batch((3, 4, 4), n=2), "noise")
+    assert not model.training and result.max_abs_delta == 0 and result.top1_agreement == 1.0
