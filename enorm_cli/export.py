@@ -74,6 +74,15 @@ def require_onnx() -> None:
         )
 
 
+def check_request(out: Path, fmt: str, opset: int, force: bool) -> None:
+    """Everything about the request that can fail before the model is loaded."""
+    if fmt == "onnx":
+        require_onnx()
+        if opset < DEFAULT_OPSET:
+            raise EnormError(f"--opset {opset} is too old: use {DEFAULT_OPSET} or newer")
+    check_writable(out, force)
+
+
 def export_program(model: nn.Module, example: Tensor) -> torch.export.ExportedProgram:
     """The eval-mode model as one aten graph with a dynamic batch axis (no autograd recorded)."""
     batch = torch.export.Dim("batch", min=1)
@@ -128,11 +137,7 @@ def export_model(
     force: bool = False,
 ) -> ExportResult:
     """Export, check the written file on ``batch`` against eager ``model``, then keep it."""
-    if fmt == "onnx":
-        require_onnx()
-        if opset < DEFAULT_OPSET:
-            raise EnormError(f"--opset {opset} is too old: use {DEFAULT_OPSET} or newer")
-    check_writable(out, force)
+    check_request(out, fmt, opset, force)
     model = model.eval()
     example = batch[:EXAMPLE_BATCH] if batch.shape[0] >= EXAMPLE_BATCH else batch.repeat(EXAMPLE_BATCH, 1, 1, 1)
     with torch.no_grad():

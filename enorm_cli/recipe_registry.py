@@ -18,7 +18,7 @@ from importlib import resources
 from pathlib import Path
 
 from .errors import EnormError
-from .fileio import atomic_path
+from .fileio import atomic_path, check_writable
 
 SUFFIX = ".yaml"
 HARDWARE = "Hardware and time:"
@@ -63,13 +63,13 @@ def read_entry(path: Path) -> RecipeEntry:
     return RecipeEntry(name=path.stem, path=path, purpose=_first_sentence(purpose), hardware=_first_sentence(rest))
 
 
+def _files() -> list[Path]:
+    return sorted(packaged_dir().glob("*" + SUFFIX))
+
+
 def list_recipes() -> list[RecipeEntry]:
     """Every packaged recipe, by name."""
-    return [read_entry(p) for p in sorted(packaged_dir().glob("*" + SUFFIX))]
-
-
-def _names() -> list[str]:
-    return [p.stem for p in sorted(packaged_dir().glob("*" + SUFFIX))]
+    return [read_entry(p) for p in _files()]
 
 
 def find_packaged(name: str) -> Path:
@@ -80,7 +80,7 @@ def find_packaged(name: str) -> Path:
     path = packaged_dir() / (stem + SUFFIX)
     if path.is_file():
         return path
-    names = _names()
+    names = [p.stem for p in _files()]
     close = difflib.get_close_matches(stem, names, n=2)
     hint = f"did you mean {' or '.join(close)}?" if close else f"packaged recipes: {', '.join(names)}"
     raise EnormError(f"recipe {name!r} is neither a file nor a packaged recipe: {hint} (enorm recipes lists them)")
@@ -98,8 +98,6 @@ def resolve_recipe(value: str | Path) -> Path:
 
 def copy_recipe(name: str, dest: Path, force: bool = False) -> Path:
     """Copy a packaged recipe to DEST (a file, or a folder to put NAME.yaml in)."""
-    from .fileio import check_writable
-
     source = find_packaged(name)
     target = dest / source.name if dest.is_dir() else dest
     check_writable(target, force, flag="DEST")

@@ -39,14 +39,11 @@ def export(
       enorm export runs/quickstart/best.safetensors --format pt2 --out mnv2_en.pt2
     """
     from ..checkpoint import load_model, read_info
-    from ..export import export_model, format_for, require_onnx
-    from ..fileio import check_writable
+    from ..export import check_request, export_model, format_for
     from ..verify import calibration_batch, default_batch
 
     kind = format_for(out, fmt)
-    if kind == "onnx":
-        require_onnx()
-    check_writable(out, force)
+    check_request(out, kind, opset, force)  # before the slow part
     info = read_info(checkpoint)
     batch = (calibration_batch(calib, info.data_config) if calib is not None
              else default_batch(tuple(info.data_config["input_size"])))

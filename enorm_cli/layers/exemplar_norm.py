@@ -209,7 +209,8 @@ class ExemplarNorm2d(MixedNorm2d):
         """The lambda (N x K) that ``forward`` would use on x now; running stats untouched."""
         self._check_input_dim(x)
         with _float32_math(x):
-            return self._math(instance_stats(x))[3][4]
+            _, _, _, saved, _ = self._math(instance_stats(x))
+        return saved[4]  # lambda, as en_coefficients computed it
 
     def _coefficients(self, stats: InstanceStats, update: bool) -> tuple[Tensor, Tensor]:
         """A, B of the autograd path (synced statistics, ``fused_en(False)``), running stats updated."""
