@@ -33,24 +33,19 @@ def _norm(params: list[torch.Tensor]) -> float:
 def run(overrides: list[str], steps: int, recipe_path: Path, every: int) -> dict[str, Any]:
     from accelerate.utils import set_seed
 
-    from enorm_cli.data import build_transform, load_split
+    from enorm_cli.data import build_transform, load_split, make_loader, with_transform
     from enorm_cli.finetune_model import prepare_model
     from enorm_cli.layers import ExemplarNorm2d
+    from enorm_cli.optim import build_optimizer, build_scheduler
     from enorm_cli.recipe import load_recipe
-    from enorm_cli.train import (
-        _make_loader,
-        _with_transform,
-        build_optimizer,
-        build_scheduler,
-        set_train_mode,
-    )
+    from enorm_cli.train import set_train_mode
 
     recipe = load_recipe(recipe_path, overrides)
     set_seed(recipe.train.seed)
     split = load_split(recipe.data, "train", None, recipe.data.limit_train, recipe.model.num_classes)
     prepared = prepare_model(recipe, recipe.model.num_classes or 10)
-    split.dataset = _with_transform(split.dataset, build_transform(recipe.data, prepared.mean, prepared.std, True))
-    loader = _make_loader(split, recipe.data.batch_size, recipe.data.workers, train=True)
+    split.dataset = with_transform(split.dataset, build_transform(recipe.data, prepared.mean, prepared.std, True))
+    loader = make_loader(split, recipe.data.batch_size, recipe.data.workers, train=True)
     model = prepared.model
     layers = [(n, m) for n, m in model.named_modules() if isinstance(m, ExemplarNorm2d)]
     # the source normalizer: the only one whose gammas are non-zero at conversion

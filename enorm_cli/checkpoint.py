@@ -3,23 +3,66 @@
 Metadata values are strings (safetensors' rule); structured fields are JSON
 text. ``load_model`` needs nothing but the file: it builds the source
 architecture without weights, re-runs the same surgery and loads strictly.
+
+Format versions: files from an older format are brought up to this one when read
+(``MIGRATIONS``, one step per version, as torch's ``_version`` and
+``_load_from_state_dict`` do for a module's state); a newer format is refused with
+"upgrade enorm".
 """
 
 from __future__ import annotations
 
 import json
 from dataclasses import dataclass
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from pydantic import ValidationError
 from torch import nn
 
 from . import __version__
 from .errors import EnormError
 from .fileio import atomic_path
+from .settings import ENSettings, validation_line
 
-FORMAT_VERSION = "1"
+FORMAT_VERSION = 2
 KEY = "enorm."
+
+
+def _v1_to_v2(meta: dict[str, str]) -> dict[str, str]:
+    """Format 1 files written before the ratio branch had ``logit_scale`` have an unscaled
+    FC2 (s = 1); format 2 always stores the key (None: the default 1 / sqrt(pi K))."""
+    settings = json.loads(meta[KEY + "en_settings"])
+    settings.setdefault("logit_scale", 1.0)
+    return {**meta, KEY + "en_settings": json.dumps(settings, sort_keys=True)}
+
+
+MIGRATIONS: dict[int, Callable[[dict[str, str]], dict[str, str]]] = {1: _v1_to_v2}
+"""Format N -> N + 1, on the raw metadata."""
+
+
+def migrate(meta: dict[str, str], path: Path) -> dict[str, str]:
+    """The metadata of an enorm file in this version's format (``MIGRATIONS``, step by step)."""
+    raw = meta[KEY + "format_version"]
+    try:
+        version = int(raw)
+    except ValueError:
+        raise EnormError(f"{str(path)!r} has a damaged enorm format version {raw!r}; re-create it") from None
+    if version > FORMAT_VERSION:
+        raise EnormError(
+            f"{str(path)!r} was written by a newer enorm (format {version}; this enorm reads formats "
+            f"up to {FORMAT_VERSION}): upgrade enorm"
+        )
+    if version < 1:
+        raise EnormError(f"{str(path)!r} has an unknown enorm format {version}; re-create it")
+    try:
+        while version < FORMAT_VERSION:
+            meta = MIGRATIONS[version](meta)
+            version += 1
+    except (KeyError, ValueError) as exc:
+        raise EnormError(f"{str(path)!r} has damaged enorm metadata ({exc}); re-create it") from None
+    return {**meta, KEY + "format_version": str(FORMAT_VERSION)}
 
 
 @dataclass(frozen=True)
@@ -50,7 +93,7 @@ def build_metadata(
     """String metadata for safetensors; ``extra`` carries later fields (ratio stats, ...)."""
     meta = {
         "format": "pt",
-        KEY + "format_version": FORMAT_VERSION,
+        KEY + "format_version": str(FORMAT_VERSION),
         KEY + "version": __version__,
         KEY + "source_model": source_model,
         KEY + "namespace": namespace,
@@ -96,11 +139,7 @@ def read_info(path: Path) -> CheckpointInfo:
         raise EnormError(
             f"{str(path)!r} is not an enorm checkpoint (no enorm metadata); create one with enorm convert"
         )
-    if meta[KEY + "format_version"] != FORMAT_VERSION:
-        raise EnormError(
-            f"{str(path)!r} has enorm format {meta[KEY + 'format_version']}, this enorm reads "
-            f"{FORMAT_VERSION}: upgrade enorm"
-        )
+    meta = migrate(meta, path)
     known = {"format_version", "version", "source_model", "namespace", "num_classes",
              "en_settings", "converted_layers", "data_config", "layer_normalizers"}
     try:
@@ -119,13 +158,23 @@ def read_info(path: Path) -> CheckpointInfo:
         raise EnormError(f"{str(path)!r} has damaged enorm metadata ({exc}); re-create it") from None
 
 
+def settings_of(info: CheckpointInfo, path: Path) -> ENSettings:
+    """The file's ``ENSettings``; settings this enorm cannot build are a damaged file."""
+    try:
+        return ENSettings.from_json(info.settings)
+    except ValidationError as exc:
+        raise EnormError(
+            f"{str(path)!r} has settings this enorm cannot build ({validation_line(exc, str)}); re-create it"
+        ) from None
+
+
 def load_model(path: str | Path) -> nn.Module:
     """Rebuild an EN model from an enorm .safetensors file alone (no network), in eval mode."""
     from safetensors import SafetensorError
     from safetensors.torch import load_model as load_into
 
     from .models import build_model, parse_model_name
-    from .surgery import ENSettings, convert_model
+    from .surgery import convert_model
 
     path = Path(path)
     info = read_info(path)
@@ -133,7 +182,7 @@ def load_model(path: str | Path) -> nn.Module:
     model = build_model(name, pretrained=False, num_classes=info.num_classes)
     converted: dict[str, str] = {}
     if info.extra.get("norm", "en") != "bn":  # "bn": a fine-tuned baseline, no surgery
-        report = convert_model(model, ENSettings.from_json(info.settings))
+        report = convert_model(model, settings_of(info, path))
         converted = {layer.name: layer.source_type for layer in report.converted}
     if converted != info.converted_layers:
         raise EnormError(

@@ -13,7 +13,8 @@ from .checkpoint import build_metadata, save_checkpoint
 from .errors import EnormError
 from .fileio import check_writable
 from .models import create_source_model, data_config, num_classes_of
-from .surgery import ConversionReport, ENSettings, convert_model, count_parameters
+from .settings import ENSettings
+from .surgery import ConversionReport, convert_model, count_parameters
 from .verify import Agreement, calibration_batch, compare, default_batch
 
 DEFAULT_TOLERANCE = 1e-4
@@ -42,11 +43,7 @@ class ConvertResult:
         return {
             "source_model": self.source_model,
             "out": str(self.out) if self.out else None,
-            "converted": [
-                {"name": c.name, "source_type": c.source_type, "channels": c.channels,
-                 "normalizers": list(c.normalizers), "params_added": c.params_added}
-                for c in self.report.converted
-            ],
+            "converted": [c.to_json() for c in self.report.converted],
             "converted_by_type": self.report.by_type(),
             "skipped": [{"name": n, "type": t, "reason": r} for n, t, r in self.report.skipped],
             "params_before": self.params_before,
@@ -87,7 +84,7 @@ def convert(
     if not report.converted:
         raise EnormError(
             f"{model_name} has no BatchNorm or GroupNorm layer to convert"
-            + (" that --include/--exclude select" if settings.include or settings.exclude else "")
+            + (" that include/exclude select" if settings.include or settings.exclude else "")
             + (f" (it has {', '.join(sorted({t for _, t, _ in report.skipped}))})" if report.skipped else "")
         )
     agreement = None

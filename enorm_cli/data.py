@@ -233,6 +233,28 @@ def checkpoint_split(cfg: DataConfig, data_config: dict[str, Any], num_classes: 
     return load_split(cfg, "val", transform, limit, num_classes)
 
 
+def with_transform(dataset: Any, transform: Any) -> Any:
+    """Set the transform of a (possibly Subset-wrapped) dataset."""
+    base = dataset
+    while hasattr(base, "dataset"):
+        base = base.dataset
+    base.transform = transform
+    return dataset
+
+
+def make_loader(split: Split, batch_size: int, workers: int, train: bool) -> torch.utils.data.DataLoader:
+    """A split's loader: shuffled, dropping a last partial batch, when training."""
+    return torch.utils.data.DataLoader(
+        split.dataset,
+        batch_size=batch_size,
+        shuffle=train,
+        num_workers=workers,
+        drop_last=train and len(split.targets) >= batch_size,
+        persistent_workers=workers > 0,
+        pin_memory=torch.cuda.is_available(),
+    )
+
+
 def infer_num_classes(split: Split) -> int:
     """Classes of a dataset: its class list, else the largest label + 1."""
     return len(split.classes) if split.classes else max(split.targets) + 1

@@ -44,3 +44,9 @@ def atomic_path(path: Path) -> Iterator[Path]:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         raise
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    """``path.write_text(text)``, never half-written (``atomic_path``)."""
+    with atomic_path(path) as tmp:
+        tmp.write_text(text)

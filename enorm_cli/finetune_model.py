@@ -8,12 +8,13 @@ from typing import Any
 
 from torch import nn
 
-from .checkpoint import build_metadata, load_model, read_info
+from .checkpoint import build_metadata, load_model, read_info, settings_of
 from .errors import EnormError
-from .layers.base import MixedNorm2d
+from .layers import MixedNorm2d
 from .models import create_source_model, data_config, num_classes_of, set_num_classes
 from .recipe import Recipe
-from .surgery import ENSettings, convert_model
+from .settings import ENSettings
+from .surgery import convert_model
 
 
 @dataclass
@@ -41,16 +42,6 @@ class PreparedModel:
         )
 
 
-def settings_from_recipe(recipe: Recipe) -> ENSettings:
-    en = recipe.model.en
-    return ENSettings(
-        normalizers=tuple(en.normalizers), reduction=en.reduction, pi=en.pi, margin=en.margin,
-        activation=en.activation, use_conv=en.use_conv, shared_affine=en.shared_affine,
-        logit_scale=en.logit_scale,
-        layer=recipe.model.norm if recipe.model.norm != "bn" else "en",
-    )
-
-
 def prepare_model(recipe: Recipe, num_classes: int) -> PreparedModel:
     """Load an EN checkpoint, or build the source model and convert it (``norm: en``)."""
     cfg = recipe.model
@@ -62,7 +53,7 @@ def prepare_model(recipe: Recipe, num_classes: int) -> PreparedModel:
             set_num_classes(model, num_classes)
         return PreparedModel(
             model, info.source_model, info.source_model.partition(":")[0] if ":" in info.source_model else "timm",
-            ENSettings.from_json(info.settings), info.converted_layers, info.layer_normalizers,
+            settings_of(info, path), info.converted_layers, info.layer_normalizers,
             info.extra.get("norm", "en"),
             list(info.data_config["mean"]), list(info.data_config["std"]),
         )
@@ -73,7 +64,7 @@ def prepare_model(recipe: Recipe, num_classes: int) -> PreparedModel:
         num_classes=num_classes,
     )
     config = data_config(name, model)
-    settings = settings_from_recipe(recipe)
+    settings = cfg.settings
     converted: dict[str, str] = {}
     normalizers: dict[str, list[str]] = {}
     if cfg.norm != "bn":

@@ -18,16 +18,9 @@ from torch import Tensor
 
 from .checkpoint import CheckpointInfo, read_info
 from .errors import EnormError
+from .layers import get_norm_layer
 from .ratios import LayerRatios, layer_ratios
-
-
-@dataclass
-class LayerInfo:
-    name: str
-    source_type: str
-    channels: int
-    normalizers: list[str]
-    params_added: int
+from .surgery import ConvertedLayer
 
 
 @dataclass
@@ -53,7 +46,7 @@ class InspectResult:
     kind: str  # "en" or "sn"
     source: str  # "data", "stored" or "prior"
     samples: int
-    layers: list[LayerInfo]
+    layers: list[ConvertedLayer]
     ratios: list[LayerRatios]
     classes: list[ClassRatios] | None = None
     per_sample: Tensor | None = None  # N x L x K_max, for plots
@@ -85,7 +78,7 @@ class InspectResult:
         return out
 
 
-def checkpoint_layers(path: Path, info: CheckpointInfo) -> tuple[str, list[LayerInfo]]:
+def checkpoint_layers(path: Path, info: CheckpointInfo) -> tuple[str, list[ConvertedLayer]]:
     """EN/SN layers from the file's tensor shapes and metadata, without building the model."""
     from safetensors import safe_open
 
@@ -103,29 +96,27 @@ def checkpoint_layers(path: Path, info: CheckpointInfo) -> tuple[str, list[Layer
             channels = f.get_slice(prefix + "running_mean").get_shape()[0]
             params = sum(math.prod(f.get_slice(k).get_shape()) for k in own)
             normalizers = info.layer_normalizers.get(name) or list(info.settings["normalizers"])
-            layers.append(LayerInfo(name, source_type, channels, normalizers, params - 2 * channels))
+            layers.append(ConvertedLayer(name, source_type, channels, tuple(normalizers), params - 2 * channels))
     return kind, layers
 
 
-def prior_ratios(path: Path, kind: str, layers: list[LayerInfo]) -> tuple[list[LayerRatios], bool]:
-    """Ratios that do not depend on the input: SN's static ones, or EN's branch at conversion.
-
-    For EN this is softmax(fc2.bias): exact while fc2.weight is zero (a fresh
-    conversion), the branch's bias term otherwise. Returns the ratios and whether
-    they are exact.
+def prior_ratios(path: Path, kind: str, layers: list[ConvertedLayer]) -> tuple[list[LayerRatios], bool]:
+    """Ratios that do not depend on the input (the layer class's ``prior_ratio_logits``): SN's
+    static ones, or EN's branch at conversion (softmax(fc2.bias), exact while fc2.weight is
+    zero). Returns the ratios and whether they are what forward uses.
     """
     from safetensors import safe_open
 
+    cls = get_norm_layer(kind)
     out = []
     exact = True
     with safe_open(str(path), framework="pt") as f:
         for layer in layers:
-            logits = f.get_tensor(f"{layer.name}.mean_weight" if kind == "sn" else f"{layer.name}.ratio.fc2.bias")
-            if kind != "sn":
-                exact = exact and not f.get_tensor(f"{layer.name}.ratio.fc2.weight").any()
+            logits, layer_exact = cls.prior_ratio_logits(lambda key, p=layer.name: f.get_tensor(f"{p}.{key}"))
+            exact = exact and bool(layer_exact)
             lam = torch.softmax(logits.double(), 0).tolist()
             zeros = [0.0] * len(lam)
-            out.append(LayerRatios(layer.name, layer.normalizers, lam, zeros, lam, lam))
+            out.append(LayerRatios(layer.name, list(layer.normalizers), lam, zeros, lam, lam))
     return out, exact
 
 

@@ -14,12 +14,12 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from .layers import ExemplarNorm2d, SwitchableNorm2d
+from .layers import MixedNorm2d
 
 
-def en_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
+def en_layers(model: nn.Module) -> list[tuple[str, MixedNorm2d]]:
     """EN (and SN) layers in forward-definition order, by module name."""
-    return [(n, m) for n, m in model.named_modules() if isinstance(m, (ExemplarNorm2d, SwitchableNorm2d))]
+    return [(n, m) for n, m in model.named_modules() if isinstance(m, MixedNorm2d)]
 
 
 @dataclass
@@ -32,7 +32,7 @@ class RatioRecorder:
     """
 
     model: nn.Module
-    layers: list[tuple[str, nn.Module]] = field(init=False)
+    layers: list[tuple[str, MixedNorm2d]] = field(init=False)
     _handles: list[Any] = field(default_factory=list, init=False)
     _current: dict[str, Tensor] = field(default_factory=dict, init=False)
 

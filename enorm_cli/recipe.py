@@ -12,11 +12,11 @@ from pathlib import Path
 from typing import Annotated, Any, Literal, Optional, Union
 
 import yaml
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from .cache import expand_path
 from .errors import EnormError
-from .layers.statistics import NORMALIZERS
+from .settings import ENSettings, validation_line
 
 UserPath = Annotated[str, AfterValidator(expand_path)]
 """A path in a recipe: ``${ENORM_HOME}`` (the user cache, ``cache.py``), ``$VARS`` and ``~`` expand."""
@@ -26,29 +26,13 @@ class Section(BaseModel):
     model_config = ConfigDict(extra="forbid", protected_namespaces=())
 
 
-class ENConfig(Section):
-    """EN settings for on-the-fly conversion (see ``enorm convert``)."""
+class RecipeENSettings(ENSettings):
+    """A recipe's ``model.en``: the layer settings of on-the-fly conversion (``ENSettings``,
+    as ``enorm convert`` takes them; ``layer`` follows ``model.norm``), plus how training
+    treats them."""
 
-    normalizers: list[str] = ["bn", "in", "ln"]
-    reduction: int = Field(16, ge=1)
-    pi: int = Field(50, ge=1)
-    margin: float = 2.0
-    activation: Literal["tanh", "relu"] = "tanh"
-    use_conv: bool = True
-    shared_affine: bool = False
-    """One affine pair for all normalizers (the paper's ablation; starts near, not at, the source)."""
-    logit_scale: Optional[float] = Field(None, gt=0)
-    """FC2's scale s in the ratio branch (logits = b + s W h); None: 1 / sqrt(pi K)."""
     sync_stats: Optional[bool] = None
     """Synchronize the bn member's statistics across processes (None: when >1 process)."""
-
-    @field_validator("normalizers")
-    @classmethod
-    def _known(cls, value: list[str]) -> list[str]:
-        bad = [n for n in value if n not in NORMALIZERS]
-        if bad or not value or len(set(value)) != len(value):
-            raise ValueError(f"give distinct names from {', '.join(NORMALIZERS)}")
-        return value
 
 
 class ModelConfig(Section):
@@ -61,12 +45,26 @@ class ModelConfig(Section):
     norm: Literal["en", "sn", "bn"] = "en"
     """"en": Exemplar Normalization; "sn": Switchable Normalization (the baseline layer, same
     ``en`` settings for normalizers and margin); "bn": the source model as it is."""
-    en: ENConfig = ENConfig()
+    en: RecipeENSettings = RecipeENSettings()
     bn_stats: Literal["batch", "running"] = "batch"
     """Where the bn statistics come from while training (BatchNorm, and EN's/SN's bn member):
     "batch" as BatchNorm does (the default: measured better, README Stability); "running":
     the source's running statistics, frozen (as FrozenBatchNorm2d, mmdetection's
     norm_eval), while affines, IN/LN and the ratio branch learn."""
+
+    @model_validator(mode="after")
+    def _layer_follows_norm(self) -> ModelConfig:
+        if "layer" in self.en.model_fields_set and self.norm != "bn" and self.en.layer != self.norm:
+            raise ValueError(f"model.en.layer={self.en.layer} differs from model.norm={self.norm}: set model.norm")
+        return self
+
+    @property
+    def settings(self) -> ENSettings:
+        """The conversion settings (EN for ``norm: bn`` too: what a checkpoint records)."""
+        return ENSettings(
+            **self.en.model_dump(exclude={"sync_stats", "layer"}),
+            layer=self.norm if self.norm != "bn" else "en",
+        )
 
 
 class DataConfig(Section):
@@ -184,19 +182,6 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
     return data
 
 
-def _format_errors(source: str, exc: ValidationError) -> str:
-    parts = []
-    for err in exc.errors():
-        loc = ".".join(str(p) for p in err["loc"])
-        msg = err["msg"].removeprefix("Value error, ")
-        if err["type"] == "extra_forbidden":
-            msg = "unknown key (remove it or check its spelling)"
-        elif "input" in err and not isinstance(err["input"], dict):
-            msg += f" (got {err['input']!r})"
-        parts.append(f"{loc}: {msg}")
-    return f"{source}: " + "; ".join(parts)
-
-
 def load_recipe(path: Path | None, overrides: list[str] | None = None) -> Recipe:
     """Read a YAML recipe (``yaml.safe_load``), apply overrides, validate."""
     data: dict[str, Any] = {}
@@ -220,9 +205,10 @@ def load_recipe(path: Path | None, overrides: list[str] | None = None) -> Recipe
     try:
         return Recipe.model_validate(data)
     except ValidationError as exc:
-        raise EnormError(_format_errors(source, exc)) from None
+        raise EnormError(f"{source}: " + validation_line(exc, str)) from None
 
 
 def dump_recipe(recipe: Recipe) -> str:
     """The resolved recipe as YAML (what ``config.yaml`` in the output directory holds)."""
-    return yaml.safe_dump(recipe.model_dump(mode="json"), sort_keys=False)
+    data = recipe.model_dump(mode="json", exclude={"model": {"en": {"layer"}}})  # model.norm says it
+    return yaml.safe_dump(data, sort_keys=False)

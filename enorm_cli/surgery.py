@@ -1,7 +1,9 @@
 """Model surgery: BatchNorm / GroupNorm layers -> ExemplarNorm2d that computes the same function.
 
-Surgery as data: ``POLICIES`` maps each source class to how its statistics and
-affine parameters are read and which normalizer it is. The replacement starts
+Surgery as data: ``_policies`` maps each source class to how its statistics and
+affine parameters are read (a ``SourceNorm``); the layer that replaces it comes from
+the registry (``layers.get_norm_layer``) and builds itself from the source
+(``MixedNorm2d.from_source``). The replacement starts
 as its source exactly (``docs/en-layer.md``): the ratio branch's last FC is
 zero with a bias prior of ``margin`` on the source normalizer, so lambda is
 constant, lambda_src = e^m / (e^m + K - 1); gamma_src = gamma / lambda_src,
@@ -13,127 +15,15 @@ first update moves fc2 off zero.
 
 from __future__ import annotations
 
-import math
-import re
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import Any
 
-import torch
-from torch import Tensor, nn
+from torch import nn
 
 from .errors import EnormError
-from .layers import NORMALIZERS, ExemplarNorm2d, SwitchableNorm2d
-from .layers.base import MixedNorm2d
-
-LAYERS = ("en", "sn")
-
-
-@dataclass(frozen=True)
-class ENSettings:
-    """How converted layers are built; stored in checkpoints to rebuild the model."""
-
-    normalizers: tuple[str, ...] = ("bn", "in", "ln")
-    reduction: int = 16
-    pi: int = 50
-    margin: float = 2.0
-    activation: str = "tanh"
-    use_conv: bool = True
-    include: str | None = None
-    exclude: str | None = None
-    layer: str = "en"
-    shared_affine: bool = False
-    logit_scale: float | None = None
-    """EN's FC2 scale s (logits = b + s W h); None: 1 / sqrt(pi K) (``default_logit_scale``)."""
-
-    def __post_init__(self) -> None:
-        if self.layer not in LAYERS:
-            raise EnormError(f"bad --layer {self.layer!r}: use en (Exemplar) or sn (Switchable, the baseline)")
-        if self.activation not in ("tanh", "relu"):
-            raise EnormError(f"bad activation {self.activation!r}: use tanh or relu")
-        bad = [n for n in self.normalizers if n not in NORMALIZERS]
-        if bad or not self.normalizers or len(set(self.normalizers)) != len(self.normalizers):
-            raise EnormError(
-                f"bad --normalizers {','.join(self.normalizers)!r}: give distinct names "
-                f"from {','.join(NORMALIZERS)}, e.g. --normalizers bn,in,ln"
-            )
-        if self.reduction < 1:
-            raise EnormError(f"--reduction must be a positive integer, got {self.reduction}")
-        if self.pi < 1:
-            raise EnormError(f"--pi must be a positive integer, got {self.pi}")
-        if self.logit_scale is not None and not (math.isfinite(self.logit_scale) and self.logit_scale > 0):
-            raise EnormError(f"--logit-scale must be a positive number, got {self.logit_scale}")
-        if not math.isfinite(self.margin):
-            raise EnormError(f"--margin must be a finite number, got {self.margin}")
-        for flag, pattern in (("--include", self.include), ("--exclude", self.exclude)):
-            if pattern is not None:
-                try:
-                    re.compile(pattern)
-                except re.error as exc:
-                    raise EnormError(f"{flag} {pattern!r} is not a valid regex: {exc}") from None
-
-    @property
-    def exact(self) -> bool:
-        """Whether converted layers start as exactly their source (EN with per-normalizer affines).
-
-        SN's static ratios mix the normalizers' statistics, and one shared affine set
-        scales every normalizer alike: both start near, not at, the source function.
-        """
-        return self.layer == "en" and not self.shared_affine
-
-    def to_json(self) -> dict[str, Any]:
-        return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
-
-    @classmethod
-    def from_json(cls, data: dict[str, Any]) -> ENSettings:
-        known = {f for f in cls.__dataclass_fields__}
-        # Checkpoints written before logit_scale existed had an unscaled FC2.
-        legacy = {"logit_scale": 1.0}
-        return cls(**{**legacy, **{k: v for k, v in data.items() if k in known},
-                      "normalizers": tuple(data["normalizers"])})
-
-    def selects(self, name: str) -> bool:
-        """Whether --include/--exclude let the module with this name be converted."""
-        if self.include is not None and not re.search(self.include, name):
-            return False
-        return self.exclude is None or not re.search(self.exclude, name)
-
-
-class _ActTail:
-    """A drop and an activation after the norm, as timm's *NormAct2d layers have."""
-
-    def __init__(self, *args: Any, drop: nn.Module | None = None, act: nn.Module | None = None, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self.drop = drop if drop is not None else nn.Identity()
-        self.act = act if act is not None else nn.Identity()
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self.act(self.drop(super().forward(x)))
-
-
-class ExemplarNormAct2d(_ActTail, ExemplarNorm2d):
-    """ExemplarNorm2d followed by a drop and an activation, in place of timm's *NormAct2d."""
-
-
-class SwitchableNormAct2d(_ActTail, SwitchableNorm2d):
-    """SwitchableNorm2d followed by a drop and an activation, in place of timm's *NormAct2d."""
-
-
-@dataclass(frozen=True)
-class SourceNorm:
-    """What a source layer contributes: its normalizer, statistics and affine."""
-
-    normalizer: str
-    num_features: int
-    eps: float
-    weight: Tensor | None
-    bias: Tensor | None
-    momentum: float | None = 0.1
-    running_mean: Tensor | None = None
-    running_var: Tensor | None = None
-    num_groups: int = 32
-    drop: nn.Module | None = None
-    act: nn.Module | None = None
+from .layers import MixedNorm2d, SourceNorm, get_norm_layer
+from .settings import ENSettings
 
 
 def _bn(m: nn.Module) -> SourceNorm:
@@ -196,13 +86,24 @@ def _looks_like_norm(module: nn.Module) -> bool:
     )
 
 
-@dataclass
+@dataclass(frozen=True)
 class ConvertedLayer:
+    """One converted layer, as the conversion report and ``enorm inspect`` show it."""
+
     name: str
     source_type: str
     channels: int
     normalizers: tuple[str, ...]
     params_added: int
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "source_type": self.source_type,
+            "channels": self.channels,
+            "normalizers": list(self.normalizers),
+            "params_added": self.params_added,
+        }
 
 
 @dataclass
@@ -224,54 +125,9 @@ def build_norm(src: SourceNorm, settings: ENSettings) -> MixedNorm2d:
     EN with per-normalizer affines computes exactly what ``src`` computes in eval
     mode; SN and shared-affine EN start near it (``ENSettings.exact``).
     """
-    normalizers = settings.normalizers
-    if src.normalizer not in normalizers:
-        normalizers = (*normalizers, src.normalizer)
-    common: dict[str, Any] = dict(
-        normalizers=normalizers, eps=src.eps, momentum=src.momentum,
-        num_groups=src.num_groups if "gn" in normalizers else 32,
-    )
-    tail = src.act is not None or src.drop is not None
-    if tail:
-        common.update(drop=src.drop, act=src.act)
-    layer: MixedNorm2d
-    if settings.layer == "sn":
-        layer = (SwitchableNormAct2d if tail else SwitchableNorm2d)(src.num_features, **common)
-    else:
-        layer = (ExemplarNormAct2d if tail else ExemplarNorm2d)(
-            src.num_features, **common, reduction=settings.reduction, pi=settings.pi,
-            activation=settings.activation, use_conv=settings.use_conv, shared_affine=settings.shared_affine,
-            logit_scale=settings.logit_scale,
-        )
-    ref = src.weight if src.weight is not None else src.running_mean
-    if ref is not None:
-        layer.to(device=ref.device, dtype=ref.dtype if ref.dtype.is_floating_point else None)
-    k = len(normalizers)
-    s = normalizers.index(src.normalizer)
-    lam_src = math.exp(settings.margin) / (math.exp(settings.margin) + k - 1)
-    prior = torch.zeros(k)
-    prior[s] = settings.margin
-    with torch.no_grad():
-        gamma = src.weight.detach() if src.weight is not None else torch.ones(src.num_features)
-        beta = src.bias.detach() if src.bias is not None else torch.zeros(src.num_features)
-        if isinstance(layer, SwitchableNorm2d):
-            layer.weight.copy_(gamma)
-            layer.bias.copy_(beta)
-            layer.mean_weight.copy_(prior)
-            layer.var_weight.copy_(prior)
-        else:
-            layer.weight.zero_()
-            if settings.shared_affine:
-                layer.weight[0] = gamma.to(layer.weight)
-            else:
-                layer.weight[s] = gamma.to(layer.weight) / lam_src
-            layer.bias.copy_(beta.to(layer.bias).expand_as(layer.bias))
-            layer.ratio.fc2.weight.zero_()
-            layer.ratio.fc2.bias.copy_(prior)
-        if src.running_mean is not None and src.running_var is not None:
-            layer.running_mean.copy_(src.running_mean)
-            layer.running_var.copy_(src.running_var)
-    return layer
+    cls = get_norm_layer(settings.layer, act=src.has_tail)
+    options = settings.layer_options(cls.options)
+    return cls.from_source(src, settings.normalizers, settings.margin, **options)
 
 
 def convert_model(model: nn.Module, settings: ENSettings) -> ConversionReport:
@@ -289,7 +145,7 @@ def convert_model(model: nn.Module, settings: ENSettings) -> ConversionReport:
                 report.skipped.append((name, type(module).__name__, "not a 2-D batch or group norm"))
             continue
         if not settings.selects(name):
-            report.skipped.append((name, type(module).__name__, "not selected by --include/--exclude"))
+            report.skipped.append((name, type(module).__name__, "not selected by include/exclude"))
             continue
         if policy[1] is _bn and getattr(module, "running_mean", None) is None:
             report.skipped.append((name, type(module).__name__, "no running statistics to start from"))

@@ -15,7 +15,7 @@ from enorm_cli import load_model
 from enorm_cli.checkpoint import build_metadata, read_info, save_checkpoint
 from enorm_cli.convert import convert
 from enorm_cli.errors import EnormError
-from enorm_cli.surgery import ENSettings
+from enorm_cli.settings import ENSettings
 
 
 def test_convert_save_and_load_model_round_trip(tmp_path: Path) -> None:
@@ -87,3 +87,50 @@ def test_sn_checkpoint_round_trip(tmp_path: Path) -> None:
     x = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
         torch.testing.assert_close(load_model(out)(x), result.model(x))
+
+
+def _rewrite_metadata(src: Path, dst: Path, **changes: str | None) -> None:
+    """A copy of ``src`` with metadata keys changed (None: removed), as another enorm wrote it."""
+    from safetensors.torch import load_file
+
+    meta = dict(safe_open(str(src), framework="pt").metadata())
+    for key, value in changes.items():
+        if value is None:
+            meta.pop(key, None)
+        else:
+            meta[key] = value
+    save_file(load_file(str(src)), str(dst), metadata=meta)
+
+
+def test_format_1_files_migrate_and_newer_formats_are_refused(tmp_path: Path) -> None:
+    """Format 1 files from before logit_scale existed had an unscaled FC2: they load as they were."""
+    out = tmp_path / "r.safetensors"
+    result = convert("test_resnet", out, ENSettings(), pretrained=False)
+    settings = json.loads(safe_open(str(out), framework="pt").metadata()["enorm.en_settings"])
+    assert settings["logit_scale"] is None and "enorm.format_version" in safe_open(str(out), "pt").metadata()
+    old = tmp_path / "v1.safetensors"
+    del settings["logit_scale"]
+    _rewrite_metadata(out, old, **{"enorm.format_version": "1", "enorm.en_settings": json.dumps(settings)})
+    assert read_info(old).settings["logit_scale"] == 1.0
+    model = load_model(old)
+    layers = [m for m in model.modules() if hasattr(m, "logit_scale")]
+    assert layers and all(m.logit_scale == 1.0 for m in layers)
+    assert read_info(out).settings["logit_scale"] is None  # a current file is left as it is
+    with torch.no_grad():  # a fresh conversion does not depend on s (FC2's weight is zero)
+        x = torch.randn(2, 3, 64, 64)
+        torch.testing.assert_close(model(x), result.model(x))
+    for version, match in (("3", "newer enorm.*upgrade enorm"), ("x", "damaged"), ("0", "unknown")):
+        bad = tmp_path / f"v{version}.safetensors"
+        _rewrite_metadata(out, bad, **{"enorm.format_version": version})
+        with pytest.raises(EnormError, match=match):
+            load_model(bad)
+
+
+def test_settings_a_file_cannot_build_are_one_error(tmp_path: Path) -> None:
+    out = tmp_path / "r.safetensors"
+    convert("test_resnet", out, ENSettings(), pretrained=False)
+    settings = {**json.loads(safe_open(str(out), framework="pt").metadata()["enorm.en_settings"]), "pi": 0}
+    bad = tmp_path / "bad.safetensors"
+    _rewrite_metadata(out, bad, **{"enorm.en_settings": json.dumps(settings)})
+    with pytest.raises(EnormError, match="cannot build.*pi"):
+        load_model(bad)

@@ -13,7 +13,8 @@ from helpers import randomize_norms
 from enorm_cli.convert import convert
 from enorm_cli.errors import EnormError
 from enorm_cli.export import export_model, format_for, require_onnx, run_onnx
-from enorm_cli.surgery import ENSettings, convert_model
+from enorm_cli.settings import ENSettings
+from enorm_cli.surgery import convert_model
 from enorm_cli.verify import default_batch
 
 

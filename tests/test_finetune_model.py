@@ -9,7 +9,7 @@ from helpers import QUICK
 
 from enorm_cli.checkpoint import load_model, read_info, save_checkpoint
 from enorm_cli.errors import EnormError
-from enorm_cli.finetune_model import prepare_model, set_sync_stats, settings_from_recipe
+from enorm_cli.finetune_model import prepare_model, set_sync_stats
 from enorm_cli.layers import ExemplarNorm2d, SwitchableNorm2d
 from enorm_cli.recipe import load_recipe
 
@@ -29,8 +29,7 @@ def test_on_the_fly_conversion_by_norm(norm: str, kind: type | None) -> None:
 
 
 def test_settings_follow_the_recipe() -> None:
-    settings = settings_from_recipe(recipe("model.en.normalizers=[bn,ln]", "model.en.logit_scale=0.5",
-                                           "model.norm=bn"))
+    settings = recipe("model.en.normalizers=[bn,ln]", "model.en.logit_scale=0.5", "model.norm=bn").model.settings
     assert settings.normalizers == ("bn", "ln") and settings.logit_scale == 0.5 and settings.layer == "en"
 
 

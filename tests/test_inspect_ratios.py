@@ -10,7 +10,7 @@ import pytest
 from enorm_cli.convert import convert
 from enorm_cli.data import parse_data_spec
 from enorm_cli.inspect_ratios import inspect_checkpoint, inspect_on_data
-from enorm_cli.surgery import ENSettings
+from enorm_cli.settings import ENSettings
 
 
 def _sums_to_one(rows: list[dict], names: tuple[str, ...]) -> bool:

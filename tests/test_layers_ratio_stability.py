@@ -14,7 +14,8 @@ from torch import nn
 
 from enorm_cli.layers import ExemplarNorm2d
 from enorm_cli.layers.exemplar_norm import default_logit_scale
-from enorm_cli.surgery import ENSettings, _bn, build_norm
+from enorm_cli.settings import ENSettings
+from enorm_cli.surgery import _bn, build_norm
 
 
 def converted_wide_layer(logit_scale: float | None, channels: int = 1280) -> ExemplarNorm2d:

@@ -8,7 +8,8 @@ import timm
 import torch
 
 from enorm_cli.ratios import RatioRecorder, summarize
-from enorm_cli.surgery import ENSettings, convert_model
+from enorm_cli.settings import ENSettings
+from enorm_cli.surgery import convert_model
 
 
 def _converted(settings: ENSettings) -> torch.nn.Module:

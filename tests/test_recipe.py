@@ -23,7 +23,7 @@ def test_shipped_recipes_validate_and_say_their_hardware(path: Path) -> None:
 def test_quickstart_has_the_documented_keys() -> None:
     recipe = load_recipe(Path("recipes/quickstart.yaml"))
     assert recipe.model.name == "torchvision:mobilenet_v2" and recipe.model.num_classes == 10
-    assert recipe.model.en.normalizers == ["bn", "ln"]  # README: why not in at 32 px
+    assert recipe.model.en.normalizers == ("bn", "ln")  # README: why not in at 32 px
     assert (recipe.model.en.reduction, recipe.model.en.pi) == (16, 50)
     assert recipe.data.kind == "fashion_mnist" and recipe.data.image_size == 32
     assert recipe.optim.name == "sgd" and recipe.schedule.name == "cosine"
@@ -36,7 +36,7 @@ def test_overrides_are_parsed_as_yaml() -> None:
          "train.grad_clip=1.5", "output_dir=/tmp/x"],
     )
     assert recipe.optim.lr == 0.05 and recipe.data.batch_size == 8
-    assert recipe.model.en.normalizers == ["bn", "in", "ln"] and recipe.data.limit_train is None
+    assert recipe.model.en.normalizers == ("bn", "in", "ln") and recipe.data.limit_train is None
     assert recipe.train.grad_clip == 1.5 and recipe.output_dir == "/tmp/x"
     assert "lr: 0.05" in dump_recipe(recipe)
 
@@ -48,7 +48,8 @@ def test_overrides_are_parsed_as_yaml() -> None:
         (["optim.lr"], "not key=value"),
         (["optim.lr=abc"], r"optim\.lr: .*valid number.*'abc'"),
         (["data.batch_size=0", "optim.lr=-1"], r"data\.batch_size: .*; optim\.lr: "),
-        (["model.en.normalizers=[bn,xx]"], r"model\.en\.normalizers: give distinct names"),
+        (["model.en.normalizers=[bn,xx]"], r"model\.en\.normalizers: unknown normalizer\(s\) xx"),
+        (["model.norm=en", "model.en.layer=sn"], r"model\.en\.layer=sn differs from model\.norm=en"),
         (["data.kind=parquet"], r"data\.kind: "),
     ],
 )
@@ -73,3 +74,15 @@ def test_bad_recipe_files(tmp_path: Path) -> None:
     bad.write_text("data: {kind: fashion_mnist}\n")
     with pytest.raises(EnormError, match="model: Field required"):
         load_recipe(bad)
+
+
+@pytest.mark.parametrize("norm", ["en", "sn", "bn"])
+def test_model_en_is_the_conversion_settings_and_config_yaml_reloads(tmp_path: Path, norm: str) -> None:
+    """model.en is ENSettings (plus sync_stats); its layer follows model.norm, so the
+    resolved recipe a run writes (config.yaml) loads again as the same recipe."""
+    recipe = load_recipe(Path("recipes/quickstart.yaml"), [f"model.norm={norm}", "model.en.exclude=features\\.0\\."])
+    assert recipe.model.settings.layer == ("en" if norm == "bn" else norm)
+    assert recipe.model.settings.exclude == "features\\.0\\." and not recipe.model.settings.selects("features.0.1")
+    config = tmp_path / "config.yaml"
+    config.write_text(dump_recipe(recipe))
+    assert load_recipe(config) == recipe

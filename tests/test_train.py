@@ -19,7 +19,7 @@ from enorm_cli.checkpoint import read_info
 from enorm_cli.errors import EnormError
 from enorm_cli.layers import ExemplarNorm2d
 from enorm_cli.recipe import load_recipe
-from enorm_cli.train import finetune, param_groups, set_train_mode
+from enorm_cli.train import finetune, set_train_mode
 
 
 def small_quickstart(out: Path, *extra: str) -> list[str]:
@@ -54,18 +54,6 @@ def test_quickstart_subset_learns_and_ratios_move(tmp_path: Path, mobilenet_weig
         assert abs(sum(layer["mean"]) - 1) < 1e-4
     model = load_model(out / "best.safetensors")
     assert model.classifier[1].out_features == 10
-
-
-def test_param_groups_split_en_parts() -> None:
-    recipe = load_recipe(QUICK, ["model.checkpoint=null", "optim.lr=0.1", "optim.ratio_lr_scale=0.5"])
-    from enorm_cli.finetune_model import prepare_model
-
-    prepared = prepare_model(recipe, 10)
-    groups = {g["name"]: g for g in param_groups(prepared.model, recipe)}
-    assert groups["ratio"]["lr"] == 0.05 and groups["ratio"]["weight_decay"] == 0.0
-    assert groups["affine"]["lr"] == 0.1 and groups["decay"]["weight_decay"] == 1e-4
-    total = sum(p.numel() for g in groups.values() for p in g["params"])
-    assert total == sum(p.numel() for p in prepared.model.parameters())
 
 
 @pytest.mark.parametrize("norm", ["bn", "en"])

@@ -4,11 +4,28 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Optional
+from typing import TYPE_CHECKING, Any, Optional
 
 import typer
 
 from .common import stdout, user_errors
+
+if TYPE_CHECKING:
+    from ..settings import ENSettings
+
+
+def settings_from_flags(**flags: Any) -> ENSettings:
+    """``ENSettings`` from convert's flags; a bad value is one line naming its flag."""
+    from pydantic import ValidationError
+
+    from ..errors import EnormError
+    from ..settings import ENSettings, validation_line
+
+    try:
+        return ENSettings(**flags)
+    except ValidationError as exc:
+        line = validation_line(exc, lambda field: "--" + field.split(".")[0].replace("_", "-"))
+        raise EnormError(f"bad {line}") from None
 
 
 @user_errors
@@ -56,10 +73,9 @@ def convert(
       enorm convert test_efficientnet_gn --no-pretrained --normalizers bn,in,ln,gn --out gn.safetensors
     """
     from ..convert import convert as run
-    from ..surgery import ENSettings
     from .report import print_conversion
 
-    settings = ENSettings(
+    settings = settings_from_flags(
         normalizers=tuple(n.strip().lower() for n in normalizers.split(",") if n.strip()),
         reduction=reduction,
         pi=pi,

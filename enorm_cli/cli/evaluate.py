@@ -41,7 +41,7 @@ def evaluate(
     from ..errors import EnormError
     from ..recipe import load_recipe
     from ..recipe_registry import resolve_recipe
-    from ..train import evaluate_checkpoint
+    from ..evaluate import evaluate_checkpoint
 
     if (data is None) == (recipe is None):
         raise EnormError("give exactly one of --data SPEC or --recipe R")

@@ -1,11 +1,16 @@
-"""What EN and SN share: running-statistics buffers, statistics in the current mode, forward."""
+"""What EN and SN share: the layer interface, running statistics, statistics in the current
+mode, forward, and the exact start from a source layer."""
 
 from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor, nn
 
 from .fused_affine import fused_affine
+from .source import SourceNorm, source_prior
 from .statistics import (
     InstanceStats,
     check_normalizers,
@@ -27,8 +32,19 @@ class MixedNorm2d(nn.Module):
     With ``sync_stats`` set (a plain attribute, not saved) and torch.distributed
     running with more than one process, training batch statistics cover the
     whole distributed batch, as ``nn.SyncBatchNorm`` does.
+
+    The interface every mixed layer has (and the only thing surgery, training and
+    inspection ask of one): ``from_source`` (the replacement of a source layer, starting
+    as it), ``ratio_parameters`` and ``affine_parameters`` (optimizer groups),
+    ``prior_ratio_logits`` (the input-independent ratios, read from a checkpoint without
+    building the layer), ``ratios(x)``, and torch's ``reset_parameters``/``reset_running_stats``.
+    Layers are picked by name in ``registry.py``.
     """
 
+    kind: ClassVar[str]
+    """The registry name (``ENSettings.layer``)."""
+    options: ClassVar[tuple[str, ...]] = ()
+    """``ENSettings`` fields the constructor takes besides the common ones."""
     sync_stats: bool = False
 
     def __init__(
@@ -38,6 +54,8 @@ class MixedNorm2d(nn.Module):
         eps: float,
         momentum: float | None,
         num_groups: int,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__()
         self.normalizers = check_normalizers(normalizers)
@@ -49,9 +67,73 @@ class MixedNorm2d(nn.Module):
         self.eps = eps
         self.momentum = momentum
         self.num_groups = num_groups
-        self.register_buffer("running_mean", torch.zeros(num_features))
-        self.register_buffer("running_var", torch.ones(num_features))
-        self.register_buffer("num_batches_tracked", torch.tensor(0, dtype=torch.long))
+        factory = {"device": device, "dtype": dtype}
+        self.register_buffer("running_mean", torch.zeros(num_features, **factory))
+        self.register_buffer("running_var", torch.ones(num_features, **factory))
+        self.register_buffer("num_batches_tracked", torch.tensor(0, dtype=torch.long, device=device))
+
+    @classmethod
+    def from_source(
+        cls,
+        src: SourceNorm,
+        normalizers: tuple[str, ...],
+        margin: float,
+        **options: Any,
+    ) -> MixedNorm2d:
+        """The layer that replaces ``src``, on its device and dtype, starting as it
+        (``docs/en-layer.md``, exact conversion).
+
+        ``normalizers`` gains the source's own when it lacks it; ``margin`` is the prior
+        logit of the source normalizer; ``options`` go to the constructor (``cls.options``,
+        plus ``drop``/``act`` for the norm+act classes, which ``src`` supplies).
+        """
+        if src.normalizer not in normalizers:
+            normalizers = (*normalizers, src.normalizer)
+        tail = {"drop": src.drop, "act": src.act} if src.has_tail else {}
+        layer = cls(
+            src.num_features,
+            normalizers=normalizers,
+            eps=src.eps,
+            momentum=src.momentum,
+            num_groups=src.num_groups if "gn" in normalizers else 32,
+            **tail,
+            **options,
+            **src.factory_kwargs(),
+        )
+        prior, lam_src = source_prior(layer.normalizers, src.normalizer, margin)
+        with torch.no_grad():
+            layer._start_as(src, prior, lam_src)
+            if src.running_mean is not None and src.running_var is not None:
+                layer.running_mean.copy_(src.running_mean)
+                layer.running_var.copy_(src.running_var)
+        return layer
+
+    def _start_as(self, src: SourceNorm, prior: Tensor, lam_src: float) -> None:
+        """Set the parameters so the layer starts as ``src`` (prior: K ratio logits; lam_src:
+        the source normalizer's ratio under them). Called under no_grad."""
+        raise NotImplementedError
+
+    def ratio_parameters(self) -> list[nn.Parameter]:
+        """What sets the ratios (EN's branch, SN's ratio logits): their own optimizer group."""
+        raise NotImplementedError
+
+    def affine_parameters(self) -> list[nn.Parameter]:
+        """The gammas and betas: their own optimizer group."""
+        return [self.weight, self.bias]
+
+    @staticmethod
+    def prior_ratio_logits(read: Callable[[str], Tensor]) -> tuple[Tensor, bool]:
+        """The ratio logits that do not depend on the input, from the layer's own tensors
+        (``read("weight")`` etc.), and whether they are the ratios forward uses."""
+        raise NotImplementedError
+
+    def ratios(self, x: Tensor) -> Tensor:
+        """The post-softmax ratios (N x K) forward uses on x; running statistics untouched."""
+        raise NotImplementedError
+
+    def reset_parameters(self) -> None:
+        """Running statistics and parameters as a new layer has them (as torch norms)."""
+        raise NotImplementedError
 
     def reset_running_stats(self) -> None:
         """Zero means, unit variances, no batches seen (as ``nn.BatchNorm2d``)."""

@@ -10,12 +10,13 @@ from __future__ import annotations
 
 import contextlib
 import math
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import torch
 from torch import Tensor, nn
 
 from .base import MixedNorm2d
+from .source import SourceNorm
 from .exemplar_function import (
     ENTensors,
     ExemplarNormFunction,
@@ -26,7 +27,15 @@ from .exemplar_function import (
 )
 from .statistics import InstanceStats, distributed_world_size, group_count, instance_stats
 
-ACTIVATIONS = ("tanh", "relu")
+ACTIVATIONS: tuple[str, ...] = ("tanh", "relu")
+"""The ratio branch's hidden activations."""
+
+
+def check_activation(activation: str) -> str:
+    """Validate the ratio branch's activation (``ACTIVATIONS``); the one check, also for settings."""
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"activation must be one of {', '.join(ACTIVATIONS)}, got {activation!r}")
+    return activation
 
 
 def default_logit_scale(num_normalizers: int, pi: int) -> float:
@@ -102,19 +111,28 @@ class RatioBranch(nn.Module):
         activation: str,
         use_conv: bool,
         logit_scale: float = 1.0,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__()
         k = num_normalizers
+        factory = {"device": device, "dtype": dtype}
         self.logit_scale = logit_scale
         self.groups = group_count(num_features, reduction)
         self.conv = (
-            nn.Conv1d(num_features, self.groups, kernel_size=1, groups=self.groups, bias=False)
+            nn.Conv1d(num_features, self.groups, kernel_size=1, groups=self.groups, bias=False, **factory)
             if use_conv
             else None
         )
-        self.fc1 = nn.Linear(k * k, pi * k)
+        self.fc1 = nn.Linear(k * k, pi * k, **factory)
         self.act: nn.Module = nn.Tanh() if activation == "tanh" else nn.ReLU()
-        self.fc2 = nn.Linear(pi * k, k)
+        self.fc2 = nn.Linear(pi * k, k, **factory)
+
+    def reset_parameters(self) -> None:
+        """torch's default initialization of the conv and both FCs (what a new branch has)."""
+        for layer in (self.conv, self.fc1, self.fc2):
+            if layer is not None:
+                layer.reset_parameters()
 
     def forward(self, xhat: Tensor) -> Tensor:
         """xhat: N x K x C pre-normalized pooled features -> ratio logits N x K (``ratio_logits``)."""
@@ -138,6 +156,8 @@ class ExemplarNorm2d(MixedNorm2d):
     """
 
     _version = 1
+    kind = "en"
+    options = ("reduction", "pi", "activation", "use_conv", "shared_affine", "logit_scale")
 
     def __init__(
         self,
@@ -152,26 +172,63 @@ class ExemplarNorm2d(MixedNorm2d):
         shared_affine: bool = False,
         num_groups: int = 32,
         logit_scale: float | None = None,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
     ) -> None:
-        super().__init__(num_features, normalizers, eps, momentum, num_groups)
+        super().__init__(num_features, normalizers, eps, momentum, num_groups, device, dtype)
         if reduction < 1 or pi < 1:
             raise ValueError(f"reduction and pi must be positive, got {reduction} and {pi}")
-        if activation not in ACTIVATIONS:
-            raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
         self.reduction = reduction
         self.pi = pi
-        self.activation = activation
+        self.activation = check_activation(activation)
         self.use_conv = use_conv
         self.shared_affine = shared_affine
         k = len(self.normalizers)
         rows = 1 if shared_affine else k
-        self.weight = nn.Parameter(torch.ones(rows, num_features))
-        self.bias = nn.Parameter(torch.zeros(rows, num_features))
+        self.weight = nn.Parameter(torch.empty(rows, num_features, device=device, dtype=dtype))
+        self.bias = nn.Parameter(torch.empty(rows, num_features, device=device, dtype=dtype))
+        self._reset_affine()
         if logit_scale is None:
             logit_scale = default_logit_scale(k, pi)
         if not logit_scale > 0:
             raise ValueError(f"logit_scale must be positive, got {logit_scale}")
-        self.ratio = RatioBranch(num_features, k, reduction, pi, activation, use_conv, float(logit_scale))
+        self.ratio = RatioBranch(
+            num_features, k, reduction, pi, activation, use_conv, float(logit_scale), device, dtype
+        )
+
+    def _reset_affine(self) -> None:
+        with torch.no_grad():
+            self.weight.fill_(1.0)
+            self.bias.zero_()
+
+    def reset_parameters(self) -> None:
+        """Unit gammas, zero betas, a newly initialized ratio branch, fresh running statistics."""
+        self.reset_running_stats()
+        self._reset_affine()
+        self.ratio.reset_parameters()
+
+    def _start_as(self, src: SourceNorm, prior: Tensor, lam_src: float) -> None:
+        """gamma_src = gamma / lambda_src (all of gamma in row 0 when shared), other gammas 0,
+        every beta = beta, FC2's weight 0 and its bias the prior: lambda is constant at the
+        prior, so Y = gamma Xhat_src + beta (``docs/en-layer.md``)."""
+        gamma = src.gamma().to(self.weight)
+        self.weight.zero_()
+        if self.shared_affine:
+            self.weight[0] = gamma
+        else:
+            self.weight[self.normalizers.index(src.normalizer)] = gamma / lam_src
+        self.bias.copy_(src.beta().to(self.bias).expand_as(self.bias))
+        self.ratio.fc2.weight.zero_()
+        self.ratio.fc2.bias.copy_(prior)
+
+    def ratio_parameters(self) -> list[nn.Parameter]:
+        return list(self.ratio.parameters())
+
+    @staticmethod
+    def prior_ratio_logits(read: Callable[[str], Tensor]) -> tuple[Tensor, bool]:
+        """FC2's bias: the logits exactly while FC2's weight is zero (a fresh conversion),
+        the branch's bias term otherwise."""
+        return read("ratio.fc2.bias"), not read("ratio.fc2.weight").any()
 
     @property
     def logit_scale(self) -> float:

@@ -11,10 +11,13 @@ instance variance is NaN on 1x1 maps), and running statistics follow PyTorch's
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import Tensor, nn
 
 from .base import MixedNorm2d
+from .source import SourceNorm
 from .statistics import InstanceStats
 
 
@@ -27,6 +30,7 @@ class SwitchableNorm2d(MixedNorm2d):
     """
 
     _version = 1
+    kind = "sn"
 
     def __init__(
         self,
@@ -35,13 +39,44 @@ class SwitchableNorm2d(MixedNorm2d):
         eps: float = 1e-5,
         momentum: float | None = 0.1,
         num_groups: int = 32,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
     ) -> None:
-        super().__init__(num_features, normalizers, eps, momentum, num_groups)
+        super().__init__(num_features, normalizers, eps, momentum, num_groups, device, dtype)
         k = len(self.normalizers)
-        self.weight = nn.Parameter(torch.ones(num_features))
-        self.bias = nn.Parameter(torch.zeros(num_features))
-        self.mean_weight = nn.Parameter(torch.ones(k))
-        self.var_weight = nn.Parameter(torch.ones(k))
+        factory = {"device": device, "dtype": dtype}
+        self.weight = nn.Parameter(torch.empty(num_features, **factory))
+        self.bias = nn.Parameter(torch.empty(num_features, **factory))
+        self.mean_weight = nn.Parameter(torch.empty(k, **factory))
+        self.var_weight = nn.Parameter(torch.empty(k, **factory))
+        self._reset_parameters()
+
+    def _reset_parameters(self) -> None:
+        with torch.no_grad():
+            self.weight.fill_(1.0)
+            self.bias.zero_()
+            self.mean_weight.fill_(1.0)
+            self.var_weight.fill_(1.0)
+
+    def reset_parameters(self) -> None:
+        """Unit gamma, zero beta, uniform ratios, fresh running statistics."""
+        self.reset_running_stats()
+        self._reset_parameters()
+
+    def _start_as(self, src: SourceNorm, prior: Tensor, lam_src: float) -> None:
+        """The source's affine, and the prior as both ratio logits (near the source, not at it)."""
+        self.weight.copy_(src.gamma())
+        self.bias.copy_(src.beta())
+        self.mean_weight.copy_(prior)
+        self.var_weight.copy_(prior)
+
+    def ratio_parameters(self) -> list[nn.Parameter]:
+        return [self.mean_weight, self.var_weight]
+
+    @staticmethod
+    def prior_ratio_logits(read: Callable[[str], Tensor]) -> tuple[Tensor, bool]:
+        """The mean ratios' logits: SN's ratios never depend on the input."""
+        return read("mean_weight"), True
 
     def mean_ratios(self) -> Tensor:
         """Softmax of ``mean_weight``: how the means are mixed (K,)."""

@@ -1,0 +1,87 @@
+"""The optimizer and schedule of a recipe: timm's factories over EN-aware parameter groups."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from .errors import EnormError
+from .layers import MixedNorm2d
+from .recipe import Recipe
+
+
+def param_groups(model: nn.Module, recipe: Recipe) -> list[dict[str, Any]]:
+    """Optimizer groups: the mixed layers' ratio parameters (EN's branch, SN's ratio logits)
+    and affines get their own lr and decay (``MixedNorm2d.ratio_parameters`` and
+    ``affine_parameters``).
+
+    Other 1-D parameters (biases, norm weights) get no weight decay, as timm does.
+    """
+    o = recipe.optim
+    ratio_ids: set[int] = set()
+    affine_ids: set[int] = set()
+    for module in model.modules():
+        if isinstance(module, MixedNorm2d):
+            ratio_ids.update(id(p) for p in module.ratio_parameters())
+            affine_ids.update(id(p) for p in module.affine_parameters())
+    groups: dict[str, dict[str, Any]] = {
+        "ratio": {
+            "params": [],
+            "lr": o.ratio_lr or o.lr * o.ratio_lr_scale,
+            "weight_decay": o.ratio_weight_decay,
+        },
+        "affine": {"params": [], "lr": o.affine_lr or o.lr, "weight_decay": o.affine_weight_decay},
+        "decay": {"params": [], "lr": o.lr, "weight_decay": o.weight_decay},
+        "no_decay": {"params": [], "lr": o.lr, "weight_decay": 0.0},
+    }
+    for p in model.parameters():
+        if not p.requires_grad:
+            continue
+        if id(p) in ratio_ids:
+            key = "ratio"
+        elif id(p) in affine_ids:
+            key = "affine"
+        else:
+            key = "decay" if p.ndim > 1 else "no_decay"
+        groups[key]["params"].append(p)
+    return [{"name": k, **g} for k, g in groups.items() if g["params"]]
+
+
+def build_optimizer(model: nn.Module, recipe: Recipe) -> torch.optim.Optimizer:
+    """timm's ``create_optimizer_v2`` over ``param_groups``; a bad optim section is a user error."""
+    from timm.optim import create_optimizer_v2
+
+    o = recipe.optim
+    try:
+        return create_optimizer_v2(
+            param_groups(model, recipe),
+            opt=o.name,
+            lr=o.lr,
+            weight_decay=o.weight_decay,
+            momentum=o.momentum,
+        )
+    except (ValueError, AssertionError, TypeError) as exc:  # timm: unknown name, bad momentum, ...
+        raise EnormError(f"optim: {exc or type(exc).__name__} (check optim.name and its settings)") from None
+
+
+def build_scheduler(optimizer: torch.optim.Optimizer, recipe: Recipe, steps_per_epoch: int) -> Any:
+    """timm's ``create_scheduler_v2`` for the recipe's schedule, stepped per optimizer update."""
+    from timm.scheduler import create_scheduler_v2
+
+    s = recipe.schedule
+    scheduler, _ = create_scheduler_v2(
+        optimizer,
+        sched=s.name,
+        num_epochs=s.epochs,
+        warmup_epochs=s.warmup_epochs,
+        warmup_lr=s.warmup_lr,
+        min_lr=s.min_lr,
+        decay_epochs=s.decay_epochs or max(s.epochs // 3, 1),
+        decay_milestones=s.decay_milestones,
+        decay_rate=s.decay_rate,
+        step_on_epochs=False,
+        updates_per_epoch=steps_per_epoch,
+    )
+    return scheduler
