@@ -16,7 +16,7 @@ its peak, beyond the weights (parameters are counted separately).
     python benchmarks/bench_norm.py --mode full          # batch 32/64 at 224 px (for a GPU)
     python benchmarks/bench_norm.py --layers             # ExemplarNorm2d alone vs nn.BatchNorm2d
     python benchmarks/bench_norm.py --json bench.json
-    python benchmarks/bench_norm.py --compile            # torch.compile every variant (compile time reported)
+    python benchmarks/bench_norm.py --compile            # torch.compile every variant
     python benchmarks/bench_norm.py --channels-last      # inputs and weights in channels_last
 """
 
@@ -40,9 +40,9 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.official_sn import OfficialSwitchNorm2d, swap_in_official_sn  # noqa: E402
-from enorm_cli.layers import ExemplarNorm2d, SwitchableNorm2d  # noqa: E402
-from enorm_cli.surgery import ENSettings, convert_model  # noqa: E402
+from benchmarks.official_sn import OfficialSwitchNorm2d, swap_in_official_sn
+from enorm_cli.layers import ExemplarNorm2d, SwitchableNorm2d
+from enorm_cli.surgery import ENSettings, convert_model
 
 # model -> (batch, image size) per mode
 MODES: dict[str, dict[str, tuple[int, int]]] = {
@@ -50,10 +50,19 @@ MODES: dict[str, dict[str, tuple[int, int]]] = {
     "full": {"resnet50": (32, 224), "mobilenetv2_100": (64, 224), "resnet50_gn": (32, 224)},
 }
 
-# Feature shapes (N, C, H, W): resnet50's stage outputs at 160 px, batch 8; MobileNetV2 at 32 px, batch 64.
+# Feature shapes (N, C, H, W): resnet50's stage outputs at 160 px, batch 8;
+# MobileNetV2's at 32 px, batch 64.
 LAYER_SHAPES = [
-    (8, 64, 80, 80), (8, 256, 40, 40), (8, 512, 20, 20), (8, 1024, 10, 10), (8, 2048, 5, 5),
-    (64, 32, 16, 16), (64, 144, 8, 8), (64, 192, 4, 4), (64, 576, 2, 2), (64, 960, 1, 1),
+    (8, 64, 80, 80),
+    (8, 256, 40, 40),
+    (8, 512, 20, 20),
+    (8, 1024, 10, 10),
+    (8, 2048, 5, 5),
+    (64, 32, 16, 16),
+    (64, 144, 8, 8),
+    (64, 192, 4, 4),
+    (64, 576, 2, 2),
+    (64, 960, 1, 1),
 ]
 
 
@@ -112,8 +121,14 @@ def flops(model: nn.Module, x: torch.Tensor) -> int:
     return counter.get_total_flops()
 
 
-def bench_models(mode: str, reps: int, device: torch.device, only: list[str] | None,
-                 compile_models: bool = False, channels_last: bool = False) -> list[dict[str, Any]]:
+def bench_models(
+    mode: str,
+    reps: int,
+    device: torch.device,
+    only: list[str] | None,
+    compile_models: bool = False,
+    channels_last: bool = False,
+) -> list[dict[str, Any]]:
     timer = Timer(device)
     results = []
     fmt = torch.channels_last if channels_last else torch.contiguous_format
@@ -123,7 +138,9 @@ def bench_models(mode: str, reps: int, device: torch.device, only: list[str] | N
         models = {k: m.to(device, memory_format=fmt) for k, m in variants(name).items()}
         x = torch.randn(batch, 3, size, size, device=device).contiguous(memory_format=fmt)
         y = torch.randint(0, 1000, (batch,), device=device)
-        optims = {k: torch.optim.SGD(m.parameters(), lr=1e-4, momentum=0.9) for k, m in models.items()}
+        optims = {
+            k: torch.optim.SGD(m.parameters(), lr=1e-4, momentum=0.9) for k, m in models.items()
+        }
         criterion = nn.CrossEntropyLoss()
         run = {k: torch.compile(m) if compile_models else m for k, m in models.items()}
 
@@ -162,15 +179,24 @@ def bench_models(mode: str, reps: int, device: torch.device, only: list[str] | N
                 memory = saved_bytes(model, x)
             model.eval()
             row["variants"][k] = {
-                "train_s": statistics.median(train[k]), "infer_s": statistics.median(inference[k]),
-                "memory_bytes": memory, "params": sum(p.numel() for p in model.parameters()),
-                "flops": flops(model, x), "first_calls_s": round(compile_s[k], 2),
+                "train_s": statistics.median(train[k]),
+                "infer_s": statistics.median(inference[k]),
+                "memory_bytes": memory,
+                "params": sum(p.numel() for p in model.parameters()),
+                "flops": flops(model, x),
+                "first_calls_s": round(compile_s[k], 2),
             }
         base = row["variants"]["bn"]
         for v in row["variants"].values():
-            v["ratio"] = {key: v[key] / base[key] for key in ("train_s", "infer_s", "memory_bytes", "params", "flops")}
+            v["ratio"] = {
+                key: v[key] / base[key]
+                for key in ("train_s", "infer_s", "memory_bytes", "params", "flops")
+            }
         results.append(row)
-        print(json.dumps({"model": name, **{k: v["ratio"] for k, v in row["variants"].items()}}), flush=True)
+        print(
+            json.dumps({"model": name, **{k: v["ratio"] for k, v in row["variants"].items()}}),
+            flush=True,
+        )
         for held in (models, run, optims):  # free this model's variants before the next
             held.clear()
     return results
@@ -182,8 +208,12 @@ def bench_layers(reps: int, device: torch.device) -> list[dict[str, Any]]:
     rows = []
     for shape in LAYER_SHAPES:
         c = shape[1]
-        layers = {"bn": nn.BatchNorm2d(c), "sn": SwitchableNorm2d(c), "sn_official": OfficialSwitchNorm2d(c),
-                  "en": ExemplarNorm2d(c)}
+        layers = {
+            "bn": nn.BatchNorm2d(c),
+            "sn": SwitchableNorm2d(c),
+            "sn_official": OfficialSwitchNorm2d(c),
+            "en": ExemplarNorm2d(c),
+        }
         layers = {k: m.to(device).train() for k, m in layers.items()}
         x = torch.randn(*shape, device=device, requires_grad=True)
         grad = torch.randn(*shape, device=device)
@@ -198,8 +228,13 @@ def bench_layers(reps: int, device: torch.device) -> list[dict[str, Any]]:
             for k in layers:
                 times[k].append(timer(lambda k=k: step(k)))
         med = {k: statistics.median(v) for k, v in times.items()}
-        rows.append({"shape": list(shape), **{f"{k}_ms": med[k] * 1e3 for k in med},
-                     **{f"{k}_ratio": med[k] / med["bn"] for k in med if k != "bn"}})
+        rows.append(
+            {
+                "shape": list(shape),
+                **{f"{k}_ms": med[k] * 1e3 for k in med},
+                **{f"{k}_ratio": med[k] / med["bn"] for k in med if k != "bn"},
+            }
+        )
         print(json.dumps(rows[-1]), flush=True)
     return rows
 
@@ -210,27 +245,53 @@ def print_tables(models: list[dict[str, Any]], layers: list[dict[str, Any]]) -> 
 
     console = Console(width=max(Console().width, 150))
     if models:
-        table = Table(title="train step, inference, memory, params, FLOPs: value and ratio to the original")
-        for col in ("model", "variant", "train step", "inference", "train memory", "params", "GFLOPs", "first calls"):
+        table = Table(
+            title="train step, inference, memory, params, FLOPs: value and ratio to the original"
+        )
+        for col in (
+            "model",
+            "variant",
+            "train step",
+            "inference",
+            "train memory",
+            "params",
+            "GFLOPs",
+            "first calls",
+        ):
             table.add_column(col, justify="right" if col not in ("model", "variant") else "left")
         for row in models:
             for k, v in row["variants"].items():
                 r = v["ratio"]
                 table.add_row(
-                    f"{row['model']} b{row['batch']} {row['size']}px", k,
-                    f"{v['train_s'] * 1e3:.0f} ms ({r['train_s']:.2f}x)", f"{v['infer_s'] * 1e3:.0f} ms ({r['infer_s']:.2f}x)",
+                    f"{row['model']} b{row['batch']} {row['size']}px",
+                    k,
+                    f"{v['train_s'] * 1e3:.0f} ms ({r['train_s']:.2f}x)",
+                    f"{v['infer_s'] * 1e3:.0f} ms ({r['infer_s']:.2f}x)",
                     f"{v['memory_bytes'] / 2**20:.0f} MiB ({r['memory_bytes']:.2f}x)",
-                    f"{v['params'] / 1e6:.2f}M ({r['params']:.3f}x)", f"{v['flops'] / 1e9:.2f} ({r['flops']:.3f}x)",
+                    f"{v['params'] / 1e6:.2f}M ({r['params']:.3f}x)",
+                    f"{v['flops'] / 1e9:.2f} ({r['flops']:.3f}x)",
                     f"{v['first_calls_s']:.1f} s",
                 )
         console.print(table)
     if layers:
         table = Table(title="one layer, forward + backward (train mode)")
-        for col in ("N x C x H x W", "BN ms", "SN ms (x BN)", "official SN ms (x BN)", "EN ms (x BN)"):
+        for col in (
+            "N x C x H x W",
+            "BN ms",
+            "SN ms (x BN)",
+            "official SN ms (x BN)",
+            "EN ms (x BN)",
+        ):
             table.add_column(col, justify="right")
         for row in layers:
-            table.add_row("x".join(map(str, row["shape"])), f"{row['bn_ms']:.2f}",
-                          *(f"{row[k + '_ms']:.2f} ({row[k + '_ratio']:.2f}x)" for k in ("sn", "sn_official", "en")))
+            table.add_row(
+                "x".join(map(str, row["shape"])),
+                f"{row['bn_ms']:.2f}",
+                *(
+                    f"{row[k + '_ms']:.2f} ({row[k + '_ratio']:.2f}x)"
+                    for k in ("sn", "sn_official", "en")
+                ),
+            )
         console.print(table)
 
 
@@ -239,11 +300,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--mode", choices=sorted(MODES), default="quick")
     parser.add_argument("--models", nargs="*", default=None, help="a subset of the mode's models")
     parser.add_argument("--reps", type=int, default=7)
-    parser.add_argument("--layers", action="store_true", help="the layer microbenchmark instead of models")
+    parser.add_argument(
+        "--layers", action="store_true", help="the layer microbenchmark instead of models"
+    )
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--json", type=Path, default=None)
-    parser.add_argument("--compile", action="store_true", help="torch.compile every variant; 'first calls' = compile time")
-    parser.add_argument("--channels-last", action="store_true", help="channels_last inputs and weights")
+    parser.add_argument(
+        "--compile",
+        action="store_true",
+        help="torch.compile every variant; 'first calls' = compile time",
+    )
+    parser.add_argument(
+        "--channels-last", action="store_true", help="channels_last inputs and weights"
+    )
     args = parser.parse_args(argv)
     device = torch.device(args.device)
     torch.manual_seed(0)
@@ -251,19 +320,32 @@ def main(argv: list[str] | None = None) -> int:
     layers = bench_layers(args.reps, device) if args.layers else []
     # the official SN code's unbiased instance variance is NaN on 1x1 maps (it warns every call)
     warnings.filterwarnings("ignore", message=".*degrees of freedom is <= 0.*")
-    models = [] if args.layers else bench_models(args.mode, args.reps, device, args.models, args.compile,
-                                                 args.channels_last)
+    models = (
+        []
+        if args.layers
+        else bench_models(
+            args.mode, args.reps, device, args.models, args.compile, args.channels_last
+        )
+    )
     print_tables(models, layers)
     meta = {
-        "date": time.strftime("%Y-%m-%d"), "device": torch.cuda.get_device_name() if device.type == "cuda"
+        "date": time.strftime("%Y-%m-%d"),
+        "device": torch.cuda.get_device_name()
+        if device.type == "cuda"
         else f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores",
-        "torch": torch.__version__, "threads": torch.get_num_threads(), "mode": args.mode, "reps": args.reps,
-        "compile": args.compile, "channels_last": args.channels_last,
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "mode": args.mode,
+        "reps": args.reps,
+        "compile": args.compile,
+        "channels_last": args.channels_last,
         "seconds": round(time.perf_counter() - start, 1),
     }
     print(f"finished in {meta['seconds']} s on {meta['device']}")
     if args.json:
-        args.json.write_text(json.dumps({"meta": meta, "models": models, "layers": layers}, indent=1))
+        args.json.write_text(
+            json.dumps({"meta": meta, "models": models, "layers": layers}, indent=1)
+        )
     return 0
 
 

@@ -5,7 +5,7 @@ measured is what a user gets. Reports mean and std of the final val top-1 per va
 and wall time, as a rich table, JSON and a Markdown table for the README.
 
     python benchmarks/compare_norms.py --setting quickstart_10k --seeds 0 1 2
-    python benchmarks/compare_norms.py --setting quickstart --variants bn en --seeds 0 --out /tmp/cmp
+    python benchmarks/compare_norms.py --setting quickstart --variants bn en --seeds 0 --out /tmp/c
 """
 
 from __future__ import annotations
@@ -27,9 +27,16 @@ ROOT = Path(__file__).resolve().parents[1]
 SETTINGS: dict[str, dict[str, Any]] = {
     "quickstart_10k": {
         "recipe": "recipes/quickstart.yaml",
-        "overrides": ["data.limit_train=10000", "data.limit_val=2000", "data.batch_size=64", "optim.lr=0.01",
-                      "data.scale=[0.6,1.0]", "data.crop_pct=null"],
-        "what": "converted ImageNet MobileNetV2 fine-tuned on Fashion-MNIST (10k train, 2k val, 32 px, 1 epoch)",
+        "overrides": [
+            "data.limit_train=10000",
+            "data.limit_val=2000",
+            "data.batch_size=64",
+            "optim.lr=0.01",
+            "data.scale=[0.6,1.0]",
+            "data.crop_pct=null",
+        ],
+        "what": "converted ImageNet MobileNetV2 fine-tuned on Fashion-MNIST "
+        "(10k train, 2k val, 32 px, 1 epoch)",
     },
     "quickstart": {
         "recipe": "recipes/quickstart.yaml",
@@ -38,14 +45,28 @@ SETTINGS: dict[str, dict[str, Any]] = {
     },
     "scratch": {
         "recipe": "recipes/quickstart.yaml",
-        "overrides": ["model.name=resnet18", "model.checkpoint=null", "model.pretrained=false",
-                      "data.limit_train=10000", "data.limit_val=2000", "schedule.epochs=2", "optim.lr=0.1"],
-        "what": "timm resnet18 from random init on Fashion-MNIST (10k train, 2k test, 32 px, 2 epochs, lr 0.1)",
+        "overrides": [
+            "model.name=resnet18",
+            "model.checkpoint=null",
+            "model.pretrained=false",
+            "data.limit_train=10000",
+            "data.limit_val=2000",
+            "schedule.epochs=2",
+            "optim.lr=0.1",
+        ],
+        "what": "timm resnet18 from random init on Fashion-MNIST "
+        "(10k train, 2k test, 32 px, 2 epochs, lr 0.1)",
     },
     "smoke": {
         "recipe": "recipes/quickstart.yaml",
-        "overrides": ["model.name=test_resnet", "model.checkpoint=null", "data.limit_train=256",
-                      "data.limit_val=64", "data.workers=0", "data.batch_size=32"],
+        "overrides": [
+            "model.name=test_resnet",
+            "model.checkpoint=null",
+            "data.limit_train=256",
+            "data.limit_val=64",
+            "data.workers=0",
+            "data.batch_size=32",
+        ],
         "what": "tiny subset, for tests",
     },
 }
@@ -65,12 +86,27 @@ VARIANTS: dict[str, list[str]] = {
 }
 
 
-def run_one(setting: str, variant: str, seed: int, out_root: Path, extra: list[str]) -> dict[str, Any]:
+def run_one(
+    setting: str, variant: str, seed: int, out_root: Path, extra: list[str]
+) -> dict[str, Any]:
     """One ``enorm finetune`` run; returns its final eval record plus wall time."""
     cfg = SETTINGS[setting]
     out = out_root / f"{setting}-{variant}-seed{seed}"
-    cmd = [sys.executable, "-m", "enorm_cli", "finetune", "--recipe", str(ROOT / cfg["recipe"]), "--no-progress",
-           "--force", *cfg["overrides"], *VARIANTS[variant], *extra, f"train.seed={seed}", f"output_dir={out}"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "enorm_cli",
+        "finetune",
+        "--recipe",
+        str(ROOT / cfg["recipe"]),
+        "--no-progress",
+        "--force",
+        *cfg["overrides"],
+        *VARIANTS[variant],
+        *extra,
+        f"train.seed={seed}",
+        f"output_dir={out}",
+    ]
     start = time.perf_counter()
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
     wall = time.perf_counter() - start
@@ -79,8 +115,14 @@ def run_one(setting: str, variant: str, seed: int, out_root: Path, extra: list[s
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     final = [r for r in records if r.get("eval")][-1]
     speeds = [r["images_per_s"] for r in records if "images_per_s" in r]
-    return {"variant": variant, "seed": seed, "top1": final["top1"], "top5": final["top5"],
-            "wall_s": round(wall, 1), "train_images_per_s": round(statistics.median(speeds), 1) if speeds else None}
+    return {
+        "variant": variant,
+        "seed": seed,
+        "top1": final["top1"],
+        "top5": final["top5"],
+        "wall_s": round(wall, 1),
+        "train_images_per_s": round(statistics.median(speeds), 1) if speeds else None,
+    }
 
 
 def summarize(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -88,44 +130,63 @@ def summarize(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
     for variant in dict.fromkeys(r["variant"] for r in runs):
         mine = [r for r in runs if r["variant"] == variant]
         top1 = [r["top1"] for r in mine]
-        rows.append({
-            "variant": variant, "seeds": [r["seed"] for r in mine], "top1": top1,
-            "top1_mean": statistics.fmean(top1), "top1_std": statistics.stdev(top1) if len(top1) > 1 else 0.0,
-            "wall_s_mean": statistics.fmean(r["wall_s"] for r in mine),
-            "train_images_per_s": statistics.fmean(r["train_images_per_s"] or 0 for r in mine),
-        })
+        rows.append(
+            {
+                "variant": variant,
+                "seeds": [r["seed"] for r in mine],
+                "top1": top1,
+                "top1_mean": statistics.fmean(top1),
+                "top1_std": statistics.stdev(top1) if len(top1) > 1 else 0.0,
+                "wall_s_mean": statistics.fmean(r["wall_s"] for r in mine),
+                "train_images_per_s": statistics.fmean(r["train_images_per_s"] or 0 for r in mine),
+            }
+        )
     return rows
 
 
 def markdown(rows: list[dict[str, Any]]) -> str:
-    lines = ["| variant | top-1 (mean ± std) | per seed | wall s/run | train img/s |", "|---|---|---|---|---|"]
+    lines = [
+        "| variant | top-1 (mean ± std) | per seed | wall s/run | train img/s |",
+        "|---|---|---|---|---|",
+    ]
     for r in rows:
         seeds = ", ".join(f"{t:.2f}" for t in r["top1"])
-        lines.append(f"| {r['variant']} | {r['top1_mean']:.2f} ± {r['top1_std']:.2f} | {seeds} | "
-                     f"{r['wall_s_mean']:.0f} | {r['train_images_per_s']:.0f} |")
+        lines.append(
+            f"| {r['variant']} | {r['top1_mean']:.2f} ± {r['top1_std']:.2f} | {seeds} | "
+            f"{r['wall_s_mean']:.0f} | {r['train_images_per_s']:.0f} |"
+        )
     return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--setting", choices=sorted(SETTINGS), default="quickstart")
-    parser.add_argument("--variants", nargs="+", choices=sorted(VARIANTS), default=["bn", "sn", "en"])
+    parser.add_argument(
+        "--variants", nargs="+", choices=sorted(VARIANTS), default=["bn", "sn", "en"]
+    )
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     parser.add_argument("--out", type=Path, default=ROOT / "runs" / "compare")
     parser.add_argument("--json", type=Path, default=None, help="write the results here")
     parser.add_argument("overrides", nargs="*", help="extra recipe overrides for every run")
     args = parser.parse_args(argv)
 
-    meta = {"setting": args.setting, "what": SETTINGS[args.setting]["what"], "overrides": args.overrides,
-            "machine": platform.processor() or platform.machine(), "cpus": os.cpu_count(),
-            "date": time.strftime("%Y-%m-%d")}
+    meta = {
+        "setting": args.setting,
+        "what": SETTINGS[args.setting]["what"],
+        "overrides": args.overrides,
+        "machine": platform.processor() or platform.machine(),
+        "cpus": os.cpu_count(),
+        "date": time.strftime("%Y-%m-%d"),
+    }
     runs: list[dict[str, Any]] = []
     for seed in args.seeds:  # seeds outermost: load drift hits every variant alike
         for variant in args.variants:
             runs.append(run_one(args.setting, variant, seed, args.out, args.overrides))
             print(json.dumps(runs[-1]), flush=True)
             if args.json:  # after every run: an interrupted comparison keeps what it measured
-                args.json.write_text(json.dumps({"meta": meta, "runs": runs, "summary": summarize(runs)}, indent=1))
+                args.json.write_text(
+                    json.dumps({"meta": meta, "runs": runs, "summary": summarize(runs)}, indent=1)
+                )
     rows = summarize(runs)
     from rich.console import Console
     from rich.table import Table
@@ -134,9 +195,14 @@ def main(argv: list[str] | None = None) -> int:
     for col in ("variant", "top-1 mean", "std", "per seed", "wall s/run", "train img/s"):
         table.add_column(col)
     for r in rows:
-        table.add_row(r["variant"], f"{r['top1_mean']:.2f}", f"{r['top1_std']:.2f}",
-                      ", ".join(f"{t:.2f}" for t in r["top1"]), f"{r['wall_s_mean']:.0f}",
-                      f"{r['train_images_per_s']:.0f}")
+        table.add_row(
+            r["variant"],
+            f"{r['top1_mean']:.2f}",
+            f"{r['top1_std']:.2f}",
+            ", ".join(f"{t:.2f}" for t in r["top1"]),
+            f"{r['wall_s_mean']:.0f}",
+            f"{r['train_images_per_s']:.0f}",
+        )
     Console().print(table)
     print(markdown(rows))
     return 0

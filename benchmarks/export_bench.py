@@ -53,7 +53,11 @@ def export_times(model: torch.nn.Module, folder: Path, tag: str) -> tuple[dict[s
     start = time.perf_counter()
     write_onnx(program, path, 18)
     onnx_time = time.perf_counter() - start
-    return {"torch_export_s": exported, "onnx_s": onnx_time, "onnx_total_s": exported + onnx_time}, path
+    return {
+        "torch_export_s": exported,
+        "onnx_s": onnx_time,
+        "onnx_total_s": exported + onnx_time,
+    }, path
 
 
 def ort_latency(paths: dict[str, Path], batch: int, repeats: int) -> dict[str, float]:
@@ -63,7 +67,10 @@ def ort_latency(paths: dict[str, Path], batch: int, repeats: int) -> dict[str, f
     x = torch.randn(batch, 3, 224, 224)
     options = ort.SessionOptions()
     options.log_severity_level = 3
-    sessions = {k: ort.InferenceSession(str(p), options, providers=["CPUExecutionProvider"]) for k, p in paths.items()}
+    sessions = {
+        k: ort.InferenceSession(str(p), options, providers=["CPUExecutionProvider"])
+        for k, p in paths.items()
+    }
     feeds = {k: {s.get_inputs()[0].name: x.numpy()} for k, s in sessions.items()}
     times: dict[str, list[float]] = {k: [] for k in sessions}
     for k, s in sessions.items():  # warm-up
@@ -81,19 +88,30 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
     parser.add_argument("--batches", nargs="+", type=int, default=[1, 8])
     parser.add_argument("--repeats", type=int, default=15)
-    parser.add_argument("--json", type=Path, default=ROOT / "benchmarks" / "figures" / "export.json")
+    parser.add_argument(
+        "--json", type=Path, default=ROOT / "benchmarks" / "figures" / "export.json"
+    )
     args = parser.parse_args(argv)
-    results: dict[str, object] = {"machine": platform.processor() or platform.machine(),
-                                  "threads": torch.get_num_threads(), "torch": torch.__version__, "models": {}}
+    results: dict[str, object] = {
+        "machine": platform.processor() or platform.machine(),
+        "threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "models": {},
+    }
     with tempfile.TemporaryDirectory() as tmp:
         for name in args.models:
             row: dict[str, object] = {}
             paths = {}
             for kind in ("bn", "en"):
-                times, paths[kind] = export_times(build(name, kind == "en"), Path(tmp), f"{name}_{kind}")
+                times, paths[kind] = export_times(
+                    build(name, kind == "en"), Path(tmp), f"{name}_{kind}"
+                )
                 row[kind] = times
-                print(f"{name} {kind}: torch.export {times['torch_export_s']:.1f} s, onnx {times['onnx_s']:.1f} s",
-                      flush=True)
+                print(
+                    f"{name} {kind}: torch.export {times['torch_export_s']:.1f} s, onnx "
+                    f"{times['onnx_s']:.1f} s",
+                    flush=True,
+                )
             x = torch.randn(2, 3, 224, 224)
             with torch.no_grad():
                 ref = build(name, True)(x)
@@ -101,8 +119,11 @@ def main(argv: list[str] | None = None) -> int:
             for batch in args.batches:
                 ms = ort_latency(paths, batch, args.repeats)
                 row[f"ort_ms_batch{batch}"] = ms
-                print(f"{name} onnxruntime batch {batch}: BN {ms['bn']:.1f} ms, EN {ms['en']:.1f} ms "
-                      f"(x{ms['en'] / ms['bn']:.2f})", flush=True)
+                print(
+                    f"{name} onnxruntime batch {batch}: BN {ms['bn']:.1f} ms, EN {ms['en']:.1f} ms "
+                    f"(x{ms['en'] / ms['bn']:.2f})",
+                    flush=True,
+                )
             results["models"][name] = row  # type: ignore[index]
             args.json.parent.mkdir(parents=True, exist_ok=True)
             args.json.write_text(json.dumps(results, indent=1))

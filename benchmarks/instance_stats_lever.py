@@ -17,8 +17,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from enorm_cli.layers import ExemplarNorm2d  # noqa: E402
-from enorm_cli.layers.statistics import instance_stats  # noqa: E402
+from enorm_cli.layers import ExemplarNorm2d
+from enorm_cli.layers.statistics import instance_stats
 
 SHAPES = [(64, 32, 16, 16), (64, 144, 8, 8), (64, 576, 2, 2), (64, 960, 1, 1), (8, 256, 40, 40)]
 
@@ -32,14 +32,20 @@ def ms(fn: Callable[[], object], n: int = 20) -> float:
 
 
 def main() -> None:
-    print("| N x C x H x W | torch.var_mean (H, W) | enorm instance_stats | EN layer | BatchNorm2d |")
+    print(
+        "| N x C x H x W | torch.var_mean (H, W) | enorm instance_stats | EN layer | BatchNorm2d |"
+    )
     print("|---|---|---|---|---|")
     for shape in SHAPES:
         x = torch.randn(*shape)
         layer, bn = ExemplarNorm2d(shape[1]).eval(), torch.nn.BatchNorm2d(shape[1]).eval()
         with torch.inference_mode():
-            cells = [ms(lambda: torch.var_mean(x, dim=(2, 3), correction=0)), ms(lambda: instance_stats(x)),
-                     ms(lambda: layer(x)), ms(lambda: bn(x))]
+            cells = [
+                ms(lambda: torch.var_mean(x, dim=(2, 3), correction=0)),
+                ms(lambda: instance_stats(x)),
+                ms(lambda: layer(x)),
+                ms(lambda: bn(x)),
+            ]
         print(f"| {'x'.join(map(str, shape))} | " + " | ".join(f"{c:.2f}" for c in cells) + " |")
 
 

@@ -13,7 +13,7 @@ one forward + backward (train) and one forward (eval, inference mode) of:
 Milliseconds summed over the model's layers (medians per layer), and the EN minus BN
 difference: the cost EN adds per step on top of the rest of the network.
 
-    python benchmarks/layer_levers.py                       # mobilenetv2_100 at 32 px, resnet50 at 160 px
+    python benchmarks/layer_levers.py     # mobilenetv2_100 at 32 px, resnet50 at 160 px
     python benchmarks/layer_levers.py --reps 15
 """
 
@@ -32,9 +32,9 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import enorm_cli.layers.statistics as stats_module  # noqa: E402
-from enorm_cli.layers import ExemplarNorm2d  # noqa: E402
-from enorm_cli.layers.base import MixedNorm2d  # noqa: E402
+import enorm_cli.layers.statistics as stats_module
+from enorm_cli.layers import ExemplarNorm2d
+from enorm_cli.layers.base import MixedNorm2d
 
 MODELS = {"mobilenetv2_100": (64, 32), "resnet50": (8, 160)}
 VARIANTS = ("bn", "autograd", "two_pass", "fast")
@@ -109,14 +109,16 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     torch.manual_seed(0)
     print(
-        "| model | mode | BN | EN autograd | EN fast, two-pass stats | EN fast | EN - BN: autograd -> fast |"
+        "| model | mode | BN | EN autograd | EN fast, two-pass stats | EN fast | EN - BN: "
+        "autograd -> fast |"
     )
     print("|---|---|---|---|---|---|---|")
     for name in args.models:
         for mode, t in bench(name, args.reps).items():
             batch, size = MODELS[name]
             print(
-                f"| {name} b{batch} {size}px | {mode} | {t['bn']:.1f} | {t['autograd']:.1f} | {t['two_pass']:.1f} | "
+                f"| {name} b{batch} {size}px | {mode} | {t['bn']:.1f} | {t['autograd']:.1f} | "
+                f"{t['two_pass']:.1f} | "
                 f"{t['fast']:.1f} | {t['autograd'] - t['bn']:.1f} -> {t['fast'] - t['bn']:.1f} |",
                 flush=True,
             )

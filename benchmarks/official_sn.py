@@ -53,8 +53,9 @@ class OfficialSwitchNorm2d(nn.Module):
 
 
 def swap_in_official_sn(model: nn.Module) -> nn.Module:
-    """Every BatchNorm/GroupNorm (timm's fused norm+act kept: its drop and act follow) -> official SN."""
-    for name, module in list(model.named_modules()):
+    """Every BatchNorm/GroupNorm (timm's fused norm+act kept: its drop and act follow) -> official
+    SN."""
+    for _name, module in list(model.named_modules()):
         for child_name, child in list(module.named_children()):
             if isinstance(child, (nn.BatchNorm2d, nn.GroupNorm)):
                 channels = (

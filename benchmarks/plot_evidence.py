@@ -1,6 +1,7 @@
 """Bar chart of compare_norms.py results: mean top-1 per variant with the seeds as dots.
 
-    python benchmarks/plot_evidence.py runs/evidence/scratch.json runs/evidence/finetune.json --out evidence.png
+python benchmarks/plot_evidence.py runs/evidence/scratch.json runs/evidence/finetune.json \
+    --out evidence.png
 """
 
 from __future__ import annotations
@@ -27,8 +28,14 @@ def main(argv: list[str] | None = None) -> int:
         rows = result["summary"]
         names = [r["variant"] for r in rows]
         colors = ["#4C72B0" if n == "bn" else "#DD8452" if n == "sn" else "#55A868" for n in names]
-        ax.bar(range(len(rows)), [r["top1_mean"] for r in rows], yerr=[r["top1_std"] for r in rows],
-               color=colors, capsize=4, alpha=0.85)
+        ax.bar(
+            range(len(rows)),
+            [r["top1_mean"] for r in rows],
+            yerr=[r["top1_std"] for r in rows],
+            color=colors,
+            capsize=4,
+            alpha=0.85,
+        )
         for i, r in enumerate(rows):
             ax.scatter([i] * len(r["top1"]), r["top1"], color="black", s=12, zorder=3)
         low = min(min(r["top1"]) for r in rows)
@@ -36,8 +43,11 @@ def main(argv: list[str] | None = None) -> int:
         ax.set_ylim(low - 3, high + 2)
         ax.set_xticks(range(len(rows)), names, rotation=30, ha="right")
         ax.set_ylabel("test top-1 (%)")
-        ax.set_title("\n".join(textwrap.wrap(result["meta"]["what"], 60)) + "\nbars: mean ± std over seeds; dots: seeds",
-                     fontsize=9)
+        ax.set_title(
+            "\n".join(textwrap.wrap(result["meta"]["what"], 60))
+            + "\nbars: mean ± std over seeds; dots: seeds",
+            fontsize=9,
+        )
     fig.tight_layout()
     fig.savefig(args.out, dpi=110)
     print(f"wrote {args.out}")

@@ -42,9 +42,13 @@ def run(overrides: list[str], steps: int, recipe_path: Path, every: int) -> dict
 
     recipe = load_recipe(recipe_path, overrides)
     set_seed(recipe.train.seed)
-    split = load_split(recipe.data, "train", None, recipe.data.limit_train, recipe.model.num_classes)
+    split = load_split(
+        recipe.data, "train", None, recipe.data.limit_train, recipe.model.num_classes
+    )
     prepared = prepare_model(recipe, recipe.model.num_classes or 10)
-    split.dataset = with_transform(split.dataset, build_transform(recipe.data, prepared.mean, prepared.std, True))
+    split.dataset = with_transform(
+        split.dataset, build_transform(recipe.data, prepared.mean, prepared.std, True)
+    )
     loader = make_loader(split, recipe.data.batch_size, recipe.data.workers, train=True)
     model = prepared.model
     layers = [(n, m) for n, m in model.named_modules() if isinstance(m, ExemplarNorm2d)]
@@ -60,6 +64,7 @@ def run(overrides: list[str], steps: int, recipe_path: Path, every: int) -> dict
         def fn(module: nn.Module, inputs: tuple[torch.Tensor, ...], _out: Any) -> None:
             with torch.no_grad():
                 captured[name] = module.ratios(inputs[0]).mean(0)
+
         return fn
 
     handles = [m.register_forward_hook(hook(n)) for n, m in layers]
@@ -95,8 +100,14 @@ def run(overrides: list[str], steps: int, recipe_path: Path, every: int) -> dict
                 break
     for h in handles:
         h.remove()
-    return {"overrides": overrides, "steps": total, "seconds": round(time.perf_counter() - tick, 1),
-            "flipped": flipped, "layer_names": [n for n, _ in layers], "records": records}
+    return {
+        "overrides": overrides,
+        "steps": total,
+        "seconds": round(time.perf_counter() - tick, 1),
+        "flipped": flipped,
+        "layer_names": [n for n, _ in layers],
+        "records": records,
+    }
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -113,16 +124,28 @@ def main(argv: list[str] | None = None) -> int:
         args.json.write_text(json.dumps(out))
     losses = [r["loss"] for r in out["records"]]
     chunk = max(len(losses) // 10, 1)
-    print("loss by tenth:", " ".join(f"{sum(losses[i:i + chunk]) / len(losses[i:i + chunk]):.2f}"
-                                      for i in range(0, len(losses), chunk)))
-    print(f"{len(out['flipped'])} of {len(out['layer_names'])} layers flipped (source ratio < 0.5):",
-          ", ".join(f"{n}@{s}" for n, s in sorted(out["flipped"].items(), key=lambda kv: kv[1])[:12]))
+    print(
+        "loss by tenth:",
+        " ".join(
+            f"{sum(losses[i : i + chunk]) / len(losses[i : i + chunk]):.2f}"
+            for i in range(0, len(losses), chunk)
+        ),
+    )
+    print(
+        f"{len(out['flipped'])} of {len(out['layer_names'])} layers flipped (source ratio < 0.5):",
+        ", ".join(f"{n}@{s}" for n, s in sorted(out["flipped"].items(), key=lambda kv: kv[1])[:12]),
+    )
     last = out["records"][-1]
     detail = [r for r in out["records"] if r["layers"]]
     for name in out["layer_names"][-3:] + out["layer_names"][:1]:
         series = [(r["step"], r["layers"][name]) for r in detail]
-        print(name, " | ".join(f"s{s}: {d['ratios'][0]:.2f} g2={d['grad_fc2']:.2g} gg={d['grad_gamma']:.2g}"
-                               for s, d in series[:: max(len(series) // 6, 1)]))
+        print(
+            name,
+            " | ".join(
+                f"s{s}: {d['ratios'][0]:.2f} g2={d['grad_fc2']:.2g} gg={d['grad_gamma']:.2g}"
+                for s, d in series[:: max(len(series) // 6, 1)]
+            ),
+        )
     print(f"final loss {last['loss']:.3f}; {out['seconds']} s")
     return 0
 

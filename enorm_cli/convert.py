@@ -37,7 +37,11 @@ class ConvertResult:
 
     @property
     def verified(self) -> bool:
-        return self.agreement is None or not self.exact or self.agreement.relative_delta <= self.tolerance
+        return (
+            self.agreement is None
+            or not self.exact
+            or self.agreement.relative_delta <= self.tolerance
+        )
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -72,12 +76,17 @@ def convert(
         if out.suffix != ".safetensors":
             raise EnormError(f"--out {str(out)!r} must end in .safetensors")
         check_writable(out, force)
-    name, source = create_source_model(model_name, pretrained and checkpoint is None, checkpoint, num_classes)
+    name, source = create_source_model(
+        model_name, pretrained and checkpoint is None, checkpoint, num_classes
+    )
     config = data_config(name, source)
     batch = None
     if verify:  # read the calibration images before the slow part, to fail early
-        batch = (calibration_batch(calib, config) if calib is not None
-                 else default_batch(tuple(config["input_size"])))
+        batch = (
+            calibration_batch(calib, config)
+            if calib is not None
+            else default_batch(tuple(config["input_size"]))
+        )
     model = copy.deepcopy(source) if verify else source
     params_before = count_parameters(source)
     report = convert_model(model, settings)
@@ -85,14 +94,26 @@ def convert(
         raise EnormError(
             f"{model_name} has no BatchNorm or GroupNorm layer to convert"
             + (" that include/exclude select" if settings.include or settings.exclude else "")
-            + (f" (it has {', '.join(sorted({t for _, t, _ in report.skipped}))})" if report.skipped else "")
+            + (
+                f" (it has {', '.join(sorted({t for _, t, _ in report.skipped}))})"
+                if report.skipped
+                else ""
+            )
         )
     agreement = None
     if batch is not None:
-        agreement = compare(source, model, batch, str(calib) if calib else "default smooth-noise batch")
+        agreement = compare(
+            source, model, batch, str(calib) if calib else "default smooth-noise batch"
+        )
     result = ConvertResult(
-        model=model.eval(), source_model=name.full, report=report, params_before=params_before,
-        params_after=count_parameters(model), agreement=agreement, tolerance=tolerance, out=out,
+        model=model.eval(),
+        source_model=name.full,
+        report=report,
+        params_before=params_before,
+        params_after=count_parameters(model),
+        agreement=agreement,
+        tolerance=tolerance,
+        out=out,
         exact=settings.exact,
     )
     if out is not None and result.verified:

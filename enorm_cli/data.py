@@ -10,9 +10,10 @@ from __future__ import annotations
 import gzip
 import os
 import shutil
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from torch.utils.data import Dataset, Subset
@@ -22,10 +23,22 @@ from .recipe import DataConfig
 
 FASHION_MNIST_SYSTEM = Path("/usr/share/datasets/fashion-mnist")
 FASHION_MNIST_FILES = (
-    "train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte",
+    "train-images-idx3-ubyte",
+    "train-labels-idx1-ubyte",
+    "t10k-images-idx3-ubyte",
+    "t10k-labels-idx1-ubyte",
 )
 FASHION_MNIST_CLASSES = (
-    "T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot",
+    "T-shirt/top",
+    "Trouser",
+    "Pullover",
+    "Dress",
+    "Coat",
+    "Sandal",
+    "Shirt",
+    "Sneaker",
+    "Bag",
+    "Ankle boot",
 )
 
 
@@ -43,14 +56,19 @@ class ToRGB:
         return image.convert("RGB") if image.mode != "RGB" else image
 
 
-def build_transform(cfg: DataConfig, mean: list[float], std: list[float], training: bool) -> Callable:
+def build_transform(
+    cfg: DataConfig, mean: list[float], std: list[float], training: bool
+) -> Callable:
     """timm's train or eval transform at the recipe's size, after an RGB conversion."""
     from timm.data import create_transform
     from torchvision import transforms
 
     kwargs: dict[str, Any] = dict(
-        input_size=(3, cfg.image_size, cfg.image_size), is_training=training,
-        mean=tuple(mean), std=tuple(std), interpolation="bilinear",
+        input_size=(3, cfg.image_size, cfg.image_size),
+        is_training=training,
+        mean=tuple(mean),
+        std=tuple(std),
+        interpolation="bilinear",
     )
     if training:
         kwargs.update(scale=tuple(cfg.scale), hflip=cfg.hflip, color_jitter=cfg.color_jitter or 0.0)
@@ -62,8 +80,12 @@ def build_transform(cfg: DataConfig, mean: list[float], std: list[float], traini
 def eval_data_config(cfg: DataConfig, mean: list[float], std: list[float]) -> dict[str, Any]:
     """The data config a checkpoint records, so eval and inspect prepare images the same way."""
     return {
-        "input_size": [3, cfg.image_size, cfg.image_size], "interpolation": "bilinear",
-        "mean": list(mean), "std": list(std), "crop_pct": cfg.crop_pct or 0.875, "crop_mode": "center",
+        "input_size": [3, cfg.image_size, cfg.image_size],
+        "interpolation": "bilinear",
+        "mean": list(mean),
+        "std": list(std),
+        "crop_pct": cfg.crop_pct or 0.875,
+        "crop_mode": "center",
     }
 
 
@@ -111,7 +133,9 @@ class FileListDataset(Dataset):
 def read_filelist(list_file: Path, image_dir: Path) -> list[tuple[str, int]]:
     """Parse ``path label`` lines; paths are relative to ``image_dir``."""
     if not list_file.is_file():
-        raise EnormError(f"filelist {str(list_file)!r} not found: check data.root and data.train/data.val")
+        raise EnormError(
+            f"filelist {str(list_file)!r} not found: check data.root and data.train/data.val"
+        )
     samples = []
     with open(list_file) as f:
         for number, line in enumerate(f, 1):
@@ -122,7 +146,8 @@ def read_filelist(list_file: Path, image_dir: Path) -> list[tuple[str, int]]:
                 label = int(parts[1])
             except (IndexError, ValueError):
                 raise EnormError(
-                    f"{str(list_file)!r} line {number} is not 'relative/path label': {line.strip()[:80]!r}"
+                    f"{str(list_file)!r} line {number} is not 'relative/path label': "
+                    f"{line.strip()[:80]!r}"
                 ) from None
             samples.append((str(image_dir / parts[0]), label))
     return samples
@@ -170,20 +195,29 @@ def load_split(
         classes = list(FASHION_MNIST_CLASSES)
     else:
         if cfg.root is None:
-            raise EnormError(f"data.root is not set: point it at the {cfg.kind} dataset (data.root=/path)")
+            raise EnormError(
+                f"data.root is not set: point it at the {cfg.kind} dataset (data.root=/path)"
+            )
         root = Path(cfg.root)
         if not root.is_dir():
             raise EnormError(f"data.root {str(root)!r} is not a directory: check the path")
         if cfg.kind == "imagefolder":
             from torchvision.datasets import ImageFolder
 
-            folder = root / (cfg.train if split == "train" and isinstance(cfg.train, str) else cfg.val)
+            folder = root / (
+                cfg.train if split == "train" and isinstance(cfg.train, str) else cfg.val
+            )
             if not folder.is_dir():
-                raise EnormError(f"{label} folder {str(folder)!r} not found: expected root/<split>/<class>/<image>")
+                raise EnormError(
+                    f"{label} folder {str(folder)!r} not found: expected "
+                    "root/<split>/<class>/<image>"
+                )
             try:
                 dataset = ImageFolder(str(folder), transform=transform)
             except (FileNotFoundError, RuntimeError) as exc:
-                raise EnormError(f"{label} folder {str(folder)!r} holds no images in class folders ({exc})") from None
+                raise EnormError(
+                    f"{label} folder {str(folder)!r} holds no images in class folders ({exc})"
+                ) from None
             targets = list(dataset.targets)
             classes = list(dataset.classes)
         else:
@@ -195,7 +229,9 @@ def load_split(
             dataset = FileListDataset(samples, transform)
             targets = [t for _, t in samples]
     if cfg.first_classes is not None:
-        dataset, targets = _subset(dataset, targets, [i for i, t in enumerate(targets) if t < cfg.first_classes])
+        dataset, targets = _subset(
+            dataset, targets, [i for i, t in enumerate(targets) if t < cfg.first_classes]
+        )
         classes = classes[: cfg.first_classes] if classes else None
     keep = _limit(len(targets), limit)
     if keep is not None:
@@ -218,15 +254,18 @@ def load_split(
         missing = [base.samples[i][0] for i in indices if not os.path.isfile(base.samples[i][0])]
         if missing:
             raise EnormError(
-                f"{label}: {len(missing)} of {len(indices)} listed images are missing (first: {missing[0]!r}): "
+                f"{label}: {len(missing)} of {len(indices)} listed images are missing (first: "
+                f"{missing[0]!r}): "
                 "check data.root and data.train_prefix/val_prefix"
             )
     return Split(dataset, targets, classes)
 
 
-def checkpoint_split(cfg: DataConfig, data_config: dict[str, Any], num_classes: int | None,
-                     limit: int | None) -> Split:
-    """The val split of ``cfg`` prepared as a checkpoint's model expects (its size, crop, mean/std)."""
+def checkpoint_split(
+    cfg: DataConfig, data_config: dict[str, Any], num_classes: int | None, limit: int | None
+) -> Split:
+    """The val split of ``cfg`` prepared as a checkpoint's model expects (its size, crop,
+    mean/std)."""
     size = int(data_config["input_size"][-1])
     cfg = cfg.model_copy(update={"image_size": size, "crop_pct": data_config.get("crop_pct")})
     transform = build_transform(cfg, data_config["mean"], data_config["std"], training=False)
@@ -242,7 +281,9 @@ def with_transform(dataset: Any, transform: Any) -> Any:
     return dataset
 
 
-def make_loader(split: Split, batch_size: int, workers: int, train: bool) -> torch.utils.data.DataLoader:
+def make_loader(
+    split: Split, batch_size: int, workers: int, train: bool
+) -> torch.utils.data.DataLoader:
     """A split's loader: shuffled, dropping a last partial batch, when training."""
     return torch.utils.data.DataLoader(
         split.dataset,
@@ -270,10 +311,12 @@ def parse_data_spec(spec: str) -> DataConfig:
     if spec.startswith("fashion_mnist"):
         split = spec.partition(":")[2] or "val"
         if split not in ("train", "val", "test"):
-            raise EnormError(f"--data {spec!r}: use fashion_mnist, fashion_mnist:train or fashion_mnist:val")
+            raise EnormError(
+                f"--data {spec!r}: use fashion_mnist, fashion_mnist:train or fashion_mnist:val"
+            )
         return DataConfig(kind="fashion_mnist", val="train" if split == "train" else "val")
     if spec.startswith("filelist:"):
-        listed, _, image_dir = spec[len("filelist:"):].partition("@")
+        listed, _, image_dir = spec[len("filelist:") :].partition("@")
         list_path = Path(listed)
         root = list_path.parent
         prefix = os.path.relpath(image_dir, root) if image_dir else ""

@@ -24,8 +24,11 @@ class EvalResult:
 
 
 def cpu_only() -> bool:
-    """True without a GPU: Accelerate only picks MULTI_CPU (gloo) under torchrun when told ``cpu=True``."""
-    accel = getattr(torch, "accelerator", None)  # torch >= 2.6; older: CUDA is what Accelerate would use
+    """True without a GPU: Accelerate only picks MULTI_CPU (gloo) under torchrun when told
+    ``cpu=True``."""
+    accel = getattr(
+        torch, "accelerator", None
+    )  # torch >= 2.6; older: CUDA is what Accelerate would use
     return not (accel.is_available() if accel is not None else torch.cuda.is_available())
 
 
@@ -39,7 +42,9 @@ def _accuracy_counts(logits: torch.Tensor, target: torch.Tensor) -> tuple[float,
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, loader: Any, accelerator: Any, record_ratios: bool = True) -> EvalResult:
+def evaluate(
+    model: nn.Module, loader: Any, accelerator: Any, record_ratios: bool = True
+) -> EvalResult:
     """Exact top-1/top-5 over the whole split, across processes (no padded duplicates).
 
     With ``record_ratios``, also every EN/SN layer's ratio statistics (``ratios.summarize``),
@@ -57,7 +62,9 @@ def evaluate(model: nn.Module, loader: Any, accelerator: Any, record_ratios: boo
         for x, y in loader:
             logits = model(x).float()
             extra = recorder.take().to(logits.device) if recorder is not None else None
-            gathered = accelerator.gather_for_metrics((logits, y) if extra is None else (logits, y, extra))
+            gathered = accelerator.gather_for_metrics(
+                (logits, y) if extra is None else (logits, y, extra)
+            )
             g_logits, g_y = gathered[0], gathered[1]
             c1, c5 = _accuracy_counts(g_logits, g_y)
             correct1 += c1
@@ -69,10 +76,14 @@ def evaluate(model: nn.Module, loader: Any, accelerator: Any, record_ratios: boo
     stats = None
     if recorder is not None and ratio_batches:
         stats = summarize(recorder.names, recorder.normalizers, torch.cat(ratio_batches))
-    return EvalResult(100.0 * correct1 / samples, 100.0 * correct5 / samples, loss_sum / samples, samples, stats)
+    return EvalResult(
+        100.0 * correct1 / samples, 100.0 * correct5 / samples, loss_sum / samples, samples, stats
+    )
 
 
-def evaluate_checkpoint(path: Path, data: Any, batch_size: int, workers: int, limit: int | None) -> EvalResult:
+def evaluate_checkpoint(
+    path: Path, data: Any, batch_size: int, workers: int, limit: int | None
+) -> EvalResult:
     """``enorm eval``: top-1/top-5 of a checkpoint on one split, with its own data config."""
     from accelerate import Accelerator
 

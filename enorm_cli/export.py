@@ -1,4 +1,5 @@
-"""``enorm export``: an enorm checkpoint as ONNX or a torch.export ``.pt2``, verified before it is kept.
+"""``enorm export``: an enorm checkpoint as ONNX or a torch.export ``.pt2``, verified before it
+is kept.
 
 Both formats come from one ``torch.export`` graph of the eval-mode model with a dynamic
 batch axis. The eval path of EN and SN has no data-dependent Python branch
@@ -57,7 +58,9 @@ def format_for(out: Path, fmt: str | None) -> str:
     if fmt is None:
         by_suffix = {suffix: name for name, suffix in FORMATS.items()}
         if out.suffix not in by_suffix:
-            raise EnormError(f"--out {str(out)!r}: give --format onnx or pt2 (or end the name in .onnx or .pt2)")
+            raise EnormError(
+                f"--out {str(out)!r}: give --format onnx or pt2 (or end the name in .onnx or .pt2)"
+            )
         return by_suffix[out.suffix]
     fmt = fmt.lower()
     if fmt not in FORMATS:
@@ -69,9 +72,7 @@ def require_onnx() -> None:
     """Fail early, with the install line, when the ONNX extra is missing."""
     missing = [name for name in ONNX_PACKAGES if importlib.util.find_spec(name) is None]
     if missing:
-        raise EnormError(
-            f"ONNX export needs {', '.join(missing)}: pip install 'enorm[export]'"
-        )
+        raise EnormError(f"ONNX export needs {', '.join(missing)}: pip install 'enorm[export]'")
 
 
 def check_request(out: Path, fmt: str, opset: int, force: bool) -> None:
@@ -102,7 +103,12 @@ def write_onnx(program: torch.export.ExportedProgram, path: Path, opset: int) ->
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         onnx_program = torch.onnx.export(
-            program, f=None, opset_version=opset, dynamo=True, external_data=False, verbose=False,
+            program,
+            f=None,
+            opset_version=opset,
+            dynamo=True,
+            external_data=False,
+            verbose=False,
             optimize=False,
         )
     assert onnx_program is not None
@@ -139,7 +145,11 @@ def export_model(
     """Export, check the written file on ``batch`` against eager ``model``, then keep it."""
     check_request(out, fmt, opset, force)
     model = model.eval()
-    example = batch[:EXAMPLE_BATCH] if batch.shape[0] >= EXAMPLE_BATCH else batch.repeat(EXAMPLE_BATCH, 1, 1, 1)
+    example = (
+        batch[:EXAMPLE_BATCH]
+        if batch.shape[0] >= EXAMPLE_BATCH
+        else batch.repeat(EXAMPLE_BATCH, 1, 1, 1)
+    )
     with torch.no_grad():
         expected = model(batch).float()
     with atomic_path(out) as tmp:
@@ -156,10 +166,17 @@ def export_model(
             raise EnormError(
                 f"the exported {fmt} file differs from the PyTorch model on {calibration} "
                 f"(top-1 agreement {check.top1_agreement:.1%}, max |delta logit| "
-                f"{check.relative_delta:.1e} of max |logit| > {tolerance:.0e}); nothing was written: "
+                f"{check.relative_delta:.1e} of max |logit| > {tolerance:.0e}); nothing was "
+                "written: "
                 "report it with enorm --debug export ..."
             )
         check_writable(out, force)  # again: something may have appeared meanwhile
         size = tmp.stat().st_size
-    return ExportResult(out=out, format=fmt, export_seconds=seconds, agreement=check,
-                        tolerance=tolerance, size_bytes=size)
+    return ExportResult(
+        out=out,
+        format=fmt,
+        export_seconds=seconds,
+        agreement=check,
+        tolerance=tolerance,
+        size_bytes=size,
+    )

@@ -17,14 +17,18 @@ def check_writable(path: Path, force: bool, flag: str = "--out") -> None:
     if path.is_dir():
         raise EnormError(f"{flag} {str(path)!r} is a directory: give a file name")
     if path.exists() and not force:
-        raise EnormError(f"{flag} {str(path)!r} exists: pass --force to overwrite it, or pick another path")
+        raise EnormError(
+            f"{flag} {str(path)!r} exists: pass --force to overwrite it, or pick another path"
+        )
     if not parent.is_dir():
         raise EnormError(f"directory {str(parent)!r} for {flag} does not exist: create it first")
     try:  # a real probe: os.access says yes to root even on read-only file systems
         with tempfile.TemporaryFile(dir=parent):
             pass
     except OSError:
-        raise EnormError(f"directory {str(parent)!r} for {flag} is not writable: pick another path") from None
+        raise EnormError(
+            f"directory {str(parent)!r} for {flag} is not writable: pick another path"
+        ) from None
 
 
 @contextlib.contextmanager

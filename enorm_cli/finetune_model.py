@@ -52,15 +52,22 @@ def prepare_model(recipe: Recipe, num_classes: int) -> PreparedModel:
         if num_classes != info.num_classes:
             set_num_classes(model, num_classes)
         return PreparedModel(
-            model, info.source_model, info.source_model.partition(":")[0] if ":" in info.source_model else "timm",
-            settings_of(info, path), info.converted_layers, info.layer_normalizers,
+            model,
+            info.source_model,
+            info.source_model.partition(":")[0] if ":" in info.source_model else "timm",
+            settings_of(info, path),
+            info.converted_layers,
+            info.layer_normalizers,
             info.extra.get("norm", "en"),
-            list(info.data_config["mean"]), list(info.data_config["std"]),
+            list(info.data_config["mean"]),
+            list(info.data_config["std"]),
         )
     if cfg.pretrained and cfg.checkpoint:
         raise EnormError("model.pretrained and model.checkpoint are both set: keep one")
     name, model = create_source_model(
-        cfg.name, pretrained=cfg.pretrained, checkpoint=Path(cfg.checkpoint) if cfg.checkpoint else None,
+        cfg.name,
+        pretrained=cfg.pretrained,
+        checkpoint=Path(cfg.checkpoint) if cfg.checkpoint else None,
         num_classes=num_classes,
     )
     config = data_config(name, model)
@@ -70,12 +77,21 @@ def prepare_model(recipe: Recipe, num_classes: int) -> PreparedModel:
     if cfg.norm != "bn":
         report = convert_model(model, settings)
         if not report.converted:
-            raise EnormError(f"{cfg.name} has no BatchNorm or GroupNorm layer to convert: use model.norm=bn")
+            raise EnormError(
+                f"{cfg.name} has no BatchNorm or GroupNorm layer to convert: use model.norm=bn"
+            )
         converted = {c.name: c.source_type for c in report.converted}
         normalizers = {c.name: list(c.normalizers) for c in report.converted}
     return PreparedModel(
-        model, name.full, name.namespace, settings, converted, normalizers, cfg.norm,
-        list(config["mean"]), list(config["std"]),
+        model,
+        name.full,
+        name.namespace,
+        settings,
+        converted,
+        normalizers,
+        cfg.norm,
+        list(config["mean"]),
+        list(config["std"]),
     )
 
 

@@ -72,7 +72,12 @@ class InspectResult:
         out = []
         for c in self.classes or []:
             for r, mean in zip(self.ratios, c.mean):
-                row: dict[str, Any] = {"layer": r.name, "class": c.label, "class_name": c.name, "samples": c.samples}
+                row: dict[str, Any] = {
+                    "layer": r.name,
+                    "class": c.label,
+                    "class_name": c.name,
+                    "samples": c.samples,
+                }
                 row.update({n: m for n, m in zip(r.normalizers, mean)})
                 out.append(row)
         return out
@@ -83,24 +88,40 @@ def checkpoint_layers(path: Path, info: CheckpointInfo) -> tuple[str, list[Conve
     from safetensors import safe_open
 
     if not info.converted_layers:
-        raise EnormError(f"{str(path)!r} has no EN layers (a fine-tuned BatchNorm baseline): nothing to inspect")
+        raise EnormError(
+            f"{str(path)!r} has no EN layers (a fine-tuned BatchNorm baseline): nothing to inspect"
+        )
     kind = info.settings.get("layer", "en")
     layers = []
     with safe_open(str(path), framework="pt") as f:
         keys = set(f.keys())
         for name, source_type in info.converted_layers.items():
             prefix = f"{name}."
-            own = [k for k in keys if k.startswith(prefix) and k[len(prefix):] not in
-                   ("running_mean", "running_var", "num_batches_tracked")]
-            own = [k for k in own if "." not in k[len(prefix):] or k[len(prefix):].startswith("ratio.")]
+            own = [
+                k
+                for k in keys
+                if k.startswith(prefix)
+                and k[len(prefix) :] not in ("running_mean", "running_var", "num_batches_tracked")
+            ]
+            own = [
+                k
+                for k in own
+                if "." not in k[len(prefix) :] or k[len(prefix) :].startswith("ratio.")
+            ]
             channels = f.get_slice(prefix + "running_mean").get_shape()[0]
             params = sum(math.prod(f.get_slice(k).get_shape()) for k in own)
             normalizers = info.layer_normalizers.get(name) or list(info.settings["normalizers"])
-            layers.append(ConvertedLayer(name, source_type, channels, tuple(normalizers), params - 2 * channels))
+            layers.append(
+                ConvertedLayer(
+                    name, source_type, channels, tuple(normalizers), params - 2 * channels
+                )
+            )
     return kind, layers
 
 
-def prior_ratios(path: Path, kind: str, layers: list[ConvertedLayer]) -> tuple[list[LayerRatios], bool]:
+def prior_ratios(
+    path: Path, kind: str, layers: list[ConvertedLayer]
+) -> tuple[list[LayerRatios], bool]:
     """Ratios that do not depend on the input (the layer class's ``prior_ratio_logits``): SN's
     static ones, or EN's branch at conversion (softmax(fc2.bias), exact while fc2.weight is
     zero). Returns the ratios and whether they are what forward uses.
@@ -112,7 +133,9 @@ def prior_ratios(path: Path, kind: str, layers: list[ConvertedLayer]) -> tuple[l
     exact = True
     with safe_open(str(path), framework="pt") as f:
         for layer in layers:
-            logits, layer_exact = cls.prior_ratio_logits(lambda key, p=layer.name: f.get_tensor(f"{p}.{key}"))
+            logits, layer_exact = cls.prior_ratio_logits(
+                lambda key, p=layer.name: f.get_tensor(f"{p}.{key}")
+            )
             exact = exact and bool(layer_exact)
             lam = torch.softmax(logits.double(), 0).tolist()
             zeros = [0.0] * len(lam)
@@ -121,20 +144,26 @@ def prior_ratios(path: Path, kind: str, layers: list[ConvertedLayer]) -> tuple[l
 
 
 def inspect_checkpoint(path: Path) -> InspectResult:
-    """The no-data view: layers plus the stored ratio statistics of the last eval, else the prior."""
+    """The no-data view: layers plus the stored ratio statistics of the last eval, else the
+    prior."""
     info = read_info(path)
     kind, layers = checkpoint_layers(path, info)
     stored = info.extra.get("ratio_stats")
     if stored and stored.get("layers"):
-        ratios = [LayerRatios(s["name"], list(s["normalizers"]), list(s["mean"]), list(s["std"]))
-                  for s in stored["layers"]]
+        ratios = [
+            LayerRatios(s["name"], list(s["normalizers"]), list(s["mean"]), list(s["std"]))
+            for s in stored["layers"]
+        ]
         return InspectResult(str(path), kind, "stored", int(stored["samples"]), layers, ratios)
     ratios, exact = prior_ratios(path, kind, layers)
-    return InspectResult(str(path), kind, "prior" if exact else "prior (fc2 bias only)", 0, layers, ratios)
+    return InspectResult(
+        str(path), kind, "prior" if exact else "prior (fc2 bias only)", 0, layers, ratios
+    )
 
 
-def per_class(ratios: Tensor, targets: Tensor, layer_ratios: list[LayerRatios],
-              class_names: list[str] | None) -> list[ClassRatios]:
+def per_class(
+    ratios: Tensor, targets: Tensor, layer_ratios: list[LayerRatios], class_names: list[str] | None
+) -> list[ClassRatios]:
     """Mean ratios per class; classes ranked by how far their ratios sit from the overall mean."""
     overall = torch.nan_to_num(ratios.double().mean(0))  # L x K
     out = []
@@ -144,13 +173,27 @@ def per_class(ratios: Tensor, targets: Tensor, layer_ratios: list[LayerRatios],
         worst = int(tv.argmax())
         mean = [mine[i, : len(r.normalizers)].tolist() for i, r in enumerate(layer_ratios)]
         name = class_names[label] if class_names and label < len(class_names) else str(label)
-        out.append(ClassRatios(label, name, int((targets == label).sum()), mean, tv.tolist(),
-                               layer_ratios[worst].name))
+        out.append(
+            ClassRatios(
+                label,
+                name,
+                int((targets == label).sum()),
+                mean,
+                tv.tolist(),
+                layer_ratios[worst].name,
+            )
+        )
     return sorted(out, key=lambda c: -c.deviation)
 
 
-def inspect_on_data(path: Path, data: Any, samples: int, batch_size: int = 64, workers: int = 2,
-                    by_class: bool = False) -> InspectResult:
+def inspect_on_data(
+    path: Path,
+    data: Any,
+    samples: int,
+    batch_size: int = 64,
+    workers: int = 2,
+    by_class: bool = False,
+) -> InspectResult:
     """Run the model in eval mode over ``samples`` images and record every EN layer's ratios."""
     from .checkpoint import load_model
     from .data import checkpoint_split
@@ -170,11 +213,15 @@ def inspect_on_data(path: Path, data: Any, samples: int, batch_size: int = 64, w
                 model(x.to(device))
             except RuntimeError as exc:
                 first = str(exc).strip().splitlines()[0][:160]
-                raise EnormError(f"the data does not fit the model ({first}): check --data") from None
+                raise EnormError(
+                    f"the data does not fit the model ({first}): check --data"
+                ) from None
             batches.append(recorder.take())
             labels.append(y)
     ratios = torch.cat(batches)
     targets = torch.cat(labels)
     summary = layer_ratios(recorder.names, recorder.normalizers, ratios)
     classes = per_class(ratios, targets, summary, split.classes) if by_class else None
-    return InspectResult(str(path), kind, "data", int(ratios.shape[0]), layers, summary, classes, ratios)
+    return InspectResult(
+        str(path), kind, "data", int(ratios.shape[0]), layers, summary, classes, ratios
+    )

@@ -103,7 +103,9 @@ def _no_download(name: str) -> EnormError:
     )
 
 
-def build_model(name: ModelName, pretrained: bool = False, num_classes: int | None = None) -> nn.Module:
+def build_model(
+    name: ModelName, pretrained: bool = False, num_classes: int | None = None
+) -> nn.Module:
     """Create the architecture; with ``pretrained``, its default weights (cache, else download)."""
     if name.namespace == "torchvision":
         import torchvision
@@ -143,7 +145,11 @@ def set_num_classes(model: nn.Module, num_classes: int) -> None:
         raise EnormError(f"cannot change the classifier of {type(model).__name__}: no Linear head")
     path, head = linears[-1]
     parent = model.get_submodule(path.rpartition(".")[0]) if "." in path else model
-    setattr(parent, path.rpartition(".")[2], nn.Linear(head.in_features, num_classes, bias=head.bias is not None))
+    setattr(
+        parent,
+        path.rpartition(".")[2],
+        nn.Linear(head.in_features, num_classes, bias=head.bias is not None),
+    )
 
 
 def num_classes_of(model: nn.Module) -> int:
@@ -192,7 +198,8 @@ def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
             return load_file(str(path))
         except (SafetensorError, OSError, ValueError) as exc:
             raise EnormError(
-                f"checkpoint {str(path)!r} is not a readable .safetensors file ({exc}); re-export it"
+                f"checkpoint {str(path)!r} is not a readable .safetensors file ({exc}); re-export "
+                "it"
             ) from None
     try:
         obj = torch.load(str(path), map_location="cpu", weights_only=True)
@@ -206,7 +213,11 @@ def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
         if isinstance(obj, dict) and isinstance(obj.get(key), dict):
             obj = obj[key]
             break
-    if not isinstance(obj, dict) or not obj or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+    if (
+        not isinstance(obj, dict)
+        or not obj
+        or not all(isinstance(v, torch.Tensor) for v in obj.values())
+    ):
         raise EnormError(
             f"checkpoint {str(path)!r} is not a state dict (a mapping of names to tensors); "
             "save one with torch.save(model.state_dict(), path)"
@@ -225,9 +236,15 @@ def load_weights(model: nn.Module, state: dict[str, torch.Tensor], source: str) 
         if k in state and state[k].shape != own[k].shape
     ]
     problems = []
-    for label, keys in (("missing", missing), ("unexpected", unexpected), ("wrong shape", mismatched)):
+    for label, keys in (
+        ("missing", missing),
+        ("unexpected", unexpected),
+        ("wrong shape", mismatched),
+    ):
         if keys:
-            problems.append(f"{len(keys)} {label}: {', '.join(keys[:3])}{', ...' if len(keys) > 3 else ''}")
+            problems.append(
+                f"{len(keys)} {label}: {', '.join(keys[:3])}{', ...' if len(keys) > 3 else ''}"
+            )
     if problems:
         raise EnormError(
             f"checkpoint {source} does not fit {type(model).__name__}: {'; '.join(problems)}; "

@@ -63,7 +63,9 @@ def build_optimizer(model: nn.Module, recipe: Recipe) -> torch.optim.Optimizer:
             momentum=o.momentum,
         )
     except (ValueError, AssertionError, TypeError) as exc:  # timm: unknown name, bad momentum, ...
-        raise EnormError(f"optim: {exc or type(exc).__name__} (check optim.name and its settings)") from None
+        raise EnormError(
+            f"optim: {exc or type(exc).__name__} (check optim.name and its settings)"
+        ) from None
 
 
 def build_scheduler(optimizer: torch.optim.Optimizer, recipe: Recipe, steps_per_epoch: int) -> Any:

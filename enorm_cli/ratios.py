@@ -97,22 +97,38 @@ class LayerRatios:
         return self.normalizers[max(range(len(self.mean)), key=self.mean.__getitem__)]
 
 
-def layer_ratios(names: list[str], normalizers: list[tuple[str, ...]], ratios: Tensor) -> list[LayerRatios]:
+def layer_ratios(
+    names: list[str], normalizers: list[tuple[str, ...]], ratios: Tensor
+) -> list[LayerRatios]:
     """Per layer: mean, std, 10th and 90th percentiles over samples of every normalizer's ratio."""
     out = []
     for i, (name, norms) in enumerate(zip(names, normalizers)):
         lam = ratios[:, i, : len(norms)].double()
         q = torch.quantile(lam, torch.tensor([0.1, 0.9], dtype=lam.dtype), dim=0)
-        std = lam.std(0, correction=0) if lam.shape[0] > 1 else torch.zeros(len(norms), dtype=lam.dtype)
-        out.append(LayerRatios(name, list(norms), lam.mean(0).tolist(), std.tolist(), q[0].tolist(), q[1].tolist()))
+        std = (
+            lam.std(0, correction=0)
+            if lam.shape[0] > 1
+            else torch.zeros(len(norms), dtype=lam.dtype)
+        )
+        out.append(
+            LayerRatios(
+                name, list(norms), lam.mean(0).tolist(), std.tolist(), q[0].tolist(), q[1].tolist()
+            )
+        )
     return out
 
 
-def summarize(names: list[str], normalizers: list[tuple[str, ...]], ratios: Tensor) -> dict[str, Any]:
+def summarize(
+    names: list[str], normalizers: list[tuple[str, ...]], ratios: Tensor
+) -> dict[str, Any]:
     """Per-layer mean and std over samples of each normalizer's ratio (JSON-ready, for metadata)."""
     layers = [
-        {"name": r.name, "normalizers": r.normalizers, "mean": [round(v, 6) for v in r.mean],
-         "std": [round(v, 6) for v in r.std]}
+        {
+            "name": r.name,
+            "normalizers": r.normalizers,
+            "mean": [round(v, 6) for v in r.mean],
+            "std": [round(v, 6) for v in r.std],
+        }
         for r in layer_ratios(names, normalizers, ratios)
     ]
     return {"samples": int(ratios.shape[0]), "layers": layers}

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import difflib
 from pathlib import Path
-from typing import Annotated, Any, Literal, Optional, Union
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -19,7 +19,8 @@ from .errors import EnormError
 from .settings import ENSettings, validation_line
 
 UserPath = Annotated[str, AfterValidator(expand_path)]
-"""A path in a recipe: ``${ENORM_HOME}`` (the user cache, ``cache.py``), ``$VARS`` and ``~`` expand."""
+"""A path in a recipe: ``${ENORM_HOME}`` (the user cache, ``cache.py``), ``$VARS`` and ``~``
+expand."""
 
 
 class Section(BaseModel):
@@ -31,17 +32,17 @@ class RecipeENSettings(ENSettings):
     as ``enorm convert`` takes them; ``layer`` follows ``model.norm``), plus how training
     treats them."""
 
-    sync_stats: Optional[bool] = None
+    sync_stats: bool | None = None
     """Synchronize the bn member's statistics across processes (None: when >1 process)."""
 
 
 class ModelConfig(Section):
     name: UserPath
     """A timm/torchvision model name (converted on the fly), or an EN .safetensors from convert."""
-    checkpoint: Optional[UserPath] = None
+    checkpoint: UserPath | None = None
     """Source weights for on-the-fly conversion (state dict or .safetensors)."""
     pretrained: bool = False
-    num_classes: Optional[int] = Field(None, ge=1)
+    num_classes: int | None = Field(None, ge=1)
     norm: Literal["en", "sn", "bn"] = "en"
     """"en": Exemplar Normalization; "sn": Switchable Normalization (the baseline layer, same
     ``en`` settings for normalizers and margin); "bn": the source model as it is."""
@@ -55,7 +56,10 @@ class ModelConfig(Section):
     @model_validator(mode="after")
     def _layer_follows_norm(self) -> ModelConfig:
         if "layer" in self.en.model_fields_set and self.norm != "bn" and self.en.layer != self.norm:
-            raise ValueError(f"model.en.layer={self.en.layer} differs from model.norm={self.norm}: set model.norm")
+            raise ValueError(
+                f"model.en.layer={self.en.layer} differs from model.norm={self.norm}: set "
+                "model.norm"
+            )
         return self
 
     @property
@@ -69,26 +73,26 @@ class ModelConfig(Section):
 
 class DataConfig(Section):
     kind: Literal["imagefolder", "filelist", "fashion_mnist"]
-    root: Optional[UserPath] = None
+    root: UserPath | None = None
     """Data folder; fashion_mnist: None = the user cache's data/ (``cache.py``)."""
-    train: Union[str, list[str]] = "train"
+    train: str | list[str] = "train"
     val: str = "val"
     train_prefix: str = ""
     """filelist: folder under root that train entries are relative to."""
     val_prefix: str = ""
     """filelist: folder under root that val entries are relative to (WebVision: val_images_256)."""
-    first_classes: Optional[int] = Field(None, ge=1)
+    first_classes: int | None = Field(None, ge=1)
     """Keep only labels < N (mini-WebVision: the first 50 classes)."""
     image_size: int = Field(224, ge=8)
     batch_size: int = Field(64, ge=1)
     workers: int = Field(2, ge=0)
-    limit_train: Optional[int] = Field(None, ge=1)
-    limit_val: Optional[int] = Field(None, ge=1)
+    limit_train: int | None = Field(None, ge=1)
+    limit_val: int | None = Field(None, ge=1)
     scale: list[float] = [0.08, 1.0]
     """RandomResizedCrop scale range for training."""
     hflip: float = Field(0.5, ge=0, le=1)
-    color_jitter: Optional[float] = None
-    crop_pct: Optional[float] = Field(None, gt=0, le=1)
+    color_jitter: float | None = None
+    crop_pct: float | None = Field(None, gt=0, le=1)
 
 
 class OptimConfig(Section):
@@ -96,11 +100,11 @@ class OptimConfig(Section):
     lr: float = Field(0.01, gt=0)
     weight_decay: float = Field(1e-4, ge=0)
     momentum: float = Field(0.9, ge=0)
-    ratio_lr: Optional[float] = Field(None, gt=0)
+    ratio_lr: float | None = Field(None, gt=0)
     """lr of the EN ratio branch (None: lr * ratio_lr_scale)."""
     ratio_lr_scale: float = Field(0.1, gt=0)
     ratio_weight_decay: float = Field(0.0, ge=0)
-    affine_lr: Optional[float] = Field(None, gt=0)
+    affine_lr: float | None = Field(None, gt=0)
     """lr of EN's gammas and betas (None: lr)."""
     affine_weight_decay: float = Field(0.0, ge=0)
 
@@ -111,7 +115,7 @@ class ScheduleConfig(Section):
     warmup_epochs: float = Field(0, ge=0)
     warmup_lr: float = Field(1e-5, ge=0)
     min_lr: float = Field(0.0, ge=0)
-    decay_epochs: Optional[float] = None
+    decay_epochs: float | None = None
     decay_milestones: list[int] = [30, 60, 90]
     decay_rate: float = 0.1
 
@@ -121,10 +125,10 @@ class TrainConfig(Section):
     grad_accum: int = Field(1, ge=1)
     seed: int = 0
     label_smoothing: float = Field(0.0, ge=0, lt=1)
-    grad_clip: Optional[float] = Field(None, gt=0)
+    grad_clip: float | None = Field(None, gt=0)
     eval_every: int = Field(1, ge=1)
     """Evaluate every N epochs (and after the last)."""
-    save_every_steps: Optional[int] = Field(None, ge=1)
+    save_every_steps: int | None = Field(None, ge=1)
     """Also save a resumable state every N optimizer steps (None: at the end of each epoch)."""
     keep_states: int = Field(2, ge=1)
     log_every: int = Field(20, ge=1)
@@ -189,17 +193,23 @@ def load_recipe(path: Path | None, overrides: list[str] | None = None) -> Recipe
     if path is not None:
         source = f"recipe {str(path)!r}"
         if not Path(path).is_file():
-            raise EnormError(f"recipe {str(path)!r} not found: check the path (recipes/ has examples)")
+            raise EnormError(
+                f"recipe {str(path)!r} not found: check the path (recipes/ has examples)"
+            )
         try:
             loaded = yaml.safe_load(Path(path).read_text())
         except yaml.YAMLError as exc:
             where = getattr(exc, "problem_mark", None)
             at = f" at line {where.line + 1}" if where is not None else ""
-            raise EnormError(f"recipe {str(path)!r} is not valid YAML{at}: fix the syntax") from None
+            raise EnormError(
+                f"recipe {str(path)!r} is not valid YAML{at}: fix the syntax"
+            ) from None
         if loaded is None:
             loaded = {}
         if not isinstance(loaded, dict):
-            raise EnormError(f"recipe {str(path)!r} must be a mapping of sections (model:, data:, ...)")
+            raise EnormError(
+                f"recipe {str(path)!r} must be a mapping of sections (model:, data:, ...)"
+            )
         data = loaded
     data = apply_overrides(data, overrides or [])
     try:
@@ -210,5 +220,7 @@ def load_recipe(path: Path | None, overrides: list[str] | None = None) -> Recipe
 
 def dump_recipe(recipe: Recipe) -> str:
     """The resolved recipe as YAML (what ``config.yaml`` in the output directory holds)."""
-    data = recipe.model_dump(mode="json", exclude={"model": {"en": {"layer"}}})  # model.norm says it
+    data = recipe.model_dump(
+        mode="json", exclude={"model": {"en": {"layer"}}}
+    )  # model.norm says it
     return yaml.safe_dump(data, sort_keys=False)

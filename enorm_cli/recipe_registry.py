@@ -60,7 +60,9 @@ def read_entry(path: Path) -> RecipeEntry:
     """Name, purpose and hardware/time of a recipe file: first sentences of its header's parts."""
     header = _header(path.read_text())
     purpose, _, rest = header.partition(HARDWARE)
-    return RecipeEntry(name=path.stem, path=path, purpose=_first_sentence(purpose), hardware=_first_sentence(rest))
+    return RecipeEntry(
+        name=path.stem, path=path, purpose=_first_sentence(purpose), hardware=_first_sentence(rest)
+    )
 
 
 def _files() -> list[Path]:
@@ -76,21 +78,31 @@ def find_packaged(name: str) -> Path:
     """A packaged recipe by NAME or NAME.yaml, with close names when it is not one."""
     stem = name.removesuffix(SUFFIX)
     if "/" in stem:  # a path, not a name
-        raise EnormError(f"recipe file {name!r} not found: check the path, or give a packaged name (enorm recipes)")
+        raise EnormError(
+            f"recipe file {name!r} not found: check the path, or give a packaged name (enorm "
+            "recipes)"
+        )
     path = packaged_dir() / (stem + SUFFIX)
     if path.is_file():
         return path
     names = [p.stem for p in _files()]
     close = difflib.get_close_matches(stem, names, n=2)
-    hint = f"did you mean {' or '.join(close)}?" if close else f"packaged recipes: {', '.join(names)}"
-    raise EnormError(f"recipe {name!r} is neither a file nor a packaged recipe: {hint} (enorm recipes lists them)")
+    hint = (
+        f"did you mean {' or '.join(close)}?" if close else f"packaged recipes: {', '.join(names)}"
+    )
+    raise EnormError(
+        f"recipe {name!r} is neither a file nor a packaged recipe: {hint} (enorm recipes lists "
+        "them)"
+    )
 
 
 def resolve_recipe(value: str | Path) -> Path:
     """``--recipe``: an existing file wins, then a packaged NAME or NAME.yaml."""
     path = Path(value).expanduser()
     if path.is_dir():
-        raise EnormError(f"--recipe {str(value)!r} is a directory: give a recipe file or a name (enorm recipes)")
+        raise EnormError(
+            f"--recipe {str(value)!r} is a directory: give a recipe file or a name (enorm recipes)"
+        )
     if path.is_file():
         return path
     return find_packaged(str(value))

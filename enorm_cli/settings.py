@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable
-from typing import Annotated, Any, Optional
+from typing import Annotated, Any
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError
 
@@ -27,7 +27,7 @@ def _check_regex(pattern: str | None) -> str | None:
     return pattern
 
 
-Regex = Annotated[Optional[str], AfterValidator(_check_regex)]
+Regex = Annotated[str | None, AfterValidator(_check_regex)]
 
 
 class ENSettings(BaseModel):
@@ -52,8 +52,9 @@ class ENSettings(BaseModel):
     layer: Annotated[str, AfterValidator(check_norm_layer)] = "en"
     """"en" (Exemplar Normalization) or "sn" (Switchable, the baseline): ``layers.registry``."""
     shared_affine: bool = False
-    """One affine pair for all normalizers (the paper's ablation; starts near, not at, the source)."""
-    logit_scale: Optional[float] = Field(None, gt=0, allow_inf_nan=False)
+    """One affine pair for all normalizers (the paper's ablation; starts near, not at, the
+    source)."""
+    logit_scale: float | None = Field(None, gt=0, allow_inf_nan=False)
     """EN's FC2 scale s (logits = b + s W h); None: 1 / sqrt(pi K) (``default_logit_scale``)."""
 
     @property

@@ -28,16 +28,31 @@ from .settings import ENSettings
 
 def _bn(m: nn.Module) -> SourceNorm:
     return SourceNorm(
-        "bn", m.num_features, m.eps, getattr(m, "weight", None), getattr(m, "bias", None),
-        getattr(m, "momentum", 0.1), m.running_mean, m.running_var,
-        drop=getattr(m, "drop", None), act=getattr(m, "act", None),
+        "bn",
+        m.num_features,
+        m.eps,
+        getattr(m, "weight", None),
+        getattr(m, "bias", None),
+        getattr(m, "momentum", 0.1),
+        m.running_mean,
+        m.running_var,
+        drop=getattr(m, "drop", None),
+        act=getattr(m, "act", None),
     )
 
 
 def _frozen_bn(m: nn.Module) -> SourceNorm:
     return SourceNorm(
-        "bn", m.weight.shape[0], m.eps, m.weight, m.bias, 0.1, m.running_mean, m.running_var,
-        drop=getattr(m, "drop", None), act=getattr(m, "act", None),
+        "bn",
+        m.weight.shape[0],
+        m.eps,
+        m.weight,
+        m.bias,
+        0.1,
+        m.running_mean,
+        m.running_var,
+        drop=getattr(m, "drop", None),
+        act=getattr(m, "act", None),
     )
 
 
@@ -45,13 +60,20 @@ def _gn(m: nn.GroupNorm) -> SourceNorm:
     g, c = m.num_groups, m.num_channels
     normalizer = "ln" if g == 1 else "in" if g == c else "gn"
     return SourceNorm(
-        normalizer, c, m.eps, m.weight, m.bias, num_groups=g,
-        drop=getattr(m, "drop", None), act=getattr(m, "act", None),
+        normalizer,
+        c,
+        m.eps,
+        m.weight,
+        m.bias,
+        num_groups=g,
+        drop=getattr(m, "drop", None),
+        act=getattr(m, "act", None),
     )
 
 
 def _policies() -> dict[type, tuple[str, Callable[[Any], SourceNorm]]]:
-    """Source class -> (type name for reports, reader). Exact classes: subclasses may change forward."""
+    """Source class -> (type name for reports, reader). Exact classes: subclasses may change
+    forward."""
     from timm.layers import (
         BatchNormAct2d,
         FrozenBatchNormAct2d,
@@ -81,8 +103,12 @@ def _policies() -> dict[type, tuple[str, Callable[[Any], SourceNorm]]]:
 def _looks_like_norm(module: nn.Module) -> bool:
     """Norm layers we leave alone but report (LayerNorm, BatchNorm1d, ...)."""
     name = type(module).__name__
-    return "Norm" in name and not isinstance(module, MixedNorm2d) and not any(
-        isinstance(c, nn.Module) and "Norm" in type(c).__name__ for c in module.children()
+    return (
+        "Norm" in name
+        and not isinstance(module, MixedNorm2d)
+        and not any(
+            isinstance(c, nn.Module) and "Norm" in type(c).__name__ for c in module.children()
+        )
     )
 
 
@@ -142,13 +168,17 @@ def convert_model(model: nn.Module, settings: ENSettings) -> ConversionReport:
         policy = policies.get(type(module))
         if policy is None:
             if name and _looks_like_norm(module) and not _inside_converted(name, report):
-                report.skipped.append((name, type(module).__name__, "not a 2-D batch or group norm"))
+                report.skipped.append(
+                    (name, type(module).__name__, "not a 2-D batch or group norm")
+                )
             continue
         if not settings.selects(name):
             report.skipped.append((name, type(module).__name__, "not selected by include/exclude"))
             continue
         if policy[1] is _bn and getattr(module, "running_mean", None) is None:
-            report.skipped.append((name, type(module).__name__, "no running statistics to start from"))
+            report.skipped.append(
+                (name, type(module).__name__, "no running statistics to start from")
+            )
             continue
         new = replacements.get(id(module))
         if new is None:
@@ -159,7 +189,9 @@ def convert_model(model: nn.Module, settings: ENSettings) -> ConversionReport:
             raise EnormError("the model itself is a norm layer: convert a network, not one layer")
         setattr(model.get_submodule(parent_name), child, new)
         report.converted.append(
-            ConvertedLayer(name, policy[0], new.num_features, new.normalizers, _params_added(module, new))
+            ConvertedLayer(
+                name, policy[0], new.num_features, new.normalizers, _params_added(module, new)
+            )
         )
     return report
 

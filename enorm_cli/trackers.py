@@ -13,8 +13,15 @@ from typing import Any
 from .errors import EnormError
 
 EXTRAS = {"tensorboard": "pip install 'enorm[tensorboard]'"}
-SCALAR_KEYS = {"loss": "train/loss", "lr": "train/lr", "images_per_s": "train/images_per_s",
-               "top1": "val/top1", "top5": "val/top5", "val_loss": "val/loss", "best_top1": "val/best_top1"}
+SCALAR_KEYS = {
+    "loss": "train/loss",
+    "lr": "train/lr",
+    "images_per_s": "train/images_per_s",
+    "top1": "val/top1",
+    "top5": "val/top5",
+    "val_loss": "val/loss",
+    "best_top1": "val/best_top1",
+}
 
 
 def check_trackers(names: list[str]) -> list[str]:
@@ -26,7 +33,10 @@ def check_trackers(names: list[str]) -> list[str]:
     available = {str(t) for t in get_available_trackers()}
     for name in names:
         if name not in known:
-            raise EnormError(f"train.log_with: {name!r} is not a tracker Accelerate knows; use one of {', '.join(known)}")
+            raise EnormError(
+                f"train.log_with: {name!r} is not a tracker Accelerate knows; use one of "
+                f"{', '.join(known)}"
+            )
         if name not in available:
             fix = EXTRAS.get(name, f"pip install {name}")
             raise EnormError(f"train.log_with: {name} is not installed: {fix}")
@@ -49,4 +59,6 @@ def flat_config(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 
 def scalars(record: dict[str, Any]) -> dict[str, float]:
     """A metrics.jsonl record's numbers, under tracker names."""
-    return {SCALAR_KEYS[k]: float(v) for k, v in record.items() if k in SCALAR_KEYS and v is not None}
+    return {
+        SCALAR_KEYS[k]: float(v) for k, v in record.items() if k in SCALAR_KEYS and v is not None
+    }

@@ -44,7 +44,8 @@ from .training_progress import TrainingProgress
 
 
 def set_train_mode(model: nn.Module, bn_stats: str) -> None:
-    """``model.train()``, then with frozen bn statistics every BatchNorm and EN/SN layer in eval mode.
+    """``model.train()``, then with frozen bn statistics every BatchNorm and EN/SN layer in eval
+    mode.
 
     In eval mode these layers normalize with their running statistics and leave them
     as they are, while gradients still reach their affines (and EN's ratio branch; IN
@@ -61,7 +62,9 @@ def set_train_mode(model: nn.Module, bn_stats: str) -> None:
 class FinetuneRecipe:
     """One fine-tuning run of a ``Recipe``: ``setup()``, ``train()``, ``cleanup()``."""
 
-    def __init__(self, recipe: Recipe, resume: bool = False, force: bool = False, progress: bool = True) -> None:
+    def __init__(
+        self, recipe: Recipe, resume: bool = False, force: bool = False, progress: bool = True
+    ) -> None:
         self.recipe = recipe
         self.resume = resume
         self.force = force
@@ -117,7 +120,9 @@ class FinetuneRecipe:
             ),
             mixed_precision=train.mixed_precision,
             gradient_accumulation_steps=train.grad_accum,
-            dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=train.seed),
+            dataloader_config=DataLoaderConfiguration(
+                use_seedable_sampler=True, data_seed=train.seed
+            ),
         )
 
     def _setup_output_dir(self) -> None:
@@ -146,7 +151,9 @@ class FinetuneRecipe:
         self.val_split = load_split(data, "val", val_tf, data.limit_val, self.num_classes)
         processes = self.accelerator.num_processes
         sync = self.recipe.model.en.sync_stats
-        set_sync_stats(self.prepared.model, (sync if sync is not None else processes > 1) and processes > 1)
+        set_sync_stats(
+            self.prepared.model, (sync if sync is not None else processes > 1) and processes > 1
+        )
         self.data_config = eval_data_config(data, mean, std)
 
     def _setup_optimizer(self) -> None:
@@ -186,12 +193,16 @@ class FinetuneRecipe:
             self.layout.prune_states(self.recipe.train.keep_states)
         self.accelerator.wait_for_everyone()
 
-    def save_model(self, summary: dict[str, Any], ratio_stats: dict[str, Any] | None, improved: bool) -> None:
+    def save_model(
+        self, summary: dict[str, Any], ratio_stats: dict[str, Any] | None, improved: bool
+    ) -> None:
         """last.safetensors (and best.safetensors when top-1 improved): enorm checkpoints
         with the last eval's ratio statistics, for ``enorm inspect``."""
         if not self.main:
             return
-        meta = self.prepared.metadata(self.data_config, {"ratio_stats": ratio_stats, "train": summary})
+        meta = self.prepared.metadata(
+            self.data_config, {"ratio_stats": ratio_stats, "train": summary}
+        )
         unwrapped = self.accelerator.unwrap_model(self.model)
         for path, wanted in ((self.layout.last, True), (self.layout.best, improved)):
             if wanted:
@@ -210,7 +221,10 @@ class FinetuneRecipe:
         epochs = self.recipe.schedule.epochs
         with _progress_bar(enabled=self.show_progress and self.main) as bar:
             task = bar.add_task(
-                "train", total=self.steps_per_epoch * epochs, completed=self.progress.global_step, info=""
+                "train",
+                total=self.steps_per_epoch * epochs,
+                completed=self.progress.global_step,
+                info="",
             )
             start_epoch, start_batch = self.progress.epoch, self.progress.batch
             for epoch in range(start_epoch, epochs):
@@ -252,11 +266,18 @@ class FinetuneRecipe:
                 logged = sum(window) / len(window)  # mean over the steps since the last record
                 window.clear()
                 self.metrics.write(
-                    {"step": step, "epoch": epoch + 1, "loss": logged, "lr": lr, "images_per_s": rate}
+                    {
+                        "step": step,
+                        "epoch": epoch + 1,
+                        "loss": logged,
+                        "lr": lr,
+                        "images_per_s": rate,
+                    }
                 )
                 if not (self.show_progress and self.main):
                     accelerator.print(
-                        f"epoch {epoch + 1} step {step}: loss {logged:.4f} lr {lr:.3e} {rate:.0f} img/s"
+                        f"epoch {epoch + 1} step {step}: loss {logged:.4f} lr {lr:.3e} {rate:.0f} "
+                        "img/s"
                     )
             if train.save_every_steps and step % train.save_every_steps == 0:
                 self.save_checkpoint(epoch, batch_index + 1)
@@ -280,13 +301,15 @@ class FinetuneRecipe:
         if not math.isfinite(mean_loss):
             raise EnormError(
                 f"loss became {mean_loss} at step {self.progress.global_step} (epoch {epoch + 1}); "
-                f"stopped, and the last good checkpoint in {str(self.layout.root)!r} is kept: lower "
+                f"stopped, and the last good checkpoint in {str(self.layout.root)!r} is kept: "
+                "lower "
                 "optim.lr, set train.grad_clip, or use train.mixed_precision=no"
             )
         return mean_loss
 
     def _evaluate(self, epoch: int) -> dict[str, Any]:
-        """Eval on the val split, its metrics record, last/best checkpoints; back to training mode."""
+        """Eval on the val split, its metrics record, last/best checkpoints; back to training
+        mode."""
         result: EvalResult = evaluate(self.model, self.val_loader, self.accelerator)
         p = self.progress
         improved = result.top1 > p.best_top1
@@ -304,7 +327,8 @@ class FinetuneRecipe:
         self.metrics.write(summary)
         self.accelerator.print(
             f"epoch {epoch + 1} step {p.global_step}: val top-1 {result.top1:.2f}% top-5 "
-            f"{result.top5:.2f}% loss {result.loss:.4f} on {result.samples} images (best {best:.2f}%)"
+            f"{result.top5:.2f}% loss {result.loss:.4f} on {result.samples} images (best "
+            f"{best:.2f}%)"
         )
         self.save_model(summary, result.ratio_stats, improved)
         set_train_mode(self.model, self.recipe.model.bn_stats)
@@ -316,7 +340,9 @@ class FinetuneRecipe:
         self.accelerator.end_training()
 
 
-def finetune(recipe: Recipe, resume: bool = False, force: bool = False, progress: bool = True) -> dict[str, Any]:
+def finetune(
+    recipe: Recipe, resume: bool = False, force: bool = False, progress: bool = True
+) -> dict[str, Any]:
     """Run a recipe; returns the final summary (also the last line of metrics.jsonl)."""
     run = FinetuneRecipe(recipe, resume=resume, force=force, progress=progress)
     run.setup()

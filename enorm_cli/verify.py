@@ -44,7 +44,9 @@ def default_batch(input_size: tuple[int, int, int], n: int = DEFAULT_BATCH) -> T
     g = torch.Generator().manual_seed(0)
     coarse = torch.randn(n, c, max(h // 16, 2), max(w // 16, 2), generator=g)
     fine = torch.randn(n, c, h, w, generator=g) * 0.1
-    return nn.functional.interpolate(coarse, size=(h, w), mode="bilinear", align_corners=False) + fine
+    return (
+        nn.functional.interpolate(coarse, size=(h, w), mode="bilinear", align_corners=False) + fine
+    )
 
 
 def image_files(root: Path) -> list[Path]:
@@ -52,7 +54,9 @@ def image_files(root: Path) -> list[Path]:
     return sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
 
 
-def calibration_batch(root: Path, data_config: dict[str, Any], limit: int = MAX_CALIB_IMAGES) -> Tensor:
+def calibration_batch(
+    root: Path, data_config: dict[str, Any], limit: int = MAX_CALIB_IMAGES
+) -> Tensor:
     """Images from a directory, prepared with the model's own eval transform."""
     from PIL import Image, UnidentifiedImageError
     from timm.data import create_transform
@@ -71,7 +75,9 @@ def calibration_batch(root: Path, data_config: dict[str, Any], limit: int = MAX_
             with Image.open(f) as im:
                 images.append(transform(im.convert("RGB")))
         except (UnidentifiedImageError, OSError) as exc:
-            raise EnormError(f"calibration image {str(f)!r} cannot be read ({exc}): remove it") from None
+            raise EnormError(
+                f"calibration image {str(f)!r} cannot be read ({exc}): remove it"
+            ) from None
     return torch.stack(images)
 
 

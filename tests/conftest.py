@@ -77,17 +77,13 @@ def image_classes(tmp_path_factory: pytest.TempPathFactory, photo_dir: Path) -> 
 @pytest.fixture(scope="session")
 def finetuned(tmp_path_factory: pytest.TempPathFactory, image_classes: Path) -> Path:
     """A real fine-tuning run (test_resnet, 2 epochs): its best.safetensors holds ratio stats."""
-    from helpers import QUICK
+    from helpers import QUICK, tiny_recipe
 
     from enorm_cli.recipe import load_recipe
     from enorm_cli.train import finetune
 
     out = tmp_path_factory.mktemp("ft") / "run"
-    recipe = load_recipe(QUICK, [
-        "model.name=test_resnet", "model.checkpoint=null", "model.num_classes=3", "data.kind=imagefolder",
-        f"data.root={image_classes}", "data.image_size=32", "data.batch_size=4", "data.workers=0",
-        "data.limit_train=null", "data.limit_val=null", "optim.lr=0.05", "schedule.epochs=2",
-        "model.en.normalizers=[bn,in,ln]", f"output_dir={out}",
-    ])
+    overrides = tiny_recipe(image_classes, out, "imagefolder", "model.en.normalizers=[bn,in,ln]")
+    recipe = load_recipe(QUICK, overrides)
     finetune(recipe, progress=False)
     return out / "best.safetensors"

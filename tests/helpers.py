@@ -26,11 +26,15 @@ def one_error_line(result, expected: str) -> None:
     """A user mistake: non-zero exit, one ``error: ...`` line naming ``expected``, no traceback."""
     assert result.exit_code not in (0, None), result.stdout
     lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: ") and expected in lines[0], result.stderr
+    assert len(lines) == 1 and lines[0].startswith("error: ") and expected in lines[0], (
+        result.stderr
+    )
     assert "Traceback" not in result.output
 
 
-def write_crops(photo_dir: Path, root: Path, per_class: int = 6, size: int = 40) -> dict[str, list[str]]:
+def write_crops(
+    photo_dir: Path, root: Path, per_class: int = 6, size: int = 40
+) -> dict[str, list[str]]:
     """Crops of the real photos, one class per photo: root/<split>/<class>/<n>.png."""
     rng = np.random.default_rng(0)
     photos = sorted(p for p in photo_dir.rglob("*.*"))[:3]
@@ -60,11 +64,27 @@ def crop_dataset(photo_dir: Path, root: Path, per_class: int = 6) -> Path:
 
 def tiny_recipe(root: Path, out: Path, kind: str, *extra: str) -> list[str]:
     """Overrides that turn the quickstart recipe into a seconds-long test_resnet run on ``root``."""
-    data = (["data.kind=imagefolder"] if kind == "imagefolder" else
-            ["data.kind=filelist", "data.train=info/train_list.txt", "data.val=info/val_list.txt"])
-    return ["model.name=test_resnet", "model.checkpoint=null", "model.num_classes=3", f"data.root={root}",
-            *data, "data.image_size=32", "data.batch_size=4", "data.workers=0", "data.limit_train=null",
-            "data.limit_val=null", "optim.lr=0.05", "schedule.epochs=2", f"output_dir={out}", *extra]
+    data = (
+        ["data.kind=imagefolder"]
+        if kind == "imagefolder"
+        else ["data.kind=filelist", "data.train=info/train_list.txt", "data.val=info/val_list.txt"]
+    )
+    return [
+        "model.name=test_resnet",
+        "model.checkpoint=null",
+        "model.num_classes=3",
+        f"data.root={root}",
+        *data,
+        "data.image_size=32",
+        "data.batch_size=4",
+        "data.workers=0",
+        "data.limit_train=null",
+        "data.limit_val=null",
+        "optim.lr=0.05",
+        "schedule.epochs=2",
+        f"output_dir={out}",
+        *extra,
+    ]
 
 
 @torch.no_grad()
@@ -78,7 +98,11 @@ def randomize_norms(model: nn.Module, seed: int = 0) -> nn.Module:
     for module in model.modules():
         for name in ("weight", "bias", "running_mean", "running_var"):
             t = getattr(module, name, None)
-            if not isinstance(t, torch.Tensor) or t.dim() != 1 or "Norm" not in type(module).__name__:
+            if (
+                not isinstance(t, torch.Tensor)
+                or t.dim() != 1
+                or "Norm" not in type(module).__name__
+            ):
                 continue
             noise = torch.rand(t.shape, generator=g)
             if name == "weight":

@@ -44,8 +44,11 @@ def en_reference(layer, x: Tensor, lam: Tensor | None = None) -> tuple[Tensor, T
     if lam is None:
         pooled = x.mean(dim=(2, 3))  # N x C, mu_in
         xhat_pooled = torch.stack(
-            [(pooled - m.reshape(m.shape[0], -1)) / torch.sqrt(v.reshape(v.shape[0], -1) + layer.eps)
-             for m, v in stats],
+            [
+                (pooled - m.reshape(m.shape[0], -1))
+                / torch.sqrt(v.reshape(v.shape[0], -1) + layer.eps)
+                for m, v in stats
+            ],
             dim=1,
         )  # N x K x C
         if layer.use_conv:
@@ -65,7 +68,8 @@ def en_reference(layer, x: Tensor, lam: Tensor | None = None) -> tuple[Tensor, T
     gamma = p["weight"].expand(len(layer.normalizers), -1)
     beta = p["bias"].expand(len(layer.normalizers), -1)
     y = sum(
-        lam[:, k].view(-1, 1, 1, 1) * (gamma[k].view(1, -1, 1, 1) * xhats[k] + beta[k].view(1, -1, 1, 1))
+        lam[:, k].view(-1, 1, 1, 1)
+        * (gamma[k].view(1, -1, 1, 1) * xhats[k] + beta[k].view(1, -1, 1, 1))
         for k in range(len(layer.normalizers))
     )
     return y, lam

@@ -57,5 +57,11 @@ def test_cli_reports_each_asset(tmp_path: Path, monkeypatch: pytest.MonkeyPatch)
     monkeypatch.setattr(assets, "_from_url", lambda asset, tmp: False)
     result = CliRunner().invoke(app, ["fetch"])
     assert result.exit_code == 1
-    assert f"cache: {tmp_path}" in result.stdout and "mobilenet_v2-b0353104.pth: missing" in result.stdout
-    assert result.stderr.strip() == "error: could not fetch mobilenet_v2-b0353104.pth: see the lines above for the fix"
+    assert (
+        f"cache: {tmp_path}" in result.stdout
+        and "mobilenet_v2-b0353104.pth: missing" in result.stdout
+    )
+    assert (
+        result.stderr.strip()
+        == "error: could not fetch mobilenet_v2-b0353104.pth: see the lines above for the fix"
+    )

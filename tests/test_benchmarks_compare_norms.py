@@ -18,8 +18,26 @@ import plot_evidence  # noqa: E402
 @pytest.mark.slow
 def test_smoke_compare_bn_sn_en_and_plot(tmp_path: Path) -> None:
     results = tmp_path / "smoke.json"
-    assert compare_norms.main(["--setting", "smoke", "--seeds", "0", "--variants", "bn", "sn", "en", "en_relu",
-                               "--out", str(tmp_path / "runs"), "--json", str(results)]) == 0
+    assert (
+        compare_norms.main(
+            [
+                "--setting",
+                "smoke",
+                "--seeds",
+                "0",
+                "--variants",
+                "bn",
+                "sn",
+                "en",
+                "en_relu",
+                "--out",
+                str(tmp_path / "runs"),
+                "--json",
+                str(results),
+            ]
+        )
+        == 0
+    )
     summary = json.loads(results.read_text())["summary"]
     assert [r["variant"] for r in summary] == ["bn", "sn", "en", "en_relu"]
     assert all(0 <= r["top1_mean"] <= 100 and len(r["top1"]) == 1 for r in summary)

@@ -22,14 +22,24 @@ LAST = "features.18.1"
 
 
 def last_layer_after(mobilenet_weights: Path, *extra: str) -> dict:
-    overrides = [f"model.checkpoint={mobilenet_weights}", "data.limit_train=8000", "data.workers=0",
-                 "data.batch_size=128", "optim.lr=0.05", *extra]
-    out = ratio_dynamics.run(overrides, steps=10, recipe_path=ROOT / "recipes" / "quickstart.yaml", every=10)
+    overrides = [
+        f"model.checkpoint={mobilenet_weights}",
+        "data.limit_train=8000",
+        "data.workers=0",
+        "data.batch_size=128",
+        "optim.lr=0.05",
+        *extra,
+    ]
+    out = ratio_dynamics.run(
+        overrides, steps=10, recipe_path=ROOT / "recipes" / "quickstart.yaml", every=10
+    )
     return out["records"][-1]["layers"][LAST]
 
 
 @pytest.mark.slow
-def test_unscaled_branch_kills_the_last_layer_and_the_default_does_not(mobilenet_weights: Path) -> None:
+def test_unscaled_branch_kills_the_last_layer_and_the_default_does_not(
+    mobilenet_weights: Path,
+) -> None:
     old = last_layer_after(mobilenet_weights, "model.en.logit_scale=1.0")
     assert old["ratios"][0] < 0.01  # bn ratio: saturated on ln
     new = last_layer_after(mobilenet_weights)

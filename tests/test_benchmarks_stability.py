@@ -45,7 +45,13 @@ def test_checks_flag_collapse_and_a_small_batch_gap() -> None:
 
 def test_a_diverged_run_counts_as_not_learning() -> None:
     runs = [
-        {"variant": "bn", "batch": 4, "lr": 0.05, "top1": None, "diverged": "loss became nan at step 61"},
+        {
+            "variant": "bn",
+            "batch": 4,
+            "lr": 0.05,
+            "top1": None,
+            "diverged": "loss became nan at step 61",
+        },
         {"variant": "en", "batch": 4, "lr": 0.05, "top1": 11.0},
         {"variant": "bn", "batch": 16, "lr": 0.05, "top1": 40.0},
         {"variant": "en", "batch": 16, "lr": 0.05, "top1": None},

@@ -19,7 +19,9 @@ def clean_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Path:
     return tmp_path
 
 
-def test_home_default_then_xdg_then_enorm_home(clean_env: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_home_default_then_xdg_then_enorm_home(
+    clean_env: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     assert enorm_home() == clean_env / "home" / ".cache" / "enorm"
     monkeypatch.setenv("XDG_CACHE_HOME", str(clean_env / "xdg"))
     assert enorm_home() == clean_env / "xdg" / "enorm"
@@ -30,20 +32,30 @@ def test_home_default_then_xdg_then_enorm_home(clean_env: Path, monkeypatch: pyt
     assert enorm_home() == clean_env / "xdg" / "enorm"
 
 
-def test_expand_path_resolves_the_cache_even_when_unset(clean_env: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_expand_path_resolves_the_cache_even_when_unset(
+    clean_env: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     home = clean_env / "home" / ".cache" / "enorm"
     assert expand_path("${ENORM_HOME}/assets/w.pth") == f"{home}/assets/w.pth"
     assert expand_path("$ENORM_HOME/x") == f"{home}/x"
-    assert expand_path("$ENORM_HOMEWORK/x") == "$ENORM_HOMEWORK/x"  # another (unset) variable: left alone
+    assert (
+        expand_path("$ENORM_HOMEWORK/x") == "$ENORM_HOMEWORK/x"
+    )  # another (unset) variable: left alone
     monkeypatch.setenv("DATA", "/data")
     assert expand_path("$DATA/webvision") == "/data/webvision"
     assert expand_path("~/runs") == f"{clean_env / 'home'}/runs"
     assert expand_path("runs/quickstart") == "runs/quickstart"
 
 
-def test_packaged_recipes_read_weights_and_data_from_the_cache(clean_env: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_packaged_recipes_read_weights_and_data_from_the_cache(
+    clean_env: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     monkeypatch.setenv("ENORM_HOME", str(clean_env / "cache"))
-    recipe = load_recipe(find_packaged("quickstart"), ["data.root=~/fm", "output_dir=$ENORM_HOME/runs/q"])
-    assert recipe.model.checkpoint == str(clean_env / "cache" / "assets" / "mobilenet_v2-b0353104.pth")
+    recipe = load_recipe(
+        find_packaged("quickstart"), ["data.root=~/fm", "output_dir=$ENORM_HOME/runs/q"]
+    )
+    assert recipe.model.checkpoint == str(
+        clean_env / "cache" / "assets" / "mobilenet_v2-b0353104.pth"
+    )
     assert recipe.data.root == str(clean_env / "home" / "fm")
     assert recipe.output_dir == str(clean_env / "cache" / "runs" / "q")

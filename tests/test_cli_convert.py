@@ -35,11 +35,20 @@ def test_help_and_version() -> None:
 
 
 @pytest.mark.slow
-def test_real_mobilenet_v2_keeps_top1_on_real_photos(tmp_path: Path, mobilenet_weights: Path, photo_dir: Path) -> None:
+def test_real_mobilenet_v2_keeps_top1_on_real_photos(
+    tmp_path: Path, mobilenet_weights: Path, photo_dir: Path
+) -> None:
     out = tmp_path / "mnv2_en.safetensors"
     result = invoke(
-        "convert", "torchvision:mobilenet_v2", "--checkpoint", str(mobilenet_weights),
-        "--calib", str(photo_dir), "--out", str(out), "--json",
+        "convert",
+        "torchvision:mobilenet_v2",
+        "--checkpoint",
+        str(mobilenet_weights),
+        "--calib",
+        str(photo_dir),
+        "--out",
+        str(out),
+        "--json",
     )
     assert result.exit_code == 0, result.stderr
     report = json.loads(result.stdout)
@@ -54,7 +63,9 @@ def test_real_mobilenet_v2_keeps_top1_on_real_photos(tmp_path: Path, mobilenet_w
     assert torch.equal(a.argmax(1), b.argmax(1))
     assert ((a - b).abs().max() / a.abs().max()) < 1e-4
     files = sorted(p.relative_to(photo_dir).as_posix() for p in photo_dir.rglob("*.*"))
-    assert a.argmax(1)[files.index("cat/chelsea.png")].item() in IMAGENET_CATS  # the weights are real
+    assert (
+        a.argmax(1)[files.index("cat/chelsea.png")].item() in IMAGENET_CATS
+    )  # the weights are real
 
 
 def load_model_name():
@@ -67,12 +78,18 @@ def test_table_output_and_force(tmp_path: Path) -> None:
     out = tmp_path / "r.safetensors"
     result = invoke("convert", "test_resnet", "--no-pretrained", "--out", str(out))
     assert result.exit_code == 0, result.stderr
-    assert "BatchNorm2d" in result.stdout and "same function" in result.stdout and "parameters:" in result.stdout
+    assert (
+        "BatchNorm2d" in result.stdout
+        and "same function" in result.stdout
+        and "parameters:" in result.stdout
+    )
     before = out.read_bytes()
     result = invoke("convert", "test_resnet", "--no-pretrained", "--out", str(out))
     assert result.exit_code != 0 and "--force" in result.stderr
     assert out.read_bytes() == before
-    result = invoke("convert", "test_resnet", "--no-pretrained", "--out", str(out), "--force", "--pi", "7")
+    result = invoke(
+        "convert", "test_resnet", "--no-pretrained", "--out", str(out), "--force", "--pi", "7"
+    )
     assert result.exit_code == 0 and out.read_bytes() != before
     assert [p.name for p in tmp_path.iterdir()] == ["r.safetensors"]  # no temp files left
 
@@ -92,7 +109,10 @@ def _bad_inputs(tmp: Path) -> list[tuple[list[str], str]]:
         ([*base[:2], "--checkpoint", str(tmp / "garbage.pth"), "--out", out], "cannot be read"),
         ([*base[:2], "--checkpoint", str(tmp / "list.pth"), "--out", out], "not a state dict"),
         ([*base[:2], "--checkpoint", str(tmp / "small.pth"), "--out", out], "missing"),
-        ([*base[:2], "--checkpoint", str(tmp / "corrupt.safetensors"), "--out", out], "safetensors"),
+        (
+            [*base[:2], "--checkpoint", str(tmp / "corrupt.safetensors"), "--out", out],
+            "safetensors",
+        ),
         ([*base, "--out", str(tmp / "nodir" / "o.safetensors")], "does not exist"),
         ([*base, "--out", "/sys/o.safetensors"], "not writable"),
         ([*base, "--out", str(tmp / "exists.safetensors")], "--force"),
@@ -103,7 +123,10 @@ def _bad_inputs(tmp: Path) -> list[tuple[list[str], str]]:
         ([*base, "--num-classes", "0", "--out", out], "--num-classes"),
         ([*base, "--include", "(", "--out", out], "--include"),
         ([*base, "--include", "nothing-matches", "--out", out], "no BatchNorm or GroupNorm"),
-        (["convert", "test_convnext", "--no-pretrained", "--out", out], "no BatchNorm or GroupNorm"),
+        (
+            ["convert", "test_convnext", "--no-pretrained", "--out", out],
+            "no BatchNorm or GroupNorm",
+        ),
         ([*base, "--calib", str(tmp / "empty"), "--out", out], "no images"),
         ([*base, "--calib", str(tmp / "nowhere"), "--out", out], "not a directory"),
         (["convert", "test_resnet", "--out", out], "--no-pretrained"),
@@ -137,13 +160,14 @@ def test_subprocess_convert_resnet50(tmp_path: Path) -> None:
     exe = Path(sys.executable).with_name("enorm")
     out = tmp_path / "r50_en.safetensors"
     env = {**os.environ, "COLUMNS": "200"}
-    proc = subprocess.run(
-        [str(exe), "convert", "resnet50", "--no-pretrained", "--out", str(out)],
-        capture_output=True, text=True, env=env, timeout=300,
-    )
+
+    def run() -> subprocess.CompletedProcess:
+        command = [str(exe), "convert", "resnet50", "--no-pretrained", "--out", str(out)]
+        return subprocess.run(command, capture_output=True, text=True, env=env, timeout=300)
+
+    proc = run()
     assert proc.returncode == 0, proc.stderr
     assert "BatchNorm2d" in proc.stdout and "53" in proc.stdout and "same function" in proc.stdout
     assert out.stat().st_size > 90e6
-    proc = subprocess.run([str(exe), "convert", "resnet50", "--no-pretrained", "--out", str(out)],
-                          capture_output=True, text=True, env=env, timeout=300)
+    proc = run()
     assert proc.returncode != 0 and proc.stderr.count("\n") == 1 and "--force" in proc.stderr

@@ -20,11 +20,27 @@ def test_without_data_shows_stored_ratios(finetuned: Path) -> None:
     assert "dominant normalizer: bn (" in result.stdout
 
 
-def test_with_data_writes_json_csv_and_plot(finetuned: Path, image_classes: Path, tmp_path: Path) -> None:
+def test_with_data_writes_json_csv_and_plot(
+    finetuned: Path, image_classes: Path, tmp_path: Path
+) -> None:
     files = {name: tmp_path / name for name in ("rows.json", "rows.csv", "ratios.png")}
-    args = ["inspect", str(finetuned), "--data", str(image_classes / "val"), "--samples", "12", "--workers", "0",
-            "--by-class", "--json", str(files["rows.json"]), "--csv", str(files["rows.csv"]),
-            "--plot", str(files["ratios.png"])]
+    args = [
+        "inspect",
+        str(finetuned),
+        "--data",
+        str(image_classes / "val"),
+        "--samples",
+        "12",
+        "--workers",
+        "0",
+        "--by-class",
+        "--json",
+        str(files["rows.json"]),
+        "--csv",
+        str(files["rows.csv"]),
+        "--plot",
+        str(files["ratios.png"]),
+    ]
     result = invoke(*args)
     assert result.exit_code == 0, result.stderr
     assert "classes whose ratios differ most: class" in result.stdout
@@ -34,7 +50,9 @@ def test_with_data_writes_json_csv_and_plot(finetuned: Path, image_classes: Path
     with open(files["rows.csv"]) as f:
         assert len(list(csv.DictReader(f))) == len(rows)
     with Image.open(files["ratios.png"]) as image:
-        assert image.format == "PNG" and image.size[0] >= 800 and image.size[1] >= 900  # three panels
+        assert (
+            image.format == "PNG" and image.size[0] >= 800 and image.size[1] >= 900
+        )  # three panels
     again = invoke(*args)  # files exist: refused without --force, and left alone
     one_error_line(again, "--force")
     assert json.loads(files["rows.json"].read_text()) == rows
@@ -71,11 +89,20 @@ def test_bad_inputs(finetuned: Path, tmp_path: Path) -> None:
 
 
 def test_subprocess_without_data(finetuned: Path) -> None:
-    proc = subprocess.run([sys.executable, "-m", "enorm_cli", "inspect", str(finetuned), "--csv", "-"],
-                          capture_output=True, text=True, cwd=ROOT, check=False)
+    proc = subprocess.run(
+        [sys.executable, "-m", "enorm_cli", "inspect", str(finetuned), "--csv", "-"],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        check=False,
+    )
     assert proc.returncode == 0, proc.stderr
     rows = list(csv.DictReader(proc.stdout.splitlines()))
-    assert rows and rows[0]["layer"] and abs(sum(float(rows[0][n]) for n in ("bn", "in", "ln")) - 1) < 1e-4
+    assert (
+        rows
+        and rows[0]["layer"]
+        and abs(sum(float(rows[0][n]) for n in ("bn", "in", "ln")) - 1) < 1e-4
+    )
     assert not (ROOT / "-").exists()
 
 
@@ -85,13 +112,33 @@ def test_piped_output_at_80_columns_keeps_every_ratio(tmp_path: Path, image_clas
     import re
 
     ckpt = tmp_path / "gn.safetensors"  # K = 4 and long layer names: the widest table there is
-    invoke("convert", "test_efficientnet_gn", "--no-pretrained", "--normalizers", "bn,in,ln,gn", "--out", str(ckpt))
+    invoke(
+        "convert",
+        "test_efficientnet_gn",
+        "--no-pretrained",
+        "--normalizers",
+        "bn,in,ln,gn",
+        "--out",
+        str(ckpt),
+    )
     env = {k: v for k, v in os.environ.items() if k not in ("COLUMNS", "LINES")}
-    for extra in ([], ["--data", str(image_classes / "val"), "--samples", "6", "--workers", "0", "--by-class"]):
-        proc = subprocess.run([sys.executable, "-m", "enorm_cli", "inspect", str(ckpt), *extra],
-                              capture_output=True, text=True, cwd=ROOT, env=env)
+    for extra in (
+        [],
+        ["--data", str(image_classes / "val"), "--samples", "6", "--workers", "0", "--by-class"],
+    ):
+        proc = subprocess.run(
+            [sys.executable, "-m", "enorm_cli", "inspect", str(ckpt), *extra],
+            capture_output=True,
+            text=True,
+            cwd=ROOT,
+            env=env,
+        )
         assert proc.returncode == 0, proc.stderr
-        table = [line for line in proc.stdout.splitlines() if "blocks." in line or line.startswith(" bn1")]
+        table = [
+            line
+            for line in proc.stdout.splitlines()
+            if "blocks." in line or line.startswith(" bn1")
+        ]
         assert table and max(len(line) for line in proc.stdout.splitlines() if "±" in line) <= 80
         assert "…" not in "\n".join(table), proc.stdout
         cells = re.findall(r"\d\.\d+±\d\.\d+", proc.stdout)

@@ -42,8 +42,11 @@ def webvision_folder(root: Path, photos: Path) -> Path:
     lists: dict[str, list[str]] = {"google": [], "flickr": [], "val": []}
     for i, src in enumerate(images * 2):
         label = i % 3 * 400  # ImageNet class ids, 1000 classes
-        for split, folder in (("google", f"google/q{label:04d}"), ("flickr", f"flickr/q{label:04d}"),
-                              ("val", "val_images_256")):
+        for split, folder in (
+            ("google", f"google/q{label:04d}"),
+            ("flickr", f"flickr/q{label:04d}"),
+            ("val", "val_images_256"),
+        ):
             name = f"{i:08d}.jpg" if split != "val" else f"val{i:08d}.jpg"
             (root / folder).mkdir(parents=True, exist_ok=True)
             with Image.open(src) as im:
@@ -65,11 +68,21 @@ def test_webvision_recipe_by_name_starts_from_another_directory(
     monkeypatch.chdir(work)
     # The recipe as shipped (ResNet-50 with EN from scratch, 1000 classes, bf16, filelists);
     # only what makes one short epoch on a CPU is overridden.
-    result = runner.invoke(app, [
-        "finetune", "--recipe", "webvision.yaml", f"data.root={data}", "--no-progress",
-        "data.image_size=64", "data.batch_size=4", "data.workers=0", "schedule.epochs=1",
-        "schedule.warmup_epochs=0",
-    ])
+    result = runner.invoke(
+        app,
+        [
+            "finetune",
+            "--recipe",
+            "webvision.yaml",
+            f"data.root={data}",
+            "--no-progress",
+            "data.image_size=64",
+            "data.batch_size=4",
+            "data.workers=0",
+            "schedule.epochs=1",
+            "schedule.warmup_epochs=0",
+        ],
+    )
     assert result.exit_code == 0, result.output
     out = work / "runs" / "webvision_en_r50"
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]

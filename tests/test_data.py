@@ -21,8 +21,13 @@ def image_root(tmp_path: Path, photo_dir: Path) -> Path:
 
 def test_imagefolder_and_filelist_read_the_same_images(image_root: Path) -> None:
     folder = DataConfig(kind="imagefolder", root=str(image_root), image_size=32)
-    listed = DataConfig(kind="filelist", root=str(image_root), train="info/train_list.txt", val="info/val_list.txt",
-                        image_size=32)
+    listed = DataConfig(
+        kind="filelist",
+        root=str(image_root),
+        train="info/train_list.txt",
+        val="info/val_list.txt",
+        image_size=32,
+    )
     for cfg in (folder, listed):
         tf = build_transform(cfg, MEAN, STD, training=False)
         train = load_split(cfg, "train", tf, None, 3)
@@ -35,25 +40,44 @@ def test_imagefolder_and_filelist_read_the_same_images(image_root: Path) -> None
 
 def test_filelist_problems_are_counted_and_named(image_root: Path) -> None:
     lines = (image_root / "info" / "train_list.txt").read_text().splitlines()
-    (image_root / "info" / "broken.txt").write_text("\n".join([*lines, "train/gone/1.png 0", "train/gone/2.png 1"]))
+    (image_root / "info" / "broken.txt").write_text(
+        "\n".join([*lines, "train/gone/1.png 0", "train/gone/2.png 1"])
+    )
     cfg = DataConfig(kind="filelist", root=str(image_root), train="info/broken.txt")
-    with pytest.raises(EnormError, match=r"2 of 20 listed images are missing \(first: '.*gone/1.png'\)"):
+    with pytest.raises(
+        EnormError, match=r"2 of 20 listed images are missing \(first: '.*gone/1.png'\)"
+    ):
         load_split(cfg, "train", None, None, 3)
     cfg = DataConfig(kind="filelist", root=str(image_root), train="info/train_list.txt")
     with pytest.raises(EnormError, match=r"6 labels outside 0..1 \(first: 2\)"):
         load_split(cfg, "train", None, None, 2)
     (image_root / "info" / "bad.txt").write_text("just-a-path\n")
     with pytest.raises(EnormError, match="line 1 is not 'relative/path label'"):
-        load_split(DataConfig(kind="filelist", root=str(image_root), train="info/bad.txt"), "train", None, None)
+        load_split(
+            DataConfig(kind="filelist", root=str(image_root), train="info/bad.txt"),
+            "train",
+            None,
+            None,
+        )
     with pytest.raises(EnormError, match="not found"):
-        load_split(DataConfig(kind="filelist", root=str(image_root), train="info/nope.txt"), "train", None, None)
+        load_split(
+            DataConfig(kind="filelist", root=str(image_root), train="info/nope.txt"),
+            "train",
+            None,
+            None,
+        )
     (image_root / "info" / "empty.txt").write_text("\n")
-    with pytest.raises(EnormError, match="data.val is empty"):
-        load_split(DataConfig(kind="filelist", root=str(image_root), val="info/empty.txt"), "val", None, None)
+    with pytest.raises(EnormError, match=r"data\.val is empty"):
+        load_split(
+            DataConfig(kind="filelist", root=str(image_root), val="info/empty.txt"),
+            "val",
+            None,
+            None,
+        )
 
 
 def test_missing_roots() -> None:
-    with pytest.raises(EnormError, match="data.root is not set"):
+    with pytest.raises(EnormError, match=r"data\.root is not set"):
         load_split(DataConfig(kind="imagefolder"), "train", None, None)
     with pytest.raises(EnormError, match="not a directory"):
         load_split(DataConfig(kind="imagefolder", root="/no/such/dir"), "train", None, None)
@@ -80,7 +104,11 @@ def test_data_specs(tmp_path: Path) -> None:
     assert parse_data_spec("fashion_mnist").kind == "fashion_mnist"
     assert parse_data_spec("fashion_mnist:train").val == "train"
     spec = parse_data_spec(f"filelist:{tmp_path}/info/val.txt@{tmp_path}/images")
-    assert (spec.root, spec.val, spec.val_prefix) == (str(tmp_path / "info"), "val.txt", "../images")
+    assert (spec.root, spec.val, spec.val_prefix) == (
+        str(tmp_path / "info"),
+        "val.txt",
+        "../images",
+    )
     (tmp_path / "val").mkdir()
     spec = parse_data_spec(str(tmp_path / "val"))
     assert (spec.kind, spec.root, spec.val) == ("imagefolder", str(tmp_path), "val")

@@ -18,7 +18,13 @@ def test_evaluate_counts_every_sample_once() -> None:
     from enorm_cli.layers import ExemplarNorm2d
 
     torch.manual_seed(0)
-    model = nn.Sequential(nn.Conv2d(3, 8, 3), ExemplarNorm2d(8), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 4))
+    model = nn.Sequential(
+        nn.Conv2d(3, 8, 3),
+        ExemplarNorm2d(8),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(8, 4),
+    )
     x, y = torch.randn(7, 3, 8, 8), torch.tensor([0, 1, 2, 3, 0, 1, 2])
     loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=3)
     accelerator = Accelerator(cpu=True)
@@ -29,8 +35,11 @@ def test_evaluate_counts_every_sample_once() -> None:
     assert result.ratio_stats["samples"] == 7 and len(result.ratio_stats["layers"]) == 1
 
 
-def test_evaluate_checkpoint_reproduces_the_runs_own_eval(finetuned: Path, image_classes: Path) -> None:
-    """The fine-tuned checkpoint on its val split, with its own data config: the top-1 its run logged."""
+def test_evaluate_checkpoint_reproduces_the_runs_own_eval(
+    finetuned: Path, image_classes: Path
+) -> None:
+    """The fine-tuned checkpoint on its val split, with its own data config: the top-1 its run
+    logged."""
     summary = read_info(finetuned).extra["train"]
     result = evaluate_checkpoint(finetuned, parse_data_spec(str(image_classes / "val")), 4, 0, None)
     assert result.samples == summary["samples"]

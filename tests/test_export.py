@@ -37,12 +37,16 @@ def test_eval_path_traces_the_same_graph_for_every_input(resnet_en: torch.nn.Mod
     # a large mean (two-pass) and without (one-pass) traced different graphs.
     x = torch.randn(4, 3, 64, 64)
     with torch.no_grad():
-        traced = torch.jit.trace(resnet_en, x, check_inputs=[(x * 0.01 + 50.0,), (torch.randn(2, 3, 64, 64),)])
+        traced = torch.jit.trace(
+            resnet_en, x, check_inputs=[(x * 0.01 + 50.0,), (torch.randn(2, 3, 64, 64),)]
+        )
         assert torch.allclose(traced(x * 0.01 + 50.0), resnet_en(x * 0.01 + 50.0), atol=1e-5)
 
 
 @pytest.mark.parametrize("fmt", ["onnx", "pt2"])
-def test_export_matches_eager_with_a_dynamic_batch(resnet_en: torch.nn.Module, tmp_path: Path, fmt: str) -> None:
+def test_export_matches_eager_with_a_dynamic_batch(
+    resnet_en: torch.nn.Module, tmp_path: Path, fmt: str
+) -> None:
     batch = default_batch((3, 64, 64))
     out = tmp_path / f"model.{fmt}"
     result = export_model(resnet_en, batch, out, fmt, "smooth noise")
@@ -71,18 +75,26 @@ def test_pt2_loads_without_enorm(resnet_en: torch.nn.Module, tmp_path: Path) -> 
         "assert torch.allclose(ep.module()(x), y, atol=1e-5)\n"
         "assert not [m for m in sys.modules if m.startswith('enorm_cli')]\n"
     )
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path)
+    done = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path
+    )
     assert done.returncode == 0, done.stderr
 
 
 @pytest.mark.slow
-def test_real_mobilenet_v2_exports_to_onnx(mobilenet_weights: Path, tmp_path: Path, photo_dir: Path) -> None:
+def test_real_mobilenet_v2_exports_to_onnx(
+    mobilenet_weights: Path, tmp_path: Path, photo_dir: Path
+) -> None:
     from enorm_cli.verify import calibration_batch
 
-    result = convert("torchvision:mobilenet_v2", None, ENSettings(), checkpoint=mobilenet_weights, verify=False)
+    result = convert(
+        "torchvision:mobilenet_v2", None, ENSettings(), checkpoint=mobilenet_weights, verify=False
+    )
     from enorm_cli.models import data_config, parse_model_name
 
-    batch = calibration_batch(photo_dir, data_config(parse_model_name("torchvision:mobilenet_v2"), result.model))
+    batch = calibration_batch(
+        photo_dir, data_config(parse_model_name("torchvision:mobilenet_v2"), result.model)
+    )
     out = tmp_path / "mnv2_en.onnx"
     check = export_model(result.model, batch, out, "onnx", str(photo_dir))
     assert check.agreement.samples == batch.shape[0] == 6
@@ -94,14 +106,15 @@ def test_sn_and_gn_sources_export(tmp_path: Path) -> None:
     export_model(model, default_batch((3, 64, 64), n=4), tmp_path / "sn.pt2", "pt2", "smooth noise")
 
 
-def test_a_file_that_does_not_match_is_not_written(resnet_en: torch.nn.Module, tmp_path: Path,
-                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_file_that_does_not_match_is_not_written(
+    resnet_en: torch.nn.Module, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     import enorm_cli.export as export
 
     real = export.run_onnx
     monkeypatch.setattr(export, "run_onnx", lambda path, batch: real(path, batch) * 1.01)
     out = tmp_path / "model.onnx"
-    with pytest.raises(EnormError, match="differs from the PyTorch model.*nothing was written"):
+    with pytest.raises(EnormError, match=r"differs from the PyTorch model.*nothing was written"):
         export_model(resnet_en, default_batch((3, 64, 64)), out, "onnx", "smooth noise")
     assert list(tmp_path.iterdir()) == []
 
@@ -127,6 +140,10 @@ def test_missing_onnx_extra_names_the_install_line(monkeypatch: pytest.MonkeyPat
     import importlib.util
 
     real = importlib.util.find_spec
-    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "onnxruntime" else real(name, *a))
+    monkeypatch.setattr(
+        importlib.util,
+        "find_spec",
+        lambda name, *a: None if name == "onnxruntime" else real(name, *a),
+    )
     with pytest.raises(EnormError, match=r"needs onnxruntime: pip install 'enorm\[export\]'"):
         require_onnx()

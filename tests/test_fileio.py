@@ -14,7 +14,7 @@ from enorm_cli.fileio import atomic_path, check_writable
 def test_check_writable(tmp_path: Path) -> None:
     check_writable(tmp_path / "new.safetensors", force=False)
     (tmp_path / "old.onnx").write_text("mine")
-    with pytest.raises(EnormError, match="--out .* exists: pass --force"):
+    with pytest.raises(EnormError, match=r"--out .* exists: pass --force"):
         check_writable(tmp_path / "old.onnx", force=False)
     check_writable(tmp_path / "old.onnx", force=True)
     with pytest.raises(EnormError, match="is a directory"):
@@ -38,7 +38,9 @@ def test_unwritable_folder(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> N
 def test_atomic_path_renames_only_on_success(tmp_path: Path) -> None:
     target = tmp_path / "model.pt2"
     with atomic_path(target) as tmp:
-        assert tmp.parent == tmp_path and tmp.name.endswith(".pt2") and tmp.name.startswith(".model.")
+        assert (
+            tmp.parent == tmp_path and tmp.name.endswith(".pt2") and tmp.name.startswith(".model.")
+        )
         tmp.write_text("whole")
     assert target.read_text() == "whole"
     assert stat.S_IMODE(target.stat().st_mode) & 0o044  # readable by others, unlike mkstemp's 0600

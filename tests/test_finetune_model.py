@@ -18,31 +18,54 @@ def recipe(*extra: str):
     return load_recipe(QUICK, ["model.name=test_resnet", "model.checkpoint=null", *extra])
 
 
-@pytest.mark.parametrize(("norm", "kind"), [("en", ExemplarNorm2d), ("sn", SwitchableNorm2d), ("bn", None)])
+@pytest.mark.parametrize(
+    ("norm", "kind"), [("en", ExemplarNorm2d), ("sn", SwitchableNorm2d), ("bn", None)]
+)
 def test_on_the_fly_conversion_by_norm(norm: str, kind: type | None) -> None:
     prepared = prepare_model(recipe(f"model.norm={norm}"), num_classes=4)
-    layers = [m for m in prepared.model.modules() if isinstance(m, (ExemplarNorm2d, SwitchableNorm2d))]
-    assert (len(layers) > 0) == (kind is not None) and all(isinstance(m, kind) for m in layers if kind)
+    layers = [
+        m for m in prepared.model.modules() if isinstance(m, (ExemplarNorm2d, SwitchableNorm2d))
+    ]
+    assert (len(layers) > 0) == (kind is not None) and all(
+        isinstance(m, kind) for m in layers if kind
+    )
     assert len(prepared.converted_layers) == len(layers) and prepared.norm == norm
-    assert prepared.source_model == "test_resnet" and prepared.namespace == "timm" and len(prepared.mean) == 3
+    assert (
+        prepared.source_model == "test_resnet"
+        and prepared.namespace == "timm"
+        and len(prepared.mean) == 3
+    )
     assert set_sync_stats(prepared.model, True) == len(layers)
 
 
 def test_settings_follow_the_recipe() -> None:
-    settings = recipe("model.en.normalizers=[bn,ln]", "model.en.logit_scale=0.5", "model.norm=bn").model.settings
-    assert settings.normalizers == ("bn", "ln") and settings.logit_scale == 0.5 and settings.layer == "en"
+    settings = recipe(
+        "model.en.normalizers=[bn,ln]", "model.en.logit_scale=0.5", "model.norm=bn"
+    ).model.settings
+    assert (
+        settings.normalizers == ("bn", "ln")
+        and settings.logit_scale == 0.5
+        and settings.layer == "en"
+    )
 
 
 def test_a_checkpoint_reloads_with_a_new_head(tmp_path: Path) -> None:
     prepared = prepare_model(recipe(), num_classes=4)
     path = tmp_path / "ft.safetensors"
-    meta = prepared.metadata({"input_size": [3, 32, 32], "mean": prepared.mean, "std": prepared.std}, {"x": 1})
+    meta = prepared.metadata(
+        {"input_size": [3, 32, 32], "mean": prepared.mean, "std": prepared.std}, {"x": 1}
+    )
     save_checkpoint(prepared.model, path, meta)
     assert read_info(path).extra == {"norm": "en", "x": 1} and load_model(path) is not None
     again = prepare_model(recipe(f"model.name={path}"), num_classes=7)
-    assert again.model.get_classifier().out_features == 7 and again.converted_layers == prepared.converted_layers
+    assert (
+        again.model.get_classifier().out_features == 7
+        and again.converted_layers == prepared.converted_layers
+    )
 
 
 def test_pretrained_and_checkpoint_together_is_refused(tmp_path: Path) -> None:
     with pytest.raises(EnormError, match="keep one"):
-        prepare_model(recipe("model.pretrained=true", f"model.checkpoint={tmp_path / 'w.pth'}"), num_classes=3)
+        prepare_model(
+            recipe("model.pretrained=true", f"model.checkpoint={tmp_path / 'w.pth'}"), num_classes=3
+        )

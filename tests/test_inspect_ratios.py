@@ -40,15 +40,26 @@ def test_finetuned_checkpoint_shows_stored_ratios(finetuned: Path) -> None:
 
 
 def test_measured_per_sample_and_per_class(finetuned: Path, image_classes: Path) -> None:
-    result = inspect_on_data(finetuned, parse_data_spec(str(image_classes / "val")), samples=10, workers=0,
-                             by_class=True)
+    result = inspect_on_data(
+        finetuned, parse_data_spec(str(image_classes / "val")), samples=10, workers=0, by_class=True
+    )
     assert result.source == "data" and result.samples == 10
-    assert result.per_sample is not None and tuple(result.per_sample.shape) == (10, len(result.layers), 3)
-    assert result.classes is not None and {c.name for c in result.classes} <= {"class0", "class1", "class2"}
+    assert result.per_sample is not None and tuple(result.per_sample.shape) == (
+        10,
+        len(result.layers),
+        3,
+    )
+    assert result.classes is not None and {c.name for c in result.classes} <= {
+        "class0",
+        "class1",
+        "class2",
+    }
     deviations = [c.deviation for c in result.classes]
     assert deviations == sorted(deviations, reverse=True) and deviations[0] > 0
     rows = result.class_rows()
-    assert len(rows) == len(result.layers) * len(result.classes) and _sums_to_one(rows, ("bn", "in", "ln"))
+    assert len(rows) == len(result.layers) * len(result.classes) and _sums_to_one(
+        rows, ("bn", "in", "ln")
+    )
     for r in result.ratios:
         assert all(0 <= lo <= hi <= 1 for lo, hi in zip(r.p10, r.p90))
 
@@ -59,6 +70,8 @@ def test_sn_checkpoint_shows_static_ratios(tmp_path: Path, image_classes: Path) 
     result = inspect_checkpoint(out)
     assert result.kind == "sn" and result.source == "prior"
     assert result.ratios[0].mean[0] == pytest.approx(math.exp(2) / (math.exp(2) + 2))
-    measured = inspect_on_data(out, parse_data_spec(str(image_classes / "val")), samples=4, workers=0)
+    measured = inspect_on_data(
+        out, parse_data_spec(str(image_classes / "val")), samples=4, workers=0
+    )
     for stored, seen in zip(result.ratios, measured.ratios):
         assert seen.mean == pytest.approx(stored.mean, abs=1e-6) and max(seen.std) < 1e-6

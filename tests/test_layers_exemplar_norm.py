@@ -33,7 +33,9 @@ def make_layer(num_features: int = 32, reduction: int = 4, **kwargs) -> Exemplar
     return layer
 
 
-def batch(n: int = 6, c: int = 32, hw: int = 5, shift: float = 0.0, scale: float = 1.0) -> torch.Tensor:
+def batch(
+    n: int = 6, c: int = 32, hw: int = 5, shift: float = 0.0, scale: float = 1.0
+) -> torch.Tensor:
     """Channels and samples with different means and scales, as real features have."""
     chan = torch.randn(1, c, 1, 1)
     samp = torch.randn(n, 1, 1, 1) * 0.5
@@ -59,7 +61,11 @@ def test_matches_float64_reference(config: str, mode: str) -> None:
 def test_ratios_sum_to_one_per_sample_and_are_what_forward_used() -> None:
     layer = ExemplarNorm2d(32, reduction=4)  # plain random init, nothing tuned
     x = batch()
-    before = (layer.running_mean.clone(), layer.running_var.clone(), layer.num_batches_tracked.clone())
+    before = (
+        layer.running_mean.clone(),
+        layer.running_var.clone(),
+        layer.num_batches_tracked.clone(),
+    )
     lam = layer.ratios(x)
     assert lam.shape == (6, 3)
     torch.testing.assert_close(lam.sum(1), torch.ones(6))
@@ -103,7 +109,9 @@ def test_bn_only_with_unit_ratio_is_batchnorm() -> None:
 
 
 @pytest.mark.parametrize("mode", ["train", "eval"])
-@pytest.mark.parametrize("config", ["bn-in-ln", "with-gn", "gn-ln", "no-conv", "shared-affine", "relu"])
+@pytest.mark.parametrize(
+    "config", ["bn-in-ln", "with-gn", "gn-ln", "no-conv", "shared-affine", "relu"]
+)
 def test_gradcheck_reaches_every_parameter(config: str, mode: str) -> None:
     """The hand-written backwards (fused_affine, exemplar_mix) against finite differences."""
     kwargs = dict(CONFIGS[config])
@@ -201,8 +209,13 @@ def test_parameter_count_matches_docstring_formula() -> None:
     assert sum(p.numel() for p in shared.parameters()) == formula - 2 * (k - 1) * c
 
 
-@pytest.mark.parametrize("num_features, reduction, groups", [(64, 16, 4), (30, 16, 1), (96, 16, 6), (40, 16, 2), (1, 16, 1)])
-def test_odd_widths_pick_a_dividing_group_count(num_features: int, reduction: int, groups: int) -> None:
+@pytest.mark.parametrize(
+    "num_features, reduction, groups",
+    [(64, 16, 4), (30, 16, 1), (96, 16, 6), (40, 16, 2), (1, 16, 1)],
+)
+def test_odd_widths_pick_a_dividing_group_count(
+    num_features: int, reduction: int, groups: int
+) -> None:
     layer = ExemplarNorm2d(num_features, reduction=reduction)
     assert layer.ratio.groups == groups
     assert torch.isfinite(layer(torch.randn(2, num_features, 3, 3))).all()
@@ -277,10 +290,14 @@ def test_fast_path_equals_autograd_path(config: str, mode: str) -> None:
         xi = x.clone().requires_grad_()
         y = run(xi)
         (y * torch.linspace(-1, 1, y.numel()).view_as(y)).sum().backward()
-        outputs.append((y, xi.grad, [p.grad for p in layer.parameters()], layer.running_mean.clone()))
+        outputs.append(
+            (y, xi.grad, [p.grad for p in layer.parameters()], layer.running_mean.clone())
+        )
     (y1, gx1, gp1, rm1), (y2, gx2, gp2, rm2) = outputs
     torch.testing.assert_close(y1, y2, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(gx1, gx2, rtol=1e-4, atol=1e-5)
-    for g1, g2 in zip(gp1, gp2):  # float32 sums in a different order: tolerance scaled to the gradient
+    for g1, g2 in zip(
+        gp1, gp2
+    ):  # float32 sums in a different order: tolerance scaled to the gradient
         torch.testing.assert_close(g1, g2, rtol=1e-3, atol=1e-4 * float(g2.abs().max()))
     torch.testing.assert_close(rm1, rm2)

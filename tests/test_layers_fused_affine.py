@@ -26,8 +26,9 @@ def test_gradients_equal_plain_autograd(size: int) -> None:
     bias = torch.randn(3, 5, dtype=torch.float64, requires_grad=True)
     y = fused_affine(x, instance_norm_coefficients(weight, bias), [weight, bias])
     var, mean = torch.var_mean(x, dim=(2, 3), correction=0)
-    expected = (x - mean[..., None, None]) * torch.rsqrt(var + 1e-5)[..., None, None] * weight[..., None, None] \
-        + bias[..., None, None]
+    expected = (x - mean[..., None, None]) * torch.rsqrt(var + 1e-5)[..., None, None] * weight[
+        ..., None, None
+    ] + bias[..., None, None]
     g = torch.randn_like(y)
     got = torch.autograd.grad(y, (x, weight, bias), g)
     want = torch.autograd.grad(expected, (x, weight, bias), g)
@@ -39,7 +40,9 @@ def test_gradients_equal_plain_autograd(size: int) -> None:
 def test_without_autograd_nothing_is_recorded() -> None:
     weight, bias = torch.ones(2, 4, requires_grad=True), torch.zeros(2, 4, requires_grad=True)
     with torch.no_grad():
-        y = fused_affine(torch.randn(2, 4, 5, 5), instance_norm_coefficients(weight, bias), [weight, bias])
+        y = fused_affine(
+            torch.randn(2, 4, 5, 5), instance_norm_coefficients(weight, bias), [weight, bias]
+        )
     assert y.grad_fn is None and torch.allclose(y.mean((2, 3)), torch.zeros(2, 4), atol=1e-6)
 
 
@@ -47,7 +50,9 @@ def test_affine_apply_paths_agree() -> None:
     a, b = torch.randn(2, 3), torch.randn(2, 3)
     for size in (2, 4, 6):
         x = torch.randn(2, 3, size, size)
-        torch.testing.assert_close(affine_apply(x, a, b), x * a[..., None, None] + b[..., None, None])
+        torch.testing.assert_close(
+            affine_apply(x, a, b), x * a[..., None, None] + b[..., None, None]
+        )
 
 
 def test_row_dot_in_chunks(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -50,11 +50,14 @@ def step_logit_change(layer: ExemplarNorm2d, lr: float) -> tuple[float, float]:
 
 def test_default_logit_scale_is_one_over_sqrt_pi_k() -> None:
     assert default_logit_scale(2, 50) == pytest.approx(0.1)
-    assert ExemplarNorm2d(16, normalizers=("bn", "in", "ln"), pi=50).logit_scale == pytest.approx(150 ** -0.5)
+    assert ExemplarNorm2d(16, normalizers=("bn", "in", "ln"), pi=50).logit_scale == pytest.approx(
+        150**-0.5
+    )
 
 
 def test_unscaled_branch_moves_ratio_logits_far_more_than_a_plain_logit() -> None:
-    """The mechanism on the code as it was (logit_scale=1): the weight path amplifies ~pi K times."""
+    """The mechanism on the code as it was (logit_scale=1): the weight path amplifies ~pi K
+    times."""
     total, bias_part = step_logit_change(converted_wide_layer(1.0), lr=0.01)
     assert total > 20 * 2 * bias_part  # the two logits' biases move apart by 2 * bias_part at most
 

@@ -23,8 +23,14 @@ from enorm_cli.layers import (
 
 def test_layers_by_name_and_their_norm_act_variants() -> None:
     assert NORM_LAYERS == ("en", "sn")
-    assert get_norm_layer("en") is ExemplarNorm2d and get_norm_layer("en", act=True) is ExemplarNormAct2d
-    assert get_norm_layer("sn") is SwitchableNorm2d and get_norm_layer("sn", act=True) is SwitchableNormAct2d
+    assert (
+        get_norm_layer("en") is ExemplarNorm2d
+        and get_norm_layer("en", act=True) is ExemplarNormAct2d
+    )
+    assert (
+        get_norm_layer("sn") is SwitchableNorm2d
+        and get_norm_layer("sn", act=True) is SwitchableNormAct2d
+    )
     assert all(get_norm_layer(name).kind == name for name in NORM_LAYERS)
     with pytest.raises(ValueError, match="one of en, sn"):
         get_norm_layer("gn")
@@ -32,14 +38,21 @@ def test_layers_by_name_and_their_norm_act_variants() -> None:
         check_norm_layer("bn")
 
 
-def _source(normalizer: str = "bn", dtype: torch.dtype = torch.float32, act: bool = False) -> SourceNorm:
+def _source(
+    normalizer: str = "bn", dtype: torch.dtype = torch.float32, act: bool = False
+) -> SourceNorm:
     g = torch.Generator().manual_seed(0)
     c = 16
     return SourceNorm(
-        normalizer, c, 1e-5,
-        torch.rand(c, generator=g, dtype=dtype) + 0.5, torch.randn(c, generator=g, dtype=dtype),
-        running_mean=torch.randn(c, generator=g, dtype=dtype), running_var=torch.rand(c, generator=g, dtype=dtype) + 0.5,
-        num_groups=4, act=nn.ReLU() if act else None,
+        normalizer,
+        c,
+        1e-5,
+        torch.rand(c, generator=g, dtype=dtype) + 0.5,
+        torch.randn(c, generator=g, dtype=dtype),
+        running_mean=torch.randn(c, generator=g, dtype=dtype),
+        running_var=torch.rand(c, generator=g, dtype=dtype) + 0.5,
+        num_groups=4,
+        act=nn.ReLU() if act else None,
     )
 
 

@@ -65,7 +65,11 @@ def test_moments_every_path_against_float64(hw: int, shift: float) -> None:
     |mean|/std 1e3 (long rows fall back to two passes)."""
     from enorm_cli.layers.statistics import moments
 
-    x = torch.randn(3, 5, hw, hw) * (1 + torch.rand(1, 5, 1, 1)) + 0.1 * torch.randn(1, 5, 1, 1) + shift
+    x = (
+        torch.randn(3, 5, hw, hw) * (1 + torch.rand(1, 5, 1, 1))
+        + 0.1 * torch.randn(1, 5, 1, 1)
+        + shift
+    )
     mean, var = moments(x.flatten(2))
     ref_var, ref_mean = torch.var_mean(x.double().flatten(2), dim=-1, correction=0)
     torch.testing.assert_close(mean.double(), ref_mean, rtol=1e-6, atol=1e-5)

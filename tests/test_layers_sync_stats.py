@@ -1,4 +1,5 @@
-"""Synchronized bn statistics across two real gloo processes equal one process on the whole batch."""
+"""Synchronized bn statistics across two real gloo processes equal one process on the whole
+batch."""
 
 from __future__ import annotations
 
@@ -18,7 +19,9 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _synced_layer(rank: int, port: int, state: dict, channels: int, reduction: int) -> ExemplarNorm2d:
+def _synced_layer(
+    rank: int, port: int, state: dict, channels: int, reduction: int
+) -> ExemplarNorm2d:
     """Join the 2-process gloo group; the reference layer's state, with synced statistics."""
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=2)
@@ -36,8 +39,13 @@ def _worker(rank: int, port: int, x: torch.Tensor, state: dict, out: dict) -> No
         (y * torch.arange(y.numel()).view_as(y).sin()[: y.numel()]).sum().backward()
         grads = torch.stack([p.grad.flatten().sum() for p in layer.parameters()])
         dist.all_reduce(grads)
-        out[rank] = {"y": y.detach(), "xgrad": part.grad, "grads": grads,
-                     "mean": layer.running_mean.clone(), "var": layer.running_var.clone()}
+        out[rank] = {
+            "y": y.detach(),
+            "xgrad": part.grad,
+            "grads": grads,
+            "mean": layer.running_mean.clone(),
+            "var": layer.running_var.clone(),
+        }
     finally:
         dist.destroy_process_group()
 
@@ -48,14 +56,22 @@ def test_two_process_sync_equals_single_process() -> None:
     state = {k: v.clone() for k, v in reference.state_dict().items()}
     xr = x.clone().requires_grad_()
     y = reference(xr)
-    weights = torch.cat([torch.arange(y[:3].numel()).view_as(y[:3]).sin(),
-                         torch.arange(y[3:].numel()).view_as(y[3:]).sin()])
+    weights = torch.cat(
+        [
+            torch.arange(y[:3].numel()).view_as(y[:3]).sin(),
+            torch.arange(y[3:].numel()).view_as(y[3:]).sin(),
+        ]
+    )
     (y * weights).sum().backward()
     manager = mp.Manager()
     out = manager.dict()
     mp.spawn(_worker, args=(_free_port(), x, state, out), nprocs=2, join=True)
-    torch.testing.assert_close(torch.cat([out[0]["y"], out[1]["y"]]), y.detach(), rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(torch.cat([out[0]["xgrad"], out[1]["xgrad"]]), xr.grad, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(
+        torch.cat([out[0]["y"], out[1]["y"]]), y.detach(), rtol=1e-5, atol=1e-5
+    )
+    torch.testing.assert_close(
+        torch.cat([out[0]["xgrad"], out[1]["xgrad"]]), xr.grad, rtol=1e-4, atol=1e-5
+    )
     expected = torch.stack([p.grad.flatten().sum() for p in reference.parameters()])
     torch.testing.assert_close(out[0]["grads"], expected, rtol=1e-4, atol=1e-4)
     for rank in (0, 1):  # both ranks hold the running statistics of the whole batch

@@ -18,7 +18,9 @@ def test_resume_keeps_records_up_to_its_step_and_trackers_get_the_same(tmp_path:
     for step in (10, 20, 30):
         log.write({"step": step, "loss": 1.0 / step})
     seen: list[tuple[dict, int]] = []
-    resumed = MetricsLog(path, enabled=True, keep_until_step=20, tracker=lambda d, step: seen.append((d, step)))
+    resumed = MetricsLog(
+        path, enabled=True, keep_until_step=20, tracker=lambda d, step: seen.append((d, step))
+    )
     assert _steps(path) == [10, 20]
     resumed.write({"step": 30, "loss": 0.5, "eval": True, "top1": 50.0})
     assert _steps(path) == [10, 20, 30] and seen and seen[0][1] == 30

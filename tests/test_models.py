@@ -23,7 +23,11 @@ def test_parse_model_names() -> None:
     assert parse_model_name("resnet50").namespace == "timm"
     assert parse_model_name("timm:resnet50.a1_in1k").arch == "resnet50.a1_in1k"
     name = parse_model_name("torchvision:mobilenet_v2")
-    assert (name.namespace, name.arch, name.full) == ("torchvision", "mobilenet_v2", "torchvision:mobilenet_v2")
+    assert (name.namespace, name.arch, name.full) == (
+        "torchvision",
+        "mobilenet_v2",
+        "torchvision:mobilenet_v2",
+    )
     with pytest.raises(EnormError, match="did you mean resnet50"):
         parse_model_name("resnet5")
     with pytest.raises(EnormError, match="torchvision:mobilenet_v2"):
@@ -32,7 +36,7 @@ def test_parse_model_names() -> None:
 
 def test_pretrained_offline_fails_fast_with_the_fix() -> None:
     start = time.perf_counter()
-    with pytest.raises(EnormError, match="--checkpoint FILE .* --no-pretrained"):
+    with pytest.raises(EnormError, match=r"--checkpoint FILE .* --no-pretrained"):
         build_model(parse_model_name("test_resnet"), pretrained=True)
     assert time.perf_counter() - start < 10
 
@@ -72,10 +76,14 @@ def test_mismatched_checkpoint_names_counts_and_keys(tmp_path: Path) -> None:
 def test_num_classes_with_checkpoint_replaces_the_head(tmp_path: Path) -> None:
     model = build_model(parse_model_name("torchvision:resnet18"))
     torch.save(model.state_dict(), tmp_path / "r18.pth")
-    _, ten = create_source_model("torchvision:resnet18", checkpoint=tmp_path / "r18.pth", num_classes=10)
+    _, ten = create_source_model(
+        "torchvision:resnet18", checkpoint=tmp_path / "r18.pth", num_classes=10
+    )
     assert num_classes_of(ten) == 10
     torch.save(ten.state_dict(), tmp_path / "r18_10.pth")  # a checkpoint whose head has 10 classes
-    _, again = create_source_model("torchvision:resnet18", checkpoint=tmp_path / "r18_10.pth", num_classes=10)
+    _, again = create_source_model(
+        "torchvision:resnet18", checkpoint=tmp_path / "r18_10.pth", num_classes=10
+    )
     torch.testing.assert_close(again.fc.weight, ten.fc.weight)
     set_num_classes(again, 3)
     assert again(torch.randn(1, 3, 32, 32)).shape == (1, 3)

@@ -13,7 +13,9 @@ from enorm_cli.recipe import load_recipe
 
 
 def test_param_groups_split_en_parts() -> None:
-    recipe = load_recipe(QUICK, ["model.checkpoint=null", "optim.lr=0.1", "optim.ratio_lr_scale=0.5"])
+    recipe = load_recipe(
+        QUICK, ["model.checkpoint=null", "optim.lr=0.1", "optim.ratio_lr_scale=0.5"]
+    )
     prepared = prepare_model(recipe, 10)
     groups = {g["name"]: g for g in param_groups(prepared.model, recipe)}
     assert groups["ratio"]["lr"] == 0.05 and groups["ratio"]["weight_decay"] == 0.0
@@ -24,7 +26,9 @@ def test_param_groups_split_en_parts() -> None:
 
 @pytest.mark.parametrize("norm", ["en", "sn"])
 def test_groups_hold_what_each_layer_names(norm: str) -> None:
-    recipe = load_recipe(QUICK, ["model.name=test_resnet", "model.checkpoint=null", f"model.norm={norm}"])
+    recipe = load_recipe(
+        QUICK, ["model.name=test_resnet", "model.checkpoint=null", f"model.norm={norm}"]
+    )
     model = prepare_model(recipe, 10).model
     groups = {g["name"]: {id(p) for p in g["params"]} for g in param_groups(model, recipe)}
     layers = [m for m in model.modules() if isinstance(m, MixedNorm2d)]
@@ -34,14 +38,24 @@ def test_groups_hold_what_each_layer_names(norm: str) -> None:
 
 
 def test_optimizer_and_scheduler_from_the_recipe() -> None:
-    recipe = load_recipe(QUICK, ["model.name=test_resnet", "model.checkpoint=null", "optim.name=adamw",
-                                 "schedule.warmup_epochs=1", "schedule.epochs=2"])
+    recipe = load_recipe(
+        QUICK,
+        [
+            "model.name=test_resnet",
+            "model.checkpoint=null",
+            "optim.name=adamw",
+            "schedule.warmup_epochs=1",
+            "schedule.epochs=2",
+        ],
+    )
     model = prepare_model(recipe, 10).model
     optimizer = build_optimizer(model, recipe)
     assert type(optimizer).__name__ == "AdamW"
     scheduler = build_scheduler(optimizer, recipe, steps_per_epoch=10)
     scheduler.step_update(5)
     assert 0 < optimizer.param_groups[0]["lr"] < recipe.optim.lr
-    bad = load_recipe(QUICK, ["model.name=test_resnet", "model.checkpoint=null", "optim.name=nosuch"])
+    bad = load_recipe(
+        QUICK, ["model.name=test_resnet", "model.checkpoint=null", "optim.name=nosuch"]
+    )
     with pytest.raises(EnormError, match="optim"):
         build_optimizer(model, bad)

@@ -26,8 +26,11 @@ def test_recorded_ratios_are_what_forward_used() -> None:
     model = _converted(ENSettings())
     x = torch.randn(5, 3, 32, 32)
     inputs: dict[str, torch.Tensor] = {}
-    handles = [m.register_forward_pre_hook(lambda m, a, n=n: inputs.__setitem__(n, a[0]))
-               for n, m in model.named_modules() if hasattr(m, "ratios")]
+    handles = [
+        m.register_forward_pre_hook(lambda m, a, n=n: inputs.__setitem__(n, a[0]))
+        for n, m in model.named_modules()
+        if hasattr(m, "ratios")
+    ]
     with torch.no_grad():
         plain = model(x)
         with RatioRecorder(model) as recorder:

@@ -17,7 +17,9 @@ def test_shipped_recipes_validate_and_say_their_hardware(path: Path) -> None:
     recipe = load_recipe(path)
     assert recipe.model.name and recipe.data.kind
     head = path.read_text().split("\n# Model")[0].lower()
-    assert "hardware" in head and f"finetune --recipe {path.stem}" in head  # by name: works anywhere
+    assert (
+        "hardware" in head and f"finetune --recipe {path.stem}" in head
+    )  # by name: works anywhere
 
 
 def test_quickstart_has_the_documented_keys() -> None:
@@ -32,8 +34,14 @@ def test_quickstart_has_the_documented_keys() -> None:
 def test_overrides_are_parsed_as_yaml() -> None:
     recipe = load_recipe(
         Path("recipes/quickstart.yaml"),
-        ["optim.lr=0.05", "data.batch_size=8", "model.en.normalizers=[bn,in,ln]", "data.limit_train=null",
-         "train.grad_clip=1.5", "output_dir=/tmp/x"],
+        [
+            "optim.lr=0.05",
+            "data.batch_size=8",
+            "model.en.normalizers=[bn,in,ln]",
+            "data.limit_train=null",
+            "train.grad_clip=1.5",
+            "output_dir=/tmp/x",
+        ],
     )
     assert recipe.optim.lr == 0.05 and recipe.data.batch_size == 8
     assert recipe.model.en.normalizers == ("bn", "in", "ln") and recipe.data.limit_train is None
@@ -49,7 +57,10 @@ def test_overrides_are_parsed_as_yaml() -> None:
         (["optim.lr=abc"], r"optim\.lr: .*valid number.*'abc'"),
         (["data.batch_size=0", "optim.lr=-1"], r"data\.batch_size: .*; optim\.lr: "),
         (["model.en.normalizers=[bn,xx]"], r"model\.en\.normalizers: unknown normalizer\(s\) xx"),
-        (["model.norm=en", "model.en.layer=sn"], r"model\.en\.layer=sn differs from model\.norm=en"),
+        (
+            ["model.norm=en", "model.en.layer=sn"],
+            r"model\.en\.layer=sn differs from model\.norm=en",
+        ),
         (["data.kind=parquet"], r"data\.kind: "),
     ],
 )
@@ -77,12 +88,18 @@ def test_bad_recipe_files(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize("norm", ["en", "sn", "bn"])
-def test_model_en_is_the_conversion_settings_and_config_yaml_reloads(tmp_path: Path, norm: str) -> None:
+def test_model_en_is_the_conversion_settings_and_config_yaml_reloads(
+    tmp_path: Path, norm: str
+) -> None:
     """model.en is ENSettings (plus sync_stats); its layer follows model.norm, so the
     resolved recipe a run writes (config.yaml) loads again as the same recipe."""
-    recipe = load_recipe(Path("recipes/quickstart.yaml"), [f"model.norm={norm}", "model.en.exclude=features\\.0\\."])
+    recipe = load_recipe(
+        Path("recipes/quickstart.yaml"), [f"model.norm={norm}", "model.en.exclude=features\\.0\\."]
+    )
     assert recipe.model.settings.layer == ("en" if norm == "bn" else norm)
-    assert recipe.model.settings.exclude == "features\\.0\\." and not recipe.model.settings.selects("features.0.1")
+    assert recipe.model.settings.exclude == "features\\.0\\." and not recipe.model.settings.selects(
+        "features.0.1"
+    )
     config = tmp_path / "config.yaml"
     config.write_text(dump_recipe(recipe))
     assert load_recipe(config) == recipe

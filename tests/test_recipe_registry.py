@@ -24,7 +24,9 @@ def test_every_recipe_in_the_checkout_is_packaged_and_described() -> None:
     entries = list_recipes()
     assert [e.name for e in entries] == names and len(names) >= 5
     for entry in entries:
-        assert entry.purpose and entry.hardware, entry  # the header says what it is for and what it needs
+        assert entry.purpose and entry.hardware, (
+            entry
+        )  # the header says what it is for and what it needs
         load_recipe(entry.path)  # and it validates
 
 
@@ -44,12 +46,17 @@ def test_resolution_from_another_directory(tmp_path: Path, monkeypatch: pytest.M
     assert resolve_recipe("webvision") == packaged  # NAME without the suffix stays the packaged one
 
 
-@pytest.mark.parametrize(("value", "message"), [
-    ("quickstrat", "did you mean quickstart?"),
-    ("nothing_like_it", "packaged recipes: "),
-    ("some/dir/quickstart.yaml", "recipe file .* not found: check the path"),
-])
-def test_unknown_recipe_names_the_fix(value: str, message: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.parametrize(
+    ("value", "message"),
+    [
+        ("quickstrat", "did you mean quickstart?"),
+        ("nothing_like_it", "packaged recipes: "),
+        ("some/dir/quickstart.yaml", "recipe file .* not found: check the path"),
+    ],
+)
+def test_unknown_recipe_names_the_fix(
+    value: str, message: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     monkeypatch.chdir(tmp_path)
     with pytest.raises(EnormError, match=message):
         resolve_recipe(value)

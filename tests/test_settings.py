@@ -33,7 +33,9 @@ def test_bad_settings_name_their_field_not_a_flag(kwargs: dict, field: str) -> N
     assert line.startswith(f"{field}:") and "--" not in line
 
 
-@pytest.mark.parametrize(("check", "bad"), [(check_normalizers, ("bn", "xn")), (check_activation, "gelu")])
+@pytest.mark.parametrize(
+    ("check", "bad"), [(check_normalizers, ("bn", "xn")), (check_activation, "gelu")]
+)
 def test_settings_refuse_what_the_layer_refuses_with_the_same_words(check, bad) -> None:
     """One validator: the field's check is the layer's own."""
     with pytest.raises(ValueError) as by_layer:
@@ -63,7 +65,11 @@ def test_lists_become_tuples_and_settings_are_frozen() -> None:
 
 
 def test_exact_selects_and_layer_options() -> None:
-    assert ENSettings().exact and not ENSettings(layer="sn").exact and not ENSettings(shared_affine=True).exact
+    assert (
+        ENSettings().exact
+        and not ENSettings(layer="sn").exact
+        and not ENSettings(shared_affine=True).exact
+    )
     settings = ENSettings(include=r"^layer1\.", exclude="downsample", pi=7)
     assert settings.selects("layer1.0.bn1") and not settings.selects("layer1.0.downsample.1")
     assert not settings.selects("layer2.0.bn1")

@@ -13,7 +13,6 @@ from helpers import max_relative_delta, randomize_norms
 from timm.layers import GroupNorm1Act
 from torch import nn
 
-from enorm_cli.errors import EnormError
 from enorm_cli.layers import ExemplarNorm2d, ExemplarNormAct2d, SwitchableNormAct2d
 from enorm_cli.settings import ENSettings
 from enorm_cli.surgery import convert_model
@@ -22,7 +21,9 @@ TINY = ["test_resnet", "test_efficientnet", "test_efficientnet_gn", "test_byobne
 FULL = ["resnet50", "efficientnet_b0", "resnet50_gn"]  # BatchNorm2d, BatchNormAct2d, GroupNorm
 
 
-def convert_and_compare(model: nn.Module, settings: ENSettings, size: int, n: int = 4) -> tuple[nn.Module, float]:
+def convert_and_compare(
+    model: nn.Module, settings: ENSettings, size: int, n: int = 4
+) -> tuple[nn.Module, float]:
     source = randomize_norms(model).eval()
     converted = copy.deepcopy(source)
     report = convert_model(converted, settings)
@@ -37,8 +38,12 @@ def convert_and_compare(model: nn.Module, settings: ENSettings, size: int, n: in
 def test_tiny_timm_models_keep_their_function(name: str) -> None:
     converted, delta = convert_and_compare(timm.create_model(name), ENSettings(), 64)
     assert delta < 1e-4
-    assert not any(type(m) in (nn.BatchNorm2d, nn.GroupNorm) or "BatchNormAct" in type(m).__name__
-                   or "GroupNormAct" in type(m).__name__ for m in converted.modules())
+    assert not any(
+        type(m) in (nn.BatchNorm2d, nn.GroupNorm)
+        or "BatchNormAct" in type(m).__name__
+        or "GroupNormAct" in type(m).__name__
+        for m in converted.modules()
+    )
 
 
 @pytest.mark.slow
@@ -49,7 +54,9 @@ def test_full_size_models_keep_their_function(name: str) -> None:
 
 
 def test_torchvision_frozen_batchnorm_and_syncbn() -> None:
-    frozen = torchvision.models.resnet18(norm_layer=torchvision.ops.FrozenBatchNorm2d, num_classes=10)
+    frozen = torchvision.models.resnet18(
+        norm_layer=torchvision.ops.FrozenBatchNorm2d, num_classes=10
+    )
     _, delta = convert_and_compare(frozen, ENSettings(), 64)
     assert delta < 1e-4
     sync = nn.SyncBatchNorm.convert_sync_batchnorm(timm.create_model("test_resnet"))
@@ -59,10 +66,15 @@ def test_torchvision_frozen_batchnorm_and_syncbn() -> None:
 
 def test_group_norm_variants_pick_their_normalizer() -> None:
     model = nn.Sequential(
-        nn.Conv2d(3, 16, 3), nn.GroupNorm(4, 16),  # gn
-        nn.Conv2d(16, 16, 3), GroupNorm1Act(16),  # ln, act kept
-        nn.Conv2d(16, 8, 3), nn.GroupNorm(8, 8),  # in
-        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 3),
+        nn.Conv2d(3, 16, 3),
+        nn.GroupNorm(4, 16),  # gn
+        nn.Conv2d(16, 16, 3),
+        GroupNorm1Act(16),  # ln, act kept
+        nn.Conv2d(16, 8, 3),
+        nn.GroupNorm(8, 8),  # in
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(8, 3),
     )
     converted, delta = convert_and_compare(model, ENSettings(normalizers=("bn",)), 16)
     assert delta < 1e-4
@@ -103,7 +115,9 @@ def test_train_mode_reaches_every_en_parameter() -> None:
         nn.functional.cross_entropy(model(x), y).backward()
         if step == 0:
             for name, p in en_params.items():
-                if name.endswith(tuple("." + a for a in at_once)) and (".ratio." not in name or "fc2" in name):
+                if name.endswith(tuple("." + a for a in at_once)) and (
+                    ".ratio." not in name or "fc2" in name
+                ):
                     assert p.grad is not None and p.grad.abs().sum() > 0, name
             opt.step()
     missing = [n for n, p in en_params.items() if p.grad is None or p.grad.abs().sum() == 0]
@@ -131,15 +145,20 @@ def test_shared_module_is_converted_once_and_stays_shared() -> None:
     assert model[1] is model[3] and isinstance(model[1], ExemplarNorm2d)
 
 
-@pytest.mark.parametrize("settings", [ENSettings(layer="sn"), ENSettings(shared_affine=True)], ids=["sn", "shared"])
+@pytest.mark.parametrize(
+    "settings", [ENSettings(layer="sn"), ENSettings(shared_affine=True)], ids=["sn", "shared"]
+)
 def test_sn_and_shared_affine_start_near_the_source(settings: ENSettings) -> None:
-    """Not exact by design (mixed statistics), but the source normalizer dominates and all is finite."""
+    """Not exact by design (mixed statistics), but the source normalizer dominates and all is
+    finite."""
     from enorm_cli.layers import SwitchableNorm2d
 
     converted, delta = convert_and_compare(timm.create_model("test_efficientnet"), settings, 64)
     assert 0 < delta < 10 and math.isfinite(delta)
     layers = [m for m in converted.modules() if isinstance(m, (SwitchableNorm2d, ExemplarNorm2d))]
-    assert layers and all(isinstance(m, SwitchableNorm2d) == (settings.layer == "sn") for m in layers)
+    assert layers and all(
+        isinstance(m, SwitchableNorm2d) == (settings.layer == "sn") for m in layers
+    )
     assert any(isinstance(m, (SwitchableNormAct2d, ExemplarNormAct2d)) for m in layers)
     lam = layers[0].ratios(torch.randn(2, layers[0].num_features, 4, 4))
     torch.testing.assert_close(lam[:, 0], torch.full((2,), math.exp(2) / (math.exp(2) + 2)))

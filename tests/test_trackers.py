@@ -26,17 +26,33 @@ def test_unknown_or_missing_trackers_name_the_fix() -> None:
 
 
 def test_flat_config_and_scalars() -> None:
-    flat = flat_config({"model": {"name": "r", "en": {"normalizers": ["bn", "ln"], "logit_scale": None}}})
-    assert flat == {"model.name": "r", "model.en.normalizers": '["bn", "ln"]', "model.en.logit_scale": "null"}
-    assert scalars({"step": 3, "loss": 1, "top1": 50.0, "eval": True}) == {"train/loss": 1.0, "val/top1": 50.0}
+    flat = flat_config(
+        {"model": {"name": "r", "en": {"normalizers": ["bn", "ln"], "logit_scale": None}}}
+    )
+    assert flat == {
+        "model.name": "r",
+        "model.en.normalizers": '["bn", "ln"]',
+        "model.en.logit_scale": "null",
+    }
+    assert scalars({"step": 3, "loss": 1, "top1": 50.0, "eval": True}) == {
+        "train/loss": 1.0,
+        "val/top1": 50.0,
+    }
 
 
 def test_tensorboard_gets_the_same_numbers_as_metrics_jsonl(crops: Path, tmp_path: Path) -> None:
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     out = tmp_path / "run"
-    finetune(load_recipe(QUICK, tiny_recipe(crops, out, "imagefolder", "train.log_with=[tensorboard]",
-                                            "train.log_every=1")), progress=False)
+    finetune(
+        load_recipe(
+            QUICK,
+            tiny_recipe(
+                crops, out, "imagefolder", "train.log_with=[tensorboard]", "train.log_every=1"
+            ),
+        ),
+        progress=False,
+    )
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     events = EventAccumulator(str(out / "logs" / "run"))
     events.Reload()

@@ -23,8 +23,14 @@ from enorm_cli.train import finetune, set_train_mode
 
 
 def small_quickstart(out: Path, *extra: str) -> list[str]:
-    return ["data.limit_train=2048", "data.limit_val=512", "data.batch_size=64", "data.workers=0",
-            f"output_dir={out}", *extra]
+    return [
+        "data.limit_train=2048",
+        "data.limit_val=512",
+        "data.batch_size=64",
+        "data.workers=0",
+        f"output_dir={out}",
+        *extra,
+    ]
 
 
 def read_metrics(out: Path) -> list[dict]:
@@ -46,7 +52,9 @@ def test_quickstart_subset_learns_and_ratios_move(tmp_path: Path, mobilenet_weig
     stats = info.extra["ratio_stats"]
     assert stats["samples"] == 512 and len(stats["layers"]) == 52
     k = len(info.settings["normalizers"])
-    prior = math.exp(2.0) / (math.exp(2.0) + k - 1)  # the margin-2 prior that conversion starts from
+    prior = math.exp(2.0) / (
+        math.exp(2.0) + k - 1
+    )  # the margin-2 prior that conversion starts from
     moved = max(abs(layer["mean"][0] - prior) for layer in stats["layers"])
     spread = max(max(layer["std"]) for layer in stats["layers"])
     assert moved > 0.01 and spread > 1e-3, (moved, spread)
@@ -64,8 +72,15 @@ def test_running_bn_stats_freeze_statistics_while_affines_learn(norm: str) -> No
 
     from enorm_cli.finetune_model import prepare_model
 
-    recipe = load_recipe(QUICK, ["model.name=test_resnet", "model.checkpoint=null", f"model.norm={norm}",
-                                 "model.bn_stats=running"])
+    recipe = load_recipe(
+        QUICK,
+        [
+            "model.name=test_resnet",
+            "model.checkpoint=null",
+            f"model.norm={norm}",
+            "model.bn_stats=running",
+        ],
+    )
     model = prepare_model(recipe, 10).model
     norms = [m for m in model.modules() if isinstance(m, (torch.nn.BatchNorm2d, ExemplarNorm2d))]
     before = [m.running_mean.clone() for m in norms]
@@ -97,9 +112,14 @@ def test_finetune_on_image_files(crops: Path, tmp_path: Path, kind: str) -> None
 
 def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(crops: Path, tmp_path: Path) -> None:
     out = tmp_path / "nan"
-    finetune(load_recipe(QUICK, tiny_recipe(crops, out, "imagefolder", "schedule.epochs=1")), progress=False)
+    finetune(
+        load_recipe(QUICK, tiny_recipe(crops, out, "imagefolder", "schedule.epochs=1")),
+        progress=False,
+    )
     good = (out / "last.safetensors").read_bytes()
-    recipe = load_recipe(QUICK, tiny_recipe(crops, out, "imagefolder", "schedule.epochs=2", "optim.lr=1e30"))
+    recipe = load_recipe(
+        QUICK, tiny_recipe(crops, out, "imagefolder", "schedule.epochs=2", "optim.lr=1e30")
+    )
     with pytest.raises(EnormError, match=r"loss became (nan|inf) at step \d+ \(epoch 2\)"):
         finetune(recipe, resume=True, progress=False)
     assert (out / "last.safetensors").read_bytes() == good
@@ -114,8 +134,21 @@ def test_torchrun_two_processes_exact_eval(crops: Path, tmp_path: Path) -> None:
     """MULTI_CPU over gloo: synced EN statistics, gather_for_metrics counts each image once."""
     out = tmp_path / "ddp"
     args = tiny_recipe(crops, out, "filelist", "schedule.epochs=1", "data.limit_val=9")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           "-m", "enorm_cli", "finetune", "--recipe", str(QUICK), "--no-progress", *args]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node",
+        "2",
+        "-m",
+        "enorm_cli",
+        "finetune",
+        "--recipe",
+        str(QUICK),
+        "--no-progress",
+        *args,
+    ]
     proc = subprocess.run(cmd, capture_output=True, text=True, env=_env(), timeout=600, cwd=ROOT)
     assert proc.returncode == 0, proc.stderr[-3000:]
     evals = [r for r in read_metrics(out) if r.get("eval")]
@@ -127,10 +160,18 @@ def test_torchrun_two_processes_exact_eval(crops: Path, tmp_path: Path) -> None:
 @pytest.mark.slow
 def test_resume_after_kill_9(crops: Path, tmp_path: Path) -> None:
     out = tmp_path / "killed"
-    args = tiny_recipe(crops, out, "imagefolder", "schedule.epochs=3", "train.save_every_steps=2",
-                       "data.batch_size=2")
+    args = tiny_recipe(
+        crops,
+        out,
+        "imagefolder",
+        "schedule.epochs=3",
+        "train.save_every_steps=2",
+        "data.batch_size=2",
+    )
     base = [sys.executable, "-m", "enorm_cli", "finetune", "--recipe", str(QUICK), "--no-progress"]
-    proc = subprocess.Popen([*base, *args], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=_env(), cwd=ROOT)
+    proc = subprocess.Popen(
+        [*base, *args], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=_env(), cwd=ROOT
+    )
     deadline = time.time() + 300
     while time.time() < deadline and not list((out / "state").glob("step_*/progress.json")):
         time.sleep(0.2)
@@ -138,8 +179,14 @@ def test_resume_after_kill_9(crops: Path, tmp_path: Path) -> None:
     proc.wait()
     assert proc.returncode == -signal.SIGKILL
     assert list((out / "state").glob("step_*/progress.json")), "killed before any state was saved"
-    done = subprocess.run([*base, "--resume", *args], capture_output=True, text=True, env=_env(), cwd=ROOT,
-                          timeout=600)
+    done = subprocess.run(
+        [*base, "--resume", *args],
+        capture_output=True,
+        text=True,
+        env=_env(),
+        cwd=ROOT,
+        timeout=600,
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     assert "resuming from" in done.stdout
     evals = [r for r in read_metrics(out) if r.get("eval")]
@@ -149,12 +196,19 @@ def test_resume_after_kill_9(crops: Path, tmp_path: Path) -> None:
     assert len(list((out / "state").glob("step_*"))) <= 2  # keep_states
 
 
-def test_failed_save_keeps_the_previous_checkpoint(crops: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_failed_save_keeps_the_previous_checkpoint(
+    crops: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     out = tmp_path / "disk_full"
-    finetune(load_recipe(QUICK, tiny_recipe(crops, out, "imagefolder", "schedule.epochs=1")), progress=False)
+    finetune(
+        load_recipe(QUICK, tiny_recipe(crops, out, "imagefolder", "schedule.epochs=1")),
+        progress=False,
+    )
     good = (out / "last.safetensors").read_bytes()
 
-    def disk_full(model, filename, metadata=None):  # writes half a file, then fails as a full disk does
+    def disk_full(
+        model, filename, metadata=None
+    ):  # writes half a file, then fails as a full disk does
         Path(filename).write_bytes(b"\0" * 100)
         raise OSError(28, "No space left on device")
 
@@ -162,7 +216,10 @@ def test_failed_save_keeps_the_previous_checkpoint(crops: Path, tmp_path: Path, 
 
     monkeypatch.setattr(safetensors.torch, "save_model", disk_full)
     recipe = load_recipe(QUICK, tiny_recipe(crops, out, "imagefolder", "schedule.epochs=2"))
-    with pytest.raises(EnormError, match=r"could not save .*last\.safetensors.*No space left.*previous checkpoint is intact"):
+    with pytest.raises(
+        EnormError,
+        match=r"could not save .*last\.safetensors.*No space left.*previous checkpoint is intact",
+    ):
         finetune(recipe, resume=True, progress=False)
     assert (out / "last.safetensors").read_bytes() == good
     assert not [p for p in out.iterdir() if ".tmp" in p.name]

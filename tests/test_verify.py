@@ -10,8 +10,14 @@ import torch
 from enorm_cli.errors import EnormError
 from enorm_cli.verify import agreement, calibration_batch, compare, default_batch
 
-CONFIG = {"input_size": [3, 32, 32], "interpolation": "bilinear", "mean": [0.5] * 3, "std": [0.25] * 3,
-          "crop_pct": 1.0, "crop_mode": "center"}
+CONFIG = {
+    "input_size": [3, 32, 32],
+    "interpolation": "bilinear",
+    "mean": [0.5] * 3,
+    "std": [0.25] * 3,
+    "crop_pct": 1.0,
+    "crop_mode": "center",
+}
 
 
 def test_default_batch_is_deterministic_and_smooth() -> None:
@@ -33,7 +39,7 @@ def test_calibration_errors_name_the_fix(tmp_path: Path) -> None:
     with pytest.raises(EnormError, match="holds no images"):
         calibration_batch(tmp_path, CONFIG)
     (tmp_path / "broken.png").write_bytes(b"not a png")
-    with pytest.raises(EnormError, match="cannot be read.*remove it"):
+    with pytest.raises(EnormError, match=r"cannot be read.*remove it"):
         calibration_batch(tmp_path, CONFIG)
 
 
@@ -43,11 +49,15 @@ def test_agreement_figures() -> None:
     result = agreement(expected, got, "three rows")
     assert result.samples == 3 and result.top1_agreement == pytest.approx(2 / 3)
     assert result.max_abs_delta == pytest.approx(3.0) and result.max_abs_logit == 4.0
-    assert result.relative_delta == pytest.approx(0.75) and result.to_json()["relative_delta"] == pytest.approx(0.75)
+    assert result.relative_delta == pytest.approx(0.75) and result.to_json()[
+        "relative_delta"
+    ] == pytest.approx(0.75)
 
 
 def test_compare_runs_both_in_eval_mode() -> None:
-    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 1), torch.nn.BatchNorm2d(4), torch.nn.Flatten(1))
+    model = torch.nn.Sequential(
+        torch.nn.Conv2d(3, 4, 1), torch.nn.BatchNorm2d(4), torch.nn.Flatten(1)
+    )
     model.train()
     result = compare(model, model, default_batch((3, 4, 4), n=2), "noise")
     assert not model.training and result.max_abs_delta == 0 and result.top1_agreement == 1.0

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Optional
+from typing import TYPE_CHECKING, Any
 
 import typer
 
@@ -32,30 +32,42 @@ def settings_from_flags(**flags: Any) -> ENSettings:
 def convert(
     model: str = typer.Argument(..., help="timm model name (e.g. resnet50) or torchvision:NAME."),
     out: Path = typer.Option(..., "--out", "-o", help="Output .safetensors file."),
-    checkpoint: Optional[Path] = typer.Option(  # noqa: UP007
+    checkpoint: Path | None = typer.Option(
         None, "--checkpoint", help="Local weights (.pth/.pt/.bin state dict or .safetensors)."
     ),
     pretrained: bool = typer.Option(
         True, "--pretrained/--no-pretrained", help="Start from the hub's pretrained weights."
     ),
-    num_classes: Optional[int] = typer.Option(None, "--num-classes", help="New classifier width."),  # noqa: UP007
-    normalizers: str = typer.Option("bn,in,ln", "--normalizers", help="Comma-separated: bn,in,ln,gn."),
+    num_classes: int | None = typer.Option(None, "--num-classes", help="New classifier width."),
+    normalizers: str = typer.Option(
+        "bn,in,ln", "--normalizers", help="Comma-separated: bn,in,ln,gn."
+    ),
     reduction: int = typer.Option(16, "--reduction", help="Ratio-branch conv reduction r."),
     pi: int = typer.Option(50, "--pi", help="Ratio-branch hidden width factor pi."),
     margin: float = typer.Option(
         2.0, "--margin", help="Prior logit of the source normalizer (lambda_src = e^m/(e^m+K-1))."
     ),
-    logit_scale: Optional[float] = typer.Option(  # noqa: UP007
-        None, "--logit-scale", help="Ratio-branch FC2 scale s (logits = b + s W h); default 1/sqrt(pi K)."
+    logit_scale: float | None = typer.Option(
+        None,
+        "--logit-scale",
+        help="Ratio-branch FC2 scale s (logits = b + s W h); default 1/sqrt(pi K).",
     ),
-    layer: str = typer.Option("en", "--layer", help="en (Exemplar Normalization) or sn (Switchable, the baseline)."),
-    shared_affine: bool = typer.Option(False, "--shared-affine", help="One affine pair for all normalizers (ablation)."),
-    include: Optional[str] = typer.Option(None, "--include", help="Convert only modules whose name matches."),  # noqa: UP007
-    exclude: Optional[str] = typer.Option(None, "--exclude", help="Skip modules whose name matches."),  # noqa: UP007
-    calib: Optional[Path] = typer.Option(  # noqa: UP007
+    layer: str = typer.Option(
+        "en", "--layer", help="en (Exemplar Normalization) or sn (Switchable, the baseline)."
+    ),
+    shared_affine: bool = typer.Option(
+        False, "--shared-affine", help="One affine pair for all normalizers (ablation)."
+    ),
+    include: str | None = typer.Option(
+        None, "--include", help="Convert only modules whose name matches."
+    ),
+    exclude: str | None = typer.Option(None, "--exclude", help="Skip modules whose name matches."),
+    calib: Path | None = typer.Option(
         None, "--calib", help="Folder of images for the verification batch."
     ),
-    verify: bool = typer.Option(True, "--verify/--no-verify", help="Check the converted model's logits."),
+    verify: bool = typer.Option(
+        True, "--verify/--no-verify", help="Check the converted model's logits."
+    ),
     as_json: bool = typer.Option(False, "--json", help="Print the report as JSON."),
     force: bool = typer.Option(False, "--force", help="Overwrite --out if it exists."),
 ) -> None:
@@ -68,9 +80,10 @@ def convert(
 
       enorm convert resnet50 --no-pretrained --out r50_en.safetensors
 
-      enorm convert torchvision:mobilenet_v2 --checkpoint mobilenet_v2-b0353104.pth --out mnv2_en.safetensors
+      enorm convert torchvision:mobilenet_v2 --checkpoint mobilenet_v2-b0353104.pth
+      --out mnv2_en.safetensors
 
-      enorm convert test_efficientnet_gn --no-pretrained --normalizers bn,in,ln,gn --out gn.safetensors
+      enorm convert test_efficientnet_gn --no-pretrained --normalizers bn,in,ln,gn -o gn.safetensors
     """
     from ..convert import convert as run
     from .report import print_conversion
@@ -87,8 +100,15 @@ def convert(
         exclude=exclude,
     )
     result = run(
-        model, out, settings, checkpoint=checkpoint, pretrained=pretrained, num_classes=num_classes,
-        calib=calib, verify=verify, force=force,
+        model,
+        out,
+        settings,
+        checkpoint=checkpoint,
+        pretrained=pretrained,
+        num_classes=num_classes,
+        calib=calib,
+        verify=verify,
+        force=force,
     )
     if as_json:
         typer.echo(json.dumps(result.to_json(), indent=2))
@@ -97,7 +117,8 @@ def convert(
     if not result.verified:
         typer.echo(
             f"error: the converted model differs from the source by "
-            f"{result.agreement.relative_delta:.2e} (relative) > {result.tolerance:.0e}; nothing was "
+            f"{result.agreement.relative_delta:.2e} (relative) > {result.tolerance:.0e}; nothing "
+            "was "
             "written. Report this with --json output, or pass --no-verify to save anyway",
             err=True,
         )

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import List, Optional
 
 import typer
 
@@ -13,18 +12,24 @@ from .common import user_errors
 
 @user_errors
 def evaluate(
-    checkpoint: Path = typer.Argument(..., help="An enorm .safetensors (convert or finetune output)."),
-    data: Optional[str] = typer.Option(  # noqa: UP007
-        None, "--data", help="Image folder DIR/<class>/<img>, fashion_mnist[:train], or filelist:LIST[@IMAGE_DIR]."
+    checkpoint: Path = typer.Argument(
+        ..., help="An enorm .safetensors (convert or finetune output)."
     ),
-    recipe: Optional[str] = typer.Option(  # noqa: UP007
+    data: str | None = typer.Option(
+        None,
+        "--data",
+        help="Image folder DIR/<class>/<img>, fashion_mnist[:train], or filelist:LIST[@IMAGE_DIR].",
+    ),
+    recipe: str | None = typer.Option(
         None, "--recipe", help="Use this recipe's val split (a file or a packaged NAME)."
     ),
-    overrides: Optional[List[str]] = typer.Argument(None, help="Recipe overrides (with --recipe)."),  # noqa: UP006, UP007
+    overrides: list[str] | None = typer.Argument(None, help="Recipe overrides (with --recipe)."),
     batch_size: int = typer.Option(64, "--batch-size", min=1),
     workers: int = typer.Option(2, "--workers", min=0),
-    limit: Optional[int] = typer.Option(None, "--limit", min=1, help="Evaluate a fixed random subset."),  # noqa: UP007
-    first_classes: Optional[int] = typer.Option(  # noqa: UP007
+    limit: int | None = typer.Option(
+        None, "--limit", min=1, help="Evaluate a fixed random subset."
+    ),
+    first_classes: int | None = typer.Option(
         None, "--first-classes", min=1, help="Keep labels < N (a 50-class model on ImageNet val)."
     ),
     as_json: bool = typer.Option(False, "--json", help="Print the result as JSON."),
@@ -39,19 +44,33 @@ def evaluate(
     """
     from ..data import parse_data_spec
     from ..errors import EnormError
+    from ..evaluate import evaluate_checkpoint
     from ..recipe import load_recipe
     from ..recipe_registry import resolve_recipe
-    from ..evaluate import evaluate_checkpoint
 
     if (data is None) == (recipe is None):
         raise EnormError("give exactly one of --data SPEC or --recipe R")
-    cfg = parse_data_spec(data) if data is not None else load_recipe(resolve_recipe(recipe), overrides or []).data
+    cfg = (
+        parse_data_spec(data)
+        if data is not None
+        else load_recipe(resolve_recipe(recipe), overrides or []).data
+    )
     if first_classes is not None:
         cfg = cfg.model_copy(update={"first_classes": first_classes})
     result = evaluate_checkpoint(checkpoint, cfg, batch_size, workers, limit)
     if as_json:
-        typer.echo(json.dumps({"top1": result.top1, "top5": result.top5, "loss": result.loss,
-                               "samples": result.samples}))
+        typer.echo(
+            json.dumps(
+                {
+                    "top1": result.top1,
+                    "top5": result.top5,
+                    "loss": result.loss,
+                    "samples": result.samples,
+                }
+            )
+        )
     else:
-        typer.echo(f"{checkpoint}: top-1 {result.top1:.2f}% top-5 {result.top5:.2f}% "
-                   f"loss {result.loss:.4f} on {result.samples} images")
+        typer.echo(
+            f"{checkpoint}: top-1 {result.top1:.2f}% top-5 {result.top5:.2f}% "
+            f"loss {result.loss:.4f} on {result.samples} images"
+        )

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Optional
 
 import typer
 
@@ -13,12 +12,14 @@ from .common import stdout, user_errors
 
 @user_errors
 def export(
-    checkpoint: Path = typer.Argument(..., help="An enorm .safetensors (convert or finetune output)."),
+    checkpoint: Path = typer.Argument(
+        ..., help="An enorm .safetensors (convert or finetune output)."
+    ),
     out: Path = typer.Option(..., "--out", "-o", help="Output file (.onnx or .pt2)."),
-    fmt: Optional[str] = typer.Option(  # noqa: UP007
+    fmt: str | None = typer.Option(
         None, "--format", "-f", help="onnx or pt2 (default: from --out's suffix)."
     ),
-    calib: Optional[Path] = typer.Option(  # noqa: UP007
+    calib: Path | None = typer.Option(
         None, "--calib", help="Folder of images for the check (default: a smooth-noise batch)."
     ),
     opset: int = typer.Option(18, "--opset", help="ONNX opset (18 or newer)."),
@@ -45,22 +46,36 @@ def export(
     kind = format_for(out, fmt)
     check_request(out, kind, opset, force)  # before the slow part
     info = read_info(checkpoint)
-    batch = (calibration_batch(calib, info.data_config) if calib is not None
-             else default_batch(tuple(info.data_config["input_size"])))
+    batch = (
+        calibration_batch(calib, info.data_config)
+        if calib is not None
+        else default_batch(tuple(info.data_config["input_size"]))
+    )
     model = load_model(checkpoint)
-    result = export_model(model, batch, out, kind, str(calib) if calib else "default smooth-noise batch",
-                          opset=opset, force=force)
+    result = export_model(
+        model,
+        batch,
+        out,
+        kind,
+        str(calib) if calib else "default smooth-noise batch",
+        opset=opset,
+        force=force,
+    )
     if as_json:
         typer.echo(json.dumps(result.to_json(), indent=2))
         return
     a = result.agreement
     stdout.print(
-        f"checked on {a.samples} samples ({a.calibration}): top-1 agreement {a.top1_agreement:.1%}, "
+        f"checked on {a.samples} samples ({a.calibration}): top-1 agreement "
+        f"{a.top1_agreement:.1%}, "
         f"max |delta logit| {a.max_abs_delta:.2e} ({a.relative_delta:.2e} of max |logit|, "
         f"tolerance {result.tolerance:.0e})",
-        markup=False, soft_wrap=True,
+        markup=False,
+        soft_wrap=True,
     )
     stdout.print(
-        f"wrote {result.out} ({kind}, {result.size_bytes / 2**20:.1f} MiB; export {result.export_seconds:.1f} s)",
-        markup=False, soft_wrap=True,
+        f"wrote {result.out} ({kind}, {result.size_bytes / 2**20:.1f} MiB; export "
+        f"{result.export_seconds:.1f} s)",
+        markup=False,
+        soft_wrap=True,
     )

@@ -24,5 +24,8 @@ def fetch() -> None:
         stdout.print(f"{item.name}: {item.status} ({item.path})", markup=False, soft_wrap=True)
     missing = [item.name for item in results if item.status.startswith("missing")]
     if missing:
-        typer.echo(f"error: could not fetch {', '.join(missing)}: see the lines above for the fix", err=True)
+        typer.echo(
+            f"error: could not fetch {', '.join(missing)}: see the lines above for the fix",
+            err=True,
+        )
         raise typer.Exit(1)

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from typing import List, Optional
-
 import typer
 
 from .common import user_errors
@@ -11,15 +9,21 @@ from .common import user_errors
 
 @user_errors
 def finetune(
-    overrides: Optional[List[str]] = typer.Argument(  # noqa: UP006, UP007
+    overrides: list[str] | None = typer.Argument(
         None, help="Recipe overrides as key=value, e.g. optim.lr=0.01 data.batch_size=64."
     ),
     recipe: str = typer.Option(
         ..., "--recipe", "-r", help="A recipe file, or a packaged NAME (enorm recipes lists them)."
     ),
-    resume: bool = typer.Option(False, "--resume", help="Continue the run in output_dir from its last state."),
-    force: bool = typer.Option(False, "--force", help="Start over in an output_dir that holds a run."),
-    progress: bool = typer.Option(True, "--progress/--no-progress", help="Rich progress bar (off for log files)."),
+    resume: bool = typer.Option(
+        False, "--resume", help="Continue the run in output_dir from its last state."
+    ),
+    force: bool = typer.Option(
+        False, "--force", help="Start over in an output_dir that holds a run."
+    ),
+    progress: bool = typer.Option(
+        True, "--progress/--no-progress", help="Rich progress bar (off for log files)."
+    ),
 ) -> None:
     """Fine-tune from a recipe: one process here, many under accelerate launch or torchrun.
 
@@ -33,10 +37,16 @@ def finetune(
 
       torchrun --nproc_per_node 2 -m enorm_cli finetune --recipe quickstart
 
-      accelerate launch --multi_gpu --num_processes 8 -m enorm_cli finetune --recipe webvision data.root=/data/webvision
+      accelerate launch --multi_gpu --num_processes 8 -m enorm_cli finetune
+      --recipe webvision data.root=/data/webvision
     """
     from ..recipe import load_recipe
     from ..recipe_registry import resolve_recipe
     from ..train import finetune as run
 
-    run(load_recipe(resolve_recipe(recipe), overrides or []), resume=resume, force=force, progress=progress)
+    run(
+        load_recipe(resolve_recipe(recipe), overrides or []),
+        resume=resume,
+        force=force,
+        progress=progress,
+    )

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import List, Optional
 
 import typer
 
@@ -12,19 +11,25 @@ from .common import stdout, user_errors
 
 @user_errors
 def inspect(
-    checkpoint: Path = typer.Argument(..., help="An enorm .safetensors (convert or finetune output)."),
-    overrides: Optional[List[str]] = typer.Argument(None, help="Recipe overrides (with --recipe)."),  # noqa: UP006, UP007
-    data: Optional[str] = typer.Option(  # noqa: UP007
-        None, "--data", help="Image folder DIR/<class>/<img>, fashion_mnist[:train], or filelist:LIST[@IMAGE_DIR]."
+    checkpoint: Path = typer.Argument(
+        ..., help="An enorm .safetensors (convert or finetune output)."
     ),
-    recipe: Optional[str] = typer.Option(  # noqa: UP007
+    overrides: list[str] | None = typer.Argument(None, help="Recipe overrides (with --recipe)."),
+    data: str | None = typer.Option(
+        None,
+        "--data",
+        help="Image folder DIR/<class>/<img>, fashion_mnist[:train], or filelist:LIST[@IMAGE_DIR].",
+    ),
+    recipe: str | None = typer.Option(
         None, "--recipe", help="Use this recipe's val split (a file or a packaged NAME)."
     ),
     samples: int = typer.Option(512, "--samples", help="How many images (a fixed random subset)."),
-    by_class: bool = typer.Option(False, "--by-class", help="Mean ratios per class; the classes that deviate most."),
-    json_out: Optional[Path] = typer.Option(None, "--json", help="Write rows as JSON ('-': stdout)."),  # noqa: UP007
-    csv_out: Optional[Path] = typer.Option(None, "--csv", help="Write rows as CSV ('-': stdout)."),  # noqa: UP007
-    plot: Optional[Path] = typer.Option(None, "--plot", help="Write a PNG figure."),  # noqa: UP007
+    by_class: bool = typer.Option(
+        False, "--by-class", help="Mean ratios per class; the classes that deviate most."
+    ),
+    json_out: Path | None = typer.Option(None, "--json", help="Write rows as JSON ('-': stdout)."),
+    csv_out: Path | None = typer.Option(None, "--csv", help="Write rows as CSV ('-': stdout)."),
+    plot: Path | None = typer.Option(None, "--plot", help="Write a PNG figure."),
     top: int = typer.Option(3, "--top", help="How many deviating classes to name."),
     batch_size: int = typer.Option(64, "--batch-size"),
     workers: int = typer.Option(2, "--workers"),
@@ -40,7 +45,7 @@ def inspect(
 
       enorm inspect runs/quickstart/best.safetensors
 
-      enorm inspect runs/quickstart/best.safetensors --data fashion_mnist --by-class --plot ratios.png
+      enorm inspect runs/quickstart/best.safetensors --data fashion_mnist --by-class --plot r.png
 
       enorm inspect runs/quickstart/best.safetensors --recipe quickstart --json rows.json
     """
@@ -72,7 +77,11 @@ def inspect(
         from ..recipe import load_recipe
         from ..recipe_registry import resolve_recipe
 
-        cfg = parse_data_spec(data) if data is not None else load_recipe(resolve_recipe(recipe), overrides or []).data
+        cfg = (
+            parse_data_spec(data)
+            if data is not None
+            else load_recipe(resolve_recipe(recipe), overrides or []).data
+        )
         result = inspect_on_data(checkpoint, cfg, samples, batch_size, workers, by_class)
 
     from .inspect_report import print_inspection, write_csv, write_json

@@ -19,25 +19,39 @@ from ..inspect_ratios import InspectResult
 
 SOURCE_TEXT = {
     "data": "measured on {n} samples",
-    "stored": "stored at the checkpoint's last eval ({n} samples); pass --data for a fresh measurement",
-    "prior": "the prior: no ratios stored and none measured; the ratio branch starts input-independent",
-    "prior (fc2 bias only)": "the ratio branch's bias term only (no ratios stored): pass --data to measure",
+    "stored": "stored at the checkpoint's last eval ({n} samples); "
+    "pass --data for a fresh measurement",
+    "prior": "the prior: no ratios stored and none measured; "
+    "the ratio branch starts input-independent",
+    "prior (fc2 bias only)": "the ratio branch's bias term only (no ratios stored): "
+    "pass --data to measure",
 }
 
 
 def _layer_table(result: InspectResult, compact: bool) -> Table:
-    """The per-layer table; ``compact``: 2 decimals, no borders or index, short headers, layer names fold."""
+    """The per-layer table; ``compact``: 2 decimals, no borders or index, short headers, layer
+    names fold."""
     names = result.normalizer_names
     kind = result.kind.upper()
     digits = 2 if compact else 3
     title = f"enorm inspect: {result.checkpoint} ({kind}, {len(result.ratios)} layers)"
-    table = Table(title=title, title_justify="left", caption="cells: mean±std of each normalizer's ratio",
-                  caption_justify="left", box=box.SIMPLE_HEAD if compact else box.HEAVY_HEAD,
-                  pad_edge=not compact, collapse_padding=compact)
+    table = Table(
+        title=title,
+        title_justify="left",
+        caption="cells: mean±std of each normalizer's ratio",
+        caption_justify="left",
+        box=box.SIMPLE_HEAD if compact else box.HEAVY_HEAD,
+        pad_edge=not compact,
+        collapse_padding=compact,
+    )
     if not compact:
         table.add_column("#", justify="right")
-    table.add_column("layer", overflow="fold", no_wrap=not compact,
-                     min_width=8 if compact else max((len(r.name) for r in result.ratios), default=5))
+    table.add_column(
+        "layer",
+        overflow="fold",
+        no_wrap=not compact,
+        min_width=8 if compact else max((len(r.name) for r in result.ratios), default=5),
+    )
     table.add_column("C", justify="right", no_wrap=True)
     if result.source != "data":
         table.add_column("params+", justify="right", no_wrap=True)
@@ -45,7 +59,9 @@ def _layer_table(result: InspectResult, compact: bool) -> Table:
         table.add_column(n, justify="right", no_wrap=True)
     table.add_column("top" if compact else "dominant", no_wrap=True)
     if result.source == "data":
-        table.add_column("top p10-p90" if compact else "dominant p10-p90", justify="right", no_wrap=True)
+        table.add_column(
+            "top p10-p90" if compact else "dominant p10-p90", justify="right", no_wrap=True
+        )
     for i, (info, r) in enumerate(zip(result.layers, result.ratios)):
         cells = [] if compact else [str(i)]
         cells += [r.name, str(info.channels)]
@@ -85,9 +101,13 @@ def print_inspection(result: InspectResult, console: Console, top: int = 3) -> N
     added = sum(layer.params_added for layer in result.layers)
     console.print(
         "ratios after the softmax; dominant normalizer: "
-        + ", ".join(f"{n} ({c} layer{'s' if c > 1 else ''})" for n, c in sorted(dominant.items(), key=lambda kv: -kv[1]))
+        + ", ".join(
+            f"{n} ({c} layer{'s' if c > 1 else ''})"
+            for n, c in sorted(dominant.items(), key=lambda kv: -kv[1])
+        )
         + f"; {kind} adds {added:,} parameters",
-        markup=False, soft_wrap=True,
+        markup=False,
+        soft_wrap=True,
     )
     if result.classes:
         _print_classes(result, console, names, top)
@@ -96,8 +116,12 @@ def print_inspection(result: InspectResult, console: Console, top: int = 3) -> N
 def _print_classes(result: InspectResult, console: Console, names: list[str], top: int) -> None:
     """Every class's mean ratios over layers, ranked by distance from the overall mean."""
     assert result.classes is not None
-    table = Table(title="per class (ranked by how far its ratios sit from all samples')", title_justify="left",
-                  caption="normalizer columns: the class's mean ratio, averaged over layers", caption_justify="left")
+    table = Table(
+        title="per class (ranked by how far its ratios sit from all samples')",
+        title_justify="left",
+        caption="normalizer columns: the class's mean ratio, averaged over layers",
+        caption_justify="left",
+    )
     table.add_column("class", overflow="fold")
     table.add_column("n", justify="right")
     table.add_column("distance", justify="right")
@@ -107,7 +131,11 @@ def _print_classes(result: InspectResult, console: Console, names: list[str], to
     for c in result.classes:
         cells = [c.name, str(c.samples), f"{c.deviation:.4f}"]
         for n in names:
-            values = [m[r.normalizers.index(n)] for r, m in zip(result.ratios, c.mean) if n in r.normalizers]
+            values = [
+                m[r.normalizers.index(n)]
+                for r, m in zip(result.ratios, c.mean)
+                if n in r.normalizers
+            ]
             cells.append(f"{sum(values) / len(values):.3f}" if values else "-")
         cells.append(c.most_deviant_layer)
         table.add_row(*cells)
@@ -121,7 +149,9 @@ def _print_classes(result: InspectResult, console: Console, names: list[str], to
             mine = ", ".join(f"{n} {v:.2f}" for n, v in zip(r.normalizers, c.mean[i]))
             overall = ", ".join(f"{n} {v:.2f}" for n, v in zip(r.normalizers, r.mean))
             parts.append(f"{c.name} (at {r.name}: {mine} vs all {overall})")
-        console.print("classes whose ratios differ most: " + "; ".join(parts), markup=False, soft_wrap=True)
+        console.print(
+            "classes whose ratios differ most: " + "; ".join(parts), markup=False, soft_wrap=True
+        )
 
 
 def rows_of(result: InspectResult) -> list[dict[str, Any]]:
@@ -140,7 +170,8 @@ def write_json(result: InspectResult, path: Path | None) -> None:
 
 
 def write_csv(result: InspectResult, path: Path | None) -> None:
-    """CSV of the same rows (columns: the union of every row's keys); to stdout when ``path`` is None."""
+    """CSV of the same rows (columns: the union of every row's keys); to stdout when ``path`` is
+    None."""
     rows = rows_of(result)
     fields = list(dict.fromkeys(k for row in rows for k in row))
     buffer = io.StringIO()

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from typing import Optional
-
 import typer
 
 from .. import __version__
@@ -27,7 +25,8 @@ app = typer.Typer(
         "  enorm recipes\n\n"
         "  enorm fetch && enorm finetune --recipe quickstart optim.lr=0.02\n\n"
         "  enorm eval runs/quickstart/best.safetensors --data fashion_mnist\n\n"
-        "  enorm inspect runs/quickstart/best.safetensors --data fashion_mnist --by-class --plot ratios.png\n\n"
+        "  enorm inspect runs/quickstart/best.safetensors --data fashion_mnist --by-class --plot "
+        "ratios.png\n\n"
         "  enorm export runs/quickstart/best.safetensors --out mnv2_en.onnx"
     ),
     no_args_is_help=True,
@@ -52,7 +51,7 @@ def _version(value: bool) -> None:
 
 @app.callback()
 def root(
-    version: Optional[bool] = typer.Option(  # noqa: UP007 (typer needs Optional on 3.10)
+    version: bool | None = typer.Option(
         None, "--version", callback=_version, is_eager=True, help="Print the version and exit."
     ),
     debug: bool = typer.Option(False, "--debug", help="Show tracebacks for errors."),

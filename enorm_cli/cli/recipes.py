@@ -22,7 +22,9 @@ def _print_list() -> None:
 
     from ..recipe_registry import list_recipes
 
-    table = Table(title="enorm recipes (enorm finetune --recipe NAME)", title_justify="left", show_lines=True)
+    table = Table(
+        title="enorm recipes (enorm finetune --recipe NAME)", title_justify="left", show_lines=True
+    )
     table.add_column("name", no_wrap=True)
     table.add_column("what it is for", ratio=3)
     table.add_column("hardware and time", ratio=2)

@@ -33,7 +33,11 @@ def print_conversion(result: ConvertResult, console: Console) -> None:
         kinds: dict[str, int] = {}
         for _, kind, reason in result.report.skipped:
             kinds[f"{kind} ({reason})"] = kinds.get(f"{kind} ({reason})", 0) + 1
-        console.print("left as they are: " + "; ".join(f"{n} x {k}" for k, n in kinds.items()), markup=False, soft_wrap=True)
+        console.print(
+            "left as they are: " + "; ".join(f"{n} x {k}" for k, n in kinds.items()),
+            markup=False,
+            soft_wrap=True,
+        )
     before, after = result.params_before, result.params_after
     console.print(
         f"parameters: {before:,} -> {after:,} (+{(after - before) / max(before, 1):.2%})",
@@ -44,8 +48,14 @@ def print_conversion(result: ConvertResult, console: Console) -> None:
     if a is None:
         console.print("verification: skipped (--no-verify)")
     else:
-        status = ("[green]same function[/green]" if result.verified else "[red]DIFFERENT[/red]") if result.exact else (
-            "[yellow]near the source by design (SN / shared affine: the mixed statistics differ)[/yellow]")
+        status = (
+            ("[green]same function[/green]" if result.verified else "[red]DIFFERENT[/red]")
+            if result.exact
+            else (
+                "[yellow]near the source by design (SN / shared affine: the mixed statistics "
+                "differ)[/yellow]"
+            )
+        )
         console.print(
             f"verification ({a.samples} samples, {a.calibration}): top-1 agreement "
             f"{a.top1_agreement:.1%}, max |delta logit| {a.max_abs_delta:.2e} "

@@ -70,7 +70,9 @@ class MixedNorm2d(nn.Module):
         factory = {"device": device, "dtype": dtype}
         self.register_buffer("running_mean", torch.zeros(num_features, **factory))
         self.register_buffer("running_var", torch.ones(num_features, **factory))
-        self.register_buffer("num_batches_tracked", torch.tensor(0, dtype=torch.long, device=device))
+        self.register_buffer(
+            "num_batches_tracked", torch.tensor(0, dtype=torch.long, device=device)
+        )
 
     @classmethod
     def from_source(
@@ -158,7 +160,9 @@ class MixedNorm2d(nn.Module):
         if self.training and self.sync_stats and distributed_world_size() > 1:
             mean, var, samples = synced_batch_stats(stats)
             return (mean, var), samples
-        bn = mode_bn_stats(stats.mean, stats.var, self.training, self.running_mean, self.running_var)
+        bn = mode_bn_stats(
+            stats.mean, stats.var, self.training, self.running_mean, self.running_var
+        )
         return bn, stats.mean.shape[0] if self.training else 0
 
     def _statistics(self, stats: InstanceStats, update: bool) -> list[tuple[Tensor, Tensor]]:
@@ -175,7 +179,9 @@ class MixedNorm2d(nn.Module):
         """One BatchNorm running-statistics step; ``count`` elements per channel (N * H * W)."""
         self.num_batches_tracked.add_(1)
         factor = running_average_factor(self.momentum, self.num_batches_tracked)
-        update_running_stats(self.running_mean, self.running_var, batch_mean, batch_var, count, factor)
+        update_running_stats(
+            self.running_mean, self.running_var, batch_mean, batch_var, count, factor
+        )
 
     def _coefficients(self, stats: InstanceStats, update: bool) -> tuple[Tensor, Tensor]:
         """A, B (N x C) of ``Y = A * X + B``; ``update`` advances the running statistics."""

@@ -89,8 +89,14 @@ def stacked_stats(
 
 
 def ratio_logits(
-    xhat: Tensor, conv: Tensor | None, fc1_w: Tensor, fc1_b: Tensor, fc2_w: Tensor, fc2_b: Tensor,
-    relu: bool, logit_scale: float,
+    xhat: Tensor,
+    conv: Tensor | None,
+    fc1_w: Tensor,
+    fc1_b: Tensor,
+    fc2_w: Tensor,
+    fc2_b: Tensor,
+    relu: bool,
+    logit_scale: float,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """The ratio branch: xhat (K x N x C) -> logits (N x K), with h, v = z z^T and z^T (N x K x G).
 
@@ -150,7 +156,8 @@ def en_coefficients(
 def exemplar_norm(
     x: Tensor, cfg: KernelSettings, p: ENTensors
 ) -> tuple[Tensor, Tensor | None, tuple[Tensor, ...]]:
-    """EN(x) without autograd: y, the bn batch statistics (2 x C, training) and what backward needs."""
+    """EN(x) without autograd: y, the bn batch statistics (2 x C, training) and what backward
+    needs."""
     xw = wide(x).flatten(2)
     m, v = moments(xw, one_pass=cfg.training)
     a, b, batch, saved = en_coefficients(cfg, m, v, p)
@@ -161,7 +168,9 @@ class ExemplarNormFunction(torch.autograd.Function):
     """y, bn batch statistics (2 x C or empty) = EN(x), as one node with a hand-written backward."""
 
     @staticmethod
-    def forward(ctx: Any, x: Tensor, cfg: KernelSettings, *tensors: Tensor | None) -> tuple[Tensor, Tensor]:
+    def forward(
+        ctx: Any, x: Tensor, cfg: KernelSettings, *tensors: Tensor | None
+    ) -> tuple[Tensor, Tensor]:
         p = ENTensors(*tensors)
         y, batch, saved = exemplar_norm(x, cfg, p)
         ctx.cfg = cfg

@@ -16,7 +16,6 @@ import torch
 from torch import Tensor, nn
 
 from .base import MixedNorm2d
-from .source import SourceNorm
 from .exemplar_function import (
     ENTensors,
     ExemplarNormFunction,
@@ -25,6 +24,7 @@ from .exemplar_function import (
     exemplar_norm,
     ratio_logits,
 )
+from .source import SourceNorm
 from .statistics import InstanceStats, distributed_world_size, group_count, instance_stats
 
 ACTIVATIONS: tuple[str, ...] = ("tanh", "relu")
@@ -32,7 +32,8 @@ ACTIVATIONS: tuple[str, ...] = ("tanh", "relu")
 
 
 def check_activation(activation: str) -> str:
-    """Validate the ratio branch's activation (``ACTIVATIONS``); the one check, also for settings."""
+    """Validate the ratio branch's activation (``ACTIVATIONS``); the one check, also for
+    settings."""
     if activation not in ACTIVATIONS:
         raise ValueError(f"activation must be one of {', '.join(ACTIVATIONS)}, got {activation!r}")
     return activation
@@ -120,7 +121,9 @@ class RatioBranch(nn.Module):
         self.logit_scale = logit_scale
         self.groups = group_count(num_features, reduction)
         self.conv = (
-            nn.Conv1d(num_features, self.groups, kernel_size=1, groups=self.groups, bias=False, **factory)
+            nn.Conv1d(
+                num_features, self.groups, kernel_size=1, groups=self.groups, bias=False, **factory
+            )
             if use_conv
             else None
         )
@@ -135,10 +138,19 @@ class RatioBranch(nn.Module):
                 layer.reset_parameters()
 
     def forward(self, xhat: Tensor) -> Tensor:
-        """xhat: N x K x C pre-normalized pooled features -> ratio logits N x K (``ratio_logits``)."""
+        """xhat: N x K x C pre-normalized pooled features -> ratio logits N x K
+        (``ratio_logits``)."""
         conv = None if self.conv is None else self.conv.weight
-        return ratio_logits(xhat.transpose(0, 1), conv, self.fc1.weight, self.fc1.bias, self.fc2.weight,
-                            self.fc2.bias, isinstance(self.act, nn.ReLU), self.logit_scale)[0]
+        return ratio_logits(
+            xhat.transpose(0, 1),
+            conv,
+            self.fc1.weight,
+            self.fc1.bias,
+            self.fc2.weight,
+            self.fc2.bias,
+            isinstance(self.act, nn.ReLU),
+            self.logit_scale,
+        )[0]
 
 
 class ExemplarNorm2d(MixedNorm2d):
@@ -250,13 +262,22 @@ class ExemplarNorm2d(MixedNorm2d):
     def kernel_tensors(self) -> ENTensors:
         branch = self.ratio
         return ENTensors(
-            self.running_mean, self.running_var, self.weight, self.bias,
+            self.running_mean,
+            self.running_var,
+            self.weight,
+            self.bias,
             None if branch.conv is None else branch.conv.weight,
-            branch.fc1.weight, branch.fc1.bias, branch.fc2.weight, branch.fc2.bias,
+            branch.fc1.weight,
+            branch.fc1.bias,
+            branch.fc2.weight,
+            branch.fc2.bias,
         )
 
-    def _math(self, stats: InstanceStats) -> tuple[Tensor, Tensor, Tensor | None, tuple[Tensor, ...], int]:
-        """``en_coefficients`` under autograd, with the bn statistics of the current mode (synced too)."""
+    def _math(
+        self, stats: InstanceStats
+    ) -> tuple[Tensor, Tensor, Tensor | None, tuple[Tensor, ...], int]:
+        """``en_coefficients`` under autograd, with the bn statistics of the current mode (synced
+        too)."""
         bn, samples = self._bn_stats(stats)
         cfg = self.kernel_settings()
         a, b, batch, saved = en_coefficients(cfg, stats.mean, stats.var, self.kernel_tensors(), bn)
@@ -270,7 +291,8 @@ class ExemplarNorm2d(MixedNorm2d):
         return saved[4]  # lambda, as en_coefficients computed it
 
     def _coefficients(self, stats: InstanceStats, update: bool) -> tuple[Tensor, Tensor]:
-        """A, B of the autograd path (synced statistics, ``fused_en(False)``), running stats updated."""
+        """A, B of the autograd path (synced statistics, ``fused_en(False)``), running stats
+        updated."""
         a, b, batch, _, samples = self._math(stats)
         if update and batch is not None:
             self._update_running_stats(batch[0], batch[1], stats.count * samples)
@@ -278,10 +300,17 @@ class ExemplarNorm2d(MixedNorm2d):
 
     def forward(self, x: Tensor) -> Tensor:
         self._check_input_dim(x)
-        synced = self.training and self.sync_stats and "bn" in self.normalizers and distributed_world_size() > 1
+        synced = (
+            self.training
+            and self.sync_stats
+            and "bn" in self.normalizers
+            and distributed_world_size() > 1
+        )
         with _float32_math(x):
             if synced or not _fused:
-                return super().forward(x)  # autograd over en_coefficients; synced: all-reduced statistics
+                return super().forward(
+                    x
+                )  # autograd over en_coefficients; synced: all-reduced statistics
             cfg = self.kernel_settings()
             tensors = self.kernel_tensors()
             needs_grad = torch.is_grad_enabled() and (

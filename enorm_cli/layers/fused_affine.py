@@ -6,8 +6,8 @@ parameters). Left to autograd, each big elementwise op over X records its own no
 temporaries: on CPU the backward then makes five or six X-sized passes and allocations
 (``benchmarks/README.md``). ``_FusedAffine`` splits the work instead:
 
-- the passes over X by hand: statistics (``statistics.moments``), the output, and in backward the two reductions
-  ``sum(dY * X)``, ``sum(dY)`` and ``dX = A * dY + alpha * X + beta``;
+- the passes over X by hand: statistics (``statistics.moments``), the output, and in
+  backward the two reductions ``sum(dY * X)``, ``sum(dY)`` and ``dX = A * dY + alpha * X + beta``;
 - the small N x C math (pooled statistics, the ratio branch, the coefficients) by
   autograd, recorded on detached statistics inside forward and differentiated with
   ``torch.autograd.grad`` in backward.
@@ -72,8 +72,15 @@ def affine_grads(x: Tensor, grad_y: Tensor) -> tuple[Tensor, Tensor, Tensor, Ten
     return xw, gw, row_dot(gw, xw), gw.sum(-1)
 
 
-def input_grad(x: Tensor, xw: Tensor, gw: Tensor, a: Tensor, mean: Tensor,
-               g_mean: Tensor | None, g_var: Tensor | None) -> Tensor:
+def input_grad(
+    x: Tensor,
+    xw: Tensor,
+    gw: Tensor,
+    a: Tensor,
+    mean: Tensor,
+    g_mean: Tensor | None,
+    g_var: Tensor | None,
+) -> Tensor:
     """dL/dX of ``Y = A X + B`` with A, B functions of X's instance mean and variance.
 
     dX = A dY + dL/dmean / L + 2 dL/dvar (X - mean) / L = A dY + alpha X + beta: two
@@ -115,11 +122,14 @@ class _FusedAffine(torch.autograd.Function):
         param_grads = tuple(by_id.get(id(p)) for p in params)
         grad_x = None
         if ctx.needs_input_grad[0]:
-            grad_x = input_grad(x, xw, gw, a, mean, by_id.get(id(leaves[0])), by_id.get(id(leaves[1])))
+            grad_x = input_grad(
+                x, xw, gw, a, mean, by_id.get(id(leaves[0])), by_id.get(id(leaves[1]))
+            )
         return (grad_x, None, *param_grads)
 
 
-@torch.compiler.disable  # the nested autograd graph cannot be traced; compiled models call it eagerly
+# The nested autograd graph cannot be traced; compiled models call it eagerly.
+@torch.compiler.disable
 def fused_affine(x: Tensor, coefficients: Coefficients, params: Sequence[Tensor]) -> Tensor:
     """``A * X + B`` with (A, B) = coefficients(instance statistics of X).
 

@@ -4,7 +4,8 @@ Every normalizer's mean and variance is a reduction of one N x C table: the
 per-(sample, channel) mean and variance of X (the instance statistics),
 computed once per forward by ``moments`` (mean, then the norm of the
 deviations: numerically stable, float32 at least, also under autocast, and
-much faster on CPU than ``torch.var_mean``); bn, ln and gn statistics are then pooled from the table with
+much faster on CPU than ``torch.var_mean``); bn, ln and gn statistics are then pooled from the
+table with
 the law of total variance, ``var = mean(var_in) + mean((mu_in - mu)^2)``, which
 is exact for groups of equal size and has no ``E[x^2] - E[x]^2`` cancellation,
 so inputs with |mean|/std of 1e3 and more keep their precision.
@@ -100,7 +101,11 @@ class _InstanceMoments(torch.autograd.Function):
     def backward(ctx: Any, g_mean: Tensor | None, g_var: Tensor | None) -> Tensor:
         x, mean = ctx.saved_tensors
         length = x.shape[-1]
-        grad = torch.zeros_like(x) if g_var is None else (x - mean.unsqueeze(-1)) * (g_var * (2.0 / length)).unsqueeze(-1)
+        grad = (
+            torch.zeros_like(x)
+            if g_var is None
+            else (x - mean.unsqueeze(-1)) * (g_var * (2.0 / length)).unsqueeze(-1)
+        )
         if g_mean is not None:
             grad = grad + (g_mean / length).unsqueeze(-1)
         return grad
@@ -131,7 +136,8 @@ def batch_stats(mean: Tensor, var: Tensor) -> tuple[Tensor, Tensor]:
 def mode_bn_stats(
     mean: Tensor, var: Tensor, training: bool, running_mean: Tensor, running_var: Tensor
 ) -> tuple[Tensor, Tensor]:
-    """bn's (mean, var), 1 x C, as BatchNorm takes them: the batch's in training, else the running ones."""
+    """bn's (mean, var), 1 x C, as BatchNorm takes them: the batch's in training, else the running
+    ones."""
     if training:
         return batch_stats(mean, var)
     return running_mean.unsqueeze(0), running_var.unsqueeze(0)
