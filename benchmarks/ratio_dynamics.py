@@ -49,7 +49,7 @@ def run(overrides: list[str], steps: int, recipe_path: Path, every: int) -> dict
     split.dataset = with_transform(
         split.dataset, build_transform(recipe.data, prepared.mean, prepared.std, True)
     )
-    loader = make_loader(split, recipe.data.batch_size, recipe.data.workers, train=True)
+    loader = make_loader(split, recipe.data.batch_size, recipe.data.workers, True, seed=None)
     model = prepared.model
     layers = [(n, m) for n, m in model.named_modules() if isinstance(m, ExemplarNorm2d)]
     # the source normalizer: the only one whose gammas are non-zero at conversion

@@ -15,10 +15,13 @@ from .fileio import check_writable
 from .models import create_source_model, data_config, num_classes_of
 from .settings import ENSettings
 from .surgery import ConversionReport, convert_model, count_parameters
-from .verify import Agreement, calibration_batch, compare, default_batch
-
-DEFAULT_TOLERANCE = 1e-4
-"""Max |delta logit| relative to max |logit| that still counts as the same function."""
+from .verify import (
+    FLOAT64_TOLERANCE,
+    Verification,
+    calibration_batch,
+    default_batch,
+    verify_conversion,
+)
 
 
 @dataclass
@@ -28,8 +31,8 @@ class ConvertResult:
     report: ConversionReport
     params_before: int
     params_after: int
-    agreement: Agreement | None
-    tolerance: float
+    verification: Verification | None
+    """None with verify off."""
     out: Path | None
 
     exact: bool = True
@@ -37,11 +40,7 @@ class ConvertResult:
 
     @property
     def verified(self) -> bool:
-        return (
-            self.agreement is None
-            or not self.exact
-            or self.agreement.relative_delta <= self.tolerance
-        )
+        return self.verification is None or not self.exact or self.verification.passed
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -52,8 +51,7 @@ class ConvertResult:
             "skipped": [{"name": n, "type": t, "reason": r} for n, t, r in self.report.skipped],
             "params_before": self.params_before,
             "params_after": self.params_after,
-            "verification": self.agreement.to_json() if self.agreement else None,
-            "tolerance": self.tolerance,
+            "verification": self.verification.to_json() if self.verification else None,
             "exact": self.exact,
             "verified": self.verified,
         }
@@ -69,9 +67,13 @@ def convert(
     calib: Path | None = None,
     verify: bool = True,
     force: bool = False,
-    tolerance: float = DEFAULT_TOLERANCE,
+    tolerance: float = FLOAT64_TOLERANCE,
 ) -> ConvertResult:
-    """Convert, verify in eval mode, and save (only when verified, or when verify is off)."""
+    """Convert, verify in eval mode, and save (only when verified, or when verify is off).
+
+    ``tolerance`` bounds the float64 comparison (``verify.verify_conversion``); the float32
+    figures are reported beside it.
+    """
     if out is not None:
         if out.suffix != ".safetensors":
             raise EnormError(f"--out {str(out)!r} must end in .safetensors")
@@ -100,19 +102,17 @@ def convert(
                 else ""
             )
         )
-    agreement = None
+    verification = None
     if batch is not None:
-        agreement = compare(
-            source, model, batch, str(calib) if calib else "default smooth-noise batch"
-        )
+        calibration = str(calib) if calib else "default smooth-noise batch"
+        verification = verify_conversion(source, model, settings, batch, calibration, tolerance)
     result = ConvertResult(
         model=model.eval(),
         source_model=name.full,
         report=report,
         params_before=params_before,
         params_after=count_parameters(model),
-        agreement=agreement,
-        tolerance=tolerance,
+        verification=verification,
         out=out,
         exact=settings.exact,
     )

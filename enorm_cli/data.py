@@ -11,7 +11,7 @@ import gzip
 import os
 import shutil
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +19,7 @@ import torch
 from torch.utils.data import Dataset, Subset
 
 from .errors import EnormError
+from .images import load_rgb, readable, to_rgb
 from .recipe import DataConfig
 
 FASHION_MNIST_SYSTEM = Path("/usr/share/datasets/fashion-mnist")
@@ -50,10 +51,11 @@ def default_data_root() -> Path:
 
 
 class ToRGB:
-    """PIL image -> RGB (Fashion-MNIST is grey; models want 3 channels). Picklable for workers."""
+    """PIL image -> 8-bit RGB (``images.to_rgb``: Fashion-MNIST is grey, files may be 16-bit
+    or CMYK; models want 3 channels). Picklable for workers."""
 
     def __call__(self, image: Any) -> Any:
-        return image.convert("RGB") if image.mode != "RGB" else image
+        return to_rgb(image)
 
 
 def build_transform(
@@ -122,11 +124,8 @@ class FileListDataset(Dataset):
         return len(self.samples)
 
     def __getitem__(self, index: int) -> tuple[Any, int]:
-        from PIL import Image
-
         path, label = self.samples[index]
-        with Image.open(path) as im:
-            image = im.convert("RGB")
+        image = load_rgb(path)
         return (self.transform(image) if self.transform else image), label
 
 
@@ -160,6 +159,17 @@ class Split:
     dataset: Dataset
     targets: list[int]
     classes: list[str] | None
+    skipped: list[str] = field(default_factory=list)
+    """Files left out because they do not open as images (``images.readable``)."""
+
+    def skipped_line(self, label: str) -> str | None:
+        """One line for the log when files were skipped, else None."""
+        if not self.skipped:
+            return None
+        return (
+            f"{label}: skipped {len(self.skipped)} file(s) that are not readable images "
+            f"(first: {self.skipped[0]!r})"
+        )
 
 
 def _subset(dataset: Dataset, targets: list[int], keep: list[int]) -> tuple[Dataset, list[int]]:
@@ -174,6 +184,36 @@ def _limit(n: int, limit: int | None, seed: int = 0) -> list[int] | None:
     return sorted(torch.randperm(n, generator=g)[:limit].tolist())
 
 
+def _check_class_folders(folder: Path, label: str) -> None:
+    """An empty class folder would shift every later class's label: name it."""
+    from torchvision.datasets.folder import IMG_EXTENSIONS
+
+    for child in sorted(p for p in folder.iterdir() if p.is_dir()):
+        if not any(f.suffix.lower() in IMG_EXTENSIONS for f in child.rglob("*") if f.is_file()):
+            raise EnormError(
+                f"{label}: class folder {str(child)!r} holds no images "
+                f"({', '.join(IMG_EXTENSIONS[:4])}, ...): add some or remove the folder"
+            )
+
+
+def _drop_unreadable(dataset: Any, keep_missing: bool = False) -> list[str]:
+    """Remove the samples whose file does not open as an image; returns their paths.
+
+    ``keep_missing``: files that do not exist stay (the filelist check reports them).
+    """
+    paths = [path for path, _ in dataset.samples]
+    if keep_missing:
+        paths = [p for p in paths if os.path.isfile(p)]
+    good, bad = readable(paths)
+    if bad:
+        kept = [(p, t) for p, t in dataset.samples if p in good or (keep_missing and p not in bad)]
+        dataset.samples = kept
+        dataset.targets = [t for _, t in kept]
+        if hasattr(dataset, "imgs"):
+            dataset.imgs = kept
+    return bad
+
+
 def load_split(
     cfg: DataConfig,
     split: str,
@@ -185,6 +225,7 @@ def load_split(
     """A split by name ("train" or "val") with every check that saves a wasted run."""
     label = f"data.{split}"
     classes: list[str] | None = None
+    skipped: list[str] = []
     if cfg.kind == "fashion_mnist":
         from torchvision.datasets import FashionMNIST
 
@@ -212,12 +253,15 @@ def load_split(
                     f"{label} folder {str(folder)!r} not found: expected "
                     "root/<split>/<class>/<image>"
                 )
+            _check_class_folders(folder, label)
             try:
-                dataset = ImageFolder(str(folder), transform=transform)
+                dataset = ImageFolder(str(folder), transform=transform, loader=load_rgb)
             except (FileNotFoundError, RuntimeError) as exc:
                 raise EnormError(
                     f"{label} folder {str(folder)!r} holds no images in class folders ({exc})"
                 ) from None
+            if cfg.check_images:
+                skipped += _drop_unreadable(dataset)
             targets = list(dataset.targets)
             classes = list(dataset.classes)
         else:
@@ -227,7 +271,9 @@ def load_split(
             for name in [lists] if isinstance(lists, str) else lists:
                 samples.extend(read_filelist(root / name, root / prefix))
             dataset = FileListDataset(samples, transform)
-            targets = [t for _, t in samples]
+            if cfg.check_images and check_files:
+                skipped += _drop_unreadable(dataset, keep_missing=True)
+            targets = list(dataset.targets)
     if cfg.first_classes is not None:
         dataset, targets = _subset(
             dataset, targets, [i for i, t in enumerate(targets) if t < cfg.first_classes]
@@ -258,7 +304,7 @@ def load_split(
                 f"{missing[0]!r}): "
                 "check data.root and data.train_prefix/val_prefix"
             )
-    return Split(dataset, targets, classes)
+    return Split(dataset, targets, classes, skipped)
 
 
 def checkpoint_split(
@@ -282,17 +328,24 @@ def with_transform(dataset: Any, transform: Any) -> Any:
 
 
 def make_loader(
-    split: Split, batch_size: int, workers: int, train: bool
+    split: Split, batch_size: int, workers: int, train: bool, seed: int | None = 0
 ) -> torch.utils.data.DataLoader:
-    """A split's loader: shuffled, dropping a last partial batch, when training."""
+    """A split's loader: shuffled, dropping a last partial batch, when training.
+
+    With a ``seed`` the loader draws its order and worker seeds from its own generator, not
+    the global RNG, so starting an epoch (or an eval) does not move the model's dropout
+    stream; ``None``: the global RNG, as a plain DataLoader. Training workers are re-created
+    each epoch so that ``set_epoch`` on a ``PerSampleSeeds`` dataset reaches them.
+    """
     return torch.utils.data.DataLoader(
         split.dataset,
         batch_size=batch_size,
         shuffle=train,
         num_workers=workers,
         drop_last=train and len(split.targets) >= batch_size,
-        persistent_workers=workers > 0,
+        persistent_workers=workers > 0 and not train,
         pin_memory=torch.cuda.is_available(),
+        generator=None if seed is None else torch.Generator().manual_seed(seed),
     )
 
 

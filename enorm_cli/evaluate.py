@@ -11,6 +11,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from .faults import crash_point
 from .ratios import RatioRecorder, summarize
 
 
@@ -73,6 +74,7 @@ def evaluate(
             samples += g_y.shape[0]
             if extra is not None:
                 ratio_batches.append(gathered[2].cpu())
+            crash_point("eval")
     stats = None
     if recorder is not None and ratio_batches:
         stats = summarize(recorder.names, recorder.normalizers, torch.cat(ratio_batches))

@@ -93,6 +93,9 @@ class DataConfig(Section):
     hflip: float = Field(0.5, ge=0, le=1)
     color_jitter: float | None = None
     crop_pct: float | None = Field(None, gt=0, le=1)
+    check_images: bool = True
+    """Open every image file's header before training and skip those that are not images
+    (counted in the log); false saves the scan on very large datasets."""
 
 
 class OptimConfig(Section):

@@ -196,6 +196,20 @@ def convert_model(model: nn.Module, settings: ENSettings) -> ConversionReport:
     return report
 
 
+def restart_from_source(converted: nn.Module, source: nn.Module, settings: ENSettings) -> None:
+    """Redo, in place, what the conversion computed in each converted layer of ``converted``
+    from the same-named layer of ``source`` (``MixedNorm2d.start_as``), in converted's dtype.
+
+    ``verify`` uses it on float64 copies: the conversion's arithmetic redone in float64,
+    with the parameters the layers drew at random kept as they are.
+    """
+    policies = _policies()
+    for name, layer in converted.named_modules():
+        if isinstance(layer, MixedNorm2d):
+            src = source.get_submodule(name)
+            layer.start_as(policies[type(src)][1](src), settings.margin)
+
+
 def _inside_converted(name: str, report: ConversionReport) -> bool:
     return any(name.startswith(layer.name + ".") for layer in report.converted)
 

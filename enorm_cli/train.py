@@ -10,6 +10,14 @@ main process write files.
 optimizer, a resumed state), ``train``, ``save_checkpoint``/``load_checkpoint`` (the
 resumable state and its ``TrainingProgress``), ``cleanup``. Its outputs are named in
 ``run_layout.py``; ``finetune`` runs one recipe start to end.
+
+Resume reproduces the uninterrupted run (the same metrics.jsonl records, the same final
+weights, on the same machine and thread count): the state holds the model (EN's running
+statistics too), optimizer, sampler and every RNG (Accelerate), and the progress record
+the loop's position, its metrics count and the losses since the last record; augmentation
+is seeded per sample (``sample_seeds.py``) and the loaders have their own generators, so
+nothing but the model draws from the global RNG. SIGTERM/SIGUSR1 stop it cleanly after a
+step with a state saved (``preemption.py``).
 """
 
 from __future__ import annotations
@@ -32,13 +40,16 @@ from .data import (
 )
 from .errors import EnormError
 from .evaluate import EvalResult, cpu_only, evaluate
+from .faults import crash_point
 from .fileio import write_text_atomic
 from .finetune_model import PreparedModel, prepare_model, set_sync_stats
 from .layers import MixedNorm2d
 from .metrics_log import MetricsLog
 from .optim import build_optimizer, build_scheduler
+from .preemption import Preempted, PreemptionGuard
 from .recipe import Recipe, dump_recipe
 from .run_layout import RunLayout
+from .sample_seeds import PerSampleSeeds
 from .trackers import check_trackers, flat_config
 from .training_progress import TrainingProgress
 
@@ -71,20 +82,22 @@ class FinetuneRecipe:
         self.layout = RunLayout(Path(recipe.output_dir))
         self.show_progress = progress
         self.progress = TrainingProgress()
+        self.guard = PreemptionGuard()
 
     # -- setup ---------------------------------------------------------------------------
 
     def setup(self) -> None:
-        """Accelerator and output folder, then data, model and optimizer (a bad path fails
-        before the model is built), then the saved state when resuming."""
+        """Accelerator, the train split, the output folder, then model and optimizer (bad data
+        fails before anything is written or built), then the saved state when resuming."""
         from accelerate.utils import set_seed
 
         self.trackers = check_trackers(self.recipe.train.log_with)
         self.accelerator = self._setup_accelerator()
         self.main = self.accelerator.is_main_process
-        self._setup_output_dir()
+        self.layout.check(self.resume, self.force)  # every process: none may start alone
         set_seed(self.recipe.train.seed)
-        self._setup_data()
+        self._setup_data()  # a bad data path or file fails before anything is written
+        self._setup_output_dir()
         self._setup_model()
         self._setup_optimizer()
         if self.resume:
@@ -97,7 +110,7 @@ class FinetuneRecipe:
         self.metrics = MetricsLog(
             self.layout.metrics,
             self.main,
-            self.progress.global_step if self.resume else None,
+            self.progress if self.resume else None,
             self.accelerator.log if self.trackers else None,
         )
         self.scheduler.step_update(self.progress.global_step)
@@ -126,7 +139,6 @@ class FinetuneRecipe:
         )
 
     def _setup_output_dir(self) -> None:
-        self.layout.check(self.resume, self.force)  # every process: none may start alone
         if self.main:
             if self.force and not self.resume:
                 self.layout.clear()
@@ -147,8 +159,14 @@ class FinetuneRecipe:
         mean, std = self.prepared.mean, self.prepared.std
         train_tf = build_transform(data, mean, std, training=True)
         val_tf = build_transform(data, mean, std, training=False)
-        self.train_split.dataset = with_transform(self.train_split.dataset, train_tf)
+        self.train_split.dataset = PerSampleSeeds(
+            with_transform(self.train_split.dataset, train_tf), self.recipe.train.seed
+        )
         self.val_split = load_split(data, "val", val_tf, data.limit_val, self.num_classes)
+        for split, label in ((self.train_split, "data.train"), (self.val_split, "data.val")):
+            line = split.skipped_line(label)
+            if line:
+                self.accelerator.print(line)
         processes = self.accelerator.num_processes
         sync = self.recipe.model.en.sync_stats
         set_sync_stats(
@@ -158,9 +176,9 @@ class FinetuneRecipe:
 
     def _setup_optimizer(self) -> None:
         """Loaders, optimizer, ``accelerator.prepare``, then the per-step scheduler."""
-        data = self.recipe.data
-        train_loader = make_loader(self.train_split, data.batch_size, data.workers, train=True)
-        val_loader = make_loader(self.val_split, data.batch_size, data.workers, train=False)
+        data, seed = self.recipe.data, self.recipe.train.seed
+        train_loader = make_loader(self.train_split, data.batch_size, data.workers, True, seed)
+        val_loader = make_loader(self.val_split, data.batch_size, data.workers, False, seed)
         optimizer = build_optimizer(self.prepared.model, self.recipe)
         self.model, self.optimizer, self.train_loader, self.val_loader = self.accelerator.prepare(
             self.prepared.model, optimizer, train_loader, val_loader
@@ -184,10 +202,12 @@ class FinetuneRecipe:
         """A resumable state: Accelerate's ``save_state``, then the progress file (written
         last: it marks the state complete); older states beyond ``keep_states`` go."""
         self.progress.epoch, self.progress.batch = epoch, batch
+        self.progress.metrics_rows = self.metrics.rows
         state = self.layout.state(self.progress.global_step)
         if self.layout.progress_file(state).is_file():
             return
         self.accelerator.save_state(str(state))
+        crash_point("save")
         if self.main:
             self.progress.save(self.layout.progress_file(state))
             self.layout.prune_states(self.recipe.train.keep_states)
@@ -219,7 +239,7 @@ class FinetuneRecipe:
         """Every epoch from the saved progress on; returns the last eval's summary."""
         summary: dict[str, Any] = {}
         epochs = self.recipe.schedule.epochs
-        with _progress_bar(enabled=self.show_progress and self.main) as bar:
+        with self.guard, _progress_bar(enabled=self.show_progress and self.main) as bar:
             task = bar.add_task(
                 "train",
                 total=self.steps_per_epoch * epochs,
@@ -240,18 +260,20 @@ class FinetuneRecipe:
         epochs = self.recipe.schedule.epochs
         set_train_mode(self.model, self.recipe.model.bn_stats)
         self.train_loader.set_epoch(epoch)
+        self.train_split.dataset.set_epoch(epoch)  # Accelerate sets the sampler's only
         if start_batch >= len(self.train_loader):
             loader: Any = []
         elif start_batch:
             loader = accelerator.skip_first_batches(self.train_loader, start_batch)
         else:
             loader = self.train_loader
-        tick, images, window = time.perf_counter(), 0, []
+        tick, images, window = time.perf_counter(), 0, self.progress.loss_window
         for batch_index, (x, y) in enumerate(loader, start=start_batch):
             mean_loss = self._train_step(x, y, epoch)
             images += y.shape[0] * accelerator.num_processes
             if mean_loss is None:  # accumulating gradients
                 continue
+            crash_point("step")
             step = self.progress.global_step
             lr = max(group["lr"] for group in self.optimizer.param_groups)
             rate = images / max(time.perf_counter() - tick, 1e-9)
@@ -281,6 +303,26 @@ class FinetuneRecipe:
                     )
             if train.save_every_steps and step % train.save_every_steps == 0:
                 self.save_checkpoint(epoch, batch_index + 1)
+            if self._preempted():
+                self.save_checkpoint(epoch, batch_index + 1)
+                raise Preempted(
+                    f"stopped by {self.guard.signal_name} after step {step}: state saved in "
+                    f"{str(self.layout.state(step))!r}; resume with the same command and --resume"
+                )
+
+    def _preempted(self) -> bool:
+        """Whether a stop signal came, to any process (all stop at the same step)."""
+        if self.accelerator.num_processes == 1:
+            return self.guard.signal_name is not None
+        import torch
+
+        flag = torch.tensor(
+            [float(self.guard.signal_name is not None)], device=self.accelerator.device
+        )
+        stop = bool(self.accelerator.reduce(flag, reduction="sum").item() > 0)
+        if stop and self.guard.signal_name is None:
+            self.guard.signal_name = "a signal to another process"
+        return stop
 
     def _train_step(self, x: Any, y: Any, epoch: int) -> float | None:
         """Forward, backward, and (when gradients are synced) one optimizer and scheduler
@@ -346,7 +388,11 @@ def finetune(
     """Run a recipe; returns the final summary (also the last line of metrics.jsonl)."""
     run = FinetuneRecipe(recipe, resume=resume, force=force, progress=progress)
     run.setup()
-    summary = run.train()
+    try:
+        summary = run.train()
+    except Preempted:
+        run.cleanup()  # every process stopped at the same step: trackers flush, then exit
+        raise
     run.cleanup()
     return summary
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from .fileio import write_text_atomic
@@ -22,11 +22,16 @@ class TrainingProgress:
     batch: int = 0
     global_step: int = 0
     best_top1: float = -1.0
+    metrics_rows: int | None = None
+    """Lines of metrics.jsonl written so far: a resumed run keeps exactly these."""
+    loss_window: list[float] = field(default_factory=list)
+    """Step losses since the last metrics record (its mean is the next record's loss)."""
 
     def save(self, path: Path) -> None:
         write_text_atomic(path, json.dumps(asdict(self)))
 
     @classmethod
     def load(cls, path: Path) -> TrainingProgress:
+        """A saved record; fields a state from an older enorm lacks keep their defaults."""
         data = json.loads(Path(path).read_text())
-        return cls(**{k: data[k] for k in cls.__dataclass_fields__})
+        return cls(**{k: data[k] for k in cls.__dataclass_fields__ if k in data})

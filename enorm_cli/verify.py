@@ -1,19 +1,46 @@
-"""Function preservation: do the source and the converted model agree on real inputs?"""
+"""Function preservation: do the source and the converted model agree on real inputs?
+
+A randomly initialized deep network amplifies rounding until a correct float32 conversion
+differs from its source by 1e-3 of its logits; so does casting both to float64, because
+the converted model's float32 parameters (gamma / lambda_src) are themselves rounded.
+The check that decides therefore has two parts (``verify_conversion``): the conversion
+made in float64 from a float64 copy of the source computes the source's function to
+float64 rounding, with a tolerance scaled to how much this network amplifies rounding
+(measured on the source alone), and the model that is written is that float64 conversion
+rounded to its own dtype, parameter by parameter (``rounding_ulps``). The float32
+comparison of the two models as users run them is reported beside them.
+"""
 
 from __future__ import annotations
 
+import copy
+import math
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor, nn
 
 from .errors import EnormError
+from .images import load_rgb
+
+if TYPE_CHECKING:
+    from .settings import ENSettings
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".ppm"}
 DEFAULT_BATCH = 8
 MAX_CALIB_IMAGES = 64
+FLOAT64_TOLERANCE = 1e-9
+"""The least max |delta logit| / max |logit| of the float64 conversion against the float64
+source that still counts as the same function (a network that barely amplifies rounding)."""
+ROUNDING_MARGIN = 1e3
+"""The tolerance is at least this many times the float64 rounding the network itself shows:
+its source's float32 rounding (float32 vs float64 source logits) scaled by eps64 / eps32."""
+EPS_RATIO = torch.finfo(torch.float64).eps / torch.finfo(torch.float32).eps  # 2^-29
+MAX_ROUNDING_ULPS = 4.0
+"""How far (in units of the dtype's rounding) the written model may sit from the float64
+conversion: rounding to float32 moves a value by at most half a unit."""
 
 
 @dataclass(frozen=True)
@@ -58,7 +85,7 @@ def calibration_batch(
     root: Path, data_config: dict[str, Any], limit: int = MAX_CALIB_IMAGES
 ) -> Tensor:
     """Images from a directory, prepared with the model's own eval transform."""
-    from PIL import Image, UnidentifiedImageError
+    from PIL import UnidentifiedImageError
     from timm.data import create_transform
 
     if not root.is_dir():
@@ -72,8 +99,7 @@ def calibration_batch(
     images = []
     for f in files:
         try:
-            with Image.open(f) as im:
-                images.append(transform(im.convert("RGB")))
+            images.append(transform(load_rgb(f)))
         except (UnidentifiedImageError, OSError) as exc:
             raise EnormError(
                 f"calibration image {str(f)!r} cannot be read ({exc}): remove it"
@@ -88,7 +114,7 @@ def _transform_args(data_config: dict[str, Any]) -> dict[str, Any]:
 
 def agreement(expected: Tensor, got: Tensor, calibration: str) -> Agreement:
     """How closely ``got`` logits follow ``expected`` (same batch)."""
-    expected, got = expected.float(), got.float()
+    expected, got = expected.double(), got.double()
     return Agreement(
         samples=expected.shape[0],
         top1_agreement=(expected.argmax(1) == got.argmax(1)).float().mean().item(),
@@ -104,3 +130,98 @@ def compare(source: nn.Module, converted: nn.Module, batch: Tensor, calibration:
     source.eval()
     converted.eval()
     return agreement(source(batch), converted(batch), calibration)
+
+
+@torch.no_grad()
+def rounding_ulps(model: nn.Module, reference: nn.Module) -> float:
+    """How far ``model``'s tensors sit from ``reference``'s (same names), in units of the
+    model's own rounding (eps of its dtype, relative to the reference value).
+
+    A model that is ``reference`` rounded to its dtype scores at most a few units; a tensor
+    that differs in substance scores millions (inf where the reference is 0 and it is not).
+    """
+    ref = reference.state_dict()
+    worst = 0.0
+    for name, value in model.state_dict().items():
+        expected = ref[name]
+        if not value.dtype.is_floating_point:
+            if not torch.equal(value, expected.to(value.dtype)):
+                return math.inf
+            continue
+        delta = (value.double() - expected.double()).abs()
+        scale = expected.double().abs() * torch.finfo(value.dtype).eps
+        if bool((delta[scale == 0] > 0).any()):
+            return math.inf
+        if bool((scale > 0).any()):
+            worst = max(worst, (delta[scale > 0] / scale[scale > 0]).max().item())
+    return worst
+
+
+@dataclass(frozen=True)
+class Verification:
+    """Whether a conversion computes its source's function, rounding told apart from error."""
+
+    float32: Agreement
+    """The two models as users run them (reported: rounding amplified, not decisive)."""
+    float64: Agreement
+    """The conversion redone in float64 against the float64 source: its arithmetic."""
+    rounding_ulps: float
+    """The written model against that float64 conversion, per parameter (``rounding_ulps``)."""
+    source_rounding: float
+    """The source alone in float32 against float64 (relative): how far this network carries
+    float32 rounding to its logits."""
+    tolerance: float
+    """For ``float64``: max(floor, ROUNDING_MARGIN * source_rounding * eps64 / eps32)."""
+
+    @property
+    def passed(self) -> bool:
+        return (
+            self.float64.relative_delta <= self.tolerance
+            and self.rounding_ulps <= MAX_ROUNDING_ULPS
+        )
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "float32": self.float32.to_json(),
+            "float64": self.float64.to_json(),
+            "rounding_ulps": self.rounding_ulps,
+            "source_rounding": self.source_rounding,
+            "tolerance": self.tolerance,
+            "max_rounding_ulps": MAX_ROUNDING_ULPS,
+            "passed": self.passed,
+        }
+
+
+def verify_conversion(
+    source: nn.Module,
+    converted: nn.Module,
+    settings: ENSettings,
+    batch: Tensor,
+    calibration: str,
+    tolerance: float = FLOAT64_TOLERANCE,
+) -> Verification:
+    """Compare ``converted`` with ``source`` on ``batch`` in float32, and decide in float64.
+
+    The float64 reference is ``converted`` cast to float64 with what the conversion computed
+    redone from a float64 copy of the source (``surgery.restart_from_source``); the models
+    passed in are left as they are. ``tolerance`` is the floor of the float64 tolerance,
+    which grows with how much the network amplifies rounding (``Verification.tolerance``).
+    """
+    from .surgery import restart_from_source
+
+    source64 = copy.deepcopy(source).double()
+    reference = copy.deepcopy(converted).double()
+    restart_from_source(reference, source64, settings)
+    with torch.no_grad():
+        source.eval()
+        converted.eval()
+        s32, c32 = source(batch), converted(batch)
+        s64, c64 = source64.eval()(batch.double()), reference.eval()(batch.double())
+    source_rounding = agreement(s64, s32, calibration).relative_delta
+    return Verification(
+        float32=agreement(s32, c32, calibration),
+        float64=agreement(s64, c64, calibration),
+        rounding_ulps=rounding_ulps(converted, reference),
+        source_rounding=source_rounding,
+        tolerance=max(tolerance, ROUNDING_MARGIN * source_rounding * EPS_RATIO),
+    )

@@ -52,8 +52,8 @@ def test_real_mobilenet_v2_keeps_top1_on_real_photos(
     )
     assert result.exit_code == 0, result.stderr
     report = json.loads(result.stdout)
-    assert report["verified"] and report["verification"]["top1_agreement"] == 1.0
-    assert report["verification"]["samples"] == 6
+    assert report["verified"] and report["verification"]["float32"]["top1_agreement"] == 1.0
+    assert report["verification"]["float64"]["samples"] == 6 and report["verification"]["passed"]
     assert report["converted_by_type"] == {"BatchNorm2d": 52}
     _, source = create_source_model("torchvision:mobilenet_v2", checkpoint=mobilenet_weights)
     images = calibration_batch(photo_dir, data_config(load_model_name(), source))

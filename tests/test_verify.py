@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import copy
+import math
 from pathlib import Path
 
 import pytest
 import torch
 
 from enorm_cli.errors import EnormError
-from enorm_cli.verify import agreement, calibration_batch, compare, default_batch
+from enorm_cli.verify import agreement, calibration_batch, compare, default_batch, rounding_ulps
 
 CONFIG = {
     "input_size": [3, 32, 32],
@@ -61,3 +63,22 @@ def test_compare_runs_both_in_eval_mode() -> None:
     model.train()
     result = compare(model, model, default_batch((3, 4, 4), n=2), "noise")
     assert not model.training and result.max_abs_delta == 0 and result.top1_agreement == 1.0
+
+
+def test_rounding_ulps_tells_rounding_from_a_changed_value() -> None:
+    reference = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.BatchNorm1d(3)).double()
+    with torch.no_grad():
+        reference[0].weight.mul_(1 + 1e-3)  # values float32 cannot hold exactly
+    rounded = copy.deepcopy(reference).float()
+    assert rounding_ulps(copy.deepcopy(reference), reference) == 0.0
+    assert 0.0 < rounding_ulps(rounded, reference) <= 0.5
+    with torch.no_grad():
+        rounded[0].weight[1, 2] *= 1.001
+    assert rounding_ulps(rounded, reference) > 1e3
+    zeros = copy.deepcopy(reference).float()
+    with torch.no_grad():
+        zeros[1].bias.fill_(1e-30)  # the reference's beta is exactly 0
+    assert rounding_ulps(zeros, reference) == math.inf
+    counted = copy.deepcopy(reference).float()
+    counted[1].num_batches_tracked.add_(1)
+    assert rounding_ulps(counted, reference) == math.inf

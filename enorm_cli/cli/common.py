@@ -11,6 +11,7 @@ import typer
 from rich.console import Console
 
 from ..errors import EnormError
+from ..preemption import Preempted
 
 P = ParamSpec("P")
 R = TypeVar("R")
@@ -34,7 +35,8 @@ def debug_enabled() -> bool:
 
 
 def user_errors(fn: Callable[P, R]) -> Callable[P, R]:
-    """Turn EnormError (and Ctrl-C) into one stderr line and a non-zero exit."""
+    """Turn EnormError (and Ctrl-C) into one stderr line and a non-zero exit; a preempted run
+    (``Preempted``) into its one line and exit code 75."""
 
     @functools.wraps(fn)
     def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
@@ -45,6 +47,10 @@ def user_errors(fn: Callable[P, R]) -> Callable[P, R]:
                 raise
             # Plain print, not rich markup: messages hold paths and brackets.
             typer.echo(f"error: {exc}", err=True)
+            raise typer.Exit(exc.exit_code) from None
+        except Preempted as exc:
+            if os.environ.get("RANK", "0") == "0":  # one line, not one per process
+                typer.echo(str(exc), err=True)
             raise typer.Exit(exc.exit_code) from None
         except KeyboardInterrupt:
             typer.echo("interrupted", err=True)

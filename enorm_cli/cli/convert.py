@@ -115,11 +115,12 @@ def convert(
     else:
         print_conversion(result, stdout)
     if not result.verified:
+        v = result.verification
         typer.echo(
-            f"error: the converted model differs from the source by "
-            f"{result.agreement.relative_delta:.2e} (relative) > {result.tolerance:.0e}; nothing "
-            "was "
-            "written. Report this with --json output, or pass --no-verify to save anyway",
+            f"error: the converted model is not the source's function beyond rounding (float64 "
+            f"delta {v.float64.relative_delta:.2e} of max |logit|, tolerance {v.tolerance:.1e}; "
+            f"weights {v.rounding_ulps:.2g} rounding units off the float64 conversion): nothing "
+            "was written. Report this with --json output, or pass --no-verify to save anyway",
             err=True,
         )
         raise typer.Exit(1)

@@ -44,8 +44,8 @@ def print_conversion(result: ConvertResult, console: Console) -> None:
         markup=False,
         soft_wrap=True,
     )
-    a = result.agreement
-    if a is None:
+    v = result.verification
+    if v is None:
         console.print("verification: skipped (--no-verify)")
     else:
         status = (
@@ -56,10 +56,14 @@ def print_conversion(result: ConvertResult, console: Console) -> None:
                 "differ)[/yellow]"
             )
         )
+        a, a64 = v.float32, v.float64
         console.print(
-            f"verification ({a.samples} samples, {a.calibration}): top-1 agreement "
-            f"{a.top1_agreement:.1%}, max |delta logit| {a.max_abs_delta:.2e} "
-            f"({a.relative_delta:.2e} of max |logit|, tolerance {result.tolerance:.0e}): {status}",
+            f"verification ({a.samples} samples, {a.calibration}): {status}\n"
+            f"  float64: max |delta logit| {a64.max_abs_delta:.2e} ({a64.relative_delta:.2e} of "
+            f"max |logit|, tolerance {v.tolerance:.1e}); written weights within "
+            f"{v.rounding_ulps:.2g} units of float rounding of it\n"
+            f"  float32: top-1 agreement {a.top1_agreement:.1%}, max |delta logit| "
+            f"{a.max_abs_delta:.2e} ({a.relative_delta:.2e} of max |logit|)",
             soft_wrap=True,
         )
     if result.out is not None and result.verified:

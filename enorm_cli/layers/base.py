@@ -102,13 +102,18 @@ class MixedNorm2d(nn.Module):
             **options,
             **src.factory_kwargs(),
         )
-        prior, lam_src = source_prior(layer.normalizers, src.normalizer, margin)
-        with torch.no_grad():
-            layer._start_as(src, prior, lam_src)
-            if src.running_mean is not None and src.running_var is not None:
-                layer.running_mean.copy_(src.running_mean)
-                layer.running_var.copy_(src.running_var)
+        layer.start_as(src, margin)
         return layer
+
+    def start_as(self, src: SourceNorm, margin: float) -> None:
+        """Set what the conversion computes (affines, prior, running statistics) so the layer
+        starts as ``src``; parameters a new layer draws at random (EN's conv and FC1) stay."""
+        prior, lam_src = source_prior(self.normalizers, src.normalizer, margin)
+        with torch.no_grad():
+            self._start_as(src, prior, lam_src)
+            if src.running_mean is not None and src.running_var is not None:
+                self.running_mean.copy_(src.running_mean)
+                self.running_var.copy_(src.running_var)
 
     def _start_as(self, src: SourceNorm, prior: Tensor, lam_src: float) -> None:
         """Set the parameters so the layer starts as ``src`` (prior: K ratio logits; lam_src:
