@@ -205,9 +205,12 @@ def restart_from_source(converted: nn.Module, source: nn.Module, settings: ENSet
     """
     policies = _policies()
     for name, layer in converted.named_modules():
-        if isinstance(layer, MixedNorm2d):
-            src = source.get_submodule(name)
-            layer.start_as(policies[type(src)][1](src), settings.margin)
+        if not isinstance(layer, MixedNorm2d):
+            continue
+        src = source.get_submodule(name)
+        policy = policies.get(type(src))
+        if policy is not None:  # else the layer was mixed in the source already
+            layer.start_as(policy[1](src), settings.margin)
 
 
 def _inside_converted(name: str, report: ConversionReport) -> bool:

@@ -68,62 +68,59 @@ def crops_module(tmp_path_factory: pytest.TempPathFactory, photo_dir: Path) -> P
     return crop_dataset(photo_dir, tmp_path_factory.mktemp("resume_data") / "crops", per_class=8)
 
 
+LAUNCHERS = {1: [], 2: TORCHRUN}
+"""Processes -> what runs ``python -m enorm_cli`` (2: torchrun, gloo on CPU)."""
+
+
+class _References(dict):
+    """Process count -> the uninterrupted run, made the first time a test asks for it."""
+
+    def __init__(self, crops: Path, factory: pytest.TempPathFactory) -> None:
+        super().__init__()
+        self.crops, self.factory = crops, factory
+
+    def __missing__(self, processes: int) -> Path:
+        out = self.factory.mktemp(f"resume{processes}") / "uninterrupted"
+        cmd = [sys.executable, *LAUNCHERS[processes], *FINETUNE, *_args(self.crops, out)]
+        done = _run(cmd, _env())
+        assert done.returncode == 0, done.stderr[-3000:]
+        self[processes] = out
+        return out
+
+
 @pytest.fixture(scope="module")
-def reference(crops_module: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    out = tmp_path_factory.mktemp("resume") / "uninterrupted"
-    done = _run([sys.executable, *FINETUNE, *_args(crops_module, out)], _env())
-    assert done.returncode == 0, done.stderr[-3000:]
-    return out
+def references(crops_module: Path, tmp_path_factory: pytest.TempPathFactory) -> _References:
+    return _References(crops_module, tmp_path_factory)
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("processes", [1, 2])
 @pytest.mark.parametrize(
     "crash", ["step:8", "eval:2", "save:3"], ids=["mid-epoch", "mid-eval", "mid-save"]
 )
 def test_resume_after_sigkill_reproduces_the_run(
-    crash: str, crops_module: Path, reference: Path, tmp_path: Path
+    crash: str, processes: int, crops_module: Path, references: dict[int, Path], tmp_path: Path
 ) -> None:
+    """Killed at the point, resumed: the uninterrupted run's records and weights. With 2 gloo
+    processes: per-process RNG, sampler shards and synced EN statistics restored too."""
     out = tmp_path / "run"
-    cmd = [sys.executable, *FINETUNE, *_args(crops_module, out)]
+    cmd = [sys.executable, *LAUNCHERS[processes], *FINETUNE, *_args(crops_module, out)]
     killed = _run(cmd, _env(**{CRASH_ENV: crash}))
-    assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
+    assert killed.returncode != 0 and list((out / "state").glob("step_*/progress.json"))
+    if processes == 1:
+        assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
     if crash.startswith("save"):  # the state being written is incomplete and must be passed over
         partial = [p for p in (out / "state").glob("step_*") if not (p / "progress.json").exists()]
         assert partial
     done = _run([*cmd, "--resume"], _env())
     assert done.returncode == 0, done.stderr[-3000:]
     assert "resuming from" in done.stdout
-    _same_run(out, reference)
-
-
-@pytest.fixture(scope="module")
-def reference_two(crops_module: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    out = tmp_path_factory.mktemp("resume2") / "uninterrupted"
-    done = _run([sys.executable, *TORCHRUN, *FINETUNE, *_args(crops_module, out)], _env())
-    assert done.returncode == 0, done.stderr[-3000:]
-    return out
-
-
-@pytest.mark.slow
-@pytest.mark.parametrize(
-    "crash", ["step:8", "eval:2", "save:3"], ids=["mid-epoch", "mid-eval", "mid-save"]
-)
-def test_resume_reproduces_a_two_process_run(
-    crash: str, crops_module: Path, reference_two: Path, tmp_path: Path
-) -> None:
-    """2 gloo processes: per-process RNG, sampler shards and synced EN statistics restored."""
-    out = tmp_path / "killed"
-    cmd = [sys.executable, *TORCHRUN, *FINETUNE, *_args(crops_module, out)]
-    killed = _run(cmd, _env(**{CRASH_ENV: crash}))
-    assert killed.returncode != 0 and list((out / "state").glob("step_*/progress.json"))
-    done = _run([*cmd, "--resume"], _env())
-    assert done.returncode == 0, done.stderr[-3000:]
-    _same_run(out, reference_two)
+    _same_run(out, references[processes])
 
 
 @pytest.mark.slow
 def test_sigterm_saves_exits_75_and_resumes_to_the_same_result(
-    crops_module: Path, reference: Path, tmp_path: Path
+    crops_module: Path, references: dict[int, Path], tmp_path: Path
 ) -> None:
     out = tmp_path / "preempted"
     cmd = [sys.executable, *FINETUNE, *_args(crops_module, out)]
@@ -145,7 +142,7 @@ def test_sigterm_saves_exits_75_and_resumes_to_the_same_result(
     )
     done = _run([*cmd, "--resume"], _env())
     assert done.returncode == 0, done.stderr[-3000:]
-    _same_run(out, reference)
+    _same_run(out, references[1])
 
 
 def test_a_second_signal_exits_at_once() -> None:
