@@ -83,6 +83,9 @@ class FinetuneRecipe:
         self.show_progress = progress
         self.progress = TrainingProgress()
         self.guard = PreemptionGuard()
+        self.saved_step: int | None = None
+        """The step of the newest state this run saved or resumed from (the same on every
+        process, unlike what the file system shows each of them at a given moment)."""
 
     # -- setup ---------------------------------------------------------------------------
 
@@ -195,17 +198,24 @@ class FinetuneRecipe:
             raise EnormError(f"--resume: no saved state under {str(self.layout.states)!r}")
         self.accelerator.load_state(str(state))
         self.progress = TrainingProgress.load(self.layout.progress_file(state))
+        self.saved_step = self.progress.global_step
         p = self.progress
         self.accelerator.print(f"resuming from {state} (epoch {p.epoch + 1}, step {p.global_step})")
 
     def save_checkpoint(self, epoch: int, batch: int) -> None:
         """A resumable state: Accelerate's ``save_state``, then the progress file (written
-        last: it marks the state complete); older states beyond ``keep_states`` go."""
+        last: it marks the state complete); older states beyond ``keep_states`` go.
+
+        At most one state per step (an epoch's end after a state saved at its last step
+        adds none), decided from ``saved_step``: every process decides alike, where a file
+        check would race the main process's write and leave one process at a barrier.
+        """
+        if self.saved_step == self.progress.global_step:
+            return
+        self.saved_step = self.progress.global_step
         self.progress.epoch, self.progress.batch = epoch, batch
         self.progress.metrics_rows = self.metrics.rows
         state = self.layout.state(self.progress.global_step)
-        if self.layout.progress_file(state).is_file():
-            return
         self.accelerator.save_state(str(state))
         crash_point("save")
         if self.main:
