@@ -61,6 +61,6 @@ def readable(paths: Iterable[str]) -> tuple[set[str], list[str]]:
             with Image.open(path) as image:
                 image.size  # noqa: B018 - the header is parsed on open; size proves it
             good.add(path)
-        except (UnidentifiedImageError, OSError, ValueError):
+        except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError):
             bad.append(path)
     return good, bad
