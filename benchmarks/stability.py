@@ -168,8 +168,8 @@ def check(runs: list[dict[str, Any]]) -> list[str]:
         en, bn, frozen = best("en"), best("bn"), best("bn_frozen")
         ok = en >= bn + 3 and en >= frozen
         out.append(
-            f"{'PASS' if ok else 'FAIL'} batch {b}: EN best {en:.2f} vs BN best {bn:.2f} (+3 "
-            "needed), "
+            f"{'PASS' if ok else 'FAIL'} batch {b}: EN best "
+            f"{en:.2f} vs BN best {bn:.2f} (+3 needed), "
             f"frozen-statistics BN best {frozen:.2f}"
         )
     return out

@@ -53,8 +53,8 @@ def migrate(meta: dict[str, str], path: Path) -> dict[str, str]:
         ) from None
     if version > FORMAT_VERSION:
         raise EnormError(
-            f"{str(path)!r} was written by a newer enorm (format {version}; this enorm reads "
-            "formats "
+            f"{str(path)!r} was written by a newer enorm "
+            f"(format {version}; this enorm reads formats "
             f"up to {FORMAT_VERSION}): upgrade enorm"
         )
     if version < 1:
@@ -134,8 +134,8 @@ def read_metadata(path: Path) -> dict[str, str]:
             return dict(f.metadata() or {})
     except (SafetensorError, OSError, ValueError) as exc:
         raise EnormError(
-            f"{str(path)!r} is not a readable .safetensors file ({exc}); re-create it with enorm "
-            "convert"
+            f"{str(path)!r} is not a readable .safetensors "
+            f"file ({exc}); re-create it with enorm convert"
         ) from None
 
 
@@ -144,8 +144,8 @@ def read_info(path: Path) -> CheckpointInfo:
     meta = read_metadata(path)
     if KEY + "format_version" not in meta:
         raise EnormError(
-            f"{str(path)!r} is not an enorm checkpoint (no enorm metadata); create one with enorm "
-            "convert"
+            f"{str(path)!r} is not an enorm checkpoint (no "
+            "enorm metadata); create one with enorm convert"
         )
     meta = migrate(meta, path)
     known = {
@@ -186,8 +186,8 @@ def settings_of(info: CheckpointInfo, path: Path) -> ENSettings:
         return ENSettings.from_json(info.settings)
     except ValidationError as exc:
         raise EnormError(
-            f"{str(path)!r} has settings this enorm cannot build ({validation_line(exc, str)}); "
-            "re-create it"
+            f"{str(path)!r} has settings this enorm cannot "
+            f"build ({validation_line(exc, str)}); re-create it"
         ) from None
 
 

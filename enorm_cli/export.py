@@ -166,8 +166,8 @@ def export_model(
             raise EnormError(
                 f"the exported {fmt} file differs from the PyTorch model on {calibration} "
                 f"(top-1 agreement {check.top1_agreement:.1%}, max |delta logit| "
-                f"{check.relative_delta:.1e} of max |logit| > {tolerance:.0e}); nothing was "
-                "written: "
+                f"{check.relative_delta:.1e} of max |logit| "
+                f"> {tolerance:.0e}); nothing was written: "
                 "report it with enorm --debug export ..."
             )
         check_writable(out, force)  # again: something may have appeared meanwhile

@@ -198,8 +198,8 @@ def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
             return load_file(str(path))
         except (SafetensorError, OSError, ValueError) as exc:
             raise EnormError(
-                f"checkpoint {str(path)!r} is not a readable .safetensors file ({exc}); re-export "
-                "it"
+                f"checkpoint {str(path)!r} is not a readable "
+                f".safetensors file ({exc}); re-export it"
             ) from None
     try:
         obj = torch.load(str(path), map_location="cpu", weights_only=True)

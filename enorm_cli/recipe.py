@@ -57,8 +57,8 @@ class ModelConfig(Section):
     def _layer_follows_norm(self) -> ModelConfig:
         if "layer" in self.en.model_fields_set and self.norm != "bn" and self.en.layer != self.norm:
             raise ValueError(
-                f"model.en.layer={self.en.layer} differs from model.norm={self.norm}: set "
-                "model.norm"
+                f"model.en.layer={self.en.layer} differs from "
+                f"model.norm={self.norm}: set model.norm"
             )
         return self
 

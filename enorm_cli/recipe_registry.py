@@ -79,8 +79,8 @@ def find_packaged(name: str) -> Path:
     stem = name.removesuffix(SUFFIX)
     if "/" in stem:  # a path, not a name
         raise EnormError(
-            f"recipe file {name!r} not found: check the path, or give a packaged name (enorm "
-            "recipes)"
+            f"recipe file {name!r} not found: check the "
+            "path, or give a packaged name (enorm recipes)"
         )
     path = packaged_dir() / (stem + SUFFIX)
     if path.is_file():
@@ -91,8 +91,8 @@ def find_packaged(name: str) -> Path:
         f"did you mean {' or '.join(close)}?" if close else f"packaged recipes: {', '.join(names)}"
     )
     raise EnormError(
-        f"recipe {name!r} is neither a file nor a packaged recipe: {hint} (enorm recipes lists "
-        "them)"
+        f"recipe {name!r} is neither a file nor a packaged "
+        f"recipe: {hint} (enorm recipes lists them)"
     )
 
 

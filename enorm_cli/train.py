@@ -308,8 +308,8 @@ class FinetuneRecipe:
                 )
                 if not (self.show_progress and self.main):
                     accelerator.print(
-                        f"epoch {epoch + 1} step {step}: loss {logged:.4f} lr {lr:.3e} {rate:.0f} "
-                        "img/s"
+                        f"epoch {epoch + 1} step {step}: loss "
+                        f"{logged:.4f} lr {lr:.3e} {rate:.0f} img/s"
                     )
             if train.save_every_steps and step % train.save_every_steps == 0:
                 self.save_checkpoint(epoch, batch_index + 1)
@@ -353,8 +353,8 @@ class FinetuneRecipe:
         if not math.isfinite(mean_loss):
             raise EnormError(
                 f"loss became {mean_loss} at step {self.progress.global_step} (epoch {epoch + 1}); "
-                f"stopped, and the last good checkpoint in {str(self.layout.root)!r} is kept: "
-                "lower "
+                "stopped, and the last good checkpoint in "
+                f"{str(self.layout.root)!r} is kept: lower "
                 "optim.lr, set train.grad_clip, or use train.mixed_precision=no"
             )
         return mean_loss
@@ -379,8 +379,8 @@ class FinetuneRecipe:
         self.metrics.write(summary)
         self.accelerator.print(
             f"epoch {epoch + 1} step {p.global_step}: val top-1 {result.top1:.2f}% top-5 "
-            f"{result.top5:.2f}% loss {result.loss:.4f} on {result.samples} images (best "
-            f"{best:.2f}%)"
+            f"{result.top5:.2f}% loss {result.loss:.4f} on "
+            f"{result.samples} images (best {best:.2f}%)"
         )
         self.save_model(summary, result.ratio_stats, improved)
         set_train_mode(self.model, self.recipe.model.bn_stats)
