@@ -27,9 +27,8 @@ class EvalResult:
 def cpu_only() -> bool:
     """True without a GPU: Accelerate only picks MULTI_CPU (gloo) under torchrun when told
     ``cpu=True``."""
-    accel = getattr(
-        torch, "accelerator", None
-    )  # torch >= 2.6; older: CUDA is what Accelerate would use
+    # torch >= 2.6 has torch.accelerator; older: CUDA is what Accelerate would use.
+    accel = getattr(torch, "accelerator", None)
     return not (accel.is_available() if accel is not None else torch.cuda.is_available())
 
 

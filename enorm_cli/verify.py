@@ -125,11 +125,9 @@ def agreement(expected: Tensor, got: Tensor, calibration: str) -> Agreement:
 
 
 @torch.no_grad()
-def compare(source: nn.Module, converted: nn.Module, batch: Tensor, calibration: str) -> Agreement:
-    """Logits of both models in eval mode on ``batch``."""
-    source.eval()
-    converted.eval()
-    return agreement(source(batch), converted(batch), calibration)
+def eval_logits(model: nn.Module, batch: Tensor) -> Tensor:
+    """The model's logits on ``batch`` in eval mode (it is left in eval mode)."""
+    return model.eval()(batch)
 
 
 @torch.no_grad()
@@ -212,11 +210,8 @@ def verify_conversion(
     source64 = copy.deepcopy(source).double()
     reference = copy.deepcopy(converted).double()
     restart_from_source(reference, source64, settings)
-    with torch.no_grad():
-        source.eval()
-        converted.eval()
-        s32, c32 = source(batch), converted(batch)
-        s64, c64 = source64.eval()(batch.double()), reference.eval()(batch.double())
+    s32, c32 = eval_logits(source, batch), eval_logits(converted, batch)
+    s64, c64 = eval_logits(source64, batch.double()), eval_logits(reference, batch.double())
     source_rounding = agreement(s64, s32, calibration).relative_delta
     return Verification(
         float32=agreement(s32, c32, calibration),

@@ -10,7 +10,13 @@ import pytest
 import torch
 
 from enorm_cli.errors import EnormError
-from enorm_cli.verify import agreement, calibration_batch, compare, default_batch, rounding_ulps
+from enorm_cli.verify import (
+    agreement,
+    calibration_batch,
+    default_batch,
+    eval_logits,
+    rounding_ulps,
+)
 
 CONFIG = {
     "input_size": [3, 32, 32],
@@ -56,13 +62,16 @@ def test_agreement_figures() -> None:
     ] == pytest.approx(0.75)
 
 
-def test_compare_runs_both_in_eval_mode() -> None:
+def test_eval_logits_run_the_model_in_eval_mode() -> None:
     model = torch.nn.Sequential(
         torch.nn.Conv2d(3, 4, 1), torch.nn.BatchNorm2d(4), torch.nn.Flatten(1)
     )
     model.train()
-    result = compare(model, model, default_batch((3, 4, 4), n=2), "noise")
-    assert not model.training and result.max_abs_delta == 0 and result.top1_agreement == 1.0
+    batch = default_batch((3, 4, 4), n=2)
+    logits = eval_logits(model, batch)
+    assert not model.training and not logits.requires_grad
+    result = agreement(logits, model(batch), "noise")  # eval mode: running statistics
+    assert result.max_abs_delta == 0 and result.top1_agreement == 1.0
 
 
 def test_rounding_ulps_tells_rounding_from_a_changed_value() -> None:
