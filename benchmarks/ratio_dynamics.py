@@ -37,7 +37,7 @@ def run(overrides: list[str], steps: int, recipe_path: Path, every: int) -> dict
     from enorm_cli.finetune_model import prepare_model
     from enorm_cli.layers import ExemplarNorm2d
     from enorm_cli.optim import build_optimizer, build_scheduler
-    from enorm_cli.recipe import load_recipe
+    from enorm_cli.recipe import load_recipe, resolve_bn_stats
     from enorm_cli.train import set_train_mode
 
     recipe = load_recipe(recipe_path, overrides)
@@ -72,7 +72,7 @@ def run(overrides: list[str], steps: int, recipe_path: Path, every: int) -> dict
     flipped: dict[str, int] = {}
     step = 0
     tick = time.perf_counter()
-    set_train_mode(model, recipe.model.bn_stats)
+    set_train_mode(model, resolve_bn_stats(recipe.model, recipe.data.batch_size))
     while step < total:
         for x, y in loader:
             loss = criterion(model(x), y)

@@ -12,6 +12,11 @@ run (an interrupted grid keeps what it measured) and to a heat-map figure.
     python benchmarks/stability.py --grid smoke            # what the tests run
     python benchmarks/stability.py --resume                # finish an interrupted grid
     python benchmarks/stability.py --variants en bn --lrs 0.005 --batches 4 --json /tmp/s.json
+    python benchmarks/stability.py --variants en_batch --batches 4 --resume   # EN without renorm
+
+Every run recomputes its running statistics over 1,000 training images before training and
+before its eval (``train.precise_bn``, ``--precise-bn``; frozen-statistics BN keeps the
+source's): at batch 4 the moving averages are too noisy for an eval to judge the weights.
 
 Chance is 10% (10 classes): a run "learns" above 2x chance (20%).
 """
@@ -38,7 +43,11 @@ VARIANTS: dict[str, list[str]] = {
     ],  # FrozenBatchNorm2d statistics, affine learns
     "sn": ["model.norm=sn"],  # Switchable Normalization, the baseline layer (recipe's bn_stats)
     "en": ["model.norm=en"],  # EN with the recipe's (the package's) defaults
+    "en_batch": ["model.norm=en", "model.bn_stats=batch"],  # EN, bn member on batch statistics
 }
+
+DEFAULT_VARIANTS = ("bn", "bn_frozen", "sn", "en")
+"""What the README grid runs (``en_batch`` is run at batch 4 beside it)."""
 
 GRIDS: dict[str, dict[str, Any]] = {
     "readme": {
@@ -222,7 +231,9 @@ def plot(runs: list[dict[str, Any]], variants: list[str], path: Path) -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--grid", choices=sorted(GRIDS), default="readme")
-    parser.add_argument("--variants", nargs="+", choices=sorted(VARIANTS), default=list(VARIANTS))
+    parser.add_argument(
+        "--variants", nargs="+", choices=sorted(VARIANTS), default=list(DEFAULT_VARIANTS)
+    )
     parser.add_argument("--lrs", nargs="+", type=float, default=None)
     parser.add_argument("--batches", nargs="+", type=int, default=None)
     parser.add_argument("--seed", type=int, default=0)
@@ -230,11 +241,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", type=Path, default=None, help="default: OUT/stability.json")
     parser.add_argument("--plot", type=Path, default=None, help="default: OUT/stability.png")
     parser.add_argument("--resume", action="store_true", help="keep the runs already in --json")
+    parser.add_argument(
+        "--precise-bn",
+        type=int,
+        default=1000,
+        help="train.precise_bn for every run (0: off): evals judge weights, not noisy statistics",
+    )
     parser.add_argument("overrides", nargs="*", help="extra recipe overrides for every run")
     args = parser.parse_args(argv)
     grid = GRIDS[args.grid]
     lrs, batches = args.lrs or grid["lrs"], args.batches or grid["batches"]
-    extra = list(args.overrides)
+    extra = [f"train.precise_bn={args.precise_bn}", *args.overrides]
     if "model" in grid:
         extra = [f"model.name={grid['model']}", "model.checkpoint=null", *extra]
     json_path = args.json or args.out / "stability.json"
@@ -243,6 +260,7 @@ def main(argv: list[str] | None = None) -> int:
     meta = {
         "grid": args.grid,
         "overrides": args.overrides,
+        "precise_bn": args.precise_bn,
         "images": {str(k): v for k, v in grid["images"].items()},
         "val": grid["val"],
         "machine": platform.processor() or platform.machine(),

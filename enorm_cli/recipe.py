@@ -47,11 +47,23 @@ class ModelConfig(Section):
     """"en": Exemplar Normalization; "sn": Switchable Normalization (the baseline layer, same
     ``en`` settings for normalizers and margin); "bn": the source model as it is."""
     en: RecipeENSettings = RecipeENSettings()
-    bn_stats: Literal["batch", "running"] = "batch"
+    bn_stats: Literal["auto", "batch", "running", "renorm"] = "auto"
     """Where the bn statistics come from while training (BatchNorm, and EN's/SN's bn member):
-    "batch" as BatchNorm does (the default: measured better, README Stability); "running":
-    the source's running statistics, frozen (as FrozenBatchNorm2d, mmdetection's
-    norm_eval), while affines, IN/LN and the ratio branch learn."""
+    "batch" as BatchNorm does; "running": the source's running statistics, frozen (as
+    FrozenBatchNorm2d, mmdetection's norm_eval), while affines, IN/LN and the ratio branch
+    learn; "renorm" (EN and SN only): Batch Renormalization (Ioffe 2017) of the bn member,
+    the running statistics in the forward and the batch's in the backward; "auto" (the
+    default): "renorm" for EN when one bn statistic covers at most ``SMALL_BATCH`` images,
+    else "batch" (``resolve_bn_stats``). Measured in README, Stability."""
+
+    @model_validator(mode="after")
+    def _renorm_needs_mixed_layers(self) -> ModelConfig:
+        if self.norm == "bn" and self.bn_stats == "renorm":
+            raise ValueError(
+                "model.bn_stats=renorm renormalizes EN's and SN's bn member, and model.norm=bn "
+                "keeps torch's BatchNorm: set model.norm=en or sn, or model.bn_stats=batch"
+            )
+        return self
 
     @model_validator(mode="after")
     def _layer_follows_norm(self) -> ModelConfig:
@@ -69,6 +81,19 @@ class ModelConfig(Section):
             **self.en.model_dump(exclude={"sync_stats", "layer"}),
             layer=self.norm if self.norm != "bn" else "en",
         )
+
+
+SMALL_BATCH = 8
+"""``bn_stats: auto`` batch-renormalizes EN's bn member at this many images per statistic or
+fewer: better than batch statistics at batch 4, worse at 16 (README, Stability)."""
+
+
+def resolve_bn_stats(model: ModelConfig, stats_batch: int) -> str:
+    """``model.bn_stats`` with "auto" decided for bn statistics over ``stats_batch`` images
+    (the per-process batch, times the processes when statistics are synced)."""
+    if model.bn_stats != "auto":
+        return model.bn_stats
+    return "renorm" if model.norm == "en" and stats_batch <= SMALL_BATCH else "batch"
 
 
 class DataConfig(Section):
@@ -133,6 +158,9 @@ class TrainConfig(Section):
     """Evaluate every N epochs (and after the last)."""
     save_every_steps: int | None = Field(None, ge=1)
     """Also save a resumable state every N optimizer steps (None: at the end of each epoch)."""
+    precise_bn: int = Field(0, ge=0)
+    """Before each eval, recompute the running statistics over this many training images with
+    the current weights (``precise_bn.py``; for small batches); 0: off."""
     keep_states: int = Field(2, ge=1)
     log_every: int = Field(20, ge=1)
     log_with: list[str] = []

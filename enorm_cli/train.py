@@ -46,8 +46,9 @@ from .finetune_model import PreparedModel, prepare_model, set_sync_stats
 from .layers import MixedNorm2d
 from .metrics_log import MetricsLog
 from .optim import build_optimizer, build_scheduler
+from .precise_bn import recompute_running_stats
 from .preemption import Preempted, PreemptionGuard
-from .recipe import Recipe, dump_recipe
+from .recipe import SMALL_BATCH, Recipe, dump_recipe, resolve_bn_stats
 from .run_layout import RunLayout
 from .sample_seeds import PerSampleSeeds
 from .trackers import check_trackers, flat_config
@@ -55,19 +56,23 @@ from .training_progress import TrainingProgress
 
 
 def set_train_mode(model: nn.Module, bn_stats: str) -> None:
-    """``model.train()``, then with frozen bn statistics every BatchNorm and EN/SN layer in eval
-    mode.
+    """``model.train()`` with the recipe's ``model.bn_stats``.
 
-    In eval mode these layers normalize with their running statistics and leave them
-    as they are, while gradients still reach their affines (and EN's ratio branch; IN
-    and LN are the same in both modes): BatchNorm becomes a frozen-statistics
-    BatchNorm with a trainable affine, EN a per-sample normalizer with no batch dependence.
+    "running": every BatchNorm and EN/SN layer in eval mode. There these layers normalize
+    with their running statistics and leave them as they are, while gradients still reach
+    their affines (and EN's ratio branch; IN and LN are the same in both modes): BatchNorm
+    becomes a frozen-statistics BatchNorm with a trainable affine, EN a per-sample
+    normalizer with no batch dependence. "renorm": EN/SN layers batch-renormalize their bn
+    member (``MixedNorm2d.renorm``).
     """
     model.train()
-    if bn_stats == "running":
-        for module in model.modules():
-            if isinstance(module, (nn.modules.batchnorm._BatchNorm, MixedNorm2d)):
-                module.eval()
+    for module in model.modules():
+        if isinstance(module, MixedNorm2d):
+            module.renorm = bn_stats == "renorm"
+        if bn_stats == "running" and isinstance(
+            module, (nn.modules.batchnorm._BatchNorm, MixedNorm2d)
+        ):
+            module.eval()
 
 
 class FinetuneRecipe:
@@ -172,9 +177,15 @@ class FinetuneRecipe:
                 self.accelerator.print(line)
         processes = self.accelerator.num_processes
         sync = self.recipe.model.en.sync_stats
-        set_sync_stats(
-            self.prepared.model, (sync if sync is not None else processes > 1) and processes > 1
-        )
+        synced = (sync if sync is not None else processes > 1) and processes > 1
+        set_sync_stats(self.prepared.model, synced)
+        stats_batch = data.batch_size * (processes if synced else 1)
+        self.bn_stats = resolve_bn_stats(self.recipe.model, stats_batch)
+        if self.recipe.model.bn_stats == "auto" and self.bn_stats != "batch":
+            self.accelerator.print(
+                f"model.bn_stats=auto: {self.bn_stats} (bn statistics over {stats_batch} "
+                f"images per step, at most {SMALL_BATCH}; README, Stability)"
+            )
         self.data_config = eval_data_config(data, mean, std)
 
     def _setup_optimizer(self) -> None:
@@ -257,6 +268,8 @@ class FinetuneRecipe:
                 info="",
             )
             start_epoch, start_batch = self.progress.epoch, self.progress.batch
+            if self.progress.global_step == 0:
+                self._precise_bn(0)  # renorm's and eval's statistics from the new data
             for epoch in range(start_epoch, epochs):
                 self._train_epoch(epoch, start_batch if epoch == start_epoch else 0, bar, task)
                 if (epoch + 1) % self.recipe.train.eval_every == 0 or epoch + 1 == epochs:
@@ -268,7 +281,7 @@ class FinetuneRecipe:
         """One epoch from batch ``start_batch`` on (a resumed one skips what was done)."""
         accelerator, train = self.accelerator, self.recipe.train
         epochs = self.recipe.schedule.epochs
-        set_train_mode(self.model, self.recipe.model.bn_stats)
+        set_train_mode(self.model, self.bn_stats)
         self.train_loader.set_epoch(epoch)
         self.train_split.dataset.set_epoch(epoch)  # Accelerate sets the sampler's only
         if start_batch >= len(self.train_loader):
@@ -359,9 +372,23 @@ class FinetuneRecipe:
             )
         return mean_loss
 
+    def _precise_bn(self, epoch: int) -> None:
+        """With ``train.precise_bn``: running statistics recomputed over that many training
+        images (``precise_bn.py``), before training (epoch 0) and before each eval; not with
+        frozen statistics (``bn_stats: running`` keeps the source's)."""
+        images = self.recipe.train.precise_bn
+        if not images or self.bn_stats == "running":  # frozen means the source's statistics
+            return
+        data, seed = self.recipe.data, self.recipe.train.seed
+        loader = make_loader(self.train_split, data.batch_size, data.workers, True, seed + epoch)
+        seen = recompute_running_stats(self.accelerator.unwrap_model(self.model), loader, images)
+        self.accelerator.print(f"precise BN: running statistics from {seen} training images")
+        set_train_mode(self.model, self.bn_stats)
+
     def _evaluate(self, epoch: int) -> dict[str, Any]:
         """Eval on the val split, its metrics record, last/best checkpoints; back to training
         mode."""
+        self._precise_bn(epoch + 1)
         result: EvalResult = evaluate(self.model, self.val_loader, self.accelerator)
         p = self.progress
         improved = result.top1 > p.best_top1
@@ -383,7 +410,7 @@ class FinetuneRecipe:
             f"{result.samples} images (best {best:.2f}%)"
         )
         self.save_model(summary, result.ratio_stats, improved)
-        set_train_mode(self.model, self.recipe.model.bn_stats)
+        set_train_mode(self.model, self.bn_stats)
         return summary
 
     def cleanup(self) -> None:

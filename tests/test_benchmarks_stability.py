@@ -19,7 +19,7 @@ def test_smoke_grid_writes_json_checks_and_heat_map(tmp_path: Path) -> None:
     out = tmp_path / "grid"
     assert stability.main(["--grid", "smoke", "--out", str(out)]) == 0
     data = json.loads((out / "stability.json").read_text())
-    assert sorted(r["variant"] for r in data["runs"]) == sorted(stability.VARIANTS)
+    assert sorted(r["variant"] for r in data["runs"]) == sorted(stability.DEFAULT_VARIANTS)
     assert all(0 <= r["top1"] <= 100 and r["steps"] == 4 for r in data["runs"])
     assert len(data["checks"]) == 3 and all(c.startswith(("PASS", "FAIL")) for c in data["checks"])
     config = (out / "bn_frozen-b4-lr0.01-s0" / "config.yaml").read_text()

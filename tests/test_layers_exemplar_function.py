@@ -50,18 +50,21 @@ def test_stacked_stats_follow_the_mode_and_the_override() -> None:
     x = torch.randn(5, 16, 4, 4) * 3 + 2
     stats = instance_stats(x)
     cfg = en.kernel_settings()
-    m, s, batch = stacked_stats(cfg, stats.mean, stats.var, en.kernel_tensors())
+    m, s, batch, rd = stacked_stats(cfg, stats.mean, stats.var, en.kernel_tensors())
+    assert rd is None  # no renorm
     torch.testing.assert_close(m[0], x.mean((0, 2, 3)).expand(5, 16))  # bn: the batch's
     torch.testing.assert_close(s[2], x.var((1, 2, 3), correction=0)[:, None].expand(5, 16))  # ln
     torch.testing.assert_close(
         batch, torch.stack([x.mean((0, 2, 3)), x.var((0, 2, 3), correction=0)])
     )
     override = (torch.zeros(1, 16), torch.full((1, 16), 4.0))
-    m, s, batch = stacked_stats(cfg, stats.mean, stats.var, en.kernel_tensors(), override)
+    m, s, batch, _ = stacked_stats(cfg, stats.mean, stats.var, en.kernel_tensors(), override)
     assert torch.equal(m[0], torch.zeros(5, 16)) and torch.equal(batch, torch.cat(override))
     en.eval()
-    m, s, batch = stacked_stats(en.kernel_settings(), stats.mean, stats.var, en.kernel_tensors())
-    assert batch is None and torch.equal(m[0], en.running_mean.expand(5, 16))
+    m, s, batch, rd = stacked_stats(
+        en.kernel_settings(), stats.mean, stats.var, en.kernel_tensors()
+    )
+    assert batch is None and rd is None and torch.equal(m[0], en.running_mean.expand(5, 16))
 
 
 def test_coefficients_mix_the_normalized_outputs() -> None:

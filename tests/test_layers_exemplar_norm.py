@@ -9,6 +9,7 @@ from torch import nn
 from torch.func import functional_call
 
 from enorm_cli.layers import ExemplarNorm2d
+from enorm_cli.layers.statistics import batch_stats, instance_stats, renormalized_stats
 
 CONFIGS = {
     "bn-in-ln": {},
@@ -301,3 +302,81 @@ def test_fast_path_equals_autograd_path(config: str, mode: str) -> None:
     ):  # float32 sums in a different order: tolerance scaled to the gradient
         torch.testing.assert_close(g1, g2, rtol=1e-3, atol=1e-4 * float(g2.abs().max()))
     torch.testing.assert_close(rm1, rm2)
+
+
+def test_renorm_trains_on_the_eval_function_and_records_batch_statistics() -> None:
+    """bn_stats=renorm: at batch 4 on 1x1 maps (MobileNetV2's last layers at 32 px) the
+    training output of the bn member is the eval output (the running statistics), not the
+    batch's 4 values pushed to mean 0 and variance 1; the running statistics still record
+    the batch's, as BatchNorm's do."""
+    layer, plain = ExemplarNorm2d(16, normalizers=("bn",)), ExemplarNorm2d(16, normalizers=("bn",))
+    warm = batch(n=64, c=16, hw=1)
+    for lay in (layer, plain):
+        lay(warm)
+    x = batch(n=4, c=16, hw=1)
+    # Channels whose 4-sample variance is over 3x off the running one are clipped (r_max 3)
+    stats = instance_stats(x)
+    _, _, rd = renormalized_stats(
+        *batch_stats(stats.mean, stats.var), plain.running_mean, plain.running_var, layer.eps
+    )
+    layer.renorm = True
+    y_eval = layer.eval()(x)
+    y_train = layer.train()(x)
+    y_batch = plain(x)
+    inside = (rd[0] > 1 / 3) & (rd[0] < 3) & (rd[1].abs() < 5)
+    assert inside.sum() >= 12
+    torch.testing.assert_close(y_train[:, inside], y_eval[:, inside], rtol=1e-4, atol=1e-4)
+    assert (y_batch - y_eval).abs().amax() > 0.3
+    torch.testing.assert_close(layer.running_mean, plain.running_mean)
+    torch.testing.assert_close(layer.running_var, plain.running_var)
+
+
+@pytest.mark.parametrize("fused", [True, False])
+def test_renorm_gradcheck(fused: bool) -> None:
+    """Gradients of the renormalized bn member, both paths, against finite differences (every
+    r and d at its clip, where they are constants, so finite differences see what autograd
+    treats as constant)."""
+    from enorm_cli.layers import fused_en
+
+    layer = make_layer(num_features=8, reduction=2).double()
+    with torch.no_grad():
+        layer.running_mean.add_(1e4)
+        layer.running_var.mul_(1e4)
+    layer.renorm = True
+    names = [n for n, _ in layer.named_parameters()]
+    params = tuple(p.detach().clone().requires_grad_() for _, p in layer.named_parameters())
+    x = batch(n=3, c=8, hw=3).double().requires_grad_()
+    running = layer.running_mean.clone(), layer.running_var.clone()
+
+    def fn(x: torch.Tensor, *ps: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():  # each call from the same running statistics
+            layer.running_mean.copy_(running[0])
+            layer.running_var.copy_(running[1])
+        return functional_call(layer, dict(zip(names, ps)), (x,))
+
+    with fused_en(fused):
+        assert torch.autograd.gradcheck(fn, (x, *params), eps=1e-6, atol=1e-5)
+
+
+def test_renorm_fast_path_equals_autograd_path() -> None:
+    """Inside the clips too (r, d vary with the batch): the one-node backward equals autograd."""
+    from enorm_cli.layers import fused_en
+
+    fast, plain = make_layer(), make_layer()
+    fast(batch(shift=0.5))
+    plain.load_state_dict(fast.state_dict())
+    x = batch()
+    results = []
+    for layer, fused in ((fast, True), (plain, False)):
+        layer.renorm = True
+        xi = x.clone().requires_grad_()
+        with fused_en(fused):
+            y = layer(xi)
+        (y * torch.linspace(-1, 1, y.numel()).view_as(y)).sum().backward()
+        results.append((y, xi.grad, [p.grad for p in layer.parameters()], layer.running_var))
+    (y1, gx1, gp1, rv1), (y2, gx2, gp2, rv2) = results
+    torch.testing.assert_close(y1, y2, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(gx1, gx2, rtol=1e-4, atol=1e-5)
+    for g1, g2 in zip(gp1, gp2):
+        torch.testing.assert_close(g1, g2, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(rv1, rv2)

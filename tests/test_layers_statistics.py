@@ -11,6 +11,7 @@ from enorm_cli.layers.statistics import (
     group_stats,
     instance_stats,
     layer_stats,
+    renormalized_stats,
 )
 
 
@@ -77,3 +78,28 @@ def test_moments_every_path_against_float64(hw: int, shift: float) -> None:
     torch.testing.assert_close(var.double(), ref_var, rtol=1e-4, atol=1e-5 * scale)
     if hw == 1:
         assert (var == 0).all()
+
+
+def test_renormalized_stats_normalize_as_the_running_ones_within_the_clips() -> None:
+    """Batch Renormalization as statistics: (x - M)/sqrt(S + eps) = r (x - mean)/sigma + d,
+    which is (x - mu_run)/sigma_run while r and d are inside their clips."""
+    eps = 1e-5
+    x = torch.randn(4, 6, 1, 1).double() * 2 + 1
+    mean, var = direct(x, (0, 2, 3))
+    mean, var = mean.unsqueeze(0), var.unsqueeze(0)
+    run_mean = mean.squeeze(0) + torch.linspace(-1, 2, 6).double()
+    run_var = var.squeeze(0) * torch.linspace(0.5, 2, 6).double()
+    m, s, rd = renormalized_stats(mean, var, run_mean, run_var, eps)
+    assert rd.shape == (2, 6)
+    inside = (rd[0] < 3) & (rd[0] > 1 / 3) & (rd[1].abs() < 5)
+    assert inside.all()
+    ours = (x - m.view(1, 6, 1, 1)) / (s.view(1, 6, 1, 1) + eps).sqrt()
+    running = (x - run_mean.view(1, 6, 1, 1)) / (run_var.view(1, 6, 1, 1) + eps).sqrt()
+    torch.testing.assert_close(ours, running)
+    # Far from the running statistics the clips hold: at most 3x the batch's scale, 5 sigma
+    m, s, rd = renormalized_stats(mean, var, run_mean + 1e4, run_var * 1e4, eps)
+    torch.testing.assert_close(rd[0], torch.full((6,), 1 / 3).double())
+    torch.testing.assert_close(rd[1], torch.full((6,), -5.0).double())
+    ours = (x - m.view(1, 6, 1, 1)) / (s.view(1, 6, 1, 1) + eps).sqrt()
+    batch = (x - mean.view(1, 6, 1, 1)) / (var.view(1, 6, 1, 1) + eps).sqrt()
+    torch.testing.assert_close(ours, batch / 3 - 5)

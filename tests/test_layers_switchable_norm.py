@@ -60,3 +60,19 @@ def test_1x1_maps_are_finite() -> None:
     y = layer(x)
     y.sum().backward()
     assert torch.isfinite(y).all() and torch.isfinite(x.grad).all()
+
+
+def test_renorm_trains_on_the_eval_function() -> None:
+    """SN's bn member batch-renormalized as EN's: training output = eval output within the
+    clips, running statistics as BatchNorm's."""
+    layer, bn = SwitchableNorm2d(8, normalizers=("bn",)), nn.BatchNorm2d(8)
+    warm = torch.randn(64, 8, 2, 2) * 2 + 1
+    layer(warm)
+    bn(warm)
+    layer.renorm = True
+    x = torch.randn(4, 8, 2, 2) * 2 + 1
+    y_eval = layer.eval()(x)
+    torch.testing.assert_close(layer.train()(x), y_eval, rtol=1e-4, atol=1e-4)
+    bn(x)
+    torch.testing.assert_close(layer.running_mean, bn.running_mean)
+    torch.testing.assert_close(layer.running_var, bn.running_var)

@@ -62,6 +62,11 @@ def test_overrides_are_parsed_as_yaml() -> None:
             r"model\.en\.layer=sn differs from model\.norm=en",
         ),
         (["data.kind=parquet"], r"data\.kind: "),
+        (
+            ["model.norm=bn", "model.bn_stats=renorm"],
+            r"model\.bn_stats=renorm renormalizes EN's and SN's bn member.*set model\.norm=en",
+        ),
+        (["train.precise_bn=-1"], r"train\.precise_bn: "),
     ],
 )
 def test_bad_overrides_name_the_field(overrides: list[str], match: str) -> None:

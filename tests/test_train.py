@@ -99,6 +99,25 @@ def test_running_bn_stats_freeze_statistics_while_affines_learn(norm: str) -> No
     assert all(m.training for m in norms)
 
 
+@pytest.mark.parametrize("norm", ["en", "sn"])
+def test_renorm_bn_stats_set_the_layers_renorm_in_training_only(norm: str) -> None:
+    """model.bn_stats=renorm: every EN/SN layer batch-renormalizes in training; eval and the
+    other settings leave it off."""
+    from enorm_cli.finetune_model import prepare_model
+    from enorm_cli.layers import MixedNorm2d
+
+    recipe = load_recipe(
+        QUICK,
+        ["model.name=test_resnet", "model.checkpoint=null", f"model.norm={norm}"],
+    )
+    model = prepare_model(recipe, 10).model
+    layers = [m for m in model.modules() if isinstance(m, MixedNorm2d)]
+    set_train_mode(model, "renorm")
+    assert layers and all(m.renorm and m.training for m in layers)
+    set_train_mode(model, "batch")
+    assert not any(m.renorm for m in layers)
+
+
 @pytest.mark.parametrize("kind", ["imagefolder", "filelist"])
 def test_finetune_on_image_files(crops: Path, tmp_path: Path, kind: str) -> None:
     out = tmp_path / kind

@@ -17,6 +17,7 @@ from .statistics import (
     distributed_world_size,
     mode_bn_stats,
     normalizer_stats,
+    renormalized_stats,
     running_average_factor,
     synced_batch_stats,
     update_running_stats,
@@ -31,7 +32,9 @@ class MixedNorm2d(nn.Module):
     batch statistics in training (updating the running ones), running ones in eval.
     With ``sync_stats`` set (a plain attribute, not saved) and torch.distributed
     running with more than one process, training batch statistics cover the
-    whole distributed batch, as ``nn.SyncBatchNorm`` does.
+    whole distributed batch, as ``nn.SyncBatchNorm`` does. With ``renorm`` set (also a plain
+    attribute, set by training from ``model.bn_stats``) the bn member is batch-renormalized in
+    training (``statistics.renormalized_stats``).
 
     The interface every mixed layer has (and the only thing surgery, training and
     inspection ask of one): ``from_source`` (the replacement of a source layer, starting
@@ -46,6 +49,7 @@ class MixedNorm2d(nn.Module):
     options: ClassVar[tuple[str, ...]] = ()
     """``ENSettings`` fields the constructor takes besides the common ones."""
     sync_stats: bool = False
+    renorm: bool = False
 
     def __init__(
         self,
@@ -176,8 +180,15 @@ class MixedNorm2d(nn.Module):
         ``update`` advances the running statistics (training only), as a BN forward does.
         """
         bn, samples = self._bn_stats(stats)
-        if update and self.training and bn is not None:
-            self._update_running_stats(*bn, stats.count * samples)
+        if self.training and bn is not None:
+            batch = bn
+            if self.renorm:  # with the running statistics before this batch's update
+                mean, var, _ = renormalized_stats(
+                    *bn, self.running_mean, self.running_var, self.eps
+                )
+                bn = (mean, var)
+            if update:
+                self._update_running_stats(*batch, stats.count * samples)
         return normalizer_stats(stats.mean, stats.var, self.normalizers, self.num_groups, bn)
 
     def _update_running_stats(self, batch_mean: Tensor, batch_var: Tensor, count: int) -> None:

@@ -32,7 +32,7 @@ from torch import Tensor
 from torch.autograd.function import once_differentiable
 
 from .fused_affine import affine_apply, affine_grads, input_grad, wide
-from .statistics import mode_bn_stats, moments, normalizer_stats
+from .statistics import mode_bn_stats, moments, normalizer_stats, renormalized_stats
 
 
 @dataclass(frozen=True)
@@ -46,6 +46,8 @@ class KernelSettings:
     num_groups: int
     training: bool
     logit_scale: float = 1.0
+    renorm: bool = False
+    """Training: the bn member batch-renormalized (``statistics.renormalized_stats``)."""
 
 
 def _to(t: Tensor, dtype: torch.dtype) -> Tensor:
@@ -72,20 +74,27 @@ class ENTensors(NamedTuple):
 
 def stacked_stats(
     cfg: KernelSettings, m: Tensor, v: Tensor, p: ENTensors, bn: tuple[Tensor, Tensor] | None = None
-) -> tuple[Tensor, Tensor, Tensor | None]:
-    """M, S (K x N x C) and the bn statistics to record (2 x C, training), from the instance table.
+) -> tuple[Tensor, Tensor, Tensor | None, Tensor | None]:
+    """M, S (K x N x C), the bn statistics to record (2 x C, training) and Batch
+    Renormalization's r, d (2 x C, with ``cfg.renorm`` in training), from the instance table.
 
     bn: ``bn`` when given (synced statistics), else the batch's (training) or the running
-    ones (eval); the other normalizers as ``statistics.normalizer_stats`` says.
+    ones (eval), renormalized with ``cfg.renorm`` in training (the raw batch statistics are
+    what the running ones record); the other normalizers as ``statistics.normalizer_stats``
+    says.
     """
     n, c = m.shape
     if bn is None and "bn" in cfg.normalizers:
         bn = mode_bn_stats(m, v, cfg.training, p.running_mean, p.running_var)
-    pairs = normalizer_stats(m, v, cfg.normalizers, cfg.num_groups, bn)
     batch = torch.cat(bn) if cfg.training and bn is not None else None
+    rd = None
+    if cfg.renorm and batch is not None:
+        *renormed, rd = renormalized_stats(*bn, p.running_mean, p.running_var, cfg.eps)
+        bn = (renormed[0], renormed[1])
+    pairs = normalizer_stats(m, v, cfg.normalizers, cfg.num_groups, bn)
     means = torch.stack([mean.expand(n, c) for mean, _ in pairs])
     variances = torch.stack([var.expand(n, c) for _, var in pairs])
-    return means, variances, batch
+    return means, variances, batch, rd
 
 
 def ratio_logits(
@@ -130,14 +139,15 @@ def en_coefficients(
     The one definition: the one-node path runs it without autograd and differentiates it by
     hand (``ExemplarNormFunction.backward``); synced statistics and ``ratios()`` run it under
     autograd (out-of-place ops then, in place otherwise). ``saved`` is
-    (m, M, R, D, lambda, h, v, z^T, A), what the hand-written backward reads.
+    (m, M, R, D, lambda, h, v, z^T, A, rd), what the hand-written backward reads (rd:
+    Batch Renormalization's r, d, or None).
     """
     dt = m.dtype
     n, c = m.shape
     # In place where autograd is not recording (the fused node's forward, inference): the
     # K x N x C temporaries are what this math allocates, and fresh ones cost on CPU.
     inplace = not torch.is_grad_enabled()
-    big_m, big_s, batch = stacked_stats(cfg, m, v, p, bn)
+    big_m, big_s, batch, rd = stacked_stats(cfg, m, v, p, bn)
     rstd = big_s.add_(cfg.eps).rsqrt_() if inplace else (big_s + cfg.eps).rsqrt()  # K x N x C
     dev = m - big_m
     logits, h, vv, zt = ratio_logits(
@@ -150,7 +160,7 @@ def en_coefficients(
     a = mixed.sum(0)
     mixed = mixed.mul_(big_m) if inplace else mixed * big_m
     b = (beta.expand(n, c) if cfg.shared_affine else lam @ beta) - mixed.sum(0)
-    return a, b, batch, (m, big_m, rstd, dev, lam, h, vv, zt, a)
+    return a, b, batch, (m, big_m, rstd, dev, lam, h, vv, zt, a, rd)
 
 
 def exemplar_norm(
@@ -183,7 +193,7 @@ class ExemplarNormFunction(torch.autograd.Function):
     @once_differentiable
     def backward(ctx: Any, grad_y: Tensor, _grad_batch: Tensor | None) -> tuple[Tensor | None, ...]:
         cfg: KernelSettings = ctx.cfg
-        x, m, big_m, rstd, dev, lam, h, vv, zt, a, weight, bias, conv, fc1_w, fc2_w = (
+        x, m, big_m, rstd, dev, lam, h, vv, zt, a, rd, weight, bias, conv, fc1_w, fc2_w = (
             ctx.saved_tensors
         )
         dt = m.dtype
@@ -252,7 +262,13 @@ class ExemplarNormFunction(torch.autograd.Function):
             count = view(m).shape[dim]
             g_mean = view(g_big_m[i]).sum(dim, keepdim=True) / count
             g_var = view(g_big_s[i]).sum(dim, keepdim=True) / count
-            view(g_m).add_(g_mean).addcmul_(view(dev[i]), g_var, value=2.0)
+            dev_i = dev[i]
+            if name == "bn" and rd is not None:  # renormalized: M = mean - d sigma / r and
+                r, d = rd[0:1], rd[1:2]  # S = (var + eps) / r^2 - eps, r and d constants;
+                r_over_sigma = rstd[i, :1]  # R = r / sigma
+                dev_i = dev_i - d / r_over_sigma  # m - the batch mean
+                g_var = g_var / r.square() - g_mean * d * r_over_sigma / (2 * r.square())
+            view(g_m).add_(g_mean).addcmul_(view(dev_i), g_var, value=2.0)
             view(g_v).add_(g_var)
 
         grad_x = input_grad(x, xw, gw, a, m, g_m, g_v) if ctx.needs_input_grad[0] else None

@@ -257,6 +257,7 @@ class ExemplarNorm2d(MixedNorm2d):
             num_groups=self.num_groups,
             training=self.training,
             logit_scale=self.logit_scale,
+            renorm=self.renorm,
         )
 
     def kernel_tensors(self) -> ENTensors:

@@ -143,6 +143,35 @@ def mode_bn_stats(
     return running_mean.unsqueeze(0), running_var.unsqueeze(0)
 
 
+RENORM_LIMITS: tuple[float, float] = (3.0, 5.0)
+"""Batch Renormalization's clips (r_max, d_max): Ioffe 2017's values after its warm-up."""
+
+
+def renormalized_stats(
+    mean: Tensor,
+    var: Tensor,
+    running_mean: Tensor,
+    running_var: Tensor,
+    eps: float,
+    limits: tuple[float, float] = RENORM_LIMITS,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Batch Renormalization (Ioffe 2017) written as the bn member's statistics.
+
+    Normalizing with the returned (M, S) gives ``r (x - mean) / sigma + d``, with
+    ``r = clip(sigma / sigma_run, 1/r_max, r_max)`` and ``d = clip((mean - mu_run) / sigma_run,
+    -d_max, d_max)`` held constant: the forward uses the running statistics (as eval does,
+    within the clips), the backward the batch's (as BatchNorm's). Small batches then train on
+    the function they are evaluated on, and a few odd samples move a step less. mean, var:
+    the batch's, 1 x C; also returns ``rd`` (2 x C: r, d) for a hand-written backward.
+    """
+    sigma = (var + eps).sqrt()
+    run_sigma = (running_var + eps).sqrt().unsqueeze(0)
+    r_max, d_max = limits
+    r = (sigma / run_sigma).detach().clamp(1.0 / r_max, r_max)
+    d = ((mean - running_mean.unsqueeze(0)) / run_sigma).detach().clamp(-d_max, d_max)
+    return mean - d * sigma / r, (var + eps) / r.square() - eps, torch.cat([r, d])
+
+
 def layer_stats(mean: Tensor, var: Tensor) -> tuple[Tensor, Tensor]:
     """ln statistics over (C, H, W): each N x 1."""
     return pool_stats(mean, var, 1)
