@@ -20,14 +20,16 @@ from torch import nn
 
 from .layers import MixedNorm2d
 
+RUNNING_STATS_LAYERS = (nn.modules.batchnorm._BatchNorm, MixedNorm2d)
+"""The layer types that keep running statistics: torch's BatchNorms and EN/SN layers."""
+
 
 def norm_layers(model: nn.Module) -> list[nn.Module]:
-    """Every layer with running statistics: torch's BatchNorms and EN/SN layers."""
+    """Every layer that keeps running statistics (a BatchNorm may be built without)."""
     return [
         m
         for m in model.modules()
-        if isinstance(m, (nn.modules.batchnorm._BatchNorm, MixedNorm2d))
-        and m.running_mean is not None
+        if isinstance(m, RUNNING_STATS_LAYERS) and m.running_mean is not None
     ]
 
 

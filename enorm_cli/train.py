@@ -46,7 +46,7 @@ from .finetune_model import PreparedModel, prepare_model, set_sync_stats
 from .layers import MixedNorm2d
 from .metrics_log import MetricsLog
 from .optim import build_optimizer, build_scheduler
-from .precise_bn import recompute_running_stats
+from .precise_bn import RUNNING_STATS_LAYERS, recompute_running_stats
 from .preemption import Preempted, PreemptionGuard
 from .recipe import SMALL_BATCH, Recipe, dump_recipe, resolve_bn_stats
 from .run_layout import RunLayout
@@ -69,9 +69,7 @@ def set_train_mode(model: nn.Module, bn_stats: str) -> None:
     for module in model.modules():
         if isinstance(module, MixedNorm2d):
             module.renorm = bn_stats == "renorm"
-        if bn_stats == "running" and isinstance(
-            module, (nn.modules.batchnorm._BatchNorm, MixedNorm2d)
-        ):
+        if bn_stats == "running" and isinstance(module, RUNNING_STATS_LAYERS):
             module.eval()
 
 
@@ -383,7 +381,6 @@ class FinetuneRecipe:
         loader = make_loader(self.train_split, data.batch_size, data.workers, True, seed + epoch)
         seen = recompute_running_stats(self.accelerator.unwrap_model(self.model), loader, images)
         self.accelerator.print(f"precise BN: running statistics from {seen} training images")
-        set_train_mode(self.model, self.bn_stats)
 
     def _evaluate(self, epoch: int) -> dict[str, Any]:
         """Eval on the val split, its metrics record, last/best checkpoints; back to training

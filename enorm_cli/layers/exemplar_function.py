@@ -89,8 +89,8 @@ def stacked_stats(
     batch = torch.cat(bn) if cfg.training and bn is not None else None
     rd = None
     if cfg.renorm and batch is not None:
-        *renormed, rd = renormalized_stats(*bn, p.running_mean, p.running_var, cfg.eps)
-        bn = (renormed[0], renormed[1])
+        mean, var, rd = renormalized_stats(*bn, p.running_mean, p.running_var, cfg.eps)
+        bn = (mean, var)
     pairs = normalizer_stats(m, v, cfg.normalizers, cfg.num_groups, bn)
     means = torch.stack([mean.expand(n, c) for mean, _ in pairs])
     variances = torch.stack([var.expand(n, c) for _, var in pairs])
