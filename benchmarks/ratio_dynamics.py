@@ -3,7 +3,9 @@
 Fine-tunes a recipe's model (quickstart by default) with the recipe's optimizer groups,
 and at every step records, for each EN layer: the batch-mean ratio of every normalizer,
 the ratio branch's gradient norms (fc2, fc1), the gradient norm of the layer's gammas and
-FC2's bias. A layer "flips" when its batch-mean source ratio falls below 0.5.
+FC2's bias; per step, the whole model's and the new head's gradient norms before clipping
+(clipped as the trainer does, with the recipe's ``train.grad_clip``). A layer "flips" when
+its batch-mean source ratio falls below 0.5.
 
     python benchmarks/ratio_dynamics.py data.batch_size=8 optim.lr=0.005 --steps 200
     python benchmarks/ratio_dynamics.py data.batch_size=8 optim.lr=0.005 model.bn_stats=running
@@ -51,6 +53,7 @@ def run(overrides: list[str], steps: int, recipe_path: Path, every: int) -> dict
     )
     loader = make_loader(split, recipe.data.batch_size, recipe.data.workers, True, seed=None)
     model = prepared.model
+    head = [m for m in model.modules() if isinstance(m, nn.Linear)][-1]  # the new classifier
     layers = [(n, m) for n, m in model.named_modules() if isinstance(m, ExemplarNorm2d)]
     # the source normalizer: the only one whose gammas are non-zero at conversion
     src = {n: int(m.weight.detach().abs().sum(1).argmax()) for n, m in layers}
@@ -79,7 +82,16 @@ def run(overrides: list[str], steps: int, recipe_path: Path, every: int) -> dict
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             step += 1
-            rec: dict[str, Any] = {"step": step, "loss": float(loss.detach()), "layers": {}}
+            head_norm = _norm(list(head.parameters()))
+            clip = recipe.train.grad_clip or float("inf")  # as the trainer clips
+            grad_norm = float(nn.utils.clip_grad_norm_(model.parameters(), clip))
+            rec: dict[str, Any] = {
+                "step": step,
+                "loss": float(loss.detach()),
+                "grad_norm": grad_norm,  # the whole model's, before clipping
+                "grad_head": head_norm,
+                "layers": {},
+            }
             for name, m in layers:
                 lam = captured[name]
                 ratio_src = float(lam[src[name]])
@@ -130,6 +142,10 @@ def main(argv: list[str] | None = None) -> int:
             f"{sum(losses[i : i + chunk]) / len(losses[i : i + chunk]):.2f}"
             for i in range(0, len(losses), chunk)
         ),
+    )
+    print(
+        "gradient norm before clipping, steps 1-10 (the head's):",
+        " ".join(f"{r['grad_norm']:.3g} ({r['grad_head']:.3g})" for r in out["records"][:10]),
     )
     print(
         f"{len(out['flipped'])} of {len(out['layer_names'])} layers flipped (source ratio < 0.5):",

@@ -86,6 +86,8 @@ class FinetuneRecipe:
         self.show_progress = progress
         self.progress = TrainingProgress()
         self.guard = PreemptionGuard()
+        self.grad_norm = 0.0
+        """The global gradient norm of the last step, before clipping (with train.grad_clip)."""
         self.saved_step: int | None = None
         """The step of the newest state this run saved or resumed from (the same on every
         process, unlike what the file system shows each of them at a given moment)."""
@@ -315,12 +317,14 @@ class FinetuneRecipe:
                         "loss": logged,
                         "lr": lr,
                         "images_per_s": rate,
+                        **({"grad_norm": self.grad_norm} if train.grad_clip else {}),
                     }
                 )
                 if not (self.show_progress and self.main):
+                    clip = f" grad norm {self.grad_norm:.3g}" if train.grad_clip else ""
                     accelerator.print(
                         f"epoch {epoch + 1} step {step}: loss "
-                        f"{logged:.4f} lr {lr:.3e} {rate:.0f} img/s"
+                        f"{logged:.4f} lr {lr:.3e}{clip} {rate:.0f} img/s"
                     )
             if train.save_every_steps and step % train.save_every_steps == 0:
                 self.save_checkpoint(epoch, batch_index + 1)
@@ -353,7 +357,10 @@ class FinetuneRecipe:
             loss = self.criterion(self.model(x), y)
             accelerator.backward(loss)
             if accelerator.sync_gradients and self.recipe.train.grad_clip:
-                accelerator.clip_grad_norm_(self.model.parameters(), self.recipe.train.grad_clip)
+                norm = accelerator.clip_grad_norm_(
+                    self.model.parameters(), self.recipe.train.grad_clip
+                )
+                self.grad_norm = float(norm)  # before clipping, as HF's Trainer logs it
             self.optimizer.step()
             self.optimizer.zero_grad(set_to_none=True)
         if not accelerator.sync_gradients:

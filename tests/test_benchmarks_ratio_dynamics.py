@@ -45,3 +45,30 @@ def test_unscaled_branch_kills_the_last_layer_and_the_default_does_not(
     new = last_layer_after(mobilenet_weights)
     assert new["ratios"][0] > 0.1
     assert new["grad_fc2"] > 100 * old["grad_fc2"]  # the branch still learns
+
+
+@pytest.mark.slow
+def test_gradient_clipping_keeps_the_last_layer_at_batch_4_and_a_high_lr(
+    mobilenet_weights: Path,
+) -> None:
+    """The gain trap (README, Stability): at batch 4, lr 0.01 the new head's gradient norm climbs
+    to ~100 in 10 steps and, unclipped, the last layer escapes onto ln (gamma 0) by step ~20,
+    for good; the recipes' ``train.grad_clip: 5`` keeps it on bn."""
+
+    def last(*extra: str) -> dict:
+        overrides = [
+            f"model.checkpoint={mobilenet_weights}",
+            "data.limit_train=1000",
+            "data.workers=0",
+            "data.batch_size=4",
+            "optim.lr=0.01",
+            *extra,
+        ]
+        out = ratio_dynamics.run(
+            overrides, steps=30, recipe_path=ROOT / "recipes" / "quickstart.yaml", every=30
+        )
+        assert max(r["grad_norm"] for r in out["records"]) > 20  # the blow-up, clipped or not
+        return out["records"][-1]["layers"][LAST]
+
+    assert last("train.grad_clip=null")["ratios"][0] < 0.1  # flipped: its output is beta
+    assert last()["ratios"][0] > 0.5

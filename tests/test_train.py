@@ -48,6 +48,8 @@ def test_quickstart_subset_learns_and_ratios_move(tmp_path: Path, mobilenet_weig
         assert (out / name).is_file(), name
     records = read_metrics(out)
     assert any("loss" in r and "images_per_s" in r for r in records) and records[-1]["eval"]
+    steps = [r for r in records if "loss" in r and not r.get("eval")]
+    assert recipe.train.grad_clip and all(r["grad_norm"] > 0 for r in steps)  # before clipping
     info = read_info(out / "last.safetensors")
     stats = info.extra["ratio_stats"]
     assert stats["samples"] == 512 and len(stats["layers"]) == 52
