@@ -40,21 +40,24 @@ def recompute_running_stats(model: nn.Module, batches: Iterable, images: int) ->
 
     The model is in eval mode but for its norm layers, so dropout and drop-path draw no random
     numbers (resume stays exact) and EN's ratio branch sees what it sees in training. Batch
-    Renormalization is off meanwhile: it would normalize with the statistics being rebuilt.
+    Renormalization is off meanwhile: it would normalize with the statistics being rebuilt
+    (and ``frozen_stats`` too, or nothing would be rebuilt).
     Each process reads the same images, so the statistics are equal on every process.
     """
     layers = norm_layers(model)
     if not layers or images <= 0:
         return 0
     was_training = model.training
-    saved = [(m.momentum, getattr(m, "renorm", False)) for m in layers]
+    saved = [
+        (m.momentum, getattr(m, "renorm", False), getattr(m, "frozen_stats", False)) for m in layers
+    ]
     model.eval()
     for m in layers:
         m.reset_running_stats()
         m.momentum = None
         m.train()
         if isinstance(m, MixedNorm2d):
-            m.renorm = False
+            m.renorm = m.frozen_stats = False
     seen = 0
     device = next(model.parameters()).device
     try:
@@ -64,9 +67,9 @@ def recompute_running_stats(model: nn.Module, batches: Iterable, images: int) ->
             if seen >= images:
                 break
     finally:
-        for m, (momentum, renorm) in zip(layers, saved):
+        for m, (momentum, renorm, frozen) in zip(layers, saved):
             m.momentum = momentum
             if isinstance(m, MixedNorm2d):
-                m.renorm = renorm
+                m.renorm, m.frozen_stats = renorm, frozen
         model.train(was_training)
     return seen

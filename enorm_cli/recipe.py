@@ -47,21 +47,24 @@ class ModelConfig(Section):
     """"en": Exemplar Normalization; "sn": Switchable Normalization (the baseline layer, same
     ``en`` settings for normalizers and margin); "bn": the source model as it is."""
     en: RecipeENSettings = RecipeENSettings()
-    bn_stats: Literal["auto", "batch", "running", "renorm"] = "auto"
+    bn_stats: Literal["auto", "batch", "running", "renorm", "renorm_frozen"] = "auto"
     """Where the bn statistics come from while training (BatchNorm, and EN's/SN's bn member):
     "batch" as BatchNorm does; "running": the source's running statistics, frozen (as
     FrozenBatchNorm2d, mmdetection's norm_eval), while affines, IN/LN and the ratio branch
     learn; "renorm" (EN and SN only): Batch Renormalization (Ioffe 2017) of the bn member,
-    the running statistics in the forward and the batch's in the backward; "auto" (the
-    default): "renorm" for EN when one bn statistic covers at most ``SMALL_BATCH`` images,
-    else "batch" (``resolve_bn_stats``). Measured in README, Stability."""
+    the running statistics in the forward and the batch's in the backward, the running ones
+    updated as BatchNorm does; "renorm_frozen" (EN and SN only): the same against the
+    source's running statistics, which stay as they are; "auto" (the default):
+    "renorm_frozen" for EN when one bn statistic covers at most ``SMALL_BATCH`` images, else
+    "batch" (``resolve_bn_stats``). Measured in README, Stability."""
 
     @model_validator(mode="after")
     def _renorm_needs_mixed_layers(self) -> ModelConfig:
-        if self.norm == "bn" and self.bn_stats == "renorm":
+        if self.norm == "bn" and self.bn_stats in ("renorm", "renorm_frozen"):
             raise ValueError(
-                "model.bn_stats=renorm renormalizes EN's and SN's bn member, and model.norm=bn "
-                "keeps torch's BatchNorm: set model.norm=en or sn, or model.bn_stats=batch"
+                f"model.bn_stats={self.bn_stats} renormalizes EN's and SN's bn member, and "
+                "model.norm=bn keeps torch's BatchNorm: set model.norm=en or sn, or "
+                "model.bn_stats=batch"
             )
         return self
 
@@ -84,9 +87,13 @@ class ModelConfig(Section):
 
 
 SMALL_BATCH = 4
-"""``bn_stats: auto`` batch-renormalizes EN's bn member at this many images per statistic or
-fewer: measured better than batch statistics at batch 4, worse at 8, 16 and 128 (README,
-Stability)."""
+"""``bn_stats: auto`` batch-renormalizes EN's bn member against the source's statistics at
+this many images per statistic or fewer: at batch 4 measured better than batch statistics,
+moving-average renorm and frozen statistics; batch statistics were better at 8, 16 and 128
+(README, Stability)."""
+
+FROZEN_BN_STATS = ("running", "renorm_frozen")
+"""``bn_stats`` modes that keep the source's running statistics (precise BN leaves them)."""
 
 
 def resolve_bn_stats(model: ModelConfig, stats_batch: int) -> str:
@@ -94,7 +101,7 @@ def resolve_bn_stats(model: ModelConfig, stats_batch: int) -> str:
     (the per-process batch, times the processes when statistics are synced)."""
     if model.bn_stats != "auto":
         return model.bn_stats
-    return "renorm" if model.norm == "en" and stats_batch <= SMALL_BATCH else "batch"
+    return "renorm_frozen" if model.norm == "en" and stats_batch <= SMALL_BATCH else "batch"
 
 
 class DataConfig(Section):

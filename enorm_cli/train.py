@@ -48,7 +48,7 @@ from .metrics_log import MetricsLog
 from .optim import build_optimizer, build_scheduler
 from .precise_bn import RUNNING_STATS_LAYERS, recompute_running_stats
 from .preemption import Preempted, PreemptionGuard
-from .recipe import SMALL_BATCH, Recipe, dump_recipe, resolve_bn_stats
+from .recipe import FROZEN_BN_STATS, SMALL_BATCH, Recipe, dump_recipe, resolve_bn_stats
 from .run_layout import RunLayout
 from .sample_seeds import PerSampleSeeds
 from .trackers import check_trackers, flat_config
@@ -63,12 +63,14 @@ def set_train_mode(model: nn.Module, bn_stats: str) -> None:
     their affines (and EN's ratio branch; IN and LN are the same in both modes): BatchNorm
     becomes a frozen-statistics BatchNorm with a trainable affine, EN a per-sample
     normalizer with no batch dependence. "renorm": EN/SN layers batch-renormalize their bn
-    member (``MixedNorm2d.renorm``).
+    member (``MixedNorm2d.renorm``); "renorm_frozen": against running statistics that training
+    leaves as they are (``MixedNorm2d.frozen_stats``), the source's.
     """
     model.train()
     for module in model.modules():
         if isinstance(module, MixedNorm2d):
-            module.renorm = bn_stats == "renorm"
+            module.renorm = bn_stats in ("renorm", "renorm_frozen")
+            module.frozen_stats = bn_stats == "renorm_frozen"
         if bn_stats == "running" and isinstance(module, RUNNING_STATS_LAYERS):
             module.eval()
 
@@ -380,9 +382,14 @@ class FinetuneRecipe:
     def _precise_bn(self, epoch: int) -> None:
         """With ``train.precise_bn``: running statistics recomputed over that many training
         images (``precise_bn.py``), before training (epoch 0) and before each eval; not with
-        frozen statistics (``bn_stats: running`` keeps the source's)."""
+        frozen statistics (``bn_stats: running`` and ``renorm_frozen`` keep the source's)."""
         images = self.recipe.train.precise_bn
-        if not images or self.bn_stats == "running":  # frozen means the source's statistics
+        if images and self.bn_stats in FROZEN_BN_STATS and epoch == 0:
+            self.accelerator.print(
+                f"precise BN: off with model.bn_stats={self.bn_stats} (the source's running "
+                "statistics are kept)"
+            )
+        if not images or self.bn_stats in FROZEN_BN_STATS:
             return
         data, seed = self.recipe.data, self.recipe.train.seed
         loader = make_loader(self.train_split, data.batch_size, data.workers, True, seed + epoch)

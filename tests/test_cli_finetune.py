@@ -20,10 +20,12 @@ def test_finetune_then_eval_agree(crops: Path, tmp_path: Path) -> None:
     )
     assert result.exit_code == 0, result.stderr
     assert "val top-1" in result.stdout
-    # batch 4: the default bn_stats (auto) batch-renormalizes EN's bn member, and says so
-    chose = "model.bn_stats=auto: renorm (bn statistics over 4 images per step, at most 4"
+    # batch 4: the default bn_stats (auto) batch-renormalizes EN's bn member against the
+    # source's statistics, says so, and keeps them (no precise BN)
+    chose = "model.bn_stats=auto: renorm_frozen (bn statistics over 4 images per step, at most 4"
     assert chose in result.stdout
-    assert result.stdout.count("precise BN: running statistics from 8 training images") == 2
+    assert result.stdout.count("precise BN: off with model.bn_stats=renorm_frozen") == 1
+    assert "precise BN: running statistics" not in result.stdout
     final = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()][-1]
     result = invoke("eval", str(out / "last.safetensors"), "--data", str(crops / "val"), "--json")
     assert result.exit_code == 0, result.stderr

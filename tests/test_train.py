@@ -120,6 +120,47 @@ def test_renorm_bn_stats_set_the_layers_renorm_in_training_only(norm: str) -> No
     assert not any(m.renorm for m in layers)
 
 
+def test_precise_bn_runs_before_training_and_eval_unless_statistics_are_frozen(
+    crops: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    for stats, count in (("batch", 2), ("renorm_frozen", 0)):
+        extra = ("schedule.epochs=1", "train.precise_bn=8", f"model.bn_stats={stats}")
+        finetune(
+            load_recipe(QUICK, tiny_recipe(crops, tmp_path / stats, "imagefolder", *extra)),
+            progress=False,
+        )
+        out = capsys.readouterr().out
+        assert out.count("precise BN: running statistics from 8 training images") == count, out
+
+
+@pytest.mark.parametrize("norm", ["en", "sn"])
+def test_renorm_frozen_renormalizes_against_statistics_it_never_changes(norm: str) -> None:
+    """model.bn_stats=renorm_frozen: the bn member batch-renormalized against the source's
+    running statistics, which training leaves as they are (renorm updates them)."""
+    import torch
+
+    from enorm_cli.finetune_model import prepare_model
+    from enorm_cli.layers import MixedNorm2d
+
+    recipe = load_recipe(
+        QUICK, ["model.name=test_resnet", "model.checkpoint=null", f"model.norm={norm}"]
+    )
+    model = prepare_model(recipe, 10).model
+    layers = [m for m in model.modules() if isinstance(m, MixedNorm2d)]
+    before = [(m.running_mean.clone(), m.running_var.clone()) for m in layers]
+    x = torch.randn(4, 3, 32, 32)
+    set_train_mode(model, "renorm_frozen")
+    assert all(m.renorm and m.frozen_stats and m.training for m in layers)
+    model(x).square().mean().backward()
+    for m, (mean, var) in zip(layers, before):
+        assert torch.equal(m.running_mean, mean) and torch.equal(m.running_var, var)
+    assert sum(bool(m.weight.grad.abs().sum() > 0) for m in layers) > len(layers) // 2
+    set_train_mode(model, "renorm")
+    assert not any(m.frozen_stats for m in layers)
+    model(x)
+    assert not torch.equal(layers[0].running_mean, before[0][0])
+
+
 @pytest.mark.parametrize("kind", ["imagefolder", "filelist"])
 def test_finetune_on_image_files(crops: Path, tmp_path: Path, kind: str) -> None:
     out = tmp_path / kind

@@ -34,7 +34,9 @@ class MixedNorm2d(nn.Module):
     running with more than one process, training batch statistics cover the
     whole distributed batch, as ``nn.SyncBatchNorm`` does. With ``renorm`` set (also a plain
     attribute, set by training from ``model.bn_stats``) the bn member is batch-renormalized in
-    training (``statistics.renormalized_stats``).
+    training (``statistics.renormalized_stats``). With ``frozen_stats`` (a plain attribute too)
+    training leaves the running statistics as they are: renorm then normalizes against the
+    source's statistics (``model.bn_stats: renorm_frozen``).
 
     The interface every mixed layer has (and the only thing surgery, training and
     inspection ask of one): ``from_source`` (the replacement of a source layer, starting
@@ -50,6 +52,7 @@ class MixedNorm2d(nn.Module):
     """``ENSettings`` fields the constructor takes besides the common ones."""
     sync_stats: bool = False
     renorm: bool = False
+    frozen_stats: bool = False
 
     def __init__(
         self,
@@ -192,7 +195,10 @@ class MixedNorm2d(nn.Module):
         return normalizer_stats(stats.mean, stats.var, self.normalizers, self.num_groups, bn)
 
     def _update_running_stats(self, batch_mean: Tensor, batch_var: Tensor, count: int) -> None:
-        """One BatchNorm running-statistics step; ``count`` elements per channel (N * H * W)."""
+        """One BatchNorm running-statistics step; ``count`` elements per channel (N * H * W).
+        None with ``frozen_stats``."""
+        if self.frozen_stats:
+            return
         self.num_batches_tracked.add_(1)
         factor = running_average_factor(self.momentum, self.num_batches_tracked)
         update_running_stats(
