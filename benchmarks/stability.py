@@ -9,7 +9,7 @@ training subset grows with the batch size so that every cell takes enough steps 
 run (an interrupted grid keeps what it measured) and to a heat-map figure. Tables, heat
 maps and the checks judge each cell's mean over its seeds.
 
-    python benchmarks/stability.py         # the README grid (about 37 min alone on 2 CPU cores)
+    python benchmarks/stability.py --seeds 0 1 2   # the README grid (3 x ~40 min on 2 cores)
     python benchmarks/stability.py --grid smoke            # what the tests run
     python benchmarks/stability.py --resume                # finish an interrupted grid
     python benchmarks/stability.py --variants en bn --lrs 0.005 --batches 4 --json /tmp/s.json
@@ -18,8 +18,9 @@ maps and the checks judge each cell's mean over its seeds.
     python benchmarks/stability.py --merge /tmp/b4.json /tmp/b128.json --json all.json  # join
 
 Every run recomputes its running statistics over 1,000 training images before training and
-before its eval (``train.precise_bn``, ``--precise-bn``; frozen-statistics BN keeps the
-source's): at batch 4 the moving averages are too noisy for an eval to judge the weights.
+before its eval (``train.precise_bn``, ``--precise-bn``; frozen-statistics BN and EN's
+``renorm_frozen`` keep the source's): at batch 4 the moving averages are too noisy for an
+eval to judge the weights.
 
 Chance is 10% (10 classes): a run "learns" above 2x chance (20%).
 """

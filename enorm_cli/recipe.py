@@ -88,9 +88,9 @@ class ModelConfig(Section):
 
 SMALL_BATCH = 4
 """``bn_stats: auto`` batch-renormalizes EN's bn member against the source's statistics at
-this many images per statistic or fewer: at batch 4 measured better than batch statistics,
-moving-average renorm and frozen statistics; batch statistics were better at 8, 16 and 128
-(README, Stability)."""
+this many images per statistic or fewer: at batch 4 better at its best lr than batch
+statistics and moving-average renorm, and it learns where frozen statistics collapse (lr
+0.01); batch statistics were better at 8, 16 and 128 (README, Stability)."""
 
 FROZEN_BN_STATS = ("running", "renorm_frozen")
 """``bn_stats`` modes that keep the source's running statistics (precise BN leaves them)."""

@@ -362,7 +362,8 @@ class FinetuneRecipe:
                 norm = accelerator.clip_grad_norm_(
                     self.model.parameters(), self.recipe.train.grad_clip
                 )
-                self.grad_norm = float(norm)  # before clipping, as HF's Trainer logs it
+                # before clipping, as HF's Trainer logs it (None from some distributed engines)
+                self.grad_norm = float("nan") if norm is None else float(norm)
             self.optimizer.step()
             self.optimizer.zero_grad(set_to_none=True)
         if not accelerator.sync_gradients:

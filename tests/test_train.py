@@ -40,7 +40,12 @@ def read_metrics(out: Path) -> list[dict]:
 @pytest.mark.slow
 def test_quickstart_subset_learns_and_ratios_move(tmp_path: Path, mobilenet_weights: Path) -> None:
     out = tmp_path / "run"
-    recipe = load_recipe(QUICK, small_quickstart(out, f"model.checkpoint={mobilenet_weights}"))
+    # a clip that never binds: the norm is logged, and the ratios move within these 32 steps
+    # (the recipe's clip at 5 slows them: the full quickstart moves features.18.1 to bn 0.68)
+    recipe = load_recipe(
+        QUICK,
+        small_quickstart(out, f"model.checkpoint={mobilenet_weights}", "train.grad_clip=1000"),
+    )
     summary = finetune(recipe, progress=False)
     assert summary["top1"] > 40.0, summary  # chance is 10%
     assert summary["samples"] == 512
@@ -49,7 +54,7 @@ def test_quickstart_subset_learns_and_ratios_move(tmp_path: Path, mobilenet_weig
     records = read_metrics(out)
     assert any("loss" in r and "images_per_s" in r for r in records) and records[-1]["eval"]
     steps = [r for r in records if "loss" in r and not r.get("eval")]
-    assert recipe.train.grad_clip and all(r["grad_norm"] > 0 for r in steps)  # before clipping
+    assert all(0 < r["grad_norm"] < 1000 for r in steps)  # before clipping
     info = read_info(out / "last.safetensors")
     stats = info.extra["ratio_stats"]
     assert stats["samples"] == 512 and len(stats["layers"]) == 52
