@@ -12,37 +12,71 @@ from .layers import MixedNorm2d
 from .recipe import Recipe
 
 
+def gradient_scaled(opt_name: str) -> bool:
+    """Whether the optimizer's step grows with the gradient's scale (SGD and its momentum
+    variants), rather than dividing it out (Adam, RMSprop, Lion, ...)."""
+    name = opt_name.lower().split("_")[-1]  # timm's "lookahead_sgd"
+    return "sgd" in name or name.startswith(("momentum", "nesterov"))
+
+
+def affine_lr_scale(module: MixedNorm2d, recipe: Recipe) -> float:
+    """The lr factor of a mixed layer's affines (``optim.affine_lr_scale``).
+
+    "auto" gives the source's gain its own rate back. A converted EN layer computes the
+    source gain as lambda_src * (gamma / lambda_src), so an SGD step moves it lambda_src^2
+    times as far as the same step moved BatchNorm's gamma (0.78 at the quickstart's margin
+    2, K = 2), and EN learned slower than BN at low lrs (README, Stability). Dividing the lr by
+    lambda_src^2 (by lambda_src for optimizers that divide out the gradient's scale) puts it
+    back; SN's and shared affines carry the gain alone (share 1).
+    """
+    o = recipe.optim
+    if o.affine_lr_scale != "auto":
+        return o.affine_lr_scale
+    share = module.source_gain_share(recipe.model.en.margin)
+    return share ** (-2 if gradient_scaled(o.name) else -1)
+
+
 def param_groups(model: nn.Module, recipe: Recipe) -> list[dict[str, Any]]:
     """Optimizer groups: the mixed layers' ratio parameters (EN's branch, SN's ratio logits)
     and affines get their own lr and decay (``MixedNorm2d.ratio_parameters`` and
-    ``affine_parameters``).
+    ``affine_parameters``; one affine group per ``affine_lr_scale``, "affine" for the first).
 
     Other 1-D parameters (biases, norm weights) get no weight decay, as timm does.
     """
     o = recipe.optim
     ratio_ids: set[int] = set()
-    affine_ids: set[int] = set()
+    affine_scale: dict[int, float] = {}
     for module in model.modules():
         if isinstance(module, MixedNorm2d):
             ratio_ids.update(id(p) for p in module.ratio_parameters())
-            affine_ids.update(id(p) for p in module.affine_parameters())
+            scale = affine_lr_scale(module, recipe)
+            affine_scale.update((id(p), scale) for p in module.affine_parameters())
     groups: dict[str, dict[str, Any]] = {
         "ratio": {
             "params": [],
             "lr": o.ratio_lr or o.lr * o.ratio_lr_scale,
             "weight_decay": o.ratio_weight_decay,
         },
-        "affine": {"params": [], "lr": o.affine_lr or o.lr, "weight_decay": o.affine_weight_decay},
-        "decay": {"params": [], "lr": o.lr, "weight_decay": o.weight_decay},
-        "no_decay": {"params": [], "lr": o.lr, "weight_decay": 0.0},
     }
+    affine_names: dict[float, str] = {}
+    for scale in affine_scale.values():
+        if scale not in affine_names:
+            name = "affine" if not affine_names else f"affine_{len(affine_names)}"
+            affine_names[scale] = name
+            groups[name] = {
+                "params": [],
+                "lr": o.affine_lr or o.lr * scale,
+                "weight_decay": o.affine_weight_decay,
+            }
+    groups["decay"] = {"params": [], "lr": o.lr, "weight_decay": o.weight_decay}
+    groups["no_decay"] = {"params": [], "lr": o.lr, "weight_decay": 0.0}
     for p in model.parameters():
         if not p.requires_grad:
             continue
         if id(p) in ratio_ids:
             key = "ratio"
-        elif id(p) in affine_ids:
-            key = "affine"
+        elif id(p) in affine_scale:
+            key = affine_names[affine_scale[id(p)]]
         else:
             key = "decay" if p.ndim > 1 else "no_decay"
         groups[key]["params"].append(p)

@@ -141,7 +141,11 @@ class OptimConfig(Section):
     ratio_lr_scale: float = Field(0.1, gt=0)
     ratio_weight_decay: float = Field(0.0, ge=0)
     affine_lr: float | None = Field(None, gt=0)
-    """lr of EN's gammas and betas (None: lr)."""
+    """lr of the mixed layers' gammas and betas (None: lr * affine_lr_scale)."""
+    affine_lr_scale: Annotated[float, Field(gt=0)] | Literal["auto"] = "auto"
+    """"auto": 1 / lambda_src^2 for EN with SGD (1 / lambda_src with adaptive optimizers, 1 for
+    SN), so the source's gain learns at the rate BN's gamma did (``optim.affine_lr_scale``
+    explains why)."""
     affine_weight_decay: float = Field(0.0, ge=0)
 
 

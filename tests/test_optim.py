@@ -2,14 +2,23 @@
 
 from __future__ import annotations
 
+import copy
+import math
+
 import pytest
-from helpers import QUICK
+import torch
+from helpers import QUICK, randomize_norms
+from torch import nn
 
 from enorm_cli.errors import EnormError
 from enorm_cli.finetune_model import prepare_model
 from enorm_cli.layers import MixedNorm2d
-from enorm_cli.optim import build_optimizer, build_scheduler, param_groups
+from enorm_cli.optim import build_optimizer, build_scheduler, gradient_scaled, param_groups
 from enorm_cli.recipe import load_recipe
+from enorm_cli.settings import ENSettings
+from enorm_cli.surgery import convert_model
+
+LAMBDA_SRC = math.exp(2.0) / (math.exp(2.0) + 1)  # the quickstart's margin 2 over [bn, ln]
 
 
 def test_param_groups_split_en_parts() -> None:
@@ -19,9 +28,60 @@ def test_param_groups_split_en_parts() -> None:
     prepared = prepare_model(recipe, 10)
     groups = {g["name"]: g for g in param_groups(prepared.model, recipe)}
     assert groups["ratio"]["lr"] == 0.05 and groups["ratio"]["weight_decay"] == 0.0
-    assert groups["affine"]["lr"] == 0.1 and groups["decay"]["weight_decay"] == 1e-4
+    assert groups["affine"]["lr"] == pytest.approx(0.1 / LAMBDA_SRC**2)  # affine_lr_scale: auto
+    assert groups["decay"]["weight_decay"] == 1e-4
     total = sum(p.numel() for g in groups.values() for p in g["params"])
     assert total == sum(p.numel() for p in prepared.model.parameters())
+
+
+@pytest.mark.parametrize(
+    ("overrides", "lr"),
+    [
+        (["optim.name=adamw"], 0.1 / LAMBDA_SRC),  # adaptive steps: the gradient's scale cancels
+        (["optim.affine_lr_scale=1"], 0.1),
+        (["optim.affine_lr=0.03"], 0.03),
+        (["model.norm=sn"], 0.1),  # one affine pair: the gain's own gradient
+        (["model.en.shared_affine=true"], 0.1),
+    ],
+)
+def test_affine_lr_scale(overrides: list[str], lr: float) -> None:
+    recipe = load_recipe(
+        QUICK, ["model.name=test_resnet", "model.checkpoint=null", "optim.lr=0.1", *overrides]
+    )
+    groups = {g["name"]: g for g in param_groups(prepare_model(recipe, 10).model, recipe)}
+    assert groups["affine"]["lr"] == pytest.approx(lr)
+
+
+def test_gradient_scaled_optimizers() -> None:
+    assert all(gradient_scaled(n) for n in ("sgd", "momentum", "nesterov", "sgdp", "lookahead_sgd"))
+    assert not any(gradient_scaled(n) for n in ("adamw", "lion", "rmsproptf", "lamb"))
+
+
+@pytest.mark.parametrize(("scale", "gain_step"), [("auto", 1.0), ("1", LAMBDA_SRC**2)])
+def test_auto_scale_gives_the_source_gain_the_step_bn_takes(scale: str, gain_step: float) -> None:
+    """Why ``affine_lr_scale: auto``: one SGD step on a converted EN layer moves its source gain
+    (lambda_src * gamma_src row) as far as the same step moves the BatchNorm's gamma; with
+    scale 1 it moves lambda_src^2 = 0.78 times as far, and EN learned slower than BN at low lrs."""
+    torch.manual_seed(0)
+    bn_model = randomize_norms(nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8)))
+    en_model = copy.deepcopy(bn_model)
+    convert_model(en_model, ENSettings(normalizers=("bn", "ln"), margin=2.0))
+    recipe = load_recipe(
+        QUICK, ["model.checkpoint=null", "optim.lr=0.1", f"optim.affine_lr_scale={scale}"]
+    )
+    x, target = torch.randn(6, 3, 9, 9), torch.randn(6, 8, 7, 7)
+    steps = []
+    for model in (bn_model, en_model):
+        layer = model[1]
+        row = layer.normalizers.index("bn") if isinstance(layer, MixedNorm2d) else slice(None)
+        share = LAMBDA_SRC if isinstance(layer, MixedNorm2d) else 1.0
+        gain = share * layer.weight.detach()[row].clone()  # the source gain the output sees
+        groups = [g for g in param_groups(model, recipe) if g["name"] != "ratio"]
+        optimizer = torch.optim.SGD(groups, lr=recipe.optim.lr)
+        (model(x) * target).sum().backward()
+        optimizer.step()
+        steps.append(share * layer.weight.detach()[row] - gain)
+    assert torch.allclose(steps[1], gain_step * steps[0], rtol=1e-4, atol=1e-7)
 
 
 @pytest.mark.parametrize("norm", ["en", "sn"])

@@ -135,6 +135,12 @@ class MixedNorm2d(nn.Module):
         """The gammas and betas: their own optimizer group."""
         return [self.weight, self.bias]
 
+    def source_gain_share(self, margin: float) -> float:
+        """The factor by which a conversion with ``margin`` multiplies the source gamma's
+        gradient (1: the affine learns as the source's did). ``optim.affine_lr_scale: auto``
+        divides it back out."""
+        return 1.0
+
     @staticmethod
     def prior_ratio_logits(read: Callable[[str], Tensor]) -> tuple[Tensor, bool]:
         """The ratio logits that do not depend on the input, from the layer's own tensors

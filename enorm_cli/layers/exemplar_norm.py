@@ -24,7 +24,7 @@ from .exemplar_function import (
     exemplar_norm,
     ratio_logits,
 )
-from .source import SourceNorm
+from .source import SourceNorm, source_share
 from .statistics import InstanceStats, distributed_world_size, group_count, instance_stats
 
 ACTIVATIONS: tuple[str, ...] = ("tanh", "relu")
@@ -235,6 +235,15 @@ class ExemplarNorm2d(MixedNorm2d):
 
     def ratio_parameters(self) -> list[nn.Parameter]:
         return list(self.ratio.parameters())
+
+    def source_gain_share(self, margin: float) -> float:
+        """lambda_src = e^m / (e^m + K - 1): the source row's gamma is gamma / lambda_src and
+        enters the output times lambda_src, so its gradient is lambda_src times the source
+        gamma's (each beta row's is lambda_k times). One shared affine row carries the whole
+        gain: 1."""
+        if self.shared_affine:
+            return 1.0
+        return source_share(len(self.normalizers), margin)
 
     @staticmethod
     def prior_ratio_logits(read: Callable[[str], Tensor]) -> tuple[Tensor, bool]:

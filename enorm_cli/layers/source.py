@@ -58,4 +58,9 @@ def source_prior(normalizers: tuple[str, ...], source: str, margin: float) -> tu
     k = len(normalizers)
     prior = torch.zeros(k)
     prior[normalizers.index(source)] = margin
-    return prior, math.exp(margin) / (math.exp(margin) + k - 1)
+    return prior, source_share(k, margin)
+
+
+def source_share(num_normalizers: int, margin: float) -> float:
+    """The source normalizer's prior ratio among K: e^m / (e^m + K - 1)."""
+    return math.exp(margin) / (math.exp(margin) + num_normalizers - 1)
