@@ -83,6 +83,14 @@ def param_groups(model: nn.Module, recipe: Recipe) -> list[dict[str, Any]]:
     return [{"name": k, **g} for k, g in groups.items() if g["params"]]
 
 
+def network_lr(optimizer: torch.optim.Optimizer) -> float:
+    """The lr logged: the network's (``optim.lr`` under the schedule), not the ratio or affine
+    groups', which have their own scales (``optim.param_groups``)."""
+    groups = optimizer.param_groups
+    net = [g["lr"] for g in groups if g.get("name") in ("decay", "no_decay")]
+    return max(net or [g["lr"] for g in groups])
+
+
 def build_optimizer(model: nn.Module, recipe: Recipe) -> torch.optim.Optimizer:
     """timm's ``create_optimizer_v2`` over ``param_groups``; a bad optim section is a user error."""
     from timm.optim import create_optimizer_v2

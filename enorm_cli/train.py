@@ -45,7 +45,7 @@ from .fileio import write_text_atomic
 from .finetune_model import PreparedModel, prepare_model, set_sync_stats
 from .layers import MixedNorm2d
 from .metrics_log import MetricsLog
-from .optim import build_optimizer, build_scheduler
+from .optim import build_optimizer, build_scheduler, network_lr
 from .precise_bn import RUNNING_STATS_LAYERS, recompute_running_stats
 from .preemption import Preempted, PreemptionGuard
 from .recipe import FROZEN_BN_STATS, SMALL_BATCH, Recipe, dump_recipe, resolve_bn_stats
@@ -300,7 +300,7 @@ class FinetuneRecipe:
                 continue
             crash_point("step")
             step = self.progress.global_step
-            lr = max(group["lr"] for group in self.optimizer.param_groups)
+            lr = network_lr(self.optimizer)
             rate = images / max(time.perf_counter() - tick, 1e-9)
             bar.update(
                 task,

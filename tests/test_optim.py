@@ -13,7 +13,13 @@ from torch import nn
 from enorm_cli.errors import EnormError
 from enorm_cli.finetune_model import prepare_model
 from enorm_cli.layers import MixedNorm2d
-from enorm_cli.optim import build_optimizer, build_scheduler, gradient_scaled, param_groups
+from enorm_cli.optim import (
+    build_optimizer,
+    build_scheduler,
+    gradient_scaled,
+    network_lr,
+    param_groups,
+)
 from enorm_cli.recipe import load_recipe
 from enorm_cli.settings import ENSettings
 from enorm_cli.surgery import convert_model
@@ -119,3 +125,10 @@ def test_optimizer_and_scheduler_from_the_recipe() -> None:
     )
     with pytest.raises(EnormError, match="optim"):
         build_optimizer(model, bad)
+
+
+def test_the_logged_lr_is_the_networks_not_the_scaled_affines() -> None:
+    recipe = load_recipe(QUICK, ["model.name=test_resnet", "model.checkpoint=null", "optim.lr=0.1"])
+    optimizer = build_optimizer(prepare_model(recipe, 10).model, recipe)
+    assert max(g["lr"] for g in optimizer.param_groups) > 0.1  # the affines: 0.1 / lambda^2
+    assert network_lr(optimizer) == 0.1
