@@ -144,7 +144,7 @@ class OptimConfig(Section):
     """lr of the mixed layers' gammas and betas (None: lr * affine_lr_scale)."""
     affine_lr_scale: Annotated[float, Field(gt=0)] | Literal["auto"] = "auto"
     """"auto": 1 / lambda_src^2 for EN with SGD (1 / lambda_src with adaptive optimizers, 1 for
-    SN), so the source's gain learns at the rate BN's gamma did (``optim.affine_lr_scale``
+    SN), so the source's gain learns at the rate BN's gamma did (``enorm_cli.optim.affine_lr_scale``
     explains why)."""
     affine_weight_decay: float = Field(0.0, ge=0)
 
