@@ -48,6 +48,7 @@ VARIANTS: dict[str, list[str]] = {
     "sn": ["model.norm=sn"],  # Switchable Normalization, the baseline layer (recipe's bn_stats)
     "en": ["model.norm=en"],  # EN with the recipe's (the package's) defaults
     "en_batch": ["model.norm=en", "model.bn_stats=batch"],  # EN, bn member on batch statistics
+    "en_renorm_frozen": ["model.norm=en", "model.bn_stats=renorm_frozen"],  # batch 4's, anywhere
 }
 
 DEFAULT_VARIANTS = ("bn", "bn_frozen", "sn", "en")
@@ -57,7 +58,7 @@ GRIDS: dict[str, dict[str, Any]] = {
     "readme": {
         "lrs": [0.002, 0.005, 0.01, 0.02, 0.05],
         "batches": [4, 16, 128],
-        "images": {4: 1000, 16: 2000, 128: 8000},
+        "images": {4: 1000, 8: 2000, 16: 2000, 128: 8000},
         "val": 2000,
     },
     "smoke": {"lrs": [0.01], "batches": [4], "images": {4: 16}, "val": 16, "model": "test_resnet"},

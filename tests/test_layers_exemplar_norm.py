@@ -332,6 +332,55 @@ def test_renorm_trains_on_the_eval_function_and_records_batch_statistics() -> No
 
 
 @pytest.mark.parametrize("fused", [True, False])
+def test_renorm_frozen_trains_on_the_source_function_where_the_clips_would_bite(
+    fused: bool,
+) -> None:
+    """bn_stats=renorm_frozen at batch 4 on 1 x 1 maps, 4 values per channel whose spread is a
+    fifth of the source's (as on MobileNetV2's last layers, where 60-85% of the channels are
+    beyond Ioffe's r_max = 3): training computes the eval (source) function in every channel,
+    unclipped, and the input gradient is BatchNorm's projection at the source's scale,
+    ``gamma / sigma_run (g - mean g - xhat mean(g xhat))`` with the batch's xhat (bn alone)."""
+    from enorm_cli.layers import fused_en
+
+    torch.manual_seed(0)
+    layer = ExemplarNorm2d(16, normalizers=("bn", "ln"))
+    with torch.no_grad():
+        layer.running_var.fill_(25.0)
+        layer.running_mean.fill_(0.3)
+        layer.weight.uniform_(0.5, 1.5)
+    layer.renorm = layer.frozen_stats = True
+    x = torch.randn(4, 16, 1, 1).requires_grad_()
+    stats = instance_stats(x.detach())
+    mean, var = batch_stats(stats.mean, stats.var)
+    assert (((var + layer.eps) / (25.0 + layer.eps)).sqrt() < 1 / 3).float().mean() > 0.6
+    with fused_en(fused):
+        y_eval = layer.eval()(x).detach()
+        y = layer.train()(x)
+        g = torch.linspace(-1, 1, y.numel()).view_as(y)
+        (y * g).sum().backward()
+    torch.testing.assert_close(y.detach(), y_eval, rtol=1e-5, atol=1e-5)
+    assert (layer.running_var == 25.0).all()  # frozen: never updated
+    # The backward, on the bn member alone (the ratio branch adds its own term through lambda)
+    bn_only = ExemplarNorm2d(16, normalizers=("bn",))
+    with torch.no_grad():
+        bn_only.running_var.fill_(25.0)
+        bn_only.running_mean.fill_(0.3)
+        bn_only.weight.uniform_(0.5, 1.5)
+    bn_only.renorm = bn_only.frozen_stats = True
+    xb = x.detach().clone().requires_grad_()
+    with fused_en(fused):
+        (bn_only.train()(xb) * g).sum().backward()
+    xhat = (x.detach() - mean.view(1, -1, 1, 1)) / (var.view(1, -1, 1, 1) + bn_only.eps).sqrt()
+    gamma = bn_only.weight[0].view(1, -1, 1, 1)
+    expected = (
+        gamma
+        / (25.0 + bn_only.eps) ** 0.5
+        * (g - g.mean(0, keepdim=True) - xhat * (g * xhat).mean(0, keepdim=True))
+    )
+    torch.testing.assert_close(xb.grad, expected, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("fused", [True, False])
 def test_renorm_gradcheck(fused: bool) -> None:
     """Gradients of the renormalized bn member, both paths, against finite differences (every
     r and d at its clip, where they are constants, so finite differences see what autograd

@@ -11,6 +11,7 @@ from enorm_cli.layers.statistics import (
     group_stats,
     instance_stats,
     layer_stats,
+    renorm_limits,
     renormalized_stats,
 )
 
@@ -103,3 +104,20 @@ def test_renormalized_stats_normalize_as_the_running_ones_within_the_clips() -> 
     ours = (x - m.view(1, 6, 1, 1)) / (s.view(1, 6, 1, 1) + eps).sqrt()
     batch = (x - mean.view(1, 6, 1, 1)) / (var.view(1, 6, 1, 1) + eps).sqrt()
     torch.testing.assert_close(ours, batch / 3 - 5)
+
+
+def test_renormalized_stats_unclipped_normalize_as_the_running_ones_anywhere() -> None:
+    """Against frozen statistics renorm has no clips (``renorm_limits``): 100x off in scale and
+    10^4 in mean, the statistics still normalize exactly as the running ones."""
+    assert renorm_limits(frozen_stats=False) == (3.0, 5.0)
+    assert renorm_limits(frozen_stats=True) is None
+    eps = 1e-5
+    x = torch.randn(4, 6, 1, 1).double() * 2 + 1
+    mean, var = direct(x, (0, 2, 3))
+    mean, var = mean.unsqueeze(0), var.unsqueeze(0)
+    run_mean, run_var = mean.squeeze(0) + 1e4, var.squeeze(0) * 1e4
+    m, s, rd = renormalized_stats(mean, var, run_mean, run_var, eps, renorm_limits(True))
+    assert (rd[0] < 0.02).all() and (rd[1] < -30).all()  # r_max 3 and d_max 5 would clip
+    ours = (x - m.view(1, 6, 1, 1)) / (s.view(1, 6, 1, 1) + eps).sqrt()
+    running = (x - run_mean.view(1, 6, 1, 1)) / (run_var.view(1, 6, 1, 1) + eps).sqrt()
+    torch.testing.assert_close(ours, running)

@@ -76,3 +76,17 @@ def test_renorm_trains_on_the_eval_function() -> None:
     bn(x)
     torch.testing.assert_close(layer.running_mean, bn.running_mean)
     torch.testing.assert_close(layer.running_var, bn.running_var)
+
+
+def test_renorm_frozen_trains_on_the_eval_function_beyond_the_clips() -> None:
+    """renorm_frozen (SN too): batch spread a fifth of the running one, past r_max = 3, and the
+    training output is still the eval output (no clip against frozen statistics)."""
+    torch.manual_seed(0)
+    layer = SwitchableNorm2d(8, normalizers=("bn", "ln"))
+    with torch.no_grad():
+        layer.running_var.fill_(25.0)
+    layer.renorm = layer.frozen_stats = True
+    x = torch.randn(4, 8, 1, 1)
+    y_eval = layer.eval()(x)
+    torch.testing.assert_close(layer.train()(x), y_eval, rtol=1e-5, atol=1e-5)
+    assert (layer.running_var == 25.0).all()

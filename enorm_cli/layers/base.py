@@ -17,6 +17,7 @@ from .statistics import (
     distributed_world_size,
     mode_bn_stats,
     normalizer_stats,
+    renorm_limits,
     renormalized_stats,
     running_average_factor,
     synced_batch_stats,
@@ -193,7 +194,11 @@ class MixedNorm2d(nn.Module):
             batch = bn
             if self.renorm:  # with the running statistics before this batch's update
                 mean, var, _ = renormalized_stats(
-                    *bn, self.running_mean, self.running_var, self.eps
+                    *bn,
+                    self.running_mean,
+                    self.running_var,
+                    self.eps,
+                    renorm_limits(self.frozen_stats),
                 )
                 bn = (mean, var)
             if update:

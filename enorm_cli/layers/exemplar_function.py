@@ -32,7 +32,13 @@ from torch import Tensor
 from torch.autograd.function import once_differentiable
 
 from .fused_affine import affine_apply, affine_grads, input_grad, wide
-from .statistics import mode_bn_stats, moments, normalizer_stats, renormalized_stats
+from .statistics import (
+    mode_bn_stats,
+    moments,
+    normalizer_stats,
+    renorm_limits,
+    renormalized_stats,
+)
 
 
 @dataclass(frozen=True)
@@ -48,6 +54,8 @@ class KernelSettings:
     logit_scale: float = 1.0
     renorm: bool = False
     """Training: the bn member batch-renormalized (``statistics.renormalized_stats``)."""
+    frozen_stats: bool = False
+    """Renorm against statistics that training never updates: unclipped (``renorm_limits``)."""
 
 
 def _to(t: Tensor, dtype: torch.dtype) -> Tensor:
@@ -89,7 +97,9 @@ def stacked_stats(
     batch = torch.cat(bn) if cfg.training and bn is not None else None
     rd = None
     if cfg.renorm and batch is not None:
-        mean, var, rd = renormalized_stats(*bn, p.running_mean, p.running_var, cfg.eps)
+        mean, var, rd = renormalized_stats(
+            *bn, p.running_mean, p.running_var, cfg.eps, renorm_limits(cfg.frozen_stats)
+        )
         bn = (mean, var)
     pairs = normalizer_stats(m, v, cfg.normalizers, cfg.num_groups, bn)
     means = torch.stack([mean.expand(n, c) for mean, _ in pairs])

@@ -267,6 +267,7 @@ class ExemplarNorm2d(MixedNorm2d):
             training=self.training,
             logit_scale=self.logit_scale,
             renorm=self.renorm,
+            frozen_stats=self.frozen_stats,
         )
 
     def kernel_tensors(self) -> ENTensors:
