@@ -336,7 +336,7 @@ def test_renorm_frozen_trains_on_the_source_function_where_the_clips_would_bite(
     fused: bool,
 ) -> None:
     """bn_stats=renorm_frozen at batch 4 on 1 x 1 maps, 4 values per channel whose spread is a
-    fifth of the source's (as on MobileNetV2's last layers, where 60-85% of the channels are
+    fifth of the source's (as on MobileNetV2's last layers, where up to 84% of the channels are
     beyond Ioffe's r_max = 3): training computes the eval (source) function in every channel,
     unclipped, and the input gradient is BatchNorm's projection at the source's scale,
     ``gamma / sigma_run (g - mean g - xhat mean(g xhat))`` with the batch's xhat (bn alone)."""
