@@ -10,7 +10,7 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 
-import renorm_clips  # noqa: E402
+import renorm_clips
 
 
 def test_clip_shares_count_the_channels_beyond_r_max_and_d_max() -> None:
