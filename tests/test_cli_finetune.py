@@ -22,7 +22,7 @@ def test_finetune_then_eval_agree(crops: Path, tmp_path: Path) -> None:
     assert "val top-1" in result.stdout
     # batch 4: the default bn_stats (auto) batch-renormalizes EN's bn member against the
     # source's statistics, says so, and keeps them (no precise BN)
-    chose = "model.bn_stats=auto: renorm_frozen (bn statistics over 4 images per step, at most 4"
+    chose = "model.bn_stats=auto: renorm_frozen (bn statistics over 4 images per step, at most 8"
     assert chose in result.stdout
     assert result.stdout.count("precise BN: off with model.bn_stats=renorm_frozen") == 1
     assert "precise BN: running statistics" not in result.stdout
