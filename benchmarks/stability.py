@@ -48,7 +48,8 @@ VARIANTS: dict[str, list[str]] = {
     "sn": ["model.norm=sn"],  # Switchable Normalization, the baseline layer (recipe's bn_stats)
     "en": ["model.norm=en"],  # EN with the recipe's (the package's) defaults
     "en_batch": ["model.norm=en", "model.bn_stats=batch"],  # EN, bn member on batch statistics
-    "en_renorm_frozen": ["model.norm=en", "model.bn_stats=renorm_frozen"],  # batch 4's, anywhere
+    # EN with auto's small-batch mode at any batch
+    "en_renorm_frozen": ["model.norm=en", "model.bn_stats=renorm_frozen"],
 }
 
 DEFAULT_VARIANTS = ("bn", "bn_frozen", "sn", "en")

@@ -342,13 +342,18 @@ def test_renorm_frozen_trains_on_the_source_function_where_the_clips_would_bite(
     ``gamma / sigma_run (g - mean g - xhat mean(g xhat))`` with the batch's xhat (bn alone)."""
     from enorm_cli.layers import fused_en
 
+    def frozen_layer(normalizers: tuple[str, ...]) -> ExemplarNorm2d:
+        """renorm_frozen against source statistics of spread 5 (the batch's is about 1)."""
+        layer = ExemplarNorm2d(16, normalizers=normalizers)
+        with torch.no_grad():
+            layer.running_var.fill_(25.0)
+            layer.running_mean.fill_(0.3)
+            layer.weight.uniform_(0.5, 1.5)
+        layer.renorm = layer.frozen_stats = True
+        return layer
+
     torch.manual_seed(0)
-    layer = ExemplarNorm2d(16, normalizers=("bn", "ln"))
-    with torch.no_grad():
-        layer.running_var.fill_(25.0)
-        layer.running_mean.fill_(0.3)
-        layer.weight.uniform_(0.5, 1.5)
-    layer.renorm = layer.frozen_stats = True
+    layer = frozen_layer(("bn", "ln"))
     x = torch.randn(4, 16, 1, 1).requires_grad_()
     stats = instance_stats(x.detach())
     mean, var = batch_stats(stats.mean, stats.var)
@@ -361,12 +366,7 @@ def test_renorm_frozen_trains_on_the_source_function_where_the_clips_would_bite(
     torch.testing.assert_close(y.detach(), y_eval, rtol=1e-5, atol=1e-5)
     assert (layer.running_var == 25.0).all()  # frozen: never updated
     # The backward, on the bn member alone (the ratio branch adds its own term through lambda)
-    bn_only = ExemplarNorm2d(16, normalizers=("bn",))
-    with torch.no_grad():
-        bn_only.running_var.fill_(25.0)
-        bn_only.running_mean.fill_(0.3)
-        bn_only.weight.uniform_(0.5, 1.5)
-    bn_only.renorm = bn_only.frozen_stats = True
+    bn_only = frozen_layer(("bn",))
     xb = x.detach().clone().requires_grad_()
     with fused_en(fused):
         (bn_only.train()(xb) * g).sum().backward()
