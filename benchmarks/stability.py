@@ -223,6 +223,15 @@ def check(runs: list[dict[str, Any]]) -> list[str]:
     return out
 
 
+def seeds_label(runs: list[dict[str, Any]]) -> str:
+    """The title's seed count: runs per cell, as a range where merged rows differ (3 and 5)."""
+    counts = {len(v) for v in _seed_counts(runs).values()}
+    low, high = min(counts, default=1), max(counts, default=1)
+    if high == 1:
+        return ""
+    return f", mean of {low} seeds" if low == high else f", mean of {low}-{high} seeds per cell"
+
+
 def plot(runs: list[dict[str, Any]], variants: list[str], path: Path) -> None:
     """One heat map per variant: batch x lr, colour = top-1, the number written in each cell."""
     import matplotlib
@@ -261,10 +270,9 @@ def plot(runs: list[dict[str, Any]], variants: list[str], path: Path) -> None:
         ax.set_xlabel("learning rate")
     axes[0][0].set_ylabel("batch size")
     fig.colorbar(im, ax=axes[0].tolist(), label="val top-1 (%)", shrink=0.8)
-    seeds = len({r.get("seed", 0) for r in runs})
     fig.suptitle(
         "Fine-tuning ImageNet MobileNetV2 on Fashion-MNIST: top-1 per (batch, lr)"
-        + (f", mean of {seeds} seeds" if seeds > 1 else "")
+        + seeds_label(runs)
     )
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110, bbox_inches="tight")

@@ -59,3 +59,14 @@ def test_a_diverged_run_counts_as_not_learning() -> None:
     lines = stability.check(runs)
     assert lines[0].startswith("FAIL") and "(16, 0.05)" in lines[0] and "(4, 0.05)" not in lines[0]
     assert "NaN loss" in stability.table(runs, ["bn", "en"])
+
+
+def test_the_heat_map_title_counts_runs_per_cell_not_seeds_overall() -> None:
+    def run(variant: str, batch: int, seed: int) -> dict[str, object]:
+        return {"variant": variant, "batch": batch, "lr": 0.01, "seed": seed, "top1": 50.0}
+
+    three = [run(v, 4, s) for v in ("bn", "en") for s in range(3)]
+    assert stability.seeds_label(three) == ", mean of 3 seeds"
+    five_at_8 = three + [run(v, 8, s) for v in ("bn", "en") for s in range(5)]
+    assert stability.seeds_label(five_at_8) == ", mean of 3-5 seeds per cell"
+    assert stability.seeds_label([run("bn", 4, 0)]) == ""
