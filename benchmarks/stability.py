@@ -9,7 +9,9 @@ training subset grows with the batch size so that every cell takes enough steps 
 run (an interrupted grid keeps what it measured) and to a heat-map figure. Tables, heat
 maps and the checks judge each cell's mean over its seeds.
 
-    python benchmarks/stability.py --seeds 0 1 2   # the README grid (3 x ~40 min on 2 cores)
+    python benchmarks/stability.py --seeds 0 1 2   # the README grid; as one process per seed
+                                                   # (--seeds S, then --merge): 75 min each,
+                                                   # three at once on 2 cores
     python benchmarks/stability.py --grid smoke            # what the tests run
     python benchmarks/stability.py --resume                # finish an interrupted grid
     python benchmarks/stability.py --variants en bn --lrs 0.005 --batches 4 --json /tmp/s.json
