@@ -89,11 +89,11 @@ class ModelConfig(Section):
 
 SMALL_BATCH = 8
 """``bn_stats: auto`` batch-renormalizes EN's bn member against the source's statistics at
-this many images per statistic or fewer. Measured (README, Stability, 2026-12-02): its best lr
-beats BatchNorm's best by 34.7 points at batch 4 and 10.2 at batch 8, and EN's on batch
-statistics by 8.6 at batch 8, and it keeps learning at lr 0.005 where frozen statistics
-collapse; batch statistics were better at 16 and 128 before the clips were dropped (not
-re-measured since)."""
+this many images per statistic or fewer. Measured (README, Stability: the one-machine grid of
+2026-12-02): its best lr beats BatchNorm's best by 42.6 points at batch 4 and 10.7 at batch 8,
+and EN's on batch statistics by 11.2 at batch 8, and it keeps learning at lr 0.01 where
+frozen statistics collapse; batch statistics were better at 16 and 128 before the clips were
+dropped (not re-measured since)."""
 
 FROZEN_BN_STATS = ("running", "renorm_frozen")
 """``bn_stats`` modes that keep the source's running statistics (precise BN leaves them)."""
