@@ -77,10 +77,10 @@ VARIANTS: dict[str, list[str]] = {
     "sn": ["model.norm=sn"],  # Switchable Normalization, the recipe's normalizers
     "en": [],  # the recipe's own EN settings
     # the paper's ablations, on top of the recipe's EN
-    "en_pi10": ["model.en.pi=10"],
-    "en_noconv": ["model.en.use_conv=false"],
-    "en_relu": ["model.en.activation=relu"],
-    "en_shared_affine": ["model.en.shared_affine=true"],
+    "en_pi10": ["model.en.ablation.pi=10"],
+    "en_noconv": ["model.en.ablation.use_conv=false"],
+    "en_relu": ["model.en.ablation.activation=relu"],
+    "en_shared_affine": ["model.en.ablation.shared_affine=true"],
     "en_bn_in_ln": ["model.en.normalizers=[bn,in,ln]"],
     "en_bn_ln": ["model.en.normalizers=[bn,ln]"],
 }

@@ -12,6 +12,7 @@ maps and the checks judge each cell's mean over its seeds.
     python benchmarks/stability.py --seeds 0 1 2   # the README grid; as one process per seed
                                                    # (--seeds S, then --merge): 75 min each,
                                                    # three at once on 2 cores
+    python benchmarks/stability.py --minimal --seeds 0 1 2  # from a minimal recipe: defaults only
     python benchmarks/stability.py --grid smoke            # what the tests run
     python benchmarks/stability.py --resume                # finish an interrupted grid
     python benchmarks/stability.py --variants en bn --lrs 0.005 --batches 4 --json /tmp/s.json
@@ -64,8 +65,22 @@ GRIDS: dict[str, dict[str, Any]] = {
         "images": {4: 1000, 8: 2000, 16: 2000, 128: 8000},
         "val": 2000,
     },
+    "minimal": {
+        "lrs": [0.002, 0.005, 0.01, 0.02, 0.05],
+        "batches": [4, 8, 16, 128],
+        "images": {4: 1000, 8: 2000, 16: 2000, 128: 8000},
+        "val": 2000,
+        "recipe": "benchmarks/recipes/minimal.yaml",
+        "precise_bn": 0,
+        "variants": ["bn", "bn_frozen", "en"],
+        "max_batch": {"bn_frozen": 8},
+    },
     "smoke": {"lrs": [0.01], "batches": [4], "images": {4: 16}, "val": 16, "model": "test_resnet"},
 }
+"""``minimal`` runs from a recipe that names only the model, the data, the batch, the lr and
+the epochs (``benchmarks/recipes/minimal.yaml``): every other key is the schema's default,
+precise BN included (off). Frozen-statistics BN is the small-batch reference, run where the
+checks read it (batch <= 8)."""
 
 
 def run_cell(
@@ -77,6 +92,7 @@ def run_cell(
     out_root: Path,
     extra: list[str],
     seed: int,
+    recipe_path: Path = ROOT / "recipes" / "quickstart.yaml",
 ) -> dict[str, Any]:
     """One fine-tune; returns its final eval record, mean train loss of its last tenth, wall time.
 
@@ -99,7 +115,7 @@ def run_cell(
         *extra,
         *VARIANTS[variant],
     ]
-    recipe = load_recipe(ROOT / "recipes" / "quickstart.yaml", overrides)
+    recipe = load_recipe(recipe_path, overrides)
     start = time.perf_counter()
     try:
         final: dict[str, Any] = finetune(recipe, force=True, progress=False)
@@ -285,8 +301,11 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--grid", choices=sorted(GRIDS), default="readme")
     parser.add_argument(
-        "--variants", nargs="+", choices=sorted(VARIANTS), default=list(DEFAULT_VARIANTS)
+        "--minimal",
+        action="store_true",
+        help="the minimal-recipe grid (--grid minimal): the schema's defaults, no recipe lines",
     )
+    parser.add_argument("--variants", nargs="+", choices=sorted(VARIANTS), default=None)
     parser.add_argument("--lrs", nargs="+", type=float, default=None)
     parser.add_argument("--batches", nargs="+", type=int, default=None)
     parser.add_argument(
@@ -306,23 +325,28 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--precise-bn",
         type=int,
-        default=1000,
-        help="train.precise_bn for every run (0: off): evals judge weights, not noisy statistics",
+        default=None,
+        help="train.precise_bn for every run (0: off; default 1000, the minimal grid's 0): "
+        "evals judge weights, not noisy statistics",
     )
     parser.add_argument("overrides", nargs="*", help="extra recipe overrides for every run")
     args = parser.parse_args(argv)
-    grid = GRIDS[args.grid]
+    grid = GRIDS["minimal" if args.minimal else args.grid]
     lrs, batches = args.lrs or grid["lrs"], args.batches or grid["batches"]
-    extra = [f"train.precise_bn={args.precise_bn}", *args.overrides]
+    args.variants = args.variants or grid.get("variants", list(DEFAULT_VARIANTS))
+    recipe_path = ROOT / grid.get("recipe", "recipes/quickstart.yaml")
+    precise_bn = grid.get("precise_bn", 1000) if args.precise_bn is None else args.precise_bn
+    extra = [*([f"train.precise_bn={precise_bn}"] if precise_bn else []), *args.overrides]
     if "model" in grid:
         extra = [f"model.name={grid['model']}", "model.checkpoint=null", *extra]
     json_path = args.json or args.out / "stability.json"
     plot_path = args.plot or args.out / "stability.png"
     json_path.parent.mkdir(parents=True, exist_ok=True)
     meta = {
-        "grid": args.grid,
+        "grid": "minimal" if args.minimal else args.grid,
+        "recipe": str(recipe_path.relative_to(ROOT)),
         "overrides": args.overrides,
-        "precise_bn": args.precise_bn,
+        "precise_bn": precise_bn,
         "seeds": args.seeds,
         "images": {str(k): v for k, v in grid["images"].items()},
         "val": grid["val"],
@@ -342,9 +366,21 @@ def main(argv: list[str] | None = None) -> int:
                 for variant in args.variants:  # variants innermost: load drift hits them alike
                     if (variant, batch, lr, seed) in done:
                         continue
+                    if batch > grid.get("max_batch", {}).get(variant, batch):
+                        continue
                     images = grid["images"].get(batch, max(grid["images"].values()))
                     runs.append(
-                        run_cell(variant, batch, lr, images, grid["val"], args.out, extra, seed)
+                        run_cell(
+                            variant,
+                            batch,
+                            lr,
+                            images,
+                            grid["val"],
+                            args.out,
+                            extra,
+                            seed,
+                            recipe_path,
+                        )
                     )
                     print(json.dumps(runs[-1]), flush=True)
                     json_path.write_text(json.dumps({"meta": meta, "runs": runs}, indent=1))

@@ -12,8 +12,8 @@ from .checkpoint import build_metadata, load_model, read_info, settings_of
 from .errors import EnormError
 from .layers import MixedNorm2d
 from .models import create_source_model, data_config, num_classes_of, set_num_classes
-from .recipe import Recipe
-from .settings import ENSettings
+from .recipe import ModelConfig, Recipe
+from .settings import TUNED_FIELDS, ENSettings
 from .surgery import convert_model
 
 
@@ -48,6 +48,8 @@ def prepare_model(recipe: Recipe, num_classes: int) -> PreparedModel:
     if cfg.name.endswith(".safetensors"):
         path = Path(cfg.name)
         info = read_info(path)
+        settings = settings_of(info, path)
+        check_recipe_agrees(cfg, settings, info.extra.get("norm", "en"), path)
         model = load_model(path)
         if num_classes != info.num_classes:
             set_num_classes(model, num_classes)
@@ -55,7 +57,7 @@ def prepare_model(recipe: Recipe, num_classes: int) -> PreparedModel:
             model,
             info.source_model,
             info.source_model.partition(":")[0] if ":" in info.source_model else "timm",
-            settings_of(info, path),
+            settings,
             info.converted_layers,
             info.layer_normalizers,
             info.extra.get("norm", "en"),
@@ -93,6 +95,33 @@ def prepare_model(recipe: Recipe, num_classes: int) -> PreparedModel:
         list(config["mean"]),
         list(config["std"]),
     )
+
+
+def check_recipe_agrees(cfg: ModelConfig, settings: ENSettings, norm: str, path: Path) -> None:
+    """A model loaded from an EN checkpoint keeps the settings its layers were converted with
+    (the margin that ``optim.affine_lr_scale: auto`` reads, the branch's shape): a recipe key
+    set to another value is refused, one set to the same value is fine."""
+    given: list[tuple[str, Any]] = [
+        (f"model.en.{name}", getattr(cfg.en, name))
+        for name in TUNED_FIELDS
+        if name in cfg.en.model_fields_set
+    ]
+    given += [
+        (f"model.en.ablation.{name}", getattr(cfg.en.ablation, name))
+        for name in cfg.en.ablation.model_fields_set
+    ]
+    for key, value in given:
+        have = getattr(settings, key.rsplit(".", 1)[-1])
+        if value != have:
+            raise EnormError(
+                f"{key}={value!r} contradicts {str(path)!r}, whose layers were converted with "
+                f"{have!r}: remove the key (a checkpoint keeps its own settings)"
+            )
+    if "norm" in cfg.model_fields_set and cfg.norm != norm:
+        raise EnormError(
+            f"model.norm={cfg.norm} contradicts {str(path)!r}, a model.norm={norm} checkpoint: "
+            "remove the key, or convert the source model again"
+        )
 
 
 def set_sync_stats(model: nn.Module, enabled: bool) -> int:

@@ -9,7 +9,7 @@ from torch import nn
 
 from .errors import EnormError
 from .layers import MixedNorm2d
-from .recipe import Recipe
+from .recipe import OptimConfig, Recipe
 
 
 def gradient_scaled(opt_name: str) -> bool:
@@ -19,68 +19,83 @@ def gradient_scaled(opt_name: str) -> bool:
     return "sgd" in name or name.startswith(("momentum", "nesterov"))
 
 
-def affine_lr_scale(module: MixedNorm2d, recipe: Recipe) -> float:
-    """The lr factor of a mixed layer's affines (``optim.affine_lr_scale``).
+def ratio_lr_scale(module: MixedNorm2d, optim: OptimConfig) -> float:
+    """The lr factor of a mixed layer's ratio parameters (``optim.ratio_lr_scale``).
+
+    "auto" divides out how much further one step moves a sample's ratio logits than a plain
+    logit (``MixedNorm2d.ratio_step_factor``: s^2 pi K for EN's branch, 1 for SN's logits),
+    so EN's ratios are exactly as mobile as SN's under the network's lr, whatever the logit
+    scale a layer was built with (1 at the default scale; 0.01 for a K=2, pi=50 checkpoint
+    from before the scale, which trained at s = 1).
+    """
+    if optim.ratio_lr_scale != "auto":
+        return optim.ratio_lr_scale
+    return 1.0 / module.ratio_step_factor()
+
+
+def affine_lr_scale(module: MixedNorm2d, optim: OptimConfig, margin: float) -> float:
+    """The lr factor of a mixed layer's affines (``optim.affine_lr_scale``); ``margin`` is the
+    one the model was converted with (the checkpoint's, for a model loaded from one).
 
     "auto" gives the source's gain its own rate back. A converted EN layer computes the
     source gain as lambda_src * (gamma / lambda_src), so an SGD step moves it lambda_src^2
     times as far as the same step moved BatchNorm's gamma (0.78 at the quickstart's margin
-    2, K = 2), and EN learned slower than BN at low lrs (README, Stability). Dividing the lr by
+    2, K = 2), and EN learned slower than BN at low lrs (docs, Stability). Dividing the lr by
     lambda_src^2 (by lambda_src for optimizers that divide out the gradient's scale) puts it
     back; SN's and shared affines carry the gain alone (share 1).
     """
-    o = recipe.optim
-    if o.affine_lr_scale != "auto":
-        return o.affine_lr_scale
-    share = module.source_gain_share(recipe.model.en.margin)
-    return share ** (-2 if gradient_scaled(o.name) else -1)
+    if optim.affine_lr_scale != "auto":
+        return optim.affine_lr_scale
+    share = module.source_gain_share(margin)
+    return share ** (-2 if gradient_scaled(optim.name) else -1)
 
 
-def param_groups(model: nn.Module, recipe: Recipe) -> list[dict[str, Any]]:
+def param_groups(model: nn.Module, optim: OptimConfig, margin: float) -> list[dict[str, Any]]:
     """Optimizer groups: the mixed layers' ratio parameters (EN's branch, SN's ratio logits)
     and affines get their own lr and decay (``MixedNorm2d.ratio_parameters`` and
-    ``affine_parameters``; one affine group per ``affine_lr_scale``, "affine" for the first).
+    ``affine_parameters``; one group per resolved scale: "ratio", "ratio_1", "affine", ...).
+    Each group carries its ``lr_scale`` (what config.yaml records).
 
     Other 1-D parameters (biases, norm weights) get no weight decay, as timm does.
     """
-    o = recipe.optim
-    ratio_ids: set[int] = set()
-    affine_scale: dict[int, float] = {}
+    kinds = {"ratio": optim.ratio_weight_decay, "affine": optim.affine_weight_decay}
+    scale_of: dict[int, tuple[str, float]] = {}
     for module in model.modules():
         if isinstance(module, MixedNorm2d):
-            ratio_ids.update(id(p) for p in module.ratio_parameters())
-            scale = affine_lr_scale(module, recipe)
-            affine_scale.update((id(p), scale) for p in module.affine_parameters())
-    groups: dict[str, dict[str, Any]] = {
-        "ratio": {
-            "params": [],
-            "lr": o.ratio_lr or o.lr * o.ratio_lr_scale,
-            "weight_decay": o.ratio_weight_decay,
-        },
-    }
-    affine_names: dict[float, str] = {}
-    for scale in affine_scale.values():
-        if scale not in affine_names:
-            name = "affine" if not affine_names else f"affine_{len(affine_names)}"
-            affine_names[scale] = name
+            ratio = ratio_lr_scale(module, optim)
+            affine = affine_lr_scale(module, optim, margin)
+            scale_of.update((id(p), ("ratio", ratio)) for p in module.ratio_parameters())
+            scale_of.update((id(p), ("affine", affine)) for p in module.affine_parameters())
+    groups: dict[str, dict[str, Any]] = {}
+    names: dict[tuple[str, float], str] = {}
+    for kind, scale in scale_of.values():
+        if (kind, scale) not in names:
+            count = sum(k == kind for k, _ in names)
+            names[(kind, scale)] = name = kind if not count else f"{kind}_{count}"
             groups[name] = {
                 "params": [],
-                "lr": o.affine_lr or o.lr * scale,
-                "weight_decay": o.affine_weight_decay,
+                "lr": optim.lr * scale,
+                "lr_scale": scale,
+                "weight_decay": kinds[kind],
             }
-    groups["decay"] = {"params": [], "lr": o.lr, "weight_decay": o.weight_decay}
-    groups["no_decay"] = {"params": [], "lr": o.lr, "weight_decay": 0.0}
+    groups["decay"] = {"params": [], "lr": optim.lr, "weight_decay": optim.weight_decay}
+    groups["no_decay"] = {"params": [], "lr": optim.lr, "weight_decay": 0.0}
     for p in model.parameters():
         if not p.requires_grad:
             continue
-        if id(p) in ratio_ids:
-            key = "ratio"
-        elif id(p) in affine_scale:
-            key = affine_names[affine_scale[id(p)]]
+        if id(p) in scale_of:
+            key = names[scale_of[id(p)]]
         else:
             key = "decay" if p.ndim > 1 else "no_decay"
         groups[key]["params"].append(p)
     return [{"name": k, **g} for k, g in groups.items() if g["params"]]
+
+
+def resolved_scales(optimizer: torch.optim.Optimizer, kind: str) -> list[float]:
+    """The distinct lr scales the optimizer's ``kind`` groups ("ratio", "affine") run at."""
+    return sorted(
+        {g["lr_scale"] for g in optimizer.param_groups if g.get("name", "").startswith(kind)}
+    )
 
 
 def network_lr(optimizer: torch.optim.Optimizer) -> float:
@@ -91,14 +106,18 @@ def network_lr(optimizer: torch.optim.Optimizer) -> float:
     return max(net or [g["lr"] for g in groups])
 
 
-def build_optimizer(model: nn.Module, recipe: Recipe) -> torch.optim.Optimizer:
-    """timm's ``create_optimizer_v2`` over ``param_groups``; a bad optim section is a user error."""
+def build_optimizer(
+    model: nn.Module, recipe: Recipe, margin: float | None = None
+) -> torch.optim.Optimizer:
+    """timm's ``create_optimizer_v2`` over ``param_groups``; a bad optim section is a user error.
+    ``margin``: the model's conversion margin (default: the recipe's)."""
     from timm.optim import create_optimizer_v2
 
     o = recipe.optim
+    margin = recipe.model.en.margin if margin is None else margin
     try:
         return create_optimizer_v2(
-            param_groups(model, recipe),
+            param_groups(model, o, margin),
             opt=o.name,
             lr=o.lr,
             weight_decay=o.weight_decay,

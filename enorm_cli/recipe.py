@@ -12,11 +12,19 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    create_model,
+    model_validator,
+)
 
 from .cache import expand_path
 from .errors import EnormError
-from .settings import ENSettings, validation_line
+from .settings import ABLATION_FIELDS, TUNED_FIELDS, ENSettings, fields_of, validation_line
 
 UserPath = Annotated[str, AfterValidator(expand_path)]
 """A path in a recipe: ``${ENORM_HOME}`` (the user cache, ``cache.py``), ``$VARS`` and ``~``
@@ -24,16 +32,45 @@ expand."""
 
 
 class Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", protected_namespaces=())
+    model_config = ConfigDict(
+        extra="forbid", protected_namespaces=(), use_attribute_docstrings=True
+    )
 
 
-class RecipeENSettings(ENSettings):
-    """A recipe's ``model.en``: the layer settings of on-the-fly conversion (``ENSettings``,
-    as ``enorm convert`` takes them; ``layer`` follows ``model.norm``), plus how training
-    treats them."""
+AblationSettings = create_model(
+    "AblationSettings",
+    __base__=Section,
+    __doc__="The paper's ablation switches and the ratio branch's logit scale (``model.en."
+    "ablation``): EN's published architecture, not what a fine-tuning recipe tunes.",
+    **fields_of(ABLATION_FIELDS),
+)
 
-    sync_stats: bool | None = None
-    """Synchronize the bn member's statistics across processes (None: when >1 process)."""
+_TunedSettings = create_model("_TunedSettings", __base__=Section, **fields_of(TUNED_FIELDS))
+
+
+class RecipeENSettings(_TunedSettings):  # type: ignore[misc,valid-type]
+    """A recipe's ``model.en``: the conversion settings a user tunes, how training syncs the
+    bn statistics, and the ablation switches apart (``ablation``). The layer is
+    ``model.norm``: one name for one choice."""
+
+    sync_stats: bool | Literal["auto"] = "auto"
+    """Synchronize the bn member's statistics across processes ("auto": when there is more than
+    one; config.yaml records what it resolved to)."""
+    ablation: AblationSettings = AblationSettings()  # type: ignore[valid-type]
+
+    @model_validator(mode="before")
+    @classmethod
+    def _one_place_per_key(cls, data: Any) -> Any:
+        if isinstance(data, dict):
+            for key in data:
+                if f"model.en.{key}" in MOVED_KEYS:
+                    raise ValueError(f"{key} is {MOVED_KEYS['model.en.' + key]} now")
+        return data
+
+    def conversion(self, layer: str) -> ENSettings:
+        """The flat ``ENSettings`` that convert and checkpoints use."""
+        tuned = {name: getattr(self, name) for name in TUNED_FIELDS}
+        return ENSettings(**tuned, **self.ablation.model_dump(), layer=layer)
 
 
 class ModelConfig(Section):
@@ -69,22 +106,10 @@ class ModelConfig(Section):
             )
         return self
 
-    @model_validator(mode="after")
-    def _layer_follows_norm(self) -> ModelConfig:
-        if "layer" in self.en.model_fields_set and self.norm != "bn" and self.en.layer != self.norm:
-            raise ValueError(
-                f"model.en.layer={self.en.layer} differs from "
-                f"model.norm={self.norm}: set model.norm"
-            )
-        return self
-
     @property
     def settings(self) -> ENSettings:
         """The conversion settings (EN for ``norm: bn`` too: what a checkpoint records)."""
-        return ENSettings(
-            **self.en.model_dump(exclude={"sync_stats", "layer"}),
-            layer=self.norm if self.norm != "bn" else "en",
-        )
+        return self.en.conversion(self.norm if self.norm != "bn" else "en")
 
 
 SMALL_BATCH = 8
@@ -135,20 +160,29 @@ class DataConfig(Section):
 
 
 class OptimConfig(Section):
+    @model_validator(mode="before")
+    @classmethod
+    def _scales_not_rates(cls, data: Any) -> Any:
+        for key in ("ratio_lr", "affine_lr"):
+            if isinstance(data, dict) and key in data:
+                raise ValueError(f"{key} is {MOVED_KEYS['optim.' + key]} now")
+        return data
+
     name: str = "sgd"
+    """Any ``timm.optim.create_optimizer_v2`` name (sgd, adamw, lamb, lion, ...)."""
     lr: float = Field(0.01, gt=0)
     weight_decay: float = Field(1e-4, ge=0)
     momentum: float = Field(0.9, ge=0)
-    ratio_lr: float | None = Field(None, gt=0)
-    """lr of the EN ratio branch (None: lr * ratio_lr_scale)."""
-    ratio_lr_scale: float = Field(0.1, gt=0)
+    ratio_lr_scale: Annotated[float, Field(gt=0)] | Literal["auto"] = "auto"
+    """lr multiple of EN's ratio branch and SN's ratio logits. "auto": 1 / (s^2 pi K) for EN, with
+    s its logit scale (1 at the default s = 1 / sqrt(pi K): one step moves a sample's ratio
+    logits no further than a plain logit's, as SN's move), 1 for SN
+    (``enorm_cli.optim.ratio_lr_scale``)."""
     ratio_weight_decay: float = Field(0.0, ge=0)
-    affine_lr: float | None = Field(None, gt=0)
-    """lr of the mixed layers' gammas and betas (None: lr * affine_lr_scale)."""
     affine_lr_scale: Annotated[float, Field(gt=0)] | Literal["auto"] = "auto"
-    """"auto": 1 / lambda_src^2 for EN with SGD (1 / lambda_src with adaptive optimizers, 1 for
-    SN), so the source's gain learns at the rate BN's gamma did (``enorm_cli.optim.affine_lr_scale``
-    explains why)."""
+    """lr multiple of the mixed layers' gammas and betas. "auto": 1 / lambda_src^2 for EN with
+    SGD (1 / lambda_src with adaptive optimizers, 1 for SN), so the source's gain learns at the
+    rate BN's gamma did (``enorm_cli.optim.affine_lr_scale``)."""
     affine_weight_decay: float = Field(0.0, ge=0)
 
 
@@ -168,7 +202,12 @@ class TrainConfig(Section):
     grad_accum: int = Field(1, ge=1)
     seed: int = 0
     label_smoothing: float = Field(0.0, ge=0, lt=1)
-    grad_clip: float | None = Field(None, gt=0)
+    grad_clip: float | None = Field(5.0, gt=0)
+    """Clip the whole model's gradient norm at this value (null: no clipping), for every
+    ``model.norm``. A new head's first steps at a high lr or a small batch reach norms of
+    40-600; unclipped, BatchNorm's loss explodes and EN's last layer escapes onto a normalizer
+    whose gamma is still 0. 5 is about the median norm of a healthy batch-128 step (docs,
+    Stability)."""
     eval_every: int = Field(1, ge=1)
     """Evaluate every N epochs (and after the last)."""
     save_every_steps: int | None = Field(None, ge=1)
@@ -213,6 +252,15 @@ def _known_paths(model: type[BaseModel], prefix: str = "") -> list[str]:
     return paths
 
 
+MOVED_KEYS = {
+    "model.en.layer": "model.norm",
+    "optim.ratio_lr": "optim.ratio_lr_scale (a multiple of optim.lr)",
+    "optim.affine_lr": "optim.affine_lr_scale (a multiple of optim.lr)",
+    **{f"model.en.{name}": f"model.en.ablation.{name}" for name in ABLATION_FIELDS},
+}
+"""Keys of earlier recipes and where their setting is now: one place per setting."""
+
+
 def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
     """Set dotted keys in the raw recipe; unknown keys are refused with close names."""
     known = _known_paths(Recipe)
@@ -222,6 +270,8 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
         if dotted not in known:
             close = difflib.get_close_matches(dotted, known, n=2)
             hint = f"did you mean {' or '.join(close)}?" if close else "see the recipe's keys"
+            if dotted in MOVED_KEYS:
+                hint = f"it is {MOVED_KEYS[dotted]} now"
             raise EnormError(f"unknown override key {dotted!r}: {hint}")
         node = data
         for part in path[:-1]:
@@ -264,9 +314,45 @@ def load_recipe(path: Path | None, overrides: list[str] | None = None) -> Recipe
         raise EnormError(f"{source}: " + validation_line(exc, str)) from None
 
 
-def dump_recipe(recipe: Recipe) -> str:
-    """The resolved recipe as YAML (what ``config.yaml`` in the output directory holds)."""
-    data = recipe.model_dump(
-        mode="json", exclude={"model": {"en": {"layer"}}}
-    )  # model.norm says it
-    return yaml.safe_dump(data, sort_keys=False)
+def dump_recipe(recipe: Recipe, header: list[str] | None = None) -> str:
+    """The resolved recipe as YAML (what ``config.yaml`` in the output directory holds), with
+    ``header`` lines as comments above it."""
+    data = recipe.model_dump(mode="json")
+    comments = "".join(f"# {line}\n" for line in header or [])
+    return comments + yaml.safe_dump(data, sort_keys=False)
+
+
+def resolve_autos(
+    recipe: Recipe,
+    bn_stats: str,
+    sync_stats: bool,
+    ratio_lr_scales: list[float],
+    affine_lr_scales: list[float],
+) -> tuple[Recipe, list[str]]:
+    """The recipe with each "auto" replaced by what it resolved to in this run, and one line per
+    auto saying so: config.yaml repeats the run without the rules. A scale that resolved to
+    several values (layers with different K, from GroupNorm sources) stays "auto", listed."""
+    lines = []
+    model, optim = recipe.model, recipe.optim
+    en_update: dict[str, Any] = {}
+    model_update: dict[str, Any] = {}
+    optim_update: dict[str, Any] = {}
+    if model.bn_stats == "auto":
+        model_update["bn_stats"] = bn_stats
+        lines.append(f"model.bn_stats: auto -> {bn_stats}")
+    if model.en.sync_stats == "auto":
+        en_update["sync_stats"] = sync_stats
+        lines.append(f"model.en.sync_stats: auto -> {str(sync_stats).lower()}")
+    for key, scales in (("ratio_lr_scale", ratio_lr_scales), ("affine_lr_scale", affine_lr_scales)):
+        if getattr(optim, key) != "auto" or not scales:
+            continue
+        if len(scales) == 1:
+            optim_update[key] = scales[0]
+        lines.append(f"optim.{key}: auto -> {', '.join(f'{v:.6g}' for v in scales)}")
+    if en_update:
+        model_update["en"] = model.en.model_copy(update=en_update)
+    update = {
+        "model": model.model_copy(update=model_update),
+        "optim": optim.model_copy(update=optim_update),
+    }
+    return recipe.model_copy(update=update), lines

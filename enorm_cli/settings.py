@@ -33,7 +33,7 @@ Regex = Annotated[str | None, AfterValidator(_check_regex)]
 class ENSettings(BaseModel):
     """EN (or SN) layer settings; stored in checkpoints to rebuild the model."""
 
-    model_config = ConfigDict(frozen=True, extra="forbid")
+    model_config = ConfigDict(frozen=True, extra="forbid", use_attribute_docstrings=True)
 
     normalizers: Annotated[tuple[str, ...], AfterValidator(check_normalizers)] = ("bn", "in", "ln")
     """The K normalizers, in order (a GroupNorm source adds its own when missing)."""
@@ -84,6 +84,23 @@ class ENSettings(BaseModel):
         """Settings as a checkpoint stores them (``checkpoint.migrate`` brought them up to date);
         keys this version does not know are ignored."""
         return cls.model_validate({k: v for k, v in data.items() if k in cls.model_fields})
+
+
+TUNED_FIELDS = ("normalizers", "margin", "include", "exclude")
+"""What a fine-tuning recipe tunes (``model.en``)."""
+
+ABLATION_FIELDS = ("reduction", "pi", "activation", "use_conv", "shared_affine", "logit_scale")
+"""The paper's ablation switches and the branch's logit scale: the architecture EN was
+published with (plus enorm's scale), grouped apart in a recipe (``model.en.ablation``)."""
+
+
+def fields_of(names: tuple[str, ...]) -> dict[str, Any]:
+    """``ENSettings``' own definitions of these fields (type, checks, default, docstring), for
+    ``pydantic.create_model``: the recipe's groups reuse them rather than restate them."""
+    return {
+        name: (ENSettings.model_fields[name].annotation, ENSettings.model_fields[name])
+        for name in names
+    }
 
 
 def validation_line(exc: ValidationError, name: Callable[[str], str]) -> str:

@@ -45,10 +45,17 @@ from .fileio import write_text_atomic
 from .finetune_model import PreparedModel, prepare_model, set_sync_stats
 from .layers import MixedNorm2d
 from .metrics_log import MetricsLog
-from .optim import build_optimizer, build_scheduler, network_lr
+from .optim import build_optimizer, build_scheduler, network_lr, resolved_scales
 from .precise_bn import RUNNING_STATS_LAYERS, recompute_running_stats
 from .preemption import Preempted, PreemptionGuard
-from .recipe import FROZEN_BN_STATS, SMALL_BATCH, Recipe, dump_recipe, resolve_bn_stats
+from .recipe import (
+    FROZEN_BN_STATS,
+    SMALL_BATCH,
+    Recipe,
+    dump_recipe,
+    resolve_autos,
+    resolve_bn_stats,
+)
 from .run_layout import RunLayout
 from .sample_seeds import PerSampleSeeds
 from .trackers import check_trackers, flat_config
@@ -113,7 +120,7 @@ class FinetuneRecipe:
         if self.resume:
             self.load_checkpoint(self.layout.latest_state())  # layout.check made sure there is one
         if self.main:
-            write_text_atomic(self.layout.config, dump_recipe(self.recipe))
+            write_text_atomic(self.layout.config, self._resolved_config())
         if self.trackers:
             config = flat_config(self.recipe.model_dump(mode="json"))
             self.accelerator.init_trackers(self.layout.root.resolve().name, config=config)
@@ -124,6 +131,18 @@ class FinetuneRecipe:
             self.accelerator.log if self.trackers else None,
         )
         self.scheduler.step_update(self.progress.global_step)
+
+    def _resolved_config(self) -> str:
+        """config.yaml: the recipe with every "auto" as this run resolved it (header lines say
+        which), so the file repeats the run on the same number of processes."""
+        resolved, lines = resolve_autos(
+            self.recipe,
+            bn_stats=self.bn_stats,
+            sync_stats=self.synced,
+            ratio_lr_scales=resolved_scales(self.optimizer, "ratio"),
+            affine_lr_scales=resolved_scales(self.optimizer, "affine"),
+        )
+        return dump_recipe(resolved, ["auto resolved in this run:", *lines] if lines else None)
 
     def _setup_accelerator(self) -> Any:
         from accelerate import Accelerator
@@ -179,8 +198,9 @@ class FinetuneRecipe:
                 self.accelerator.print(line)
         processes = self.accelerator.num_processes
         sync = self.recipe.model.en.sync_stats
-        synced = (sync if sync is not None else processes > 1) and processes > 1
+        synced = (processes > 1 if sync == "auto" else sync) and processes > 1
         set_sync_stats(self.prepared.model, synced)
+        self.synced = synced
         stats_batch = data.batch_size * (processes if synced else 1)
         self.bn_stats = resolve_bn_stats(self.recipe.model, stats_batch)
         if self.recipe.model.bn_stats == "auto" and self.bn_stats != "batch":
@@ -195,7 +215,7 @@ class FinetuneRecipe:
         data, seed = self.recipe.data, self.recipe.train.seed
         train_loader = make_loader(self.train_split, data.batch_size, data.workers, True, seed)
         val_loader = make_loader(self.val_split, data.batch_size, data.workers, False, seed)
-        optimizer = build_optimizer(self.prepared.model, self.recipe)
+        optimizer = build_optimizer(self.prepared.model, self.recipe, self.prepared.settings.margin)
         self.model, self.optimizer, self.train_loader, self.val_loader = self.accelerator.prepare(
             self.prepared.model, optimizer, train_loader, val_loader
         )

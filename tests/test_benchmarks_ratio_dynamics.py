@@ -1,8 +1,8 @@
 """The collapse, end to end: the quickstart model at batch 128 and lr 0.05 (README, Stability).
 
-With an unscaled ratio branch (``model.en.logit_scale=1.0``, the code before the fix) the last
-layer, 1280 channels in front of the new head, flips onto ln (whose gamma is 0) within a few
-steps and its softmax saturates: its output is the constant beta and no gradient reaches the
+With an unscaled ratio branch (``model.en.ablation.logit_scale=1.0``, the code before the fix)
+the last layer, 1280 channels in front of the new head, flips onto ln (whose gamma is 0) within
+a few steps and its softmax saturates: its output is the constant beta and no gradient reaches the
 network any more. The default branch moves the same layer without saturating it.
 """
 
@@ -19,6 +19,7 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 import ratio_dynamics  # noqa: E402
 
 LAST = "features.18.1"
+MINIMAL = ROOT / "benchmarks" / "recipes" / "minimal.yaml"
 
 
 def last_layer_after(mobilenet_weights: Path, *extra: str) -> dict:
@@ -41,7 +42,7 @@ def last_layer_after(mobilenet_weights: Path, *extra: str) -> dict:
 def test_unscaled_branch_kills_the_last_layer_and_the_default_does_not(
     mobilenet_weights: Path,
 ) -> None:
-    old = last_layer_after(mobilenet_weights, "model.en.logit_scale=1.0")
+    old = last_layer_after(mobilenet_weights, "model.en.ablation.logit_scale=1.0")
     assert old["ratios"][0] < 0.01  # bn ratio: saturated on ln
     new = last_layer_after(mobilenet_weights)
     assert new["ratios"][0] > 0.1
@@ -73,3 +74,30 @@ def test_gradient_clipping_keeps_the_last_layer_at_batch_4_and_a_high_lr(
 
     assert last("train.grad_clip=null")["ratios"][0] < 0.1  # flipped: its output is beta
     assert last()["ratios"][0] > 0.5
+
+
+@pytest.mark.slow
+def test_a_minimal_recipe_is_safe_where_the_former_defaults_collapsed(
+    mobilenet_weights: Path,
+) -> None:
+    """Safe by default: from a recipe that names only the model, the data, the batch, the lr and
+    the epochs (benchmarks/recipes/minimal.yaml), batch 4 and lr 0.01. With the former
+    defaults (no clip, ratio lr scale 0.1) the loss explodes to 40-400 within 20-30 steps (how
+    far, and whether layers flip too, depends on the thread count's rounding); with the
+    schema's defaults it stays below 10 and every layer stays on its source normalizer."""
+
+    def run(*extra: str) -> dict:
+        overrides = [
+            f"model.checkpoint={mobilenet_weights}",
+            "data.limit_train=1000",
+            "data.workers=0",
+            "data.batch_size=4",
+            "optim.lr=0.01",
+            *extra,
+        ]
+        return ratio_dynamics.run(overrides, steps=40, recipe_path=MINIMAL, every=40)
+
+    former = run("train.grad_clip=null", "optim.ratio_lr_scale=0.1")
+    assert max(r["loss"] for r in former["records"]) > 30
+    now = run()
+    assert not now["flipped"] and max(r["loss"] for r in now["records"]) < 10

@@ -40,7 +40,7 @@ def test_on_the_fly_conversion_by_norm(norm: str, kind: type | None) -> None:
 
 def test_settings_follow_the_recipe() -> None:
     settings = recipe(
-        "model.en.normalizers=[bn,ln]", "model.en.logit_scale=0.5", "model.norm=bn"
+        "model.en.normalizers=[bn,ln]", "model.en.ablation.logit_scale=0.5", "model.norm=bn"
     ).model.settings
     assert (
         settings.normalizers == ("bn", "ln")
@@ -69,3 +69,23 @@ def test_pretrained_and_checkpoint_together_is_refused(tmp_path: Path) -> None:
         prepare_model(
             recipe("model.pretrained=true", f"model.checkpoint={tmp_path / 'w.pth'}"), num_classes=3
         )
+
+
+def test_a_checkpoint_keeps_its_settings_and_a_contradicting_recipe_is_refused(
+    tmp_path: Path,
+) -> None:
+    """Fine-tuning an EN checkpoint uses the file's settings (its margin sets the affine lr
+    scale); a recipe key set to another value is refused in one line, the same value is fine."""
+    prepared = prepare_model(recipe("model.en.margin=3.0"), num_classes=4)
+    path = tmp_path / "m3.safetensors"
+    meta = prepared.metadata({"input_size": [3, 32, 32], "mean": [0.5] * 3, "std": [0.5] * 3}, {})
+    save_checkpoint(prepared.model, path, meta)
+    assert prepare_model(recipe(f"model.name={path}"), 4).settings.margin == 3.0
+    assert prepare_model(recipe(f"model.name={path}", "model.en.margin=3"), 4).settings.margin == 3
+    for extra, match in [
+        ("model.en.margin=2.0", r"model\.en\.margin=2\.0 contradicts .*converted with 3\.0"),
+        ("model.en.ablation.pi=10", r"model\.en\.ablation\.pi=10 contradicts .* 50: remove"),
+        ("model.norm=sn", r"model\.norm=sn contradicts .* a model\.norm=en checkpoint"),
+    ]:
+        with pytest.raises(EnormError, match=match):
+            prepare_model(recipe(f"model.name={path}", extra), 4)

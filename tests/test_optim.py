@@ -20,11 +20,15 @@ from enorm_cli.optim import (
     network_lr,
     param_groups,
 )
-from enorm_cli.recipe import load_recipe
+from enorm_cli.recipe import Recipe, load_recipe
 from enorm_cli.settings import ENSettings
 from enorm_cli.surgery import convert_model
 
 LAMBDA_SRC = math.exp(2.0) / (math.exp(2.0) + 1)  # the quickstart's margin 2 over [bn, ln]
+
+
+def groups_of(model: nn.Module, recipe: Recipe) -> list[dict]:
+    return param_groups(model, recipe.optim, recipe.model.en.margin)
 
 
 def test_param_groups_split_en_parts() -> None:
@@ -32,7 +36,7 @@ def test_param_groups_split_en_parts() -> None:
         QUICK, ["model.checkpoint=null", "optim.lr=0.1", "optim.ratio_lr_scale=0.5"]
     )
     prepared = prepare_model(recipe, 10)
-    groups = {g["name"]: g for g in param_groups(prepared.model, recipe)}
+    groups = {g["name"]: g for g in groups_of(prepared.model, recipe)}
     assert groups["ratio"]["lr"] == 0.05 and groups["ratio"]["weight_decay"] == 0.0
     assert groups["affine"]["lr"] == pytest.approx(0.1 / LAMBDA_SRC**2)  # affine_lr_scale: auto
     assert groups["decay"]["weight_decay"] == 1e-4
@@ -45,17 +49,45 @@ def test_param_groups_split_en_parts() -> None:
     [
         (["optim.name=adamw"], 0.1 / LAMBDA_SRC),  # adaptive steps: the gradient's scale cancels
         (["optim.affine_lr_scale=1"], 0.1),
-        (["optim.affine_lr=0.03"], 0.03),
+        (["optim.affine_lr_scale=0.3"], 0.03),
         (["model.norm=sn"], 0.1),  # one affine pair: the gain's own gradient
-        (["model.en.shared_affine=true"], 0.1),
+        (["model.en.ablation.shared_affine=true"], 0.1),
     ],
 )
 def test_affine_lr_scale(overrides: list[str], lr: float) -> None:
     recipe = load_recipe(
         QUICK, ["model.name=test_resnet", "model.checkpoint=null", "optim.lr=0.1", *overrides]
     )
-    groups = {g["name"]: g for g in param_groups(prepare_model(recipe, 10).model, recipe)}
+    groups = {g["name"]: g for g in groups_of(prepare_model(recipe, 10).model, recipe)}
     assert groups["affine"]["lr"] == pytest.approx(lr)
+
+
+@pytest.mark.parametrize(
+    ("overrides", "lr"),
+    [
+        ([], 0.1),  # default logit scale 1 / sqrt(pi K): a step moves the logits as SN's
+        (["model.en.ablation.logit_scale=1.0"], 0.1 / 100),  # s^2 pi K = 100 for K=2, pi=50
+        (["model.en.ablation.logit_scale=1.0", "model.en.ablation.pi=10"], 0.1 / 20),
+        (["model.norm=sn"], 0.1),  # plain logits
+        (["optim.ratio_lr_scale=0.5"], 0.05),
+    ],
+)
+def test_ratio_lr_scale(overrides: list[str], lr: float) -> None:
+    """``ratio_lr_scale: auto`` divides out ``ratio_step_factor`` (s^2 pi K), so the ratio
+    logits move as far per step whatever the branch's logit scale."""
+    recipe = load_recipe(
+        QUICK, ["model.name=test_resnet", "model.checkpoint=null", "optim.lr=0.1", *overrides]
+    )
+    groups = {g["name"]: g for g in groups_of(prepare_model(recipe, 10).model, recipe)}
+    assert groups["ratio"]["lr"] == pytest.approx(lr) and "ratio_1" not in groups
+    assert groups["ratio"]["lr_scale"] == pytest.approx(lr / 0.1)
+
+
+def test_auto_ratio_scale_is_exactly_one_at_the_default_logit_scale() -> None:
+    """Bit-identical to the recipes' former explicit ``ratio_lr_scale: 1.0``."""
+    recipe = load_recipe(QUICK, ["model.checkpoint=null"])
+    groups = {g["name"]: g for g in groups_of(prepare_model(recipe, 10).model, recipe)}
+    assert groups["ratio"]["lr_scale"] == 1.0 and groups["ratio"]["lr"] == recipe.optim.lr
 
 
 def test_gradient_scaled_optimizers() -> None:
@@ -82,7 +114,7 @@ def test_auto_scale_gives_the_source_gain_the_step_bn_takes(scale: str, gain_ste
         row = layer.normalizers.index("bn") if isinstance(layer, MixedNorm2d) else slice(None)
         share = LAMBDA_SRC if isinstance(layer, MixedNorm2d) else 1.0
         gain = share * layer.weight.detach()[row].clone()  # the source gain the output sees
-        groups = [g for g in param_groups(model, recipe) if g["name"] != "ratio"]
+        groups = [g for g in groups_of(model, recipe) if g["name"] != "ratio"]
         optimizer = torch.optim.SGD(groups, lr=recipe.optim.lr)
         (model(x) * target).sum().backward()
         optimizer.step()
@@ -96,7 +128,7 @@ def test_groups_hold_what_each_layer_names(norm: str) -> None:
         QUICK, ["model.name=test_resnet", "model.checkpoint=null", f"model.norm={norm}"]
     )
     model = prepare_model(recipe, 10).model
-    groups = {g["name"]: {id(p) for p in g["params"]} for g in param_groups(model, recipe)}
+    groups = {g["name"]: {id(p) for p in g["params"]} for g in groups_of(model, recipe)}
     layers = [m for m in model.modules() if isinstance(m, MixedNorm2d)]
     assert layers
     assert groups["ratio"] == {id(p) for m in layers for p in m.ratio_parameters()}

@@ -21,6 +21,8 @@ from enorm_cli.layers import ExemplarNorm2d
 from enorm_cli.recipe import load_recipe
 from enorm_cli.train import finetune, set_train_mode
 
+LAMBDA_SRC = math.exp(2.0) / (math.exp(2.0) + 1)  # margin 2 over the quickstart's [bn, ln]
+
 
 def small_quickstart(out: Path, *extra: str) -> list[str]:
     return [
@@ -175,6 +177,51 @@ def test_finetune_on_image_files(crops: Path, tmp_path: Path, kind: str) -> None
     assert load_model(out / "last.safetensors") is not None
     with pytest.raises(EnormError, match="already holds a run"):
         finetune(load_recipe(QUICK, tiny_recipe(crops, out, kind)), progress=False)
+
+
+def test_config_yaml_records_what_every_auto_resolved_to_and_repeats_the_run(
+    crops: Path, tmp_path: Path
+) -> None:
+    """config.yaml holds the values each "auto" resolved to (header lines say which), so the
+    file repeats the run without the rules: the same final weights."""
+    import yaml
+    from safetensors.torch import load_file
+
+    first = tmp_path / "first"
+    finetune(load_recipe(QUICK, tiny_recipe(crops, first, "imagefolder")), progress=False)
+    text = (first / "config.yaml").read_text()
+    config = yaml.safe_load(text)
+    assert "# model.bn_stats: auto -> renorm_frozen" in text  # 4 images per statistic
+    assert config["model"]["bn_stats"] == "renorm_frozen"
+    assert config["model"]["en"]["sync_stats"] is False
+    assert config["optim"]["ratio_lr_scale"] == 1.0
+    assert config["optim"]["affine_lr_scale"] == pytest.approx(1 / LAMBDA_SRC**2)
+    assert "auto" not in yaml.safe_dump(config)
+    again = tmp_path / "again"
+    finetune(load_recipe(first / "config.yaml", [f"output_dir={again}"]), progress=False)
+    weights = [load_file(out / "last.safetensors") for out in (first, again)]
+    assert weights[0].keys() == weights[1].keys()
+    assert all(weights[0][k].equal(weights[1][k]) for k in weights[0])
+
+
+def test_a_checkpoints_margin_sets_the_affine_lr_scale(crops: Path, tmp_path: Path) -> None:
+    """Fine-tuning a margin-3 EN checkpoint from a recipe that does not name the margin:
+    ``affine_lr_scale: auto`` follows the file's margin, not the recipe default's."""
+    first = tmp_path / "m3"
+    finetune(
+        load_recipe(QUICK, tiny_recipe(crops, first, "imagefolder", "model.en.margin=3.0")),
+        progress=False,
+    )
+    again = tmp_path / "again"
+    overrides = tiny_recipe(crops, again, "imagefolder", "schedule.epochs=1")
+    overrides = [o for o in overrides if not o.startswith(("model.name", "model.checkpoint"))]
+    finetune(
+        load_recipe(QUICK, [*overrides, f"model.name={first / 'last.safetensors'}"]),
+        progress=False,
+    )
+    lam3 = math.exp(3.0) / (math.exp(3.0) + 1)
+    config = (again / "config.yaml").read_text()
+    assert f"optim.affine_lr_scale: auto -> {1 / lam3**2:.6g}" in config
 
 
 def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(crops: Path, tmp_path: Path) -> None:

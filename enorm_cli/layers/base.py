@@ -136,6 +136,11 @@ class MixedNorm2d(nn.Module):
         """The gammas and betas: their own optimizer group."""
         return [self.weight, self.bias]
 
+    def ratio_step_factor(self) -> float:
+        """How much further one SGD step moves a sample's ratio logits than it moves a plain
+        logit (SN's ratio logits: 1). ``optim.ratio_lr_scale: auto`` divides it out."""
+        return 1.0
+
     def source_gain_share(self, margin: float) -> float:
         """The factor by which a conversion with ``margin`` multiplies the source gamma's
         gradient (1: the affine learns as the source's did). ``optim.affine_lr_scale: auto``

@@ -236,6 +236,12 @@ class ExemplarNorm2d(MixedNorm2d):
     def ratio_parameters(self) -> list[nn.Parameter]:
         return list(self.ratio.parameters())
 
+    def ratio_step_factor(self) -> float:
+        """s^2 pi K: a step on FC2's weights moves each sample's logits by lr |g| s^2 sum_j h_j^2,
+        and tanh (or a saturated relu layer) puts sum_j h_j^2 at up to pi K, the hidden width
+        (``default_logit_scale``: 1 at the default s, exactly: rounded to 12 digits)."""
+        return round(self.logit_scale**2 * self.ratio.fc2.in_features, 12)
+
     def source_gain_share(self, margin: float) -> float:
         """lambda_src = e^m / (e^m + K - 1): the source row's gamma is gamma / lambda_src and
         enters the output times lambda_src, so its gradient is lambda_src times the source
