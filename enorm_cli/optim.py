@@ -54,7 +54,8 @@ def param_groups(model: nn.Module, optim: OptimConfig, margin: float) -> list[di
     """Optimizer groups: the mixed layers' ratio parameters (EN's branch, SN's ratio logits)
     and affines get their own lr and decay (``MixedNorm2d.ratio_parameters`` and
     ``affine_parameters``; one group per resolved scale: "ratio", "ratio_1", "affine", ...).
-    Each group carries its ``lr_scale`` (what config.yaml records).
+    Each group carries its ``lr_multiple`` (what config.yaml records; timm's schedulers would
+    apply a key named ``lr_scale`` a second time).
 
     Other 1-D parameters (biases, norm weights) get no weight decay, as timm does.
     """
@@ -75,7 +76,7 @@ def param_groups(model: nn.Module, optim: OptimConfig, margin: float) -> list[di
             groups[name] = {
                 "params": [],
                 "lr": optim.lr * scale,
-                "lr_scale": scale,
+                "lr_multiple": scale,  # not timm's "lr_scale", which its schedulers apply again
                 "weight_decay": kinds[kind],
             }
     groups["decay"] = {"params": [], "lr": optim.lr, "weight_decay": optim.weight_decay}
@@ -94,7 +95,7 @@ def param_groups(model: nn.Module, optim: OptimConfig, margin: float) -> list[di
 def resolved_scales(optimizer: torch.optim.Optimizer, kind: str) -> list[float]:
     """The distinct lr scales the optimizer's ``kind`` groups ("ratio", "affine") run at."""
     return sorted(
-        {g["lr_scale"] for g in optimizer.param_groups if g.get("name", "").startswith(kind)}
+        {g["lr_multiple"] for g in optimizer.param_groups if g.get("name", "").startswith(kind)}
     )
 
 

@@ -80,14 +80,14 @@ def test_ratio_lr_scale(overrides: list[str], lr: float) -> None:
     )
     groups = {g["name"]: g for g in groups_of(prepare_model(recipe, 10).model, recipe)}
     assert groups["ratio"]["lr"] == pytest.approx(lr) and "ratio_1" not in groups
-    assert groups["ratio"]["lr_scale"] == pytest.approx(lr / 0.1)
+    assert groups["ratio"]["lr_multiple"] == pytest.approx(lr / 0.1)
 
 
 def test_auto_ratio_scale_is_exactly_one_at_the_default_logit_scale() -> None:
     """Bit-identical to the recipes' former explicit ``ratio_lr_scale: 1.0``."""
     recipe = load_recipe(QUICK, ["model.checkpoint=null"])
     groups = {g["name"]: g for g in groups_of(prepare_model(recipe, 10).model, recipe)}
-    assert groups["ratio"]["lr_scale"] == 1.0 and groups["ratio"]["lr"] == recipe.optim.lr
+    assert groups["ratio"]["lr_multiple"] == 1.0 and groups["ratio"]["lr"] == recipe.optim.lr
 
 
 def test_gradient_scaled_optimizers() -> None:
@@ -164,3 +164,14 @@ def test_the_logged_lr_is_the_networks_not_the_scaled_affines() -> None:
     optimizer = build_optimizer(prepare_model(recipe, 10).model, recipe)
     assert max(g["lr"] for g in optimizer.param_groups) > 0.1  # the affines: 0.1 / lambda^2
     assert network_lr(optimizer) == 0.1
+
+
+def test_the_scheduler_applies_each_groups_scale_once() -> None:
+    """timm's schedulers multiply a group's lr by a key named ``lr_scale``: the groups' own
+    multiple must not be read as one (the affines would learn at lr / lambda_src^4)."""
+    recipe = load_recipe(QUICK, ["model.name=test_resnet", "model.checkpoint=null", "optim.lr=0.1"])
+    optimizer = build_optimizer(prepare_model(recipe, 10).model, recipe)
+    scheduler = build_scheduler(optimizer, recipe, steps_per_epoch=10)
+    scheduler.step_update(0)
+    for group in optimizer.param_groups:
+        assert group["lr"] == pytest.approx(0.1 * group.get("lr_multiple", 1.0))
