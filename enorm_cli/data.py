@@ -92,7 +92,8 @@ def eval_data_config(cfg: DataConfig, mean: list[float], std: list[float]) -> di
 
 
 def prepare_fashion_mnist(root: Path) -> Path:
-    """Unpack Debian's dataset-fashion-mnist idx files to ``root/FashionMNIST/raw`` (once)."""
+    """Fashion-MNIST's idx files in ``root/FashionMNIST/raw``: there already (``enorm fetch``),
+    else unpacked once from .gz files in ``root`` or Debian's dataset-fashion-mnist."""
     raw = root / "FashionMNIST" / "raw"
     if all((raw / name).is_file() for name in FASHION_MNIST_FILES):
         return root
@@ -107,8 +108,8 @@ def prepare_fashion_mnist(root: Path) -> Path:
                 os.replace(tmp, raw / name)
             return root
     raise EnormError(
-        f"Fashion-MNIST not found under {str(raw)!r} or {str(FASHION_MNIST_SYSTEM)!r}: "
-        "install it with `apt-get install dataset-fashion-mnist`, then run `enorm fetch`"
+        f"Fashion-MNIST not found under {str(raw)!r}: run `enorm fetch` (it downloads it, or "
+        "unpacks Debian's dataset-fashion-mnist where that is installed)"
     )
 
 
