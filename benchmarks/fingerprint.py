@@ -54,7 +54,7 @@ def fingerprint(model_name: str, normalizers: tuple[str, ...], layer: str) -> st
     recipe = Recipe.model_validate(
         {"model": {"name": model_name, "norm": layer}, "data": {"kind": "fashion_mnist"}}
     )
-    groups = param_groups(model, recipe)
+    groups = param_groups(model, recipe.optim, recipe.model.en.margin)
     optimizer = torch.optim.SGD(groups, lr=0.05, momentum=0.9)
     model.train()
     g = torch.Generator().manual_seed(1)

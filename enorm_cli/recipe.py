@@ -79,7 +79,9 @@ class ModelConfig(Section):
     checkpoint: UserPath | None = None
     """Source weights for on-the-fly conversion (state dict or .safetensors)."""
     pretrained: bool = False
+    """Source weights from the hub (timm/torchvision); offline it fails fast with one line."""
     num_classes: int | None = Field(None, ge=1)
+    """Replace the head with this many classes (None: the train split's class count)."""
     norm: Literal["en", "sn", "bn"] = "en"
     """"en": Exemplar Normalization; "sn": Switchable Normalization (the baseline layer, same
     ``en`` settings for normalizers and margin); "bn": the source model as it is."""
@@ -134,10 +136,14 @@ def resolve_bn_stats(model: ModelConfig, stats_batch: int) -> str:
 
 class DataConfig(Section):
     kind: Literal["imagefolder", "filelist", "fashion_mnist"]
+    """"imagefolder": root/train/<class>/*, root/val/<class>/*; "filelist": text files of
+    ``relative/path label`` lines (WebVision, ImageNet lists); "fashion_mnist": from the cache."""
     root: UserPath | None = None
     """Data folder; fashion_mnist: None = the user cache's data/ (``cache.py``)."""
     train: str | list[str] = "train"
+    """Train folder under root (imagefolder) or list file(s) (filelist)."""
     val: str = "val"
+    """Val folder under root (imagefolder) or list file (filelist)."""
     train_prefix: str = ""
     """filelist: folder under root that train entries are relative to."""
     val_prefix: str = ""
@@ -145,15 +151,23 @@ class DataConfig(Section):
     first_classes: int | None = Field(None, ge=1)
     """Keep only labels < N (mini-WebVision: the first 50 classes)."""
     image_size: int = Field(224, ge=8)
+    """Input size in pixels (square)."""
     batch_size: int = Field(64, ge=1)
+    """Images per step per process."""
     workers: int = Field(2, ge=0)
+    """DataLoader worker processes (0: load in the training process)."""
     limit_train: int | None = Field(None, ge=1)
+    """Train on a fixed random subset of this many images (None: all)."""
     limit_val: int | None = Field(None, ge=1)
+    """Evaluate on a fixed random subset of this many images (None: all)."""
     scale: list[float] = [0.08, 1.0]
     """RandomResizedCrop scale range for training."""
     hflip: float = Field(0.5, ge=0, le=1)
+    """Probability of a horizontal flip in training."""
     color_jitter: float | None = None
+    """timm's color jitter strength in training (None: off)."""
     crop_pct: float | None = Field(None, gt=0, le=1)
+    """Eval center-crop fraction (None: timm's 0.875; 1.0: the whole image)."""
     check_images: bool = True
     """Open every image file's header before training and skip those that are not images
     (counted in the log); false saves the scan on very large datasets."""
@@ -171,37 +185,54 @@ class OptimConfig(Section):
     name: str = "sgd"
     """Any ``timm.optim.create_optimizer_v2`` name (sgd, adamw, lamb, lion, ...)."""
     lr: float = Field(0.01, gt=0)
+    """The network's learning rate (peak, under the schedule)."""
     weight_decay: float = Field(1e-4, ge=0)
+    """Weight decay of the weights (not of biases, norms, ratio branch or affines)."""
     momentum: float = Field(0.9, ge=0)
+    """SGD momentum (where the optimizer has one)."""
     ratio_lr_scale: Annotated[float, Field(gt=0)] | Literal["auto"] = "auto"
     """lr multiple of EN's ratio branch and SN's ratio logits. "auto": 1 / (s^2 pi K) for EN, with
     s its logit scale (1 at the default s = 1 / sqrt(pi K): one step moves a sample's ratio
     logits no further than a plain logit's, as SN's move), 1 for SN
     (``enorm_cli.optim.ratio_lr_scale``)."""
     ratio_weight_decay: float = Field(0.0, ge=0)
+    """Weight decay of the ratio parameters."""
     affine_lr_scale: Annotated[float, Field(gt=0)] | Literal["auto"] = "auto"
     """lr multiple of the mixed layers' gammas and betas. "auto": 1 / lambda_src^2 for EN with
     SGD (1 / lambda_src with adaptive optimizers, 1 for SN), so the source's gain learns at the
     rate BN's gamma did (``enorm_cli.optim.affine_lr_scale``)."""
     affine_weight_decay: float = Field(0.0, ge=0)
+    """Weight decay of the mixed layers' gammas and betas."""
 
 
 class ScheduleConfig(Section):
     name: Literal["cosine", "step", "multistep", "tanh", "poly"] = "cosine"
+    """timm's ``create_scheduler_v2`` schedule, stepped per optimizer update."""
     epochs: int = Field(1, ge=1)
+    """Passes over the training split."""
     warmup_epochs: float = Field(0, ge=0)
+    """Linear warm-up from warmup_lr, in epochs."""
     warmup_lr: float = Field(1e-5, ge=0)
+    """The lr warm-up starts from."""
     min_lr: float = Field(0.0, ge=0)
+    """The lr the schedule ends at."""
     decay_epochs: float | None = None
+    """step: epochs between decays (None: a third of the epochs)."""
     decay_milestones: list[int] = [30, 60, 90]
+    """multistep: the epochs at which the lr decays."""
     decay_rate: float = 0.1
+    """step/multistep: the factor of each decay."""
 
 
 class TrainConfig(Section):
     mixed_precision: Literal["no", "fp16", "bf16"] = "no"
+    """Accelerate's autocast precision (EN's statistics and ratios stay float32)."""
     grad_accum: int = Field(1, ge=1)
+    """Accumulate gradients over this many steps per optimizer update."""
     seed: int = 0
+    """Seeds the model's RNG, the sampler and the per-sample augmentation."""
     label_smoothing: float = Field(0.0, ge=0, lt=1)
+    """Cross-entropy label smoothing."""
     grad_clip: float | None = Field(5.0, gt=0)
     """Clip the whole model's gradient norm at this value (null: no clipping), for every
     ``model.norm``. A new head's first steps at a high lr or a small batch reach norms of
@@ -216,7 +247,9 @@ class TrainConfig(Section):
     """Before training and before each eval, recompute the running statistics over this many
     training images with the current weights (``precise_bn.py``; for small batches); 0: off."""
     keep_states: int = Field(2, ge=1)
+    """Resumable states kept on disk (the newest ones)."""
     log_every: int = Field(20, ge=1)
+    """Write a metrics record (and a log line) every N optimizer steps."""
     log_with: list[str] = []
     """Accelerate trackers beside metrics.jsonl, e.g. [tensorboard] (logs in output_dir/logs)."""
 
@@ -228,6 +261,7 @@ class Recipe(Section):
     schedule: ScheduleConfig = ScheduleConfig()
     train: TrainConfig = TrainConfig()
     output_dir: UserPath = "runs/finetune"
+    """Where the run writes config.yaml, metrics.jsonl, checkpoints and states."""
 
 
 def parse_override(item: str) -> tuple[list[str], Any]:

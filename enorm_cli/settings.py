@@ -44,7 +44,10 @@ class ENSettings(BaseModel):
     margin: float = Field(2.0, allow_inf_nan=False)
     """Prior logit of the source normalizer: lambda_src = e^m / (e^m + K - 1)."""
     activation: Annotated[str, AfterValidator(check_activation)] = "tanh"
+    """The ratio branch's hidden activation ("tanh", as the paper; "relu")."""
     use_conv: bool = True
+    """The ratio branch's grouped conv over the pre-normalized features (the paper's; off: the
+    ablation without it)."""
     include: Regex = None
     """Convert only modules whose name matches (``re.search``)."""
     exclude: Regex = None
