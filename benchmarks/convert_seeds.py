@@ -7,7 +7,8 @@ behind ``enorm convert efficientnetv2_rw_t --no-pretrained``, default batch), an
 float32 figures (the old check refused above 1e-4), the float64 figures and the written
 weights' distance from the float64 conversion (what decides now), and the verdict.
 
-    python benchmarks/convert_seeds.py       # seeds 0-9 -> benchmarks/figures/convert_seeds.json
+    python benchmarks/convert_seeds.py       # seeds 0-9 -> convert_seeds.json (a results record
+                                             # with benchmarks/results.py)
     python benchmarks/convert_seeds.py --seeds 0 1 2 --json /tmp/seeds.json
 """
 
@@ -28,7 +29,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="efficientnetv2_rw_t")
     parser.add_argument("--seeds", type=int, nargs="+", default=list(range(10)))
-    parser.add_argument("--json", type=Path, default=Path("benchmarks/figures/convert_seeds.json"))
+    parser.add_argument("--json", type=Path, default=Path("convert_seeds.json"))
     args = parser.parse_args(argv)
 
     import torch

@@ -88,9 +88,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
     parser.add_argument("--batches", nargs="+", type=int, default=[1, 8])
     parser.add_argument("--repeats", type=int, default=15)
-    parser.add_argument(
-        "--json", type=Path, default=ROOT / "benchmarks" / "figures" / "export.json"
-    )
+    parser.add_argument("--json", type=Path, default=Path("export.json"))
     args = parser.parse_args(argv)
     results: dict[str, object] = {
         "machine": platform.processor() or platform.machine(),

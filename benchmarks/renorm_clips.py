@@ -5,7 +5,7 @@ layer's bn member starts from), on training batches of a recipe (default: small_
 Fashion-MNIST at 32 px, 4 images), the share of channels where ``r = sigma_B / sigma_run``
 is outside Ioffe's [1/3, 3] or ``d = (mu_B - mu_run) / sigma_run`` outside [-5, 5], and the
 median r. Where they bite, clipped renorm trains on another function than eval computes;
-hence ``statistics.renorm_limits``: no clips against frozen statistics (README, Stability).
+hence ``statistics.renorm_limits``: no clips against frozen statistics (docs/stability.md).
 
     python benchmarks/renorm_clips.py                      # small_batch.yaml, 50 batches
     python benchmarks/renorm_clips.py --batches 50 data.batch_size=16

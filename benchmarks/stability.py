@@ -157,7 +157,7 @@ def cell_means(runs: list[dict[str, Any]]) -> dict[tuple[str, int, float], float
 
     The checks and the heat map judge means: one run is not a measurement at this budget
     (EN restricted to its bn member, BatchNorm's function up to float rounding, scored 79.30
-    against BN's 82.30 in the same cell; README, Stability).
+    against BN's 82.30 in the same cell; docs/stability.md).
     """
     seen: dict[tuple[str, int, float], list[float]] = {}
     for r in runs:

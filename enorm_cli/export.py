@@ -96,7 +96,7 @@ def write_onnx(program: torch.export.ExportedProgram, path: Path, opset: int) ->
 
     Without onnxscript's optimizer: it took longer than the export itself (70 s of 130 s
     for MobileNetV2-EN) and onnxruntime optimizes the graph when it loads it anyway
-    (README, Export: inference measured both ways).
+    (docs/commands/export.md: inference measured both ways).
     """
     import warnings
 

@@ -5,7 +5,7 @@ while the weights moved. With large batches that is a good estimate; with 4 imag
 it is the average of some 40 images, and in MobileNetV2's 1x1 last layers each batch gives
 4 values per channel: the eval then judges the weights through noisy statistics (the same
 batch-4 cell run through the one-node and the autograd path of the layer trained to the same
-loss and scored 17.9% and 43.4%; README, Stability). Recomputing them over many training
+loss and scored 17.9% and 43.4%; docs/stability.md). Recomputing them over many training
 images with the final weights (Wu and Johnson 2021, "Rethinking 'Batch' in BatchNorm";
 detectron2's PreciseBN hook) removes that noise from the eval. Only the statistics change;
 no parameter does.

@@ -96,7 +96,7 @@ class ModelConfig(Section):
     source's running statistics, which stay as they are, unclipped (``renorm_limits``: the
     forward is the frozen statistics' exactly); "auto" (the default):
     "renorm_frozen" for EN when one bn statistic covers at most ``SMALL_BATCH`` images, else
-    "batch" (``resolve_bn_stats``). Measured in README, Stability."""
+    "batch" (``resolve_bn_stats``). Measured in docs/stability.md."""
 
     @model_validator(mode="after")
     def _renorm_needs_mixed_layers(self) -> ModelConfig:
@@ -116,7 +116,7 @@ class ModelConfig(Section):
 
 SMALL_BATCH = 8
 """``bn_stats: auto`` batch-renormalizes EN's bn member against the source's statistics at
-this many images per statistic or fewer. Measured (README, Stability: the one-machine grid of
+this many images per statistic or fewer. Measured (docs/stability.md: the one-machine grid of
 2026-12-02): its best lr beats BatchNorm's best by 42.6 points at batch 4 and 10.7 at batch 8,
 and EN's on batch statistics by 11.2 at batch 8, and it keeps learning at lr 0.01 where
 frozen statistics collapse; batch statistics were better at 16 and 128 before the clips were

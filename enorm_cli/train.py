@@ -206,7 +206,7 @@ class FinetuneRecipe:
         if self.recipe.model.bn_stats == "auto" and self.bn_stats != "batch":
             self.accelerator.print(
                 f"model.bn_stats=auto: {self.bn_stats} (bn statistics over {stats_batch} "
-                f"images per step, at most {SMALL_BATCH}; README, Stability)"
+                f"images per step, at most {SMALL_BATCH}; docs/stability.md)"
             )
         self.data_config = eval_data_config(data, mean, std)
 

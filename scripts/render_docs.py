@@ -102,9 +102,7 @@ def render_blocks(text: str) -> str:
     """Every results block of a markdown text rendered from its record."""
     import results
 
-    return BLOCK.sub(
-        lambda m: m.group(1) + results.render(m.group("name")) + m.group(4), text
-    )
+    return BLOCK.sub(lambda m: m.group(1) + results.render(m.group("name")) + m.group(4), text)
 
 
 def targets() -> dict[Path, str]:

@@ -1,4 +1,4 @@
-"""The collapse, end to end: the quickstart model at batch 128 and lr 0.05 (README, Stability).
+"""The collapse, end to end: the quickstart model at batch 128 and lr 0.05 (docs/stability.md).
 
 With an unscaled ratio branch (``model.en.ablation.logit_scale=1.0``, the code before the fix)
 the last layer, 1280 channels in front of the new head, flips onto ln (whose gamma is 0) within
@@ -53,7 +53,7 @@ def test_unscaled_branch_kills_the_last_layer_and_the_default_does_not(
 def test_gradient_clipping_keeps_the_last_layer_at_batch_4_and_a_high_lr(
     mobilenet_weights: Path,
 ) -> None:
-    """The gain trap (README, Stability): at batch 4, lr 0.01 the new head's gradient norm climbs
+    """The gain trap (docs/stability.md): at batch 4, lr 0.01 the new head's gradient norm climbs
     to ~100 in 10 steps and, unclipped, the last layer escapes onto ln (gamma 0) by step ~20,
     for good; the recipes' ``train.grad_clip: 5`` keeps it on bn."""
 

@@ -1,4 +1,4 @@
-"""The mechanism behind EN's collapse (README, Stability), at the layer level.
+"""The mechanism behind EN's collapse (docs/stability.md), at the layer level.
 
 A converted layer's ratios act as a gain on the whole layer: its non-source gammas start
 at 0, so moving lambda off the source normalizer scales the output down. On a wide layer

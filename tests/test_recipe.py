@@ -25,7 +25,7 @@ def test_shipped_recipes_validate_and_say_their_hardware(path: Path) -> None:
 def test_quickstart_has_the_documented_keys() -> None:
     recipe = load_recipe(Path("recipes/quickstart.yaml"))
     assert recipe.model.name == "torchvision:mobilenet_v2" and recipe.model.num_classes == 10
-    assert recipe.model.en.normalizers == ("bn", "ln")  # README: why not in at 32 px
+    assert recipe.model.en.normalizers == ("bn", "ln")  # docs/recipes.md: why not in at 32 px
     assert (recipe.model.en.ablation.reduction, recipe.model.en.ablation.pi) == (16, 50)
     assert recipe.data.kind == "fashion_mnist" and recipe.data.image_size == 32
     assert recipe.optim.name == "sgd" and recipe.schedule.name == "cosine"

@@ -47,7 +47,7 @@ def default_logit_scale(num_normalizers: int, pi: int) -> float:
     about pi K (100-150) times what the same step moves a plain logit (SN's, or FC2's
     bias). With s, that factor becomes s^2 sum_j h_j^2 <= 1: EN's ratios start no more
     mobile than SN's, and a noisy early gradient (a new head, small batches) cannot
-    throw a whole layer onto a normalizer whose gamma is still 0 (README, Stability).
+    throw a whole layer onto a normalizer whose gamma is still 0 (docs/stability.md).
     """
     return 1.0 / math.sqrt(pi * num_normalizers)
 
@@ -84,7 +84,7 @@ def fused_en(enable: bool) -> Iterator[None]:
 def _float32_math(x: Tensor) -> contextlib.AbstractContextManager:
     """Autocast off for EN's statistics and ratio branch (float32 on every path); no context
     at all when autocast is already off, so torch.export does not split the graph at every
-    layer (README, Export)."""
+    layer (docs/commands/export.md)."""
     if torch.is_autocast_enabled(x.device.type):
         return torch.autocast(x.device.type, enabled=False)
     return contextlib.nullcontext()

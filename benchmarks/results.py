@@ -1,0 +1,277 @@
+"""The results record: one JSON per benchmark in ``benchmarks/results/``, one schema, and the
+tables the docs and README show, rendered from it (``scripts/render_docs.py``).
+
+A record says what was run and where: ``{"schema": 1, "benchmark", "command", "commit",
+"date", "machine": {"cpu", "cores", "threads", "torch"}, "notes", "figures"}``; ``figures``
+holds the measurements as the benchmark wrote them (runs, rows, timings). Each results block
+``<!-- results:NAME -->`` in a markdown file is ``render(NAME)``: a table computed from one
+record, with a line naming the record and its command.
+
+    python benchmarks/results.py stability_minimal --command "..." --figures grid.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "benchmarks" / "results"
+SCHEMA = 1
+
+
+def machine(threads: int | None = None) -> dict[str, Any]:
+    """The CPU, its cores, the threads a run used and torch's version."""
+    cpu = platform.processor() or platform.machine()
+    cpuinfo = Path("/proc/cpuinfo")
+    if cpuinfo.is_file():
+        for line in cpuinfo.read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    import torch
+
+    return {
+        "cpu": cpu,
+        "cores": os.cpu_count(),
+        "threads": threads or torch.get_num_threads(),
+        "torch": torch.__version__,
+    }
+
+
+def current_commit() -> str:
+    """The checkout's short commit, with "-dirty" when it has uncommitted changes."""
+    head = subprocess.run(
+        ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=ROOT
+    ).stdout.strip()
+    dirty = subprocess.run(
+        ["git", "status", "--porcelain", "--untracked-files=no"],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+    ).stdout.strip()
+    return head + ("-dirty" if dirty else "")
+
+
+def write_record(
+    name: str,
+    command: str,
+    figures: Any,
+    *,
+    commit: str | None = None,
+    date: str | None = None,
+    machine_info: dict[str, Any] | None = None,
+    notes: str = "",
+) -> Path:
+    """``benchmarks/results/NAME.json`` in the record schema (replaced whole)."""
+    record = {
+        "schema": SCHEMA,
+        "benchmark": name,
+        "command": command,
+        "commit": commit or current_commit(),
+        "date": date or time.strftime("%Y-%m-%d"),
+        "machine": machine_info or machine(),
+        "notes": notes,
+        "figures": figures,
+    }
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    path = RESULTS / f"{name}.json"
+    path.write_text(json.dumps(record, indent=1) + "\n")
+    return path
+
+
+def load(name: str) -> dict[str, Any]:
+    return json.loads((RESULTS / f"{name}.json").read_text())
+
+
+def _source(record: dict[str, Any]) -> str:
+    m = record["machine"]
+    return (
+        f"\n*`benchmarks/results/{record['benchmark']}.json`: `{record['command']}` at "
+        f"{record['commit']}, {record['date']}, {m['cpu']} ({m['cores']} cores, "
+        f"{m['threads']} thread(s) per run), torch {m['torch']}.*\n"
+    )
+
+
+VARIANT_ORDER = ("bn", "bn_frozen", "sn", "en", "en_batch", "en_renorm_frozen")
+
+
+def _variants(runs: list[dict[str, Any]]) -> list[str]:
+    return [v for v in VARIANT_ORDER if any(r["variant"] == v for r in runs)]
+
+
+def _stability(module: str = "stability") -> Any:
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    return __import__(module)
+
+
+def stability_table(record: dict[str, Any]) -> str:
+    """Top-1 per (batch, lr) and variant: mean over seeds (lowest-highest run), then the checks."""
+    stability = _stability()
+    runs = record["figures"]["runs"]
+    variants = _variants(runs)
+    checks = "\n".join(f"- {line}" for line in stability.check(runs))
+    return stability.table(runs, variants) + "\n\n" + checks + "\n" + _source(record)
+
+
+def stability_headline(record: dict[str, Any]) -> str:
+    """Per batch size: each variant's best mean top-1 over the lrs, and the worst EN minus BN."""
+    stability = _stability()
+    cells = stability.cell_means(record["figures"]["runs"])
+    variants = _variants(record["figures"]["runs"])
+    lines = [
+        "| batch | "
+        + " | ".join(f"{v}: best lr's top-1" for v in variants)
+        + " | EN - BN, worst lr |",
+        "|---|" + "---|" * (len(variants) + 1),
+    ]
+    for batch in sorted({b for _, b, _ in cells}):
+        best = []
+        for v in variants:
+            top = [(t, lr) for (vv, b, lr), t in cells.items() if vv == v and b == batch]
+            best.append(f"{max(top)[0]:.2f} (lr {max(top)[1]:g})" if top else "-")
+        gaps = [
+            cells[("en", b, lr)] - cells[("bn", b, lr)]
+            for (v, b, lr) in cells
+            if v == "en" and b == batch and ("bn", b, lr) in cells
+        ]
+        gap = f"{min(gaps):+.2f}" if gaps else "-"
+        lines.append(f"| {batch} | " + " | ".join(best) + f" | {gap} |")
+    return "\n".join(lines) + "\n" + _source(record)
+
+
+def small_batch_table(record: dict[str, Any]) -> str:
+    """small_batch.yaml per variant and lr: mean over seeds (lowest-highest)."""
+    runs, names = record["figures"]["runs"], record["figures"]["variants"]
+    lrs = sorted({r["lr"] for r in runs})
+    lines = [
+        "| variant | " + " | ".join(f"lr {lr:g}" for lr in lrs) + " |",
+        "|---|" + "---|" * len(lrs),
+    ]
+    for variant, label in names.items():
+        cells = []
+        for lr in lrs:
+            tops = [r["top1"] for r in runs if r["variant"] == variant and r["lr"] == lr]
+            cells.append(
+                f"{sum(tops) / len(tops):.2f} ({min(tops):.1f}-{max(tops):.1f})" if tops else "-"
+            )
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n" + _source(record)
+
+
+def convert_table(record: dict[str, Any]) -> str:
+    rows = record["figures"]["rows"]
+    lines = [
+        "| seed | max \\|logit\\| | float32 relative delta | float64 relative delta | verified |",
+        "|---|---|---|---|---|",
+    ]
+    for r in rows:
+        lines.append(
+            f"| {r['seed']} | {r['float32_max_abs_logit']:.1f} | {r['float32_relative']:.1e} | "
+            f"{r['float64_relative']:.1e} | yes |"
+        )
+    return "\n".join(lines) + "\n" + _source(record)
+
+
+def export_table(record: dict[str, Any]) -> str:
+    lines = [
+        "| model | torch.export BN / EN | ONNX translation BN / EN | onnxruntime batch 1 BN / EN "
+        "| batch 8 BN / EN |",
+        "|---|---|---|---|---|",
+    ]
+    for name, m in record["figures"]["models"].items():
+        b1, b8 = m["ort_ms_batch1"], m["ort_ms_batch8"]
+        lines.append(
+            f"| {name} | {m['bn']['torch_export_s']:.1f} s / {m['en']['torch_export_s']:.1f} s | "
+            f"{m['bn']['onnx_s']:.1f} s / {m['en']['onnx_s']:.1f} s | "
+            f"{b1['bn']:.1f} / {b1['en']:.1f} ms (x{b1['en'] / b1['bn']:.2f}) | "
+            f"{b8['bn']:.1f} / {b8['en']:.1f} ms (x{b8['en'] / b8['bn']:.2f}) |"
+        )
+    return "\n".join(lines) + "\n" + _source(record)
+
+
+def performance_table(record: dict[str, Any]) -> str:
+    lines = [
+        "| model (batch, px) | EN train step | EN inference | SN train / inference "
+        "| official SN train / inference |",
+        "|---|---|---|---|---|",
+    ]
+    for m in record["figures"]["models"]:
+        v = m["variants"]
+
+        def ratio(name: str, key: str, v: dict = v) -> str:
+            return f"{v[name][key] / v['bn'][key]:.2f}x" if name in v else "-"
+
+        lines.append(
+            f"| {m['model']} ({m['batch']}, {m['size']}) | {ratio('en', 'train_s')} | "
+            f"{ratio('en', 'infer_s')} | {ratio('sn', 'train_s')} / {ratio('sn', 'infer_s')} | "
+            f"{ratio('sn_official', 'train_s')} / {ratio('sn_official', 'infer_s')} |"
+        )
+    return "\n".join(lines) + "\n" + _source(record)
+
+
+def evidence_table(record: dict[str, Any]) -> str:
+    lines = ["| variant | top-1, mean ± std | per seed |", "|---|---|---|"]
+    for s in record["figures"]["summary"]:
+        seeds = ", ".join(f"{t:.2f}" for t in s["top1"])
+        lines.append(f"| {s['variant']} | {s['top1_mean']:.2f} ± {s['top1_std']:.2f} | {seeds} |")
+    return "\n".join(lines) + "\n" + _source(record)
+
+
+def quickstart_table(record: dict[str, Any]) -> str:
+    f = record["figures"]
+    return (
+        "| recipe | val top-1 | val images | train images/s |\n|---|---|---|---|\n"
+        f"| quickstart (EN) | {f['top1']:.2f}% | {f['samples']:,} | {f['images_per_s']:.0f} |\n"
+        + _source(record)
+    )
+
+
+BLOCKS: dict[str, tuple[str, Callable[[dict[str, Any]], str]]] = {
+    "stability-minimal": ("stability_minimal", stability_table),
+    "stability-minimal-headline": ("stability_minimal", stability_headline),
+    "stability-quickstart": ("stability_quickstart", stability_table),
+    "small-batch": ("small_batch", small_batch_table),
+    "convert-seeds": ("convert_seeds", convert_table),
+    "export": ("export", export_table),
+    "performance": ("performance", performance_table),
+    "evidence-scratch": ("evidence_scratch", evidence_table),
+    "evidence-finetune": ("evidence_finetune", evidence_table),
+    "quickstart": ("quickstart", quickstart_table),
+}
+"""Results block name -> (record, renderer)."""
+
+
+def render(block: str) -> str:
+    if block not in BLOCKS:
+        raise KeyError(f"no results block {block!r}: add it to benchmarks/results.py BLOCKS")
+    record, renderer = BLOCKS[block]
+    return renderer(load(record)) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description="write a record from a benchmark's JSON output")
+    parser.add_argument("name")
+    parser.add_argument("--command", required=True, help="the exact command that produced it")
+    parser.add_argument("--figures", type=Path, required=True, help="the benchmark's JSON")
+    parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--notes", default="")
+    args = parser.parse_args(argv)
+    figures = json.loads(args.figures.read_text())
+    path = write_record(
+        args.name, args.command, figures, machine_info=machine(args.threads), notes=args.notes
+    )
+    print(path)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
