@@ -8,6 +8,7 @@ holds the measurements as the benchmark wrote them (runs, rows, timings). Each r
 record, with a line naming the record and its command.
 
     python benchmarks/results.py stability_minimal --command "..." --figures grid.json
+    python benchmarks/results.py quickstart --command ./scripts/quickstart.sh --run runs/quickstart
 """
 
 from __future__ import annotations
@@ -257,15 +258,29 @@ def render(block: str) -> str:
     return renderer(load(record)) + "\n"
 
 
+def run_figures(run: Path) -> dict[str, Any]:
+    """A finetune run's figures from its metrics.jsonl: the last eval, the median images/s."""
+    import statistics
+
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    final = [r for r in records if r.get("eval")][-1]
+    rates = [r["images_per_s"] for r in records if "images_per_s" in r]
+    return {**final, "images_per_s": statistics.median(rates)}
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="write a record from a benchmark's JSON output")
     parser.add_argument("name")
     parser.add_argument("--command", required=True, help="the exact command that produced it")
-    parser.add_argument("--figures", type=Path, required=True, help="the benchmark's JSON")
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--figures", type=Path, help="the benchmark's JSON")
+    source.add_argument(
+        "--run", type=Path, help="a finetune run folder: its last eval and median images/s"
+    )
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--notes", default="")
     args = parser.parse_args(argv)
-    figures = json.loads(args.figures.read_text())
+    figures = json.loads(args.figures.read_text()) if args.figures else run_figures(args.run)
     path = write_record(
         args.name, args.command, figures, machine_info=machine(args.threads), notes=args.notes
     )
