@@ -68,7 +68,8 @@ def moments(x: Tensor, one_pass: bool = False) -> tuple[Tensor, Tensor]:
     var = E[x^2] - mean^2, kept only where that cannot lose precision
     (``ONE_PASS_CONDITION``). That check is data-dependent, so inference (``one_pass=False``)
     never makes it: its graph is the same for every input (``torch.jit.trace``,
-    ``torch.export``, ONNX), and two passes cost no more there (measured in docs/commands/export.md).
+    ``torch.export``, ONNX), and two passes cost no more there (measured in
+    docs/commands/export.md).
     """
     with torch.no_grad() if torch.is_grad_enabled() else contextlib.nullcontext():
         length = x.shape[-1]
