@@ -18,6 +18,7 @@ def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return path
 
 
+@pytest.mark.slow
 def test_export_both_formats(checkpoint: Path, tmp_path: Path) -> None:
     for name in ("m.onnx", "m.pt2"):
         result = invoke("export", str(checkpoint), "--out", str(tmp_path / name))

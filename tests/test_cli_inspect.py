@@ -8,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 from helpers import ROOT, invoke, one_error_line
 from PIL import Image
 from safetensors.torch import save_file
@@ -88,6 +89,7 @@ def test_bad_inputs(finetuned: Path, tmp_path: Path) -> None:
         one_error_line(invoke(*args), expected)
 
 
+@pytest.mark.slow
 def test_subprocess_without_data(finetuned: Path) -> None:
     proc = subprocess.run(
         [sys.executable, "-m", "enorm_cli", "inspect", str(finetuned), "--csv", "-"],
@@ -106,6 +108,7 @@ def test_subprocess_without_data(finetuned: Path) -> None:
     assert not (ROOT / "-").exists()
 
 
+@pytest.mark.slow
 def test_piped_output_at_80_columns_keeps_every_ratio(tmp_path: Path, image_classes: Path) -> None:
     """``enorm inspect ... | cat``: rich renders 80 columns; no ratio may be cut to '0.9…'."""
     import os

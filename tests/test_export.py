@@ -43,7 +43,7 @@ def test_eval_path_traces_the_same_graph_for_every_input(resnet_en: torch.nn.Mod
         assert torch.allclose(traced(x * 0.01 + 50.0), resnet_en(x * 0.01 + 50.0), atol=1e-5)
 
 
-@pytest.mark.parametrize("fmt", ["onnx", "pt2"])
+@pytest.mark.parametrize("fmt", ["onnx", pytest.param("pt2", marks=pytest.mark.slow)])
 def test_export_matches_eager_with_a_dynamic_batch(
     resnet_en: torch.nn.Module, tmp_path: Path, fmt: str
 ) -> None:
@@ -60,6 +60,7 @@ def test_export_matches_eager_with_a_dynamic_batch(
     assert torch.allclose(got, expected, rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_pt2_loads_without_enorm(resnet_en: torch.nn.Module, tmp_path: Path) -> None:
     batch = default_batch((3, 64, 64), n=3)
     out = tmp_path / "model.pt2"
@@ -101,11 +102,13 @@ def test_real_mobilenet_v2_exports_to_onnx(
     assert check.agreement.top1_agreement == 1.0 and check.agreement.relative_delta <= 1e-4
 
 
+@pytest.mark.slow
 def test_sn_and_gn_sources_export(tmp_path: Path) -> None:
     model = converted("test_efficientnet_gn", normalizers=("bn", "in", "ln", "gn"), layer="sn")
     export_model(model, default_batch((3, 64, 64), n=4), tmp_path / "sn.pt2", "pt2", "smooth noise")
 
 
+@pytest.mark.slow
 def test_a_file_that_does_not_match_is_not_written(
     resnet_en: torch.nn.Module, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

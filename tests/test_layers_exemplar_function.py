@@ -45,26 +45,24 @@ def test_grouped_conv_as_multiply_sum_equals_nn_conv1d() -> None:
     assert torch.equal(en.ratio(xhat.transpose(0, 1)), logits)  # the module computes the same
 
 
-def test_stacked_stats_follow_the_mode_and_the_override() -> None:
+def test_stacked_stats_follow_the_mode() -> None:
     en = layer()
     x = torch.randn(5, 16, 4, 4) * 3 + 2
     stats = instance_stats(x)
     cfg = en.kernel_settings()
-    m, s, batch, rd = stacked_stats(cfg, stats.mean, stats.var, en.kernel_tensors())
-    assert rd is None  # no renorm
+    m, s, record, rd, samples = stacked_stats(
+        cfg, stats.mean, stats.var, en.kernel_tensors(), stats.count
+    )
+    assert rd is None and samples is None  # no renorm, one process
     torch.testing.assert_close(m[0], x.mean((0, 2, 3)).expand(5, 16))  # bn: the batch's
     torch.testing.assert_close(s[2], x.var((1, 2, 3), correction=0)[:, None].expand(5, 16))  # ln
-    torch.testing.assert_close(
-        batch, torch.stack([x.mean((0, 2, 3)), x.var((0, 2, 3), correction=0)])
-    )
-    override = (torch.zeros(1, 16), torch.full((1, 16), 4.0))
-    m, s, batch, _ = stacked_stats(cfg, stats.mean, stats.var, en.kernel_tensors(), override)
-    assert torch.equal(m[0], torch.zeros(5, 16)) and torch.equal(batch, torch.cat(override))
+    # the running statistics average the unbiased variance, as BatchNorm's
+    torch.testing.assert_close(record, torch.stack([x.mean((0, 2, 3)), x.var((0, 2, 3))]))
     en.eval()
-    m, s, batch, rd = stacked_stats(
-        en.kernel_settings(), stats.mean, stats.var, en.kernel_tensors()
+    m, s, record, rd, _ = stacked_stats(
+        en.kernel_settings(), stats.mean, stats.var, en.kernel_tensors(), stats.count
     )
-    assert batch is None and rd is None and torch.equal(m[0], en.running_mean.expand(5, 16))
+    assert record is None and rd is None and torch.equal(m[0], en.running_mean.expand(5, 16))
 
 
 def test_coefficients_mix_the_normalized_outputs() -> None:
@@ -74,7 +72,7 @@ def test_coefficients_mix_the_normalized_outputs() -> None:
     en = en.double()
     stats = instance_stats(x)
     a, b, _, saved = en_coefficients(
-        en.kernel_settings(), stats.mean, stats.var, en.kernel_tensors()
+        en.kernel_settings(), stats.mean, stats.var, en.kernel_tensors(), stats.count
     )
     lam = saved[4]
     torch.testing.assert_close(lam, en.ratios(x))

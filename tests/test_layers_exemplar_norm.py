@@ -111,7 +111,16 @@ def test_bn_only_with_unit_ratio_is_batchnorm() -> None:
 
 @pytest.mark.parametrize("mode", ["train", "eval"])
 @pytest.mark.parametrize(
-    "config", ["bn-in-ln", "with-gn", "gn-ln", "no-conv", "shared-affine", "relu"]
+    "config",
+    [
+        "bn-in-ln",
+        "gn-ln",
+        # the other settings change one term each; the fast tier keeps the two above
+        *(
+            pytest.param(c, marks=pytest.mark.slow)
+            for c in ("with-gn", "no-conv", "shared-affine", "relu")
+        ),
+    ],
 )
 def test_gradcheck_reaches_every_parameter(config: str, mode: str) -> None:
     """The hand-written backwards (fused_affine, exemplar_mix) against finite differences."""
@@ -176,6 +185,47 @@ def test_state_dict_round_trip() -> None:
     torch.testing.assert_close(clone(x), layer(x), rtol=0, atol=0)
     keys = set(layer.state_dict())
     assert {"weight", "bias", "running_mean", "running_var", "num_batches_tracked"} <= keys
+
+
+def test_logit_scale_is_state() -> None:
+    """The scale changes the function, so the state dict carries it (safetensors too)."""
+    layer = make_layer()
+    with torch.no_grad():
+        layer.ratio.fc2.weight.normal_()  # ratios that depend on the input, so s matters
+    layer.ratio.logit_scale = 0.37
+    layer.eval()
+    state = layer.state_dict()
+    assert float(state["ratio._extra_state"]) == 0.37
+    other = ExemplarNorm2d(32, reduction=4).eval()  # built with the default s
+    other.load_state_dict(state, strict=True)
+    assert other.logit_scale == 0.37
+    x = batch()
+    torch.testing.assert_close(other(x), layer(x), rtol=0, atol=0)
+    with pytest.raises(ValueError, match="logit_scale must be positive"):
+        other.ratio.set_extra_state(torch.tensor(0.0))
+
+
+def test_a_version_1_state_dict_loads_as_the_same_function() -> None:
+    """Version 1 did not save s: its layers used the one they were built with, and a plain
+    ``load_state_dict`` of such a dict (torch's metadata says version 1, or none at all, as
+    in a safetensors file) keeps it, strictly."""
+    old = ExemplarNorm2d(32, reduction=4, logit_scale=0.5)
+    with torch.no_grad():
+        old.ratio.fc2.weight.normal_()
+    old.eval()
+    state = old.state_dict()
+    del state["ratio._extra_state"]
+    state._metadata[""]["version"] = 1
+    plain = dict(state)  # no metadata
+    for old_state in (state, plain):
+        new = ExemplarNorm2d(32, reduction=4, logit_scale=0.5).eval()
+        new.load_state_dict(old_state, strict=True)
+        x = batch()
+        torch.testing.assert_close(new(x), old(x), rtol=0, atol=0)
+    current = old.state_dict()
+    del current["ratio._extra_state"]
+    with pytest.raises(RuntimeError, match="_extra_state"):  # version 2 must carry it
+        ExemplarNorm2d(32, reduction=4).load_state_dict(current, strict=True)
 
 
 def test_module_contract() -> None:
@@ -243,6 +293,7 @@ def _small_net(norm: nn.Module) -> nn.Module:
     )
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("layer", ["en", "sn"])
 def test_torch_compile_matches_eager(layer: str) -> None:
     """Forward in both modes and a train step's gradients, compiled and eager."""
@@ -380,7 +431,7 @@ def test_renorm_frozen_trains_on_the_source_function_where_the_clips_would_bite(
     torch.testing.assert_close(xb.grad, expected, rtol=1e-4, atol=1e-6)
 
 
-@pytest.mark.parametrize("fused", [True, False])
+@pytest.mark.parametrize("fused", [True, pytest.param(False, marks=pytest.mark.slow)])
 def test_renorm_gradcheck(fused: bool) -> None:
     """Gradients of the renormalized bn member, both paths, against finite differences (every
     r and d at its clip, where they are constants, so finite differences see what autograd

@@ -1,11 +1,12 @@
-"""Synchronized bn statistics across two real gloo processes equal one process on the whole
-batch."""
+"""Synchronized bn statistics across two real gloo processes: they equal one process on the
+whole batch, run in the fused node, and compile as one graph (as one process does)."""
 
 from __future__ import annotations
 
 import os
 import socket
 
+import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
@@ -45,6 +46,7 @@ def _worker(rank: int, port: int, x: torch.Tensor, state: dict, out: dict) -> No
             "grads": grads,
             "mean": layer.running_mean.clone(),
             "var": layer.running_var.clone(),
+            "node": type(y.grad_fn).__name__,
         }
     finally:
         dist.destroy_process_group()
@@ -77,6 +79,8 @@ def test_two_process_sync_equals_single_process() -> None:
     for rank in (0, 1):  # both ranks hold the running statistics of the whole batch
         torch.testing.assert_close(out[rank]["mean"], reference.running_mean)
         torch.testing.assert_close(out[rank]["var"], reference.running_var)
+        # the synced path is the one fused node (its backward all-reduces), not autograd
+        assert out[rank]["node"] == "ExemplarNormFunctionBackward"
 
 
 def _bf16_worker(rank: int, port: int, x: torch.Tensor, state: dict, out: dict) -> None:
@@ -90,6 +94,7 @@ def _bf16_worker(rank: int, port: int, x: torch.Tensor, state: dict, out: dict) 
         dist.destroy_process_group()
 
 
+@pytest.mark.slow
 def test_synced_path_under_bf16_autocast_equals_one_process() -> None:
     """webvision.yaml's path (bf16, several processes): the ratio branch stays float32 there too.
 
@@ -110,3 +115,54 @@ def test_synced_path_under_bf16_autocast_equals_one_process() -> None:
     assert out[0]["y"].dtype == y.dtype == torch.float32
     torch.testing.assert_close(torch.cat([out[0]["lam"], out[1]["lam"]]), lam, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(torch.cat([out[0]["y"], out[1]["y"]]), y, rtol=1e-5, atol=1e-5)
+
+
+def _converted_mobilenet_v2(bn_stats: str) -> torch.nn.Module:
+    """torchvision's MobileNetV2 (random weights), converted, in training mode."""
+    import torchvision
+
+    from enorm_cli.settings import ENSettings
+    from enorm_cli.surgery import convert_model
+    from enorm_cli.train import set_train_mode
+
+    torch.manual_seed(0)
+    model = torchvision.models.mobilenet_v2(num_classes=10)
+    convert_model(model, ENSettings())
+    set_train_mode(model, bn_stats)
+    return model
+
+
+def _graph_breaks(model: torch.nn.Module) -> tuple[int, int]:
+    """(graphs, graph breaks) torch._dynamo.explain finds in one training forward."""
+    torch._dynamo.reset()
+    explained = torch._dynamo.explain(lambda x: model(x).sum())(torch.randn(4, 3, 32, 32))
+    return explained.graph_count, explained.graph_break_count
+
+
+def _explain_worker(rank: int, port: int, out: dict) -> None:
+    from enorm_cli.finetune_model import set_sync_stats
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=2)
+    try:
+        model = _converted_mobilenet_v2("batch")
+        set_sync_stats(model, True)
+        out[rank] = _graph_breaks(model)
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("bn_stats", ["batch", "renorm_frozen"])
+def test_converted_mobilenet_v2_compiles_as_one_graph(bn_stats: str) -> None:
+    """One process: no graph break on the fused path (nothing hits torch.compiler.disable)."""
+    assert _graph_breaks(_converted_mobilenet_v2(bn_stats)) == (1, 0)
+
+
+@pytest.mark.slow
+def test_synced_converted_mobilenet_v2_compiles_as_one_graph() -> None:
+    """Two gloo processes with synced statistics: the all-reduces inside the fused node trace
+    too, so the multi-process path compiles as one graph as well."""
+    out = mp.Manager().dict()
+    mp.spawn(_explain_worker, args=(_free_port(), out), nprocs=2, join=True)
+    assert out[0] == out[1] == (1, 0)

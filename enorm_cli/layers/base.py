@@ -12,15 +12,13 @@ from torch import Tensor, nn
 from .fused_affine import fused_affine
 from .source import SourceNorm, source_prior
 from .statistics import (
+    BnMember,
     InstanceStats,
+    bn_member_stats,
     check_normalizers,
     distributed_world_size,
-    mode_bn_stats,
     normalizer_stats,
-    renorm_limits,
-    renormalized_stats,
     running_average_factor,
-    synced_batch_stats,
     update_running_stats,
 )
 
@@ -35,7 +33,7 @@ class MixedNorm2d(nn.Module):
     running with more than one process, training batch statistics cover the
     whole distributed batch, as ``nn.SyncBatchNorm`` does. With ``renorm`` set (also a plain
     attribute, set by training from ``model.bn_stats``) the bn member is batch-renormalized in
-    training (``statistics.renormalized_stats``). With ``frozen_stats`` (a plain attribute too)
+    training (``statistics.bn_member_stats``). With ``frozen_stats`` (a plain attribute too)
     training leaves the running statistics as they are: renorm then normalizes against the
     source's statistics (``model.bn_stats: renorm_frozen``).
 
@@ -173,59 +171,75 @@ class MixedNorm2d(nn.Module):
         if x.shape[1] != self.num_features:
             raise ValueError(f"expected {self.num_features} channels, got {x.shape[1]}")
 
-    def _bn_stats(self, stats: InstanceStats) -> tuple[tuple[Tensor, Tensor] | None, int]:
-        """The bn member's (mean, var), 1 x C, in the current mode, and the samples they cover.
-
-        Training: the batch's, over every process with ``sync_stats``; eval: the running ones;
-        None without a bn member.
-        """
-        if "bn" not in self.normalizers:
-            return None, 0
-        if self.training and self.sync_stats and distributed_world_size() > 1:
-            mean, var, samples = synced_batch_stats(stats)
-            return (mean, var), samples
-        bn = mode_bn_stats(
-            stats.mean, stats.var, self.training, self.running_mean, self.running_var
+    def syncs_now(self) -> bool:
+        """Whether training statistics cover every process now (``sync_stats``, a bn member,
+        training, and torch.distributed with more than one process)."""
+        return (
+            self.training
+            and self.sync_stats
+            and "bn" in self.normalizers
+            and distributed_world_size() > 1
         )
-        return bn, stats.mean.shape[0] if self.training else 0
 
-    def _statistics(self, stats: InstanceStats, update: bool) -> list[tuple[Tensor, Tensor]]:
-        """Every normalizer's (mean, variance) in the current mode (shapes: ``normalizer_stats``).
+    def _bn_member(self, stats: InstanceStats) -> BnMember | None:
+        """The bn member's statistics in the current mode (``statistics.bn_member_stats``);
+        None without a bn member."""
+        if "bn" not in self.normalizers:
+            return None
+        return bn_member_stats(
+            stats.mean,
+            stats.var,
+            stats.count,
+            self.running_mean,
+            self.running_var,
+            self.eps,
+            training=self.training,
+            synced=self.syncs_now(),
+            renorm=self.renorm,
+            frozen=self.frozen_stats,
+        )
 
-        ``update`` advances the running statistics (training only), as a BN forward does.
-        """
-        bn, samples = self._bn_stats(stats)
-        if self.training and bn is not None:
-            batch = bn
-            if self.renorm:  # with the running statistics before this batch's update
-                mean, var, _ = renormalized_stats(
-                    *bn,
-                    self.running_mean,
-                    self.running_var,
-                    self.eps,
-                    renorm_limits(self.frozen_stats),
-                )
-                bn = (mean, var)
-            if update:
-                self._update_running_stats(*batch, stats.count * samples)
-        return normalizer_stats(stats.mean, stats.var, self.normalizers, self.num_groups, bn)
+    def _statistics(
+        self, stats: InstanceStats
+    ) -> tuple[list[tuple[Tensor, Tensor]], Tensor | None]:
+        """Every normalizer's (mean, variance) in the current mode (shapes: ``normalizer_stats``),
+        and the bn member's record for the running statistics (2 x C, training)."""
+        member = self._bn_member(stats)
+        bn = None if member is None else (member.mean, member.var)
+        pairs = normalizer_stats(stats.mean, stats.var, self.normalizers, self.num_groups, bn)
+        return pairs, None if member is None else member.record
 
-    def _update_running_stats(self, batch_mean: Tensor, batch_var: Tensor, count: int) -> None:
-        """One BatchNorm running-statistics step; ``count`` elements per channel (N * H * W).
-        None with ``frozen_stats``."""
+    def _update_running_stats(self, record: Tensor) -> None:
+        """One BatchNorm running-statistics step from ``record`` (2 x C: the batch mean and
+        unbiased variance); none with ``frozen_stats``. The one place every layer and path
+        updates them (``forward``)."""
         if self.frozen_stats:
             return
         self.num_batches_tracked.add_(1)
         factor = running_average_factor(self.momentum, self.num_batches_tracked)
-        update_running_stats(
-            self.running_mean, self.running_var, batch_mean, batch_var, count, factor
-        )
+        update_running_stats(self.running_mean, self.running_var, record, factor)
 
-    def _coefficients(self, stats: InstanceStats, update: bool) -> tuple[Tensor, Tensor]:
-        """A, B (N x C) of ``Y = A * X + B``; ``update`` advances the running statistics."""
+    def _coefficients(self, stats: InstanceStats) -> tuple[Tensor, Tensor, Tensor | None]:
+        """A, B (N x C) of ``Y = A * X + B`` and the bn member's record (2 x C, training)."""
         raise NotImplementedError
+
+    def _normalize(self, x: Tensor) -> tuple[Tensor, Tensor | None]:
+        """Y and the bn member's record (2 x C or None): ``fused_affine`` over
+        ``_coefficients``."""
+        records: list[Tensor | None] = []
+
+        def coefficients(stats: InstanceStats) -> tuple[Tensor, Tensor]:
+            a, b, record = self._coefficients(stats)
+            records.append(record)
+            return a, b
+
+        params = [p for p in self.parameters() if p.requires_grad]
+        y = fused_affine(x, coefficients, params)
+        return y, records[0]
 
     def forward(self, x: Tensor) -> Tensor:
         self._check_input_dim(x)
-        params = [p for p in self.parameters() if p.requires_grad]
-        return fused_affine(x, lambda stats: self._coefficients(stats, update=True), params)
+        y, record = self._normalize(x)
+        if record is not None and record.numel():
+            self._update_running_stats(record)
+        return y

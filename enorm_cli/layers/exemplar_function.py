@@ -14,12 +14,14 @@ D = m - M; Xhat = D R; z the grouped conv of Xhat; lambda = softmax(FC2(act(FC1(
 A = sum_k lambda_k gamma_k R_k; B = lambda beta - sum_k lambda_k gamma_k R_k M_k. FC2 is
 ``b + s W h`` with the layer's ``logit_scale`` s (``exemplar_norm.default_logit_scale``).
 
-The forward math is defined once, ``en_coefficients`` (statistics dispatch from
-``statistics.normalizer_stats``, the ratio branch ``ratio_logits``, the coefficients).
-This node runs it without autograd and differentiates it by hand; synced statistics
-(``MixedNorm2d.sync_stats``), ``ratios()`` and ``set_fused_en(False)`` run the same function
-under autograd. Both paths are checked against the float64 reference, against each other,
-and by gradcheck in the tests.
+The forward math is defined once, ``en_coefficients`` (the bn member from
+``statistics.bn_member_stats``, the others from ``statistics.normalizer_stats``, the ratio
+branch ``ratio_logits``, the coefficients). This node runs it without autograd and
+differentiates it by hand, on one process and, with synced statistics, on many: the bn
+member's sums are all-reduced in the forward and its two gradient sums in the backward, as
+torch's SyncBatchNorm does. ``ratios()`` and ``set_fused_en(False)`` (the test reference)
+run the same function under autograd. Both paths are checked against the float64
+reference, against each other, and by gradcheck in the tests.
 """
 
 from __future__ import annotations
@@ -32,13 +34,7 @@ from torch import Tensor
 from torch.autograd.function import once_differentiable
 
 from .fused_affine import affine_apply, affine_grads, input_grad, wide
-from .statistics import (
-    mode_bn_stats,
-    moments,
-    normalizer_stats,
-    renorm_limits,
-    renormalized_stats,
-)
+from .statistics import all_reduce_sum, bn_member_stats, moments, normalizer_stats
 
 
 @dataclass(frozen=True)
@@ -56,6 +52,8 @@ class KernelSettings:
     """Training: the bn member batch-renormalized (``statistics.renormalized_stats``)."""
     frozen_stats: bool = False
     """Renorm against statistics that training never updates: unclipped (``renorm_limits``)."""
+    synced: bool = False
+    """Training: the bn member's statistics over every process (forward and backward)."""
 
 
 def _to(t: Tensor, dtype: torch.dtype) -> Tensor:
@@ -81,30 +79,40 @@ class ENTensors(NamedTuple):
 
 
 def stacked_stats(
-    cfg: KernelSettings, m: Tensor, v: Tensor, p: ENTensors, bn: tuple[Tensor, Tensor] | None = None
-) -> tuple[Tensor, Tensor, Tensor | None, Tensor | None]:
-    """M, S (K x N x C), the bn statistics to record (2 x C, training) and Batch
-    Renormalization's r, d (2 x C, with ``cfg.renorm`` in training), from the instance table.
+    cfg: KernelSettings, m: Tensor, v: Tensor, p: ENTensors, count: int
+) -> tuple[Tensor, Tensor, Tensor | None, Tensor | None, Tensor | None]:
+    """M, S (K x N x C) from the instance table (count: H * W), with the bn member's record
+    for the running statistics (2 x C, training), Batch Renormalization's r, d (2 x C, with
+    ``cfg.renorm`` in training) and the samples synced statistics cover (``cfg.synced``).
 
-    bn: ``bn`` when given (synced statistics), else the batch's (training) or the running
-    ones (eval), renormalized with ``cfg.renorm`` in training (the raw batch statistics are
-    what the running ones record); the other normalizers as ``statistics.normalizer_stats``
-    says.
+    bn as ``statistics.bn_member_stats`` takes it in the current mode; the other normalizers
+    as ``statistics.normalizer_stats`` says.
     """
     n, c = m.shape
-    if bn is None and "bn" in cfg.normalizers:
-        bn = mode_bn_stats(m, v, cfg.training, p.running_mean, p.running_var)
-    batch = torch.cat(bn) if cfg.training and bn is not None else None
-    rd = None
-    if cfg.renorm and batch is not None:
-        mean, var, rd = renormalized_stats(
-            *bn, p.running_mean, p.running_var, cfg.eps, renorm_limits(cfg.frozen_stats)
+    bn = record = rd = samples = None
+    if "bn" in cfg.normalizers:
+        member = bn_member_stats(
+            m,
+            v,
+            count,
+            p.running_mean,
+            p.running_var,
+            cfg.eps,
+            training=cfg.training,
+            synced=cfg.synced,
+            renorm=cfg.renorm,
+            frozen=cfg.frozen_stats,
         )
-        bn = (mean, var)
+        bn, record, rd, samples = (
+            (member.mean, member.var),
+            member.record,
+            member.rd,
+            member.samples,
+        )
     pairs = normalizer_stats(m, v, cfg.normalizers, cfg.num_groups, bn)
     means = torch.stack([mean.expand(n, c) for mean, _ in pairs])
     variances = torch.stack([var.expand(n, c) for _, var in pairs])
-    return means, variances, batch, rd
+    return means, variances, record, rd, samples
 
 
 def ratio_logits(
@@ -142,22 +150,24 @@ def ratio_logits(
 
 
 def en_coefficients(
-    cfg: KernelSettings, m: Tensor, v: Tensor, p: ENTensors, bn: tuple[Tensor, Tensor] | None = None
-) -> tuple[Tensor, Tensor, Tensor | None, tuple[Tensor, ...]]:
-    """EN's math from the instance table: A, B (N x C), the bn statistics to record, and saved.
+    cfg: KernelSettings, m: Tensor, v: Tensor, p: ENTensors, count: int
+) -> tuple[Tensor, Tensor, Tensor | None, tuple[Tensor | None, ...]]:
+    """EN's math from the instance table (count: H * W): A, B (N x C), the bn member's record
+    for the running statistics (``stacked_stats``), and saved.
 
     The one definition: the one-node path runs it without autograd and differentiates it by
-    hand (``ExemplarNormFunction.backward``); synced statistics and ``ratios()`` run it under
-    autograd (out-of-place ops then, in place otherwise). ``saved`` is
-    (m, M, R, D, lambda, h, v, z^T, A, rd), what the hand-written backward reads (rd:
-    Batch Renormalization's r, d, or None).
+    hand (``ExemplarNormFunction.backward``); ``ratios()`` and the reference path
+    (``fused_en(False)``) run it under autograd (out-of-place ops then, in place otherwise).
+    ``saved`` is (m, M, R, D, lambda, h, v, z^T, A, rd, samples), what the hand-written
+    backward reads (rd: Batch Renormalization's r, d, or None; samples: the synced bn
+    statistics' sample count, or None).
     """
     dt = m.dtype
     n, c = m.shape
     # In place where autograd is not recording (the fused node's forward, inference): the
     # K x N x C temporaries are what this math allocates, and fresh ones cost on CPU.
     inplace = not torch.is_grad_enabled()
-    big_m, big_s, batch, rd = stacked_stats(cfg, m, v, p, bn)
+    big_m, big_s, batch, rd, samples = stacked_stats(cfg, m, v, p, count)
     rstd = big_s.add_(cfg.eps).rsqrt_() if inplace else (big_s + cfg.eps).rsqrt()  # K x N x C
     dev = m - big_m
     logits, h, vv, zt = ratio_logits(
@@ -170,22 +180,24 @@ def en_coefficients(
     a = mixed.sum(0)
     mixed = mixed.mul_(big_m) if inplace else mixed * big_m
     b = (beta.expand(n, c) if cfg.shared_affine else lam @ beta) - mixed.sum(0)
-    return a, b, batch, (m, big_m, rstd, dev, lam, h, vv, zt, a, rd)
+    return a, b, batch, (m, big_m, rstd, dev, lam, h, vv, zt, a, rd, samples)
 
 
 def exemplar_norm(
     x: Tensor, cfg: KernelSettings, p: ENTensors
 ) -> tuple[Tensor, Tensor | None, tuple[Tensor, ...]]:
-    """EN(x) without autograd: y, the bn batch statistics (2 x C, training) and what backward
-    needs."""
+    """EN(x) without autograd: y, the bn member's record for the running statistics (2 x C,
+    training) and what backward needs."""
     xw = wide(x).flatten(2)
     m, v = moments(xw, one_pass=cfg.training)
-    a, b, batch, saved = en_coefficients(cfg, m, v, p)
+    a, b, batch, saved = en_coefficients(cfg, m, v, p, xw.shape[-1])
     return affine_apply(x, a, b), batch, saved
 
 
 class ExemplarNormFunction(torch.autograd.Function):
-    """y, bn batch statistics (2 x C or empty) = EN(x), as one node with a hand-written backward."""
+    """y, the bn member's record (2 x C or empty) = EN(x), as one node with a hand-written
+    backward. With ``cfg.synced`` the bn statistics and their gradient sums are all-reduced
+    over the processes, as torch's SyncBatchNorm function does."""
 
     @staticmethod
     def forward(
@@ -203,7 +215,7 @@ class ExemplarNormFunction(torch.autograd.Function):
     @once_differentiable
     def backward(ctx: Any, grad_y: Tensor, _grad_batch: Tensor | None) -> tuple[Tensor | None, ...]:
         cfg: KernelSettings = ctx.cfg
-        x, m, big_m, rstd, dev, lam, h, vv, zt, a, rd, weight, bias, conv, fc1_w, fc2_w = (
+        x, m, big_m, rstd, dev, lam, h, vv, zt, a, rd, samples, weight, bias, conv, fc1_w, fc2_w = (
             ctx.saved_tensors
         )
         dt = m.dtype
@@ -269,9 +281,13 @@ class ExemplarNormFunction(torch.autograd.Function):
             def view(t: Tensor, grouped: bool = name == "gn") -> Tensor:
                 return _group_view(t, cfg.num_groups) if grouped else t
 
-            count = view(m).shape[dim]
-            g_mean = view(g_big_m[i]).sum(dim, keepdim=True) / count
-            g_var = view(g_big_s[i]).sum(dim, keepdim=True) / count
+            if name == "bn" and samples is not None:  # synced: sums over every process
+                sums = all_reduce_sum(torch.cat([g_big_m[i].sum(0), g_big_s[i].sum(0)]))
+                g_mean, g_var = (sums / samples.view(())).view(2, 1, c).unbind(0)
+            else:
+                count = view(m).shape[dim]
+                g_mean = view(g_big_m[i]).sum(dim, keepdim=True) / count
+                g_var = view(g_big_s[i]).sum(dim, keepdim=True) / count
             dev_i = dev[i]
             if name == "bn" and rd is not None:  # renormalized: M = mean - d sigma / r and
                 r, d = rd[0:1], rd[1:2]  # S = (var + eps) / r^2 - eps, r and d constants;

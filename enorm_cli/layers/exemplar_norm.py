@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import math
 from collections.abc import Callable, Iterator
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -25,7 +26,7 @@ from .exemplar_function import (
     ratio_logits,
 )
 from .source import SourceNorm, source_share
-from .statistics import InstanceStats, distributed_world_size, group_count, instance_stats
+from .statistics import InstanceStats, group_count, instance_stats
 
 ACTIVATIONS: tuple[str, ...] = ("tanh", "relu")
 """The ratio branch's hidden activations."""
@@ -58,9 +59,9 @@ _fused = True
 def set_fused_en(enable: bool = True) -> None:
     """Run EN as one autograd node with a hand-written backward (the default), or not.
 
-    With ``False`` every EN layer records ``en_coefficients`` under plain autograd, the path
-    synced statistics always take (as timm's ``set_fast_norm`` switches its norm kernels).
-    Both compute the same function; the switch exists to compare them and to debug.
+    With ``False`` every EN layer records ``en_coefficients`` under plain autograd (as timm's
+    ``set_fast_norm`` switches its norm kernels): the reference the tests check the node
+    against. Both compute the same function; the switch exists to compare them and to debug.
     """
     global _fused
     _fused = enable
@@ -131,6 +132,17 @@ class RatioBranch(nn.Module):
         self.act: nn.Module = nn.Tanh() if activation == "tanh" else nn.ReLU()
         self.fc2 = nn.Linear(pi * k, k, **factory)
 
+    def get_extra_state(self) -> Tensor:
+        """``logit_scale`` goes into the state dict with the weights: it changes the function.
+        A tensor, so safetensors files carry it too."""
+        return torch.tensor(self.logit_scale, dtype=torch.float64)
+
+    def set_extra_state(self, state: Tensor | float) -> None:
+        scale = float(state)
+        if not scale > 0:
+            raise ValueError(f"logit_scale must be positive, got {scale}")
+        self.logit_scale = scale
+
     def reset_parameters(self) -> None:
         """torch's default initialization of the conv and both FCs (what a new branch has)."""
         for layer in (self.conv, self.fc1, self.fc2):
@@ -167,7 +179,9 @@ class ExemplarNorm2d(MixedNorm2d):
     most C / r as its group count (at least 1), so odd widths never fail.
     """
 
-    _version = 1
+    _version = 2
+    """2: the ratio branch's ``logit_scale`` is in the state dict (``ratio._extra_state``);
+    1 did not save it (``_load_from_state_dict`` migrates)."""
     kind = "en"
     options = ("reduction", "pi", "activation", "use_conv", "shared_affine", "logit_scale")
 
@@ -218,6 +232,28 @@ class ExemplarNorm2d(MixedNorm2d):
         self.reset_running_stats()
         self._reset_affine()
         self.ratio.reset_parameters()
+
+    def _load_from_state_dict(
+        self,
+        state_dict: dict[str, Any],
+        prefix: str,
+        local_metadata: dict[str, Any],
+        strict: bool,
+        missing_keys: list[str],
+        unexpected_keys: list[str],
+        error_msgs: list[str],
+    ) -> None:
+        """Version 1 state dicts lack ``logit_scale``: those layers computed with the scale
+        they were built with, so loading one keeps this layer's own (as torch's ``_BatchNorm``
+        fills in ``num_batches_tracked`` for its version 1). Files without torch's metadata
+        (safetensors) count as version 1 where the key is missing."""
+        version = local_metadata.get("version")
+        key = prefix + "ratio._extra_state"
+        if (version is None or version < 2) and key not in state_dict:
+            state_dict[key] = self.ratio.get_extra_state()
+        super()._load_from_state_dict(
+            state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+        )
 
     def _start_as(self, src: SourceNorm, prior: Tensor, lam_src: float) -> None:
         """gamma_src = gamma / lambda_src (all of gamma in row 0 when shared), other gammas 0,
@@ -274,6 +310,7 @@ class ExemplarNorm2d(MixedNorm2d):
             logit_scale=self.logit_scale,
             renorm=self.renorm,
             frozen_stats=self.frozen_stats,
+            synced=self.syncs_now(),
         )
 
     def kernel_tensors(self) -> ENTensors:
@@ -290,56 +327,38 @@ class ExemplarNorm2d(MixedNorm2d):
             branch.fc2.bias,
         )
 
-    def _math(
-        self, stats: InstanceStats
-    ) -> tuple[Tensor, Tensor, Tensor | None, tuple[Tensor, ...], int]:
-        """``en_coefficients`` under autograd, with the bn statistics of the current mode (synced
-        too)."""
-        bn, samples = self._bn_stats(stats)
+    def _math(self, stats: InstanceStats) -> tuple[Tensor, Tensor, Tensor | None, tuple]:
+        """``en_coefficients`` under autograd (the reference path and ``ratios()``)."""
         cfg = self.kernel_settings()
-        a, b, batch, saved = en_coefficients(cfg, stats.mean, stats.var, self.kernel_tensors(), bn)
-        return a, b, batch, saved, samples
+        return en_coefficients(cfg, stats.mean, stats.var, self.kernel_tensors(), stats.count)
 
     def ratios(self, x: Tensor) -> Tensor:
         """The lambda (N x K) that ``forward`` would use on x now; running stats untouched."""
         self._check_input_dim(x)
         with _float32_math(x):
-            _, _, _, saved, _ = self._math(instance_stats(x))
+            _, _, _, saved = self._math(instance_stats(x))
         return saved[4]  # lambda, as en_coefficients computed it
 
-    def _coefficients(self, stats: InstanceStats, update: bool) -> tuple[Tensor, Tensor]:
-        """A, B of the autograd path (synced statistics, ``fused_en(False)``), running stats
-        updated."""
-        a, b, batch, _, samples = self._math(stats)
-        if update and batch is not None:
-            self._update_running_stats(batch[0], batch[1], stats.count * samples)
-        return a, b
+    def _coefficients(self, stats: InstanceStats) -> tuple[Tensor, Tensor, Tensor | None]:
+        """A, B and the bn record of the autograd reference path (``fused_en(False)``)."""
+        a, b, record, _ = self._math(stats)
+        return a, b, record
 
-    def forward(self, x: Tensor) -> Tensor:
-        self._check_input_dim(x)
-        synced = (
-            self.training
-            and self.sync_stats
-            and "bn" in self.normalizers
-            and distributed_world_size() > 1
-        )
+    def _normalize(self, x: Tensor) -> tuple[Tensor, Tensor | None]:
+        """Y and the bn member's record: one autograd node (``ExemplarNormFunction``) on one
+        process and on many, nothing recorded without autograd."""
         with _float32_math(x):
-            if synced or not _fused:
-                return super().forward(
-                    x
-                )  # autograd over en_coefficients; synced: all-reduced statistics
+            if not _fused:
+                return super()._normalize(x)  # the reference: autograd over en_coefficients
             cfg = self.kernel_settings()
             tensors = self.kernel_tensors()
             needs_grad = torch.is_grad_enabled() and (
                 x.requires_grad or any(t is not None and t.requires_grad for t in tensors)
             )
             if needs_grad:
-                y, batch = ExemplarNormFunction.apply(x, cfg, *tensors)
-            else:
-                y, batch, _ = exemplar_norm(x, cfg, tensors)
-        if batch is not None and batch.numel():
-            self._update_running_stats(batch[0], batch[1], x.shape[0] * x.shape[2] * x.shape[3])
-        return y
+                return ExemplarNormFunction.apply(x, cfg, *tensors)
+            y, record, _ = exemplar_norm(x, cfg, tensors)
+            return y, record
 
     def extra_repr(self) -> str:
         parts = [

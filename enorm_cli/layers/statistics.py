@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor
@@ -134,16 +134,6 @@ def batch_stats(mean: Tensor, var: Tensor) -> tuple[Tensor, Tensor]:
     return pool_stats(mean, var, 0)
 
 
-def mode_bn_stats(
-    mean: Tensor, var: Tensor, training: bool, running_mean: Tensor, running_var: Tensor
-) -> tuple[Tensor, Tensor]:
-    """bn's (mean, var), 1 x C, as BatchNorm takes them: the batch's in training, else the running
-    ones."""
-    if training:
-        return batch_stats(mean, var)
-    return running_mean.unsqueeze(0), running_var.unsqueeze(0)
-
-
 RENORM_LIMITS: tuple[float, float] = (3.0, 5.0)
 """Batch Renormalization's clips (r_max, d_max): Ioffe 2017's values after its warm-up."""
 
@@ -239,21 +229,76 @@ def running_average_factor(momentum: float | None, num_batches_tracked: Tensor) 
 
 @torch.no_grad()
 def update_running_stats(
+    running_mean: Tensor, running_var: Tensor, record: Tensor, factor: float
+) -> None:
+    """``running = (1 - factor) * running + factor * stat``: the one running-statistics step.
+
+    ``record`` is 2 x C, the batch mean and unbiased variance (``bn_member_stats``).
+    """
+    running_mean.lerp_(record[0].to(running_mean.dtype), factor)
+    running_var.lerp_(record[1].to(running_var.dtype), factor)
+
+
+def unbiased_record(mean: Tensor, var: Tensor, elements: int | Tensor) -> Tensor:
+    """2 x C: the batch mean and the unbiased variance over ``elements`` values per channel
+    (N * H * W), what the running statistics average. A single element leaves the variance
+    biased (0) instead of dividing by zero."""
+    if isinstance(elements, Tensor):
+        correction = elements / (elements - 1).clamp(min=1)
+    else:
+        correction = elements / max(elements - 1, 1)
+    return torch.cat([mean, var * correction]).detach()
+
+
+class BnMember(NamedTuple):
+    """The bn member's statistics in the current mode (``bn_member_stats``)."""
+
+    mean: Tensor
+    """1 x C: what the member normalizes with (renormalized in training with ``renorm``)."""
+    var: Tensor
+    record: Tensor | None
+    """2 x C: batch mean and unbiased variance for the running statistics (training only)."""
+    rd: Tensor | None
+    """2 x C: Batch Renormalization's r, d (training with ``renorm`` only)."""
+    samples: Tensor | None
+    """Samples the batch statistics cover over every process (synced training only)."""
+
+
+def bn_member_stats(
+    mean: Tensor,
+    var: Tensor,
+    count: int,
     running_mean: Tensor,
     running_var: Tensor,
-    batch_mean: Tensor,
-    batch_var: Tensor,
-    count: int,
-    factor: float,
-) -> None:
-    """``running = (1 - factor) * running + factor * stat``, with the unbiased variance.
+    eps: float,
+    *,
+    training: bool,
+    synced: bool = False,
+    renorm: bool = False,
+    frozen: bool = False,
+) -> BnMember:
+    """The bn member's statistics, as every layer and path takes them (the one place).
 
-    ``count`` is the number of elements per channel (N * H * W); a single element
-    leaves the variance biased (0) instead of dividing by zero.
+    Eval: the running ones. Training: the batch's (over every process when ``synced``, as
+    SyncBatchNorm), batch-renormalized with ``renorm`` against the running statistics before
+    this batch's update (unclipped with ``frozen``, ``renorm_limits``). mean, var: the
+    instance table (N x C); count: H * W.
     """
-    unbiased = batch_var * (count / max(count - 1, 1))
-    running_mean.lerp_(batch_mean.reshape(-1).to(running_mean.dtype), factor)
-    running_var.lerp_(unbiased.reshape(-1).to(running_var.dtype), factor)
+    if not training:
+        return BnMember(running_mean.unsqueeze(0), running_var.unsqueeze(0), None, None, None)
+    samples = None
+    if synced:
+        bmean, bvar, samples = synced_batch_stats(mean, var)
+        record = unbiased_record(bmean, bvar, samples * count)
+    else:
+        bmean, bvar = batch_stats(mean, var)
+        record = unbiased_record(bmean, bvar, mean.shape[0] * count)
+    rd = None
+    if renorm:
+        bmean, bvar, rd = renormalized_stats(
+            bmean, bvar, running_mean, running_var, eps, renorm_limits(frozen)
+        )
+    return BnMember(bmean, bvar, record, rd, samples)
 
 
 def group_count(num_features: int, reduction: int) -> int:
@@ -296,19 +341,29 @@ class _AllReduceSum(torch.autograd.Function):
         return grad
 
 
-def synced_batch_stats(stats: InstanceStats) -> tuple[Tensor, Tensor, int]:
+def all_reduce_sum(tensor: Tensor) -> Tensor:
+    """The sum over processes; differentiable when autograd records (``_AllReduceSum``)."""
+    if torch.is_grad_enabled() and tensor.requires_grad:
+        return _AllReduceSum.apply(tensor)
+    import torch.distributed as dist
+
+    out = tensor.clone()
+    dist.all_reduce(out)
+    return out
+
+
+def synced_batch_stats(mean: Tensor, var: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     """bn statistics over the whole distributed batch, as SyncBatchNorm computes them.
 
-    Two differentiable all-reduces of per-channel sums (C + 1 and C values): the
-    global mean first, then the squared deviations from it, so no cancellation.
-    Returns the 1 x C mean and variance and the global sample count.
+    Two all-reduces of per-channel sums (C + 1 and C values): the global mean first, then
+    the squared deviations from it, so no cancellation. mean, var: the local instance table
+    (N x C). Returns the 1 x C mean and variance and the global sample count (a 1 x 1 tensor:
+    no host sync, nothing for a compiler to break on).
     """
-    all_reduce = _AllReduceSum.apply
-    n = stats.mean.shape[0]
-    count = torch.full((1, 1), float(n), dtype=stats.mean.dtype, device=stats.mean.device)
-    summed = all_reduce(torch.cat([stats.mean.sum(0, keepdim=True), count], dim=1))
+    n = mean.shape[0]
+    count = torch.full((1, 1), float(n), dtype=mean.dtype, device=mean.device)
+    summed = all_reduce_sum(torch.cat([mean.sum(0, keepdim=True), count], dim=1))
     total = summed[:, -1:]
-    mean = summed[:, :-1] / total
-    deviation = (stats.var + (stats.mean - mean).square()).sum(0, keepdim=True)
-    var = all_reduce(deviation) / total
-    return mean, var, int(total.item())
+    global_mean = summed[:, :-1] / total
+    deviation = (var + (mean - global_mean).square()).sum(0, keepdim=True)
+    return global_mean, all_reduce_sum(deviation) / total, total.detach()

@@ -90,15 +90,15 @@ class SwitchableNorm2d(MixedNorm2d):
         """The mean ratios, the same for every sample (N x K): SN's ratios are static."""
         return self.mean_ratios().unsqueeze(0).expand(x.shape[0], -1)
 
-    def _coefficients(self, stats: InstanceStats, update: bool) -> tuple[Tensor, Tensor]:
+    def _coefficients(self, stats: InstanceStats) -> tuple[Tensor, Tensor, Tensor | None]:
         """A = gamma / sqrt(sum_k w_k var_k + eps), B = beta - A sum_k w'_k mu_k."""
-        pairs = self._statistics(stats, update)
+        pairs, record = self._statistics(stats)
         mw = self.mean_ratios().to(stats.mean.dtype)
         vw = self.var_ratios().to(stats.mean.dtype)
         mean = sum(w * m for w, (m, _) in zip(mw, pairs))
         var = sum(w * v for w, (_, v) in zip(vw, pairs))
         a = (self.weight.to(var.dtype) * torch.rsqrt(var + self.eps)).expand_as(stats.mean)
-        return a, torch.addcmul(self.bias.to(var.dtype), a, mean, value=-1.0).expand_as(a)
+        return a, torch.addcmul(self.bias.to(var.dtype), a, mean, value=-1.0).expand_as(a), record
 
     def extra_repr(self) -> str:
         return (
