@@ -252,6 +252,11 @@ class TrainConfig(Section):
     """Write a metrics record (and a log line) every N optimizer steps."""
     log_with: list[str] = []
     """Accelerate trackers beside metrics.jsonl, e.g. [tensorboard] (logs in output_dir/logs)."""
+    compile: bool = False
+    """``torch.compile`` the model in place before training (``nn.Module.compile``: state dict
+    and checkpoints unchanged). EN compiles as one graph on one process and synced on many.
+    Off by default: compiling takes minutes on CPU, which a short run does not win back
+    (measured in docs, Performance)."""
 
 
 class Recipe(Section):

@@ -216,6 +216,8 @@ class FinetuneRecipe:
         train_loader = make_loader(self.train_split, data.batch_size, data.workers, True, seed)
         val_loader = make_loader(self.val_split, data.batch_size, data.workers, False, seed)
         optimizer = build_optimizer(self.prepared.model, self.recipe, self.prepared.settings.margin)
+        if self.recipe.train.compile:
+            self.prepared.model.compile()  # in place: the same module, state dict and names
         self.model, self.optimizer, self.train_loader, self.val_loader = self.accelerator.prepare(
             self.prepared.model, optimizer, train_loader, val_loader
         )

@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 from helpers import QUICK, ROOT, tiny_recipe
 
 from enorm_cli import load_model
@@ -241,6 +242,25 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(crops: Path, tmp_path
 
 def _env() -> dict[str, str]:
     return {**os.environ, "OMP_NUM_THREADS": "1", "COLUMNS": "200"}
+
+
+@pytest.mark.slow
+def test_compile_trains_the_same_model_and_checkpoint(crops: Path, tmp_path: Path) -> None:
+    """train.compile: the module compiled in place, so checkpoints keep their names and the
+    weights follow the eager run's up to the compiler's rounding."""
+    from safetensors.torch import load_file
+
+    runs = {}
+    for mode in ("false", "true"):
+        out = tmp_path / mode
+        args = tiny_recipe(crops, out, "imagefolder", "schedule.epochs=1", f"train.compile={mode}")
+        finetune(load_recipe(QUICK, args), progress=False)
+        runs[mode] = load_file(out / "last.safetensors")
+        assert load_model(out / "last.safetensors") is not None
+    eager, compiled = runs["false"], runs["true"]
+    assert eager.keys() == compiled.keys()
+    for key in eager:
+        torch.testing.assert_close(compiled[key], eager[key], rtol=1e-3, atol=1e-4)
 
 
 @pytest.mark.slow
