@@ -130,3 +130,15 @@ def set_sync_stats(model: nn.Module, enabled: bool) -> int:
     for layer in layers:
         layer.sync_stats = enabled
     return len(layers)
+
+
+def sync_batchnorm(model: nn.Module, device_type: str) -> tuple[nn.Module, bool]:
+    """The baseline follows EN's rule: where EN syncs its bn statistics, BatchNorm becomes
+    SyncBatchNorm (timm's ``convert_sync_batchnorm``: torch's and timm's norm+act layers), so
+    that several-process comparisons are fair. Only on GPUs: torch's SyncBatchNorm has no CPU
+    kernel, so on CPU BatchNorm stays per process (the returned flag says which)."""
+    if device_type == "cpu":
+        return model, False
+    from timm.layers import convert_sync_batchnorm
+
+    return convert_sync_batchnorm(model), True

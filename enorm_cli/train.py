@@ -42,7 +42,7 @@ from .errors import EnormError
 from .evaluate import EvalResult, cpu_only, evaluate
 from .faults import crash_point
 from .fileio import write_text_atomic
-from .finetune_model import PreparedModel, prepare_model, set_sync_stats
+from .finetune_model import PreparedModel, prepare_model, set_sync_stats, sync_batchnorm
 from .layers import MixedNorm2d
 from .metrics_log import MetricsLog
 from .optim import build_optimizer, build_scheduler, network_lr, resolved_scales
@@ -200,6 +200,15 @@ class FinetuneRecipe:
         sync = self.recipe.model.en.sync_stats
         synced = (processes > 1 if sync == "auto" else sync) and processes > 1
         set_sync_stats(self.prepared.model, synced)
+        if synced and self.prepared.norm == "bn":
+            self.prepared.model, converted = sync_batchnorm(
+                self.prepared.model, self.accelerator.device.type
+            )
+            if not converted:
+                self.accelerator.print(
+                    "model.norm=bn: BatchNorm statistics stay per process on CPU "
+                    "(torch's SyncBatchNorm runs on GPUs only), where EN's would be synced"
+                )
         self.synced = synced
         stats_batch = data.batch_size * (processes if synced else 1)
         self.bn_stats = resolve_bn_stats(self.recipe.model, stats_batch)
