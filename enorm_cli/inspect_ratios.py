@@ -102,6 +102,7 @@ def checkpoint_layers(path: Path, info: CheckpointInfo) -> tuple[str, list[Conve
                 for k in keys
                 if k.startswith(prefix)
                 and k[len(prefix) :] not in ("running_mean", "running_var", "num_batches_tracked")
+                and not k.endswith("._extra_state")  # settings kept as state, not parameters
             ]
             own = [
                 k

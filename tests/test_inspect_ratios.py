@@ -19,8 +19,14 @@ def _sums_to_one(rows: list[dict], names: tuple[str, ...]) -> bool:
 
 def test_fresh_conversion_shows_the_prior(tmp_path: Path) -> None:
     out = tmp_path / "en.safetensors"
-    convert("test_efficientnet_gn", out, ENSettings(normalizers=("bn", "ln")), pretrained=False)
+    converted = convert(
+        "test_efficientnet_gn", out, ENSettings(normalizers=("bn", "ln")), pretrained=False
+    )
     result = inspect_checkpoint(out)
+    modules = dict(converted.model.named_modules())
+    for layer in result.layers:  # what a layer adds over its source's affine: parameters only
+        own = sum(p.numel() for p in modules[layer.name].parameters())
+        assert layer.params_added == own - 2 * layer.channels
     assert result.source == "prior" and result.kind == "en"
     gn_layers = [layer for layer in result.layers if layer.source_type.startswith("GroupNorm")]
     assert gn_layers and all(layer.normalizers[-1] in ("gn", "in") for layer in gn_layers)
