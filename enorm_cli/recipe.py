@@ -116,11 +116,10 @@ class ModelConfig(Section):
 
 SMALL_BATCH = 8
 """``bn_stats: auto`` batch-renormalizes EN's bn member against the source's statistics at
-this many images per statistic or fewer. Measured (docs/stability.md: the one-machine grid of
-2026-12-02): its best lr beats BatchNorm's best by 42.6 points at batch 4 and 10.7 at batch 8,
-and EN's on batch statistics by 11.2 at batch 8, and it keeps learning at lr 0.01 where
-frozen statistics collapse; batch statistics were better at 16 and 128 before the clips were
-dropped (not re-measured since)."""
+this many images per statistic or fewer. Measured from a minimal recipe (docs/stability.md,
+3 seeds per cell): at its best lr EN beats BatchNorm's best by 42.9 points at batch 4 and 17.3
+at batch 8, and frozen-statistics BatchNorm's by 5.1 and 1.5. Its known weakness: like frozen
+statistics, it collapses at a high lr (batch 8, lr 0.05: 14.9 where BatchNorm keeps 32.6)."""
 
 FROZEN_BN_STATS = ("running", "renorm_frozen")
 """``bn_stats`` modes that keep the source's running statistics (precise BN leaves them)."""
