@@ -1,9 +1,10 @@
 """The collapse, end to end: the quickstart model at batch 128 and lr 0.05 (docs/stability.md).
 
-With an unscaled ratio branch (``model.en.ablation.logit_scale=1.0``, the code before the fix)
-the last layer, 1280 channels in front of the new head, flips onto ln (whose gamma is 0) within
-a few steps and its softmax saturates: its output is the constant beta and no gradient reaches the
-network any more. The default branch moves the same layer without saturating it.
+With an unscaled ratio branch at the plain lr (``model.en.ablation.logit_scale=1.0
+optim.ratio_lr_scale=1.0``, the code before the fix) the last layer, 1280 channels in front of
+the new head, flips onto ln (whose gamma is 0) within a few steps and its softmax saturates: its
+output is the constant beta and no gradient reaches the network any more. The default branch
+moves the same layer without saturating it.
 """
 
 from __future__ import annotations
@@ -42,7 +43,11 @@ def last_layer_after(mobilenet_weights: Path, *extra: str) -> dict:
 def test_unscaled_branch_kills_the_last_layer_and_the_default_does_not(
     mobilenet_weights: Path,
 ) -> None:
-    old = last_layer_after(mobilenet_weights, "model.en.ablation.logit_scale=1.0")
+    # the code before the fix: no scale, and the ratio branch at the plain lr (``auto`` would
+    # divide it by pi K, the same protection by another way)
+    old = last_layer_after(
+        mobilenet_weights, "model.en.ablation.logit_scale=1.0", "optim.ratio_lr_scale=1.0"
+    )
     assert old["ratios"][0] < 0.01  # bn ratio: saturated on ln
     new = last_layer_after(mobilenet_weights)
     assert new["ratios"][0] > 0.1
