@@ -256,6 +256,9 @@ class TrainConfig(Section):
     and checkpoints unchanged). EN compiles as one graph on one process and synced on many.
     Off by default: compiling takes minutes on CPU, which a short run does not win back
     (measured in docs, Performance)."""
+    compile_backend: str = "inductor"
+    """The ``torch.compile`` backend with ``compile`` (as timm's ``--torchcompile``):
+    "inductor" generates kernels; "aot_eager" traces forward and backward without them."""
 
 
 class Recipe(Section):

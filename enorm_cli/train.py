@@ -226,7 +226,8 @@ class FinetuneRecipe:
         val_loader = make_loader(self.val_split, data.batch_size, data.workers, False, seed)
         optimizer = build_optimizer(self.prepared.model, self.recipe, self.prepared.settings.margin)
         if self.recipe.train.compile:
-            self.prepared.model.compile()  # in place: the same module, state dict and names
+            # in place: the same module, state dict and names
+            self.prepared.model.compile(backend=self.recipe.train.compile_backend)
         self.model, self.optimizer, self.train_loader, self.val_loader = self.accelerator.prepare(
             self.prepared.model, optimizer, train_loader, val_loader
         )
