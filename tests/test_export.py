@@ -43,7 +43,8 @@ def test_eval_path_traces_the_same_graph_for_every_input(resnet_en: torch.nn.Mod
         assert torch.allclose(traced(x * 0.01 + 50.0), resnet_en(x * 0.01 + 50.0), atol=1e-5)
 
 
-@pytest.mark.parametrize("fmt", ["onnx", pytest.param("pt2", marks=pytest.mark.slow)])
+@pytest.mark.slow
+@pytest.mark.parametrize("fmt", ["onnx", "pt2"])
 def test_export_matches_eager_with_a_dynamic_batch(
     resnet_en: torch.nn.Module, tmp_path: Path, fmt: str
 ) -> None:
