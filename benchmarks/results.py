@@ -236,6 +236,19 @@ def quickstart_table(record: dict[str, Any]) -> str:
     )
 
 
+def compile_table(record: dict[str, Any]) -> str:
+    lines = [
+        "| model.norm | eager images/s | compiled images/s | speed-up | compile time |",
+        "|---|---|---|---|---|",
+    ]
+    for s in record["figures"]["summary"]:
+        lines.append(
+            f"| {s['norm']} | {s['eager_images_per_s']:.1f} | {s['compiled_images_per_s']:.1f} "
+            f"| {s['speedup']:.2f}x | {s['compile_s']:.0f} s |"
+        )
+    return "\n".join(lines) + "\n" + _source(record)
+
+
 BLOCKS: dict[str, tuple[str, Callable[[dict[str, Any]], str]]] = {
     "stability-minimal": ("stability_minimal", stability_table),
     "stability-minimal-headline": ("stability_minimal", stability_headline),
@@ -247,6 +260,7 @@ BLOCKS: dict[str, tuple[str, Callable[[dict[str, Any]], str]]] = {
     "evidence-scratch": ("evidence_scratch", evidence_table),
     "evidence-finetune": ("evidence_finetune", evidence_table),
     "quickstart": ("quickstart", quickstart_table),
+    "compile-finetune": ("compile_finetune", compile_table),
 }
 """Results block name -> (record, renderer)."""
 
