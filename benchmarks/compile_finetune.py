@@ -25,7 +25,9 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def run(norm: str, compile_: bool, images: int, batch: int, out: Path) -> dict[str, Any]:
+def run(
+    norm: str, compile_: bool, images: int, batch: int, out: Path, backend: str = "inductor"
+) -> dict[str, Any]:
     """One fine-tune; its wall time, steps and steady images/s (metrics.jsonl)."""
     cmd = [
         sys.executable,
@@ -38,6 +40,7 @@ def run(norm: str, compile_: bool, images: int, batch: int, out: Path) -> dict[s
         "--force",
         f"model.norm={norm}",
         f"train.compile={str(compile_).lower()}",
+        f"train.compile_backend={backend}",
         f"data.limit_train={images}",
         "data.limit_val=256",
         f"data.batch_size={batch}",
@@ -72,13 +75,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--norms", nargs="+", default=["en", "bn"])
     parser.add_argument("--images", type=int, default=3072)
     parser.add_argument("--batch", type=int, default=32)
+    parser.add_argument("--backend", default="inductor", help="train.compile_backend")
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args(argv)
     runs = []
     with tempfile.TemporaryDirectory() as tmp:
         for norm in args.norms:
             for compile_ in (False, True):
-                runs.append(run(norm, compile_, args.images, args.batch, Path(tmp) / "run"))
+                out = Path(tmp) / "run"
+                runs.append(run(norm, compile_, args.images, args.batch, out, args.backend))
                 print(json.dumps(runs[-1]), flush=True)
     summary = []
     for norm in args.norms:
