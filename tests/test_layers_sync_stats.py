@@ -20,12 +20,17 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def _join(rank: int, port: int) -> None:
+    """Join the 2-process gloo group on this machine."""
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=2)
+
+
 def _synced_layer(
     rank: int, port: int, state: dict, channels: int, reduction: int
 ) -> ExemplarNorm2d:
     """Join the 2-process gloo group; the reference layer's state, with synced statistics."""
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=2)
+    _join(rank, port)
     layer = ExemplarNorm2d(channels, reduction=reduction)
     layer.load_state_dict(state)
     layer.sync_stats = True
@@ -142,8 +147,7 @@ def _graph_breaks(model: torch.nn.Module) -> tuple[int, int]:
 def _explain_worker(rank: int, port: int, out: dict) -> None:
     from enorm_cli.finetune_model import set_sync_stats
 
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=2)
+    _join(rank, port)
     try:
         model = _converted_mobilenet_v2("batch")
         set_sync_stats(model, True)

@@ -13,8 +13,9 @@ temporaries: on CPU the backward then makes five or six X-sized passes and alloc
   ``torch.autograd.grad`` in backward.
 
 Backward saves X, the N x C mean and A (as BatchNorm saves X, mean and invstd).
-Double backward is not supported (``once_differentiable``). SN uses this node; EN uses it
-with synced statistics, and otherwise the whole-layer node of ``exemplar_function.py``.
+Double backward is not supported (``once_differentiable``). SN uses this node; EN runs the
+whole-layer node of ``exemplar_function.py``, on one process and synced on many, and this one
+only as the reference path (``set_fused_en(False)``).
 The helpers here (``affine_apply``, ``affine_grads``, ``input_grad``, ``wide``) serve both.
 """
 
