@@ -20,7 +20,9 @@ from torch.utils.data import Dataset, Subset
 
 from .errors import EnormError
 from .images import load_rgb, readable, to_rgb
+from .label_noise import RelabeledDataset, noisy_targets
 from .recipe import DataConfig
+from .shift import ShiftedDataset, parse_shift
 
 FASHION_MNIST_SYSTEM = Path("/usr/share/datasets/fashion-mnist")
 FASHION_MNIST_FILES = (
@@ -227,6 +229,8 @@ def load_split(
     label = f"data.{split}"
     classes: list[str] | None = None
     skipped: list[str] = []
+    shift = parse_shift(cfg.shift) if split == "val" and cfg.shift else None
+    final_transform, transform = transform, (None if shift is not None else transform)
     if cfg.kind == "fashion_mnist":
         from torchvision.datasets import FashionMNIST
 
@@ -305,6 +309,12 @@ def load_split(
                 f"{missing[0]!r}): "
                 "check data.root and data.train_prefix/val_prefix"
             )
+    if split == "train" and cfg.label_noise > 0:
+        classes_n = num_classes or (len(classes) if classes else max(targets) + 1)
+        targets = noisy_targets(targets, cfg.label_noise, classes_n, cfg.label_noise_seed)
+        dataset = RelabeledDataset(dataset, targets)
+    if shift is not None:
+        dataset = ShiftedDataset(dataset, shift, final_transform)
     return Split(dataset, targets, classes, skipped)
 
 

@@ -19,6 +19,7 @@ from pydantic import (
     Field,
     ValidationError,
     create_model,
+    field_validator,
     model_validator,
 )
 
@@ -170,6 +171,26 @@ class DataConfig(Section):
     check_images: bool = True
     """Open every image file's header before training and skip those that are not images
     (counted in the log); false saves the scan on very large datasets."""
+    label_noise: float = Field(0.0, ge=0, lt=1)
+    """Fraction of training labels replaced by another class drawn uniformly (symmetric
+    label noise, for robustness studies; val stays clean)."""
+    label_noise_seed: int = 0
+    """Which labels the noise flips, and to what (the same for every normalizer)."""
+    shift: str | None = None
+    """Per-image appearance shift of the val split, ``KIND:SEVERITY`` with KIND contrast,
+    brightness or gamma and SEVERITY 0-5 (``enorm_cli.shift``; None: off)."""
+
+    @field_validator("shift")
+    @classmethod
+    def _shift_spec(cls, value: str | None) -> str | None:
+        if value is not None:
+            from .shift import parse_shift
+
+            try:
+                parse_shift(value)
+            except EnormError as exc:
+                raise ValueError(str(exc)) from None
+        return value
 
 
 class OptimConfig(Section):

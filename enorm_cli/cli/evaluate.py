@@ -32,6 +32,12 @@ def evaluate(
     first_classes: int | None = typer.Option(
         None, "--first-classes", min=1, help="Keep labels < N (a 50-class model on ImageNet val)."
     ),
+    shift: str | None = typer.Option(
+        None,
+        "--shift",
+        help="Shift each image's appearance by its own draw: contrast|brightness|gamma:SEVERITY "
+        "(0-5).",
+    ),
     as_json: bool = typer.Option(False, "--json", help="Print the result as JSON."),
 ) -> None:
     """Evaluate CHECKPOINT on a split, preparing images with the checkpoint's data config.
@@ -47,6 +53,7 @@ def evaluate(
     from ..evaluate import evaluate_checkpoint
     from ..recipe import load_recipe
     from ..recipe_registry import resolve_recipe
+    from ..shift import parse_shift
 
     if (data is None) == (recipe is None):
         raise EnormError("give exactly one of --data SPEC or --recipe R")
@@ -57,6 +64,8 @@ def evaluate(
     )
     if first_classes is not None:
         cfg = cfg.model_copy(update={"first_classes": first_classes})
+    if shift is not None:
+        cfg = cfg.model_copy(update={"shift": str(parse_shift(shift))})
     result = evaluate_checkpoint(checkpoint, cfg, batch_size, workers, limit)
     if as_json:
         typer.echo(

@@ -24,6 +24,12 @@ def inspect(
         None, "--recipe", help="Use this recipe's val split (a file or a packaged NAME)."
     ),
     samples: int = typer.Option(512, "--samples", help="How many images (a fixed random subset)."),
+    shift: str | None = typer.Option(
+        None,
+        "--shift",
+        help="Shift each image's appearance by its own draw: contrast|brightness|gamma:SEVERITY "
+        "(0-5).",
+    ),
     by_class: bool = typer.Option(
         False, "--by-class", help="Mean ratios per class; the classes that deviate most."
     ),
@@ -58,6 +64,8 @@ def inspect(
         raise EnormError("--batch-size must be positive and --workers not negative")
     if data is not None and recipe is not None:
         raise EnormError("give at most one of --data SPEC or --recipe R")
+    if shift is not None and data is None and recipe is None:
+        raise EnormError("--shift needs images: add --data SPEC or --recipe R")
     if by_class and data is None and recipe is None:
         raise EnormError("--by-class needs images: add --data SPEC or --recipe R")
     for flag, path in (("--json", json_out), ("--csv", csv_out), ("--plot", plot)):
@@ -76,12 +84,15 @@ def inspect(
         from ..data import parse_data_spec
         from ..recipe import load_recipe
         from ..recipe_registry import resolve_recipe
+        from ..shift import parse_shift
 
         cfg = (
             parse_data_spec(data)
             if data is not None
             else load_recipe(resolve_recipe(recipe), overrides or []).data
         )
+        if shift is not None:
+            cfg = cfg.model_copy(update={"shift": str(parse_shift(shift))})
         result = inspect_on_data(checkpoint, cfg, samples, batch_size, workers, by_class)
 
     from .inspect_report import print_inspection, write_csv, write_json
