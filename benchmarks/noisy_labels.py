@@ -199,7 +199,9 @@ def main(argv: list[str] | None = None) -> int:
         for seed in args.seeds:
             for rate in args.rates:
                 for variant in args.variants:
-                    runs.append(run_one(args.setting, variant, rate, seed, args.out, args.overrides))
+                    runs.append(
+                        run_one(args.setting, variant, rate, seed, args.out, args.overrides)
+                    )
                     print(json.dumps(runs[-1]), flush=True)
                     if args.json:  # after every run: an interrupted grid keeps what it measured
                         write_json(args.json, meta, runs)
