@@ -128,6 +128,7 @@ def bench_models(
     only: list[str] | None,
     compile_models: bool = False,
     channels_last: bool = False,
+    keep: list[str] | None = None,
 ) -> list[dict[str, Any]]:
     timer = Timer(device)
     results = []
@@ -135,7 +136,11 @@ def bench_models(
     for name, (batch, size) in MODES[mode].items():
         if only and name not in only:
             continue
-        models = {k: m.to(device, memory_format=fmt) for k, m in variants(name).items()}
+        models = {
+            k: m.to(device, memory_format=fmt)
+            for k, m in variants(name).items()
+            if keep is None or k in keep or k == "bn"  # bn: the ratios' base
+        }
         x = torch.randn(batch, 3, size, size, device=device).contiguous(memory_format=fmt)
         y = torch.randint(0, 1000, (batch,), device=device)
         optims = {
@@ -299,6 +304,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--mode", choices=sorted(MODES), default="quick")
     parser.add_argument("--models", nargs="*", default=None, help="a subset of the mode's models")
+    parser.add_argument(
+        "--variants", nargs="*", default=None, help="a subset of bn, sn, sn_official, en"
+    )
     parser.add_argument("--reps", type=int, default=7)
     parser.add_argument(
         "--layers", action="store_true", help="the layer microbenchmark instead of models"
@@ -324,7 +332,13 @@ def main(argv: list[str] | None = None) -> int:
         []
         if args.layers
         else bench_models(
-            args.mode, args.reps, device, args.models, args.compile, args.channels_last
+            args.mode,
+            args.reps,
+            device,
+            args.models,
+            args.compile,
+            args.channels_last,
+            args.variants,
         )
     )
     print_tables(models, layers)

@@ -236,6 +236,25 @@ def quickstart_table(record: dict[str, Any]) -> str:
     )
 
 
+def cuda_check_table(record: dict[str, Any]) -> str:
+    """The CUDA step's error against a float64 reference, as a multiple of the CPU's."""
+    lines = [
+        "| what | bn_stats | CUDA error / CPU float32 error | worst tensor |",
+        "|---|---|---|---|",
+    ]
+    names = {"layer": "one EN layer (judged)", "bn": "MobileNetV2, BN", "en": "MobileNetV2, EN"}
+    for r in record["figures"]["rows"]:
+        lines.append(
+            f"| {names[r['model']]} | {r['bn_stats']} | {r['gpu_vs_cpu_error']:.2f} "
+            f"| `{r['worst']}` |"
+        )
+    verdict = "PASS" if record["figures"]["pass"] else "FAIL"
+    lines.append(
+        f"\nbf16 autocast step finite: {record['figures']['bf16_finite']}; verdict: {verdict}."
+    )
+    return "\n".join(lines) + "\n" + _source(record)
+
+
 def compile_table(record: dict[str, Any]) -> str:
     lines = [
         "| model.norm | eager images/s | compiled images/s | speed-up | compile time |",
@@ -257,6 +276,8 @@ BLOCKS: dict[str, tuple[str, Callable[[dict[str, Any]], str]]] = {
     "convert-seeds": ("convert_seeds", convert_table),
     "export": ("export", export_table),
     "performance": ("performance", performance_table),
+    "performance-gpu": ("performance_gpu", performance_table),
+    "cuda-check": ("cuda_check", cuda_check_table),
     "evidence-scratch": ("evidence_scratch", evidence_table),
     "evidence-finetune": ("evidence_finetune", evidence_table),
     "quickstart": ("quickstart", quickstart_table),
@@ -293,10 +314,20 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--notes", default="")
+    parser.add_argument(
+        "--machine",
+        default=None,
+        help='JSON fields that replace this machine\'s, for a run elsewhere: \'{"cpu": "NVIDIA '
+        'H200 (GPU)", "cores": 16, "torch": "2.11.0"}\'',
+    )
+    parser.add_argument("--commit", default=None, help="the commit measured (default: HEAD)")
     args = parser.parse_args(argv)
     figures = json.loads(args.figures.read_text()) if args.figures else run_figures(args.run)
+    info = machine(args.threads)
+    if args.machine:
+        info.update(json.loads(args.machine))
     path = write_record(
-        args.name, args.command, figures, machine_info=machine(args.threads), notes=args.notes
+        args.name, args.command, figures, commit=args.commit, machine_info=info, notes=args.notes
     )
     print(path)
     return 0
