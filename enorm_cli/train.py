@@ -62,6 +62,20 @@ from .trackers import check_trackers, flat_config
 from .training_progress import TrainingProgress
 
 
+def check_compile_backend(name: str) -> None:
+    """A ``train.compile_backend`` torch.compile knows, else one line naming the choices (a typo
+    would otherwise surface minutes later, deep in the first step)."""
+    import torch._dynamo
+
+    known = torch._dynamo.list_backends(exclude_tags=())
+    if name not in known:
+        common = [b for b in ("inductor", "aot_eager", "eager", "cudagraphs") if b in known]
+        raise EnormError(
+            f"train.compile_backend {name!r} is not a torch.compile backend: use one of "
+            f"{', '.join(common)} (all: torch._dynamo.list_backends(exclude_tags=()))"
+        )
+
+
 def set_train_mode(model: nn.Module, bn_stats: str) -> None:
     """``model.train()`` with the recipe's ``model.bn_stats``.
 
@@ -109,6 +123,8 @@ class FinetuneRecipe:
         from accelerate.utils import set_seed
 
         self.trackers = check_trackers(self.recipe.train.log_with)
+        if self.recipe.train.compile:
+            check_compile_backend(self.recipe.train.compile_backend)
         self.accelerator = self._setup_accelerator()
         self.main = self.accelerator.is_main_process
         self.layout.check(self.resume, self.force)  # every process: none may start alone

@@ -244,6 +244,15 @@ def _env() -> dict[str, str]:
     return {**os.environ, "OMP_NUM_THREADS": "1", "COLUMNS": "200"}
 
 
+def test_unknown_compile_backend_fails_before_any_work(crops: Path, tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    extra = ("train.compile=true", "train.compile_backend=nope")
+    args = tiny_recipe(crops, out, "imagefolder", *extra)
+    with pytest.raises(EnormError, match=r"'nope' is not a torch\.compile backend: use one of"):
+        finetune(load_recipe(QUICK, args), progress=False)
+    assert not out.exists()
+
+
 @pytest.mark.slow
 def test_compile_trains_the_same_model_and_checkpoint(crops: Path, tmp_path: Path) -> None:
     """train.compile: the module compiled in place, so checkpoints keep their names and the
