@@ -147,6 +147,26 @@ def markdown(summary: list[dict[str, Any]], kind: str) -> str:
     return "\n".join(lines)
 
 
+def ratio_markdown(ratios: list[dict[str, Any]]) -> str:
+    """EN's mean ratio per normalizer by kind and severity (mean over seeds, layers, samples),
+    and the correlation over samples between a sample's shift size and its per-image share."""
+    if not ratios:
+        return ""
+    names = [k for k in ("bn", "in", "ln") if k in ratios[0]]
+    per_image = [n for n in names if n != "bn"]
+    head = ["kind", "severity", *names, *(f"corr({n}, shift size)" for n in per_image)]
+    lines = ["| " + " | ".join(head) + " |", "|---|---|" + "---|" * (len(head) - 2)]
+    keys = dict.fromkeys((r["kind"], r["severity"]) for r in ratios)
+    for kind, severity in keys:
+        mine = [r for r in ratios if (r["kind"], r["severity"]) == (kind, severity)]
+        cells = [f"{statistics.fmean(r[n] for r in mine):.3f}" for n in names]
+        for n in per_image:
+            corr = [r[f"corr_{n}_vs_shift"] for r in mine if f"corr_{n}_vs_shift" in r]
+            cells.append(f"{statistics.fmean(corr):+.2f}" if corr else "-")
+        lines.append(f"| {kind} | {severity} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def plot(summary: list[dict[str, Any]], ratios: list[dict[str, Any]], path: Path) -> None:
     """Top: top-1 against severity per shift kind (band: min-max over seeds). Bottom: EN's mean
     ratio per normalizer against severity."""
@@ -235,6 +255,7 @@ def main(argv: list[str] | None = None) -> int:
         tmp.replace(args.json)
     for kind in args.kinds:
         print(markdown(summary, kind))
+    print(ratio_markdown(ratios))
     if args.figure:
         plot(summary, ratios, args.figure)
     return 0

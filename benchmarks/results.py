@@ -236,6 +236,34 @@ def quickstart_table(record: dict[str, Any]) -> str:
     )
 
 
+def noisy_labels_table(record: dict[str, Any]) -> str:
+    """Last-epoch and best-epoch top-1 per noise rate and normalizer (``noisy_labels.markdown``)."""
+    noisy = _stability("noisy_labels")
+    rows = noisy.summarize(record["figures"]["runs"])
+    return (
+        "Last epoch:\n\n"
+        + noisy.markdown(rows, "top1_last")
+        + "\n\nBest epoch:\n\n"
+        + noisy.markdown(rows, "top1_best")
+        + "\n"
+        + _source(record)
+    )
+
+
+def appearance_shift_table(record: dict[str, Any]) -> str:
+    """Top-1 per severity and model, one table per shift kind; EN's ratios under the shift."""
+    shift = _stability("appearance_shift")
+    summary = record["figures"]["summary"]
+    kinds = list(dict.fromkeys(r["kind"] for r in summary))
+    parts = [shift.markdown(summary, kind) for kind in kinds]
+    return (
+        "\n\n".join(parts)
+        + "\n\n"
+        + shift.ratio_markdown(record["figures"]["en_ratios"])
+        + ("\n" + _source(record))
+    )
+
+
 def cuda_check_table(record: dict[str, Any]) -> str:
     """The CUDA step's error against a float64 reference, as a multiple of the CPU's."""
     lines = [
@@ -282,6 +310,8 @@ BLOCKS: dict[str, tuple[str, Callable[[dict[str, Any]], str]]] = {
     "performance": ("performance", performance_table),
     "performance-gpu": ("performance_gpu", performance_table),
     "cuda-check": ("cuda_check", cuda_check_table),
+    "noisy-labels": ("noisy_labels", noisy_labels_table),
+    "appearance-shift": ("appearance_shift", appearance_shift_table),
     "evidence-scratch": ("evidence_scratch", evidence_table),
     "evidence-finetune": ("evidence_finetune", evidence_table),
     "quickstart": ("quickstart", quickstart_table),
