@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
-VARIANTS = ("bn", "bn_frozen", "sn", "en")
+VARIANTS = ("bn", "bn_frozen", "sn", "en", "en_ratio_lr100")
 
 
 def _data(shift: str | None) -> Any:
@@ -148,22 +148,27 @@ def markdown(summary: list[dict[str, Any]], kind: str) -> str:
 
 
 def ratio_markdown(ratios: list[dict[str, Any]]) -> str:
-    """EN's mean ratio per normalizer by kind and severity (mean over seeds, layers, samples),
-    and the correlation over samples between a sample's shift size and its per-image share."""
+    """EN's mean ratio per normalizer by model, kind and severity (mean over seeds, layers and
+    samples), and the correlation over samples between a sample's shift size and its share of
+    each per-image normalizer."""
     if not ratios:
         return ""
     names = [k for k in ("bn", "in", "ln") if k in ratios[0]]
     per_image = [n for n in names if n != "bn"]
-    head = ["kind", "severity", *names, *(f"corr({n}, shift size)" for n in per_image)]
-    lines = ["| " + " | ".join(head) + " |", "|---|---|" + "---|" * (len(head) - 2)]
-    keys = dict.fromkeys((r["kind"], r["severity"]) for r in ratios)
-    for kind, severity in keys:
-        mine = [r for r in ratios if (r["kind"], r["severity"]) == (kind, severity)]
+    head = ["model", "kind", "severity", *names, *(f"corr({n}, shift size)" for n in per_image)]
+    lines = ["| " + " | ".join(head) + " |", "|---|---|---|" + "---|" * (len(head) - 3)]
+    keys = dict.fromkeys((r.get("variant", "en"), r["kind"], r["severity"]) for r in ratios)
+    for variant, kind, severity in keys:
+        mine = [
+            r
+            for r in ratios
+            if (r.get("variant", "en"), r["kind"], r["severity"]) == (variant, kind, severity)
+        ]
         cells = [f"{statistics.fmean(r[n] for r in mine):.3f}" for n in names]
         for n in per_image:
             corr = [r[f"corr_{n}_vs_shift"] for r in mine if f"corr_{n}_vs_shift" in r]
             cells.append(f"{statistics.fmean(corr):+.2f}" if corr else "-")
-        lines.append(f"| {kind} | {severity} | " + " | ".join(cells) + " |")
+        lines.append(f"| {variant} | {kind} | {severity} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
@@ -192,11 +197,13 @@ def plot(summary: list[dict[str, Any]], ratios: list[dict[str, Any]], path: Path
         ax.grid(alpha=0.3)
         ax = axes[1][col]
         mine = [r for r in ratios if r["kind"] == kind]
-        names = [k for k in ("bn", "in", "ln") if mine and k in mine[0]]
-        for name in names:
-            sev = sorted({r["severity"] for r in mine})
-            ys = [statistics.fmean(r[name] for r in mine if r["severity"] == s) for s in sev]
-            ax.plot(sev, ys, marker="o", label=name)
+        for variant in dict.fromkeys(r.get("variant", "en") for r in mine):
+            rows = [r for r in mine if r.get("variant", "en") == variant]
+            for name in [k for k in ("bn", "in", "ln") if k in rows[0]]:
+                sev = sorted({r["severity"] for r in rows})
+                ys = [statistics.fmean(r[name] for r in rows if r["severity"] == s) for s in sev]
+                style = "-" if variant == "en" else "--"
+                ax.plot(sev, ys, style, marker="o", label=f"{variant}: {name}")
         ax.set_title(f"{kind}: EN's mean ratios")
         ax.set_xlabel("severity")
         ax.set_ylim(0, 1)
@@ -214,7 +221,10 @@ def plot(summary: list[dict[str, Any]], ratios: list[dict[str, Any]], path: Path
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--runs", type=Path, default=ROOT / "runs" / "noisy")
-    parser.add_argument("--variants", nargs="+", choices=VARIANTS, default=list(VARIANTS))
+    parser.add_argument(
+        "--variants", nargs="+", choices=VARIANTS, default=["bn", "bn_frozen", "sn", "en"]
+    )
+    parser.add_argument("--merge", nargs="+", type=Path, default=None, help="merge JSON files")
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     parser.add_argument("--kinds", nargs="+", default=["contrast", "brightness", "gamma"])
     parser.add_argument("--severities", nargs="+", type=int, default=[0, 1, 2, 3, 4, 5])
@@ -224,21 +234,27 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--figure", type=Path, default=None)
     args = parser.parse_args(argv)
 
-    checkpoints = {
-        (v, s): args.runs / f"{v}-noise0-s{s}" / "last.safetensors"
-        for s in args.seeds
-        for v in args.variants
-    }
-    missing = [str(p) for p in checkpoints.values() if not p.is_file()]
-    if missing:
-        raise SystemExit(f"no checkpoint {missing[0]}: run benchmarks/noisy_labels.py first")
-    rows = accuracy_rows(checkpoints, args.kinds, args.severities, args.limit)
+    rows: list[dict[str, Any]] = []
     ratios: list[dict[str, Any]] = []
-    for seed in args.seeds:
-        if ("en", seed) in checkpoints:
-            ratios += ratio_rows(
-                checkpoints[("en", seed)], seed, args.kinds, args.severities, args.samples
-            )
+    if args.merge:
+        for path in args.merge:
+            data = json.loads(path.read_text())
+            rows += data["runs"]
+            ratios += [{"variant": "en", **r} for r in data["en_ratios"]]
+    else:
+        checkpoints = {
+            (v, s): args.runs / f"{v}-noise0-s{s}" / "last.safetensors"
+            for s in args.seeds
+            for v in args.variants
+        }
+        missing = [str(p) for p in checkpoints.values() if not p.is_file()]
+        if missing:
+            raise SystemExit(f"no checkpoint {missing[0]}: run benchmarks/noisy_labels.py first")
+        rows = accuracy_rows(checkpoints, args.kinds, args.severities, args.limit)
+        for (variant, seed), path in checkpoints.items():
+            if variant.startswith("en"):
+                found = ratio_rows(path, seed, args.kinds, args.severities, args.samples)
+                ratios += [{"variant": variant, **r} for r in found]
     summary = summarize(rows)
     meta = {
         "what": "clean-trained models of benchmarks/noisy_labels.py (noise 0) on Fashion-MNIST "
@@ -253,7 +269,7 @@ def main(argv: list[str] | None = None) -> int:
             )
         )
         tmp.replace(args.json)
-    for kind in args.kinds:
+    for kind in dict.fromkeys(r["kind"] for r in summary):
         print(markdown(summary, kind))
     print(ratio_markdown(ratios))
     if args.figure:
