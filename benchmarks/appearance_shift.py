@@ -181,6 +181,7 @@ def plot(summary: list[dict[str, Any]], ratios: list[dict[str, Any]], path: Path
     import matplotlib.pyplot as plt
 
     kinds = list(dict.fromkeys(r["kind"] for r in summary))
+    colors = {v: f"C{i}" for i, v in enumerate(dict.fromkeys(r["variant"] for r in summary))}
     fig, axes = plt.subplots(2, len(kinds), figsize=(4.2 * len(kinds), 7), squeeze=False)
     for col, kind in enumerate(kinds):
         ax = axes[0][col]
@@ -202,8 +203,15 @@ def plot(summary: list[dict[str, Any]], ratios: list[dict[str, Any]], path: Path
             for name in [k for k in ("bn", "in", "ln") if k in rows[0]]:
                 sev = sorted({r["severity"] for r in rows})
                 ys = [statistics.fmean(r[name] for r in rows if r["severity"] == s) for s in sev]
-                style = "-" if variant == "en" else "--"
-                ax.plot(sev, ys, style, marker="o", label=f"{variant}: {name}")
+                style = "-" if name == "bn" else "--"
+                ax.plot(
+                    sev,
+                    ys,
+                    style,
+                    color=colors.get(variant),
+                    marker="o",
+                    label=f"{variant}: {name}",
+                )
         ax.set_title(f"{kind}: EN's mean ratios")
         ax.set_xlabel("severity")
         ax.set_ylim(0, 1)

@@ -280,10 +280,10 @@ def evidence_headline(record: dict[str, Any]) -> str:
         )
     )
     noisy = record["figures"]["runs"]
-    for rate in sorted({r["noise"] for r in noisy if r["noise"] > 0}):
+    for rate in sorted({r["noise"] for r in noisy}):
         rows.append(
             (
-                f"{round(rate * 100)}% of labels flipped (3k images, 3 epochs, last epoch)",
+                f"{round(rate * 100)}% of training labels flipped (3k images, 3 epochs, last)",
                 {
                     v: [r["top1_last"] for r in noisy if r["variant"] == v and r["noise"] == rate]
                     for v in ("bn", "sn", "en")
