@@ -129,22 +129,12 @@ def summarize(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 def markdown(summary: list[dict[str, Any]], kind: str) -> str:
     """Severity down, normalizers across: mean (min-max over seeds); best mean in bold."""
+    from noisy_labels import spread_table
+
     mine = [r for r in summary if r["kind"] == kind]
     variants = list(dict.fromkeys(r["variant"] for r in mine))
     cell = {(r["variant"], r["severity"]): r for r in mine}
-    lines = [f"| {kind} | " + " | ".join(variants) + " |", "|---|" + "---|" * len(variants)]
-    for severity in sorted({r["severity"] for r in mine}):
-        best = max(cell[(v, severity)]["mean"] for v in variants if (v, severity) in cell)
-        text = []
-        for v in variants:
-            c = cell.get((v, severity))
-            if c is None:
-                text.append("-")
-                continue
-            mean = f"**{c['mean']:.2f}**" if c["mean"] == best else f"{c['mean']:.2f}"
-            text.append(f"{mean} ({c['min']:.1f}-{c['max']:.1f})")
-        lines.append(f"| {severity} | " + " | ".join(text) + " |")
-    return "\n".join(lines)
+    return spread_table(kind, sorted({r["severity"] for r in mine}), variants, cell)
 
 
 def ratio_markdown(ratios: list[dict[str, Any]]) -> str:

@@ -19,6 +19,7 @@ import argparse
 import json
 import statistics
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -119,25 +120,36 @@ def summarize(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return rows
 
 
-def markdown(rows: list[dict[str, Any]], key: str = "top1_last") -> str:
-    """Noise rates down, normalizers across: mean (min-max over seeds); best mean in bold."""
-    variants = list(dict.fromkeys(r["variant"] for r in rows))
-    rates = sorted({r["noise"] for r in rows})
-    cell = {(r["variant"], r["noise"]): r[key] for r in rows}
-    lines = ["| label noise | " + " | ".join(variants) + " |", "|---|" + "---|" * len(variants)]
-    for rate in rates:
-        present = [cell[(v, rate)]["mean"] for v in variants if (v, rate) in cell]
-        best = max(present)
+def spread_table(
+    corner: str,
+    keys: list[Any],
+    variants: list[str],
+    cell: dict[tuple[str, Any], dict[str, float]],
+    label: Callable[[Any], str] = str,
+) -> str:
+    """``keys`` down, ``variants`` across, each cell its mean (min-max over seeds), the best
+    mean of a row in bold; ``cell[(variant, key)]`` holds "mean", "min" and "max"."""
+    lines = [f"| {corner} | " + " | ".join(variants) + " |", "|---|" + "---|" * len(variants)]
+    for key in keys:
+        best = max(cell[(v, key)]["mean"] for v in variants if (v, key) in cell)
         text = []
         for v in variants:
-            c = cell.get((v, rate))
+            c = cell.get((v, key))
             if c is None:
                 text.append("-")
                 continue
             mean = f"**{c['mean']:.2f}**" if c["mean"] == best else f"{c['mean']:.2f}"
             text.append(f"{mean} ({c['min']:.1f}-{c['max']:.1f})")
-        lines.append(f"| {round(rate * 100)}% | " + " | ".join(text) + " |")
+        lines.append(f"| {label(key)} | " + " | ".join(text) + " |")
     return "\n".join(lines)
+
+
+def markdown(rows: list[dict[str, Any]], key: str = "top1_last") -> str:
+    """Noise rates down, normalizers across: mean (min-max over seeds); best mean in bold."""
+    variants = list(dict.fromkeys(r["variant"] for r in rows))
+    rates = sorted({r["noise"] for r in rows})
+    cell = {(r["variant"], r["noise"]): r[key] for r in rows}
+    return spread_table("label noise", rates, variants, cell, lambda r: f"{round(r * 100)}%")
 
 
 def plot(rows: list[dict[str, Any]], path: Path) -> None:
