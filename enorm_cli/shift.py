@@ -32,7 +32,6 @@ x0.22-x4.5, brightness x0.29-x3.5, gamma 0.22-4.5."""
 class Shift:
     kind: str
     severity: int
-    seed: int = 0
 
     @property
     def log_range(self) -> float:
@@ -42,7 +41,7 @@ class Shift:
         """The factor of the image at ``index`` (same on every process, every run)."""
         if self.severity == 0:
             return 1.0
-        rng = random.Random(self.seed * 1_000_003 + index)
+        rng = random.Random(index)
         return math.exp(rng.uniform(-self.log_range, self.log_range))
 
     def apply(self, image: Any, index: int) -> Any:
