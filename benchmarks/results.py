@@ -17,6 +17,7 @@ import argparse
 import json
 import os
 import platform
+import statistics
 import subprocess
 import sys
 import time
@@ -263,8 +264,7 @@ def appearance_shift_table(record: dict[str, Any]) -> str:
 
 
 def _spread(vals: list[float]) -> str:
-    import statistics
-
+    """Mean (lowest-highest) of a cell's seeds."""
     return f"{statistics.fmean(vals):.2f} ({min(vals):.1f}-{max(vals):.1f})"
 
 
@@ -307,8 +307,6 @@ def evidence_headline(record: dict[str, Any]) -> str:
             )
         )
     lines = ["| setting | BN | SN | EN |", "|---|---|---|---|"]
-    import statistics
-
     for name, by in rows:
         means = {v: statistics.fmean(x) for v, x in by.items() if x}
         best = max(means.values())
@@ -391,8 +389,6 @@ def render(block: str) -> str:
 
 def run_figures(run: Path) -> dict[str, Any]:
     """A finetune run's figures from its metrics.jsonl: the last eval, the median images/s."""
-    import statistics
-
     records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     final = [r for r in records if r.get("eval")][-1]
     rates = [r["images_per_s"] for r in records if "images_per_s" in r]
