@@ -149,7 +149,8 @@ def markdown(rows: list[dict[str, Any]], key: str = "top1_last") -> str:
     variants = list(dict.fromkeys(r["variant"] for r in rows))
     rates = sorted({r["noise"] for r in rows})
     cell = {(r["variant"], r["noise"]): r[key] for r in rows}
-    return spread_table("label noise", rates, variants, cell, lambda r: f"{round(r * 100)}%")
+    corner = "label noise, " + ("last epoch" if key == "top1_last" else "best epoch")
+    return spread_table(corner, rates, variants, cell, lambda r: f"{round(r * 100)}%")
 
 
 def plot(rows: list[dict[str, Any]], path: Path) -> None:

@@ -240,9 +240,8 @@ def noisy_labels_table(record: dict[str, Any]) -> str:
     noisy = _stability("noisy_labels")
     rows = noisy.summarize(record["figures"]["runs"])
     return (
-        "Last epoch:\n\n"
-        + noisy.markdown(rows, "top1_last")
-        + "\n\nBest epoch:\n\n"
+        noisy.markdown(rows, "top1_last")
+        + "\n\n"
         + noisy.markdown(rows, "top1_best")
         + "\n"
         + _source(record)
@@ -316,10 +315,9 @@ def evidence_headline(record: dict[str, Any]) -> str:
             cells.append(f"**{text.replace(' (', '** (', 1)}" if means.get(v) == best else text)
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     return (
-        "\n".join(lines)
-        + "\n\n*Top-1 %, mean over 3 seeds (lowest-highest run): `benchmarks/results/"
-        "evidence_finetune.json`, `noisy_labels.json` and `appearance_shift.json`, each with its "
-        "command, commit and machine.*\n"
+        "\n".join(lines) + "\n\n*Top-1 %, mean over 3 seeds (lowest-highest run): "
+        "`benchmarks/results/evidence_finetune.json`, `benchmarks/results/noisy_labels.json` and "
+        "`benchmarks/results/appearance_shift.json`, each with its command, commit and machine.*\n"
     )
 
 
