@@ -167,6 +167,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     parser.add_argument("--out", type=Path, default=ROOT / "runs" / "compare")
     parser.add_argument("--json", type=Path, default=None, help="write the results here")
+    parser.add_argument(
+        "--merge", nargs="+", type=Path, default=None, help="join JSON files of one setting"
+    )
     parser.add_argument("overrides", nargs="*", help="extra recipe overrides for every run")
     args = parser.parse_args(argv)
 
@@ -179,14 +182,28 @@ def main(argv: list[str] | None = None) -> int:
         "date": time.strftime("%Y-%m-%d"),
     }
     runs: list[dict[str, Any]] = []
-    for seed in args.seeds:  # seeds outermost: load drift hits every variant alike
-        for variant in args.variants:
-            runs.append(run_one(args.setting, variant, seed, args.out, args.overrides))
-            print(json.dumps(runs[-1]), flush=True)
-            if args.json:  # after every run: an interrupted comparison keeps what it measured
-                args.json.write_text(
-                    json.dumps({"meta": meta, "runs": runs, "summary": summarize(runs)}, indent=1)
-                )
+    if args.merge:  # seeds or variants run in separate processes
+        for path in args.merge:
+            data = json.loads(path.read_text())
+            meta, runs = data["meta"], runs + data["runs"]
+        order = list(VARIANTS)
+        runs.sort(key=lambda r: (order.index(r["variant"]), r["seed"]))
+        args.setting = meta["setting"]
+    else:
+        for seed in args.seeds:  # seeds outermost: load drift hits every variant alike
+            for variant in args.variants:
+                runs.append(run_one(args.setting, variant, seed, args.out, args.overrides))
+                print(json.dumps(runs[-1]), flush=True)
+                if args.json:  # after every run: an interrupted comparison keeps what it measured
+                    args.json.write_text(
+                        json.dumps(
+                            {"meta": meta, "runs": runs, "summary": summarize(runs)}, indent=1
+                        )
+                    )
+    if args.json:
+        args.json.write_text(
+            json.dumps({"meta": meta, "runs": runs, "summary": summarize(runs)}, indent=1)
+        )
     rows = summarize(runs)
     from rich.console import Console
     from rich.table import Table
