@@ -222,7 +222,8 @@ def evidence_table(record: dict[str, Any]) -> str:
     lines = ["| variant | top-1, mean ± std | per seed |", "|---|---|---|"]
     for s in record["figures"]["summary"]:
         seeds = ", ".join(f"{t:.2f}" for t in s["top1"])
-        lines.append(f"| {s['variant']} | {s['top1_mean']:.2f} ± {s['top1_std']:.2f} | {seeds} |")
+        spread = f"± {s['top1_std']:.2f}" if len(s["top1"]) > 1 else "(one seed)"
+        lines.append(f"| {s['variant']} | {s['top1_mean']:.2f} {spread} | {seeds} |")
     return "\n".join(lines) + "\n" + _source(record)
 
 
