@@ -1,12 +1,12 @@
 """EN on a GPU: the fused node on CUDA tensors computes what it computes on the CPU.
 
-A converted timm MobileNetV2 (EN, every bn_stats mode the layer trains in) runs one train
-step in float64 on the CPU (the reference), in float32 on the CPU and in float32 on CUDA,
-from the same weights and images. For one EN layer alone, the output, the input gradient,
-every parameter gradient and the running statistics on CUDA must sit about as close to the
-reference as the CPU's (TF32 off); the whole networks (EN and the original BN) are reported
-beside it. Then one bf16-autocast step on CUDA must stay finite. Without a
-GPU it says so and exits 0, so the script can sit in any checklist.
+One EN layer alone, a converted timm MobileNetV2 and its BN original, in every bn_stats mode
+the layer trains in, each run one train step in float64 on the CPU (the reference), in
+float32 on the CPU and in float32 on CUDA, from the same weights and images (TF32 off). The
+layer alone is judged: its output, input gradient, parameter gradients and running
+statistics on CUDA must sit about as close to the reference as the CPU's. The networks are
+reported beside it. Then one bf16-autocast step on CUDA must stay finite. Without a GPU it
+says so and exits 0, so the script can sit in any checklist.
 
     python benchmarks/cuda_check.py [--json out.json]
 """
