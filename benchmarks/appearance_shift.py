@@ -80,9 +80,13 @@ def ratio_rows(
     from enorm_cli.shift import parse_shift
 
     rows = []
+    seen: dict[str, Any] = {}  # severity 0 is the same unshifted images for every kind
     for kind in kinds:
         for severity in severities:
-            result = inspect_on_data(path, _data(f"{kind}:{severity}"), samples, 250, 0)
+            spec = f"{kind}:{severity}" if severity else "none"
+            if spec not in seen:
+                seen[spec] = inspect_on_data(path, _data(f"{kind}:{severity}"), samples, 250, 0)
+            result = seen[spec]
             per_sample = result.per_sample  # N x L x K, each layer in its own order
             assert per_sample is not None
             shift = parse_shift(f"{kind}:{severity}")
