@@ -18,6 +18,13 @@ its peak, beyond the weights (parameters are counted separately).
     python benchmarks/bench_norm.py --json bench.json
     python benchmarks/bench_norm.py --compile            # torch.compile every variant
     python benchmarks/bench_norm.py --channels-last      # inputs and weights in channels_last
+    torchrun --nproc_per_node 2 benchmarks/bench_norm.py --synced   # 2 gloo processes
+
+Synced (``--synced``, under ``torchrun``): the DDP train step as ``enorm finetune`` runs it on
+several processes, with each model's bn statistics per process and synced over all of them
+(BatchNorm as SyncBatchNorm, on CPU ``enorm_cli.cpu_sync_batchnorm``; EN with
+``sync_stats``), interleaved in one run. What it judges: EN's cost relative to BatchNorm,
+synced against per-process.
 """
 
 from __future__ import annotations
@@ -48,6 +55,7 @@ from enorm_cli.surgery import ENSettings, convert_model
 MODES: dict[str, dict[str, tuple[int, int]]] = {
     "quick": {"resnet50": (8, 160), "mobilenetv2_100": (64, 32), "resnet50_gn": (8, 160)},
     "full": {"resnet50": (32, 224), "mobilenetv2_100": (64, 224), "resnet50_gn": (32, 224)},
+    "smoke": {"test_resnet": (4, 32)},  # what the tests run
 }
 
 # Feature shapes (N, C, H, W): resnet50's stage outputs at 160 px, batch 8;
@@ -207,6 +215,80 @@ def bench_models(
     return results
 
 
+def synced_variants(name: str, device: torch.device) -> dict[str, nn.Module]:
+    """BatchNorm and EN, each with bn statistics per process and synced over processes."""
+    from enorm_cli.finetune_model import set_sync_stats, sync_batchnorm
+
+    base = variants(name)
+    out = {"bn": base["bn"], "en": base["en"]}
+    out["bn_synced"] = sync_batchnorm(copy.deepcopy(base["bn"]), device.type)
+    out["en_synced"] = copy.deepcopy(base["en"])
+    set_sync_stats(out["en_synced"], True)
+    return out
+
+
+def bench_synced(
+    mode: str, reps: int, device: torch.device, only: list[str] | None
+) -> list[dict[str, Any]]:
+    """DDP train steps of BN and EN, per-process and synced statistics, interleaved.
+
+    Every process runs the same steps; rank 0's medians are reported (the collectives keep
+    the processes in step). ``excess``: EN's synced ratio to synced BatchNorm minus its
+    per-process ratio to BatchNorm, the figure the one-runtime-path target bounds (+0.05).
+    """
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    timer = Timer(device)
+    results = []
+    for name, (batch, size) in MODES[mode].items():
+        if only and name not in only:
+            continue
+        models = {k: m.to(device) for k, m in synced_variants(name, device).items()}
+        ddp = {
+            k: DDP(m, device_ids=[device.index] if device.type == "cuda" else None)
+            for k, m in models.items()
+        }
+        x = torch.randn(batch, 3, size, size, device=device)
+        y = torch.randint(0, 1000, (batch,), device=device)
+        optims = {
+            k: torch.optim.SGD(m.parameters(), lr=1e-4, momentum=0.9) for k, m in models.items()
+        }
+        criterion = nn.CrossEntropyLoss()
+
+        def train_step(k: str) -> None:
+            ddp[k].train()
+            optims[k].zero_grad(set_to_none=True)
+            criterion(ddp[k](x), y).backward()
+            optims[k].step()
+
+        for k in models:  # warm-up
+            train_step(k)
+        times: dict[str, list[float]] = {k: [] for k in models}
+        for _ in range(reps):
+            for k in models:
+                dist.barrier()
+                times[k].append(timer(lambda k=k: train_step(k)))
+        med = {k: statistics.median(v) for k, v in times.items()}
+        local, synced = med["en"] / med["bn"], med["en_synced"] / med["bn_synced"]
+        row = {
+            "model": name,
+            "batch": batch,
+            "size": size,
+            "processes": dist.get_world_size(),
+            "train_s": med,
+            "en_ratio_per_process": local,
+            "en_ratio_synced": synced,
+            "excess": synced - local,
+        }
+        results.append(row)
+        if dist.get_rank() == 0:
+            print(json.dumps(row), flush=True)
+        for held in (models, ddp, optims):
+            held.clear()
+    return results
+
+
 def bench_layers(reps: int, device: torch.device) -> list[dict[str, Any]]:
     """Forward + backward of one norm layer on each feature shape, interleaved."""
     timer = Timer(device)
@@ -321,10 +403,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--channels-last", action="store_true", help="channels_last inputs and weights"
     )
+    parser.add_argument(
+        "--synced",
+        action="store_true",
+        help="under torchrun: DDP train steps, per-process vs synced bn statistics",
+    )
     args = parser.parse_args(argv)
     device = torch.device(args.device)
     torch.manual_seed(0)
     start = time.perf_counter()
+    if args.synced:
+        return synced_main(args, device, start)
     layers = bench_layers(args.reps, device) if args.layers else []
     # the official SN code's unbiased instance variance is NaN on 1x1 maps (it warns every call)
     warnings.filterwarnings("ignore", message=".*degrees of freedom is <= 0.*")
@@ -360,6 +449,44 @@ def main(argv: list[str] | None = None) -> int:
         args.json.write_text(
             json.dumps({"meta": meta, "models": models, "layers": layers}, indent=1)
         )
+    return 0
+
+
+def synced_main(args: argparse.Namespace, device: torch.device, start: float) -> int:
+    """``--synced``: join torchrun's process group, measure, and (rank 0) write the JSON."""
+    import torch.distributed as dist
+
+    if "RANK" not in os.environ:
+        print("--synced runs under torchrun: torchrun --nproc_per_node 2 bench_norm.py --synced")
+        return 2
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    if device.type == "cuda":
+        device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+        torch.cuda.set_device(device)
+    try:
+        rows = bench_synced(args.mode, args.reps, device, args.models)
+        if dist.get_rank() == 0:
+            meta = {
+                "date": time.strftime("%Y-%m-%d"),
+                "device": torch.cuda.get_device_name()
+                if device.type == "cuda"
+                else f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores",
+                "torch": torch.__version__,
+                "threads": torch.get_num_threads(),
+                "processes": dist.get_world_size(),
+                "mode": args.mode,
+                "reps": args.reps,
+                "seconds": round(time.perf_counter() - start, 1),
+            }
+            for row in rows:
+                print(
+                    f"{row['model']}: EN / BN per process {row['en_ratio_per_process']:.2f}x, "
+                    f"synced {row['en_ratio_synced']:.2f}x (excess {row['excess']:+.2f})"
+                )
+            if args.json:
+                args.json.write_text(json.dumps({"meta": meta, "synced": rows}, indent=1))
+    finally:
+        dist.destroy_process_group()
     return 0
 
 

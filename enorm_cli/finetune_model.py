@@ -132,13 +132,15 @@ def set_sync_stats(model: nn.Module, enabled: bool) -> int:
     return len(layers)
 
 
-def sync_batchnorm(model: nn.Module, device_type: str) -> tuple[nn.Module, bool]:
+def sync_batchnorm(model: nn.Module, device_type: str) -> nn.Module:
     """The baseline follows EN's rule: where EN syncs its bn statistics, BatchNorm becomes
     SyncBatchNorm (timm's ``convert_sync_batchnorm``: torch's and timm's norm+act layers), so
-    that several-process comparisons are fair. Only on GPUs: torch's SyncBatchNorm has no CPU
-    kernel, so on CPU BatchNorm stays per process (the returned flag says which)."""
+    that several-process comparisons are fair. On CPU, where torch's SyncBatchNorm has no
+    kernel, the same algorithm on torch ops (``cpu_sync_batchnorm``)."""
     if device_type == "cpu":
-        return model, False
+        from .cpu_sync_batchnorm import cpu_syncable
+
+        return cpu_syncable(model)
     from timm.layers import convert_sync_batchnorm
 
-    return convert_sync_batchnorm(model), True
+    return convert_sync_batchnorm(model)

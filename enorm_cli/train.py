@@ -217,14 +217,7 @@ class FinetuneRecipe:
         synced = (processes > 1 if sync == "auto" else sync) and processes > 1
         set_sync_stats(self.prepared.model, synced)
         if synced and self.prepared.norm == "bn":
-            self.prepared.model, converted = sync_batchnorm(
-                self.prepared.model, self.accelerator.device.type
-            )
-            if not converted:
-                self.accelerator.print(
-                    "model.norm=bn: BatchNorm statistics stay per process on CPU "
-                    "(torch's SyncBatchNorm runs on GPUs only), where EN's would be synced"
-                )
+            self.prepared.model = sync_batchnorm(self.prepared.model, self.accelerator.device.type)
         self.synced = synced
         stats_batch = data.batch_size * (processes if synced else 1)
         self.bn_stats = resolve_bn_stats(self.recipe.model, stats_batch)

@@ -34,3 +34,40 @@ def test_official_sn_swap_keeps_timm_norm_act_tails() -> None:
     model.train()
     out = model(torch.randn(2, 3, 64, 64))  # no 1x1 maps: there the official code gives NaN
     assert out.shape == (2, 5) and torch.isfinite(out).all()
+
+
+def test_synced_benchmark_under_torchrun(tmp_path: Path) -> None:
+    """Two real gloo processes: BN and EN, per-process and synced, all four timed."""
+    import os
+    import subprocess
+
+    out = tmp_path / "synced.json"
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node",
+        "2",
+        str(ROOT / "benchmarks" / "bench_norm.py"),
+        "--synced",
+        "--mode",
+        "smoke",
+        "--reps",
+        "2",
+        "--json",
+        str(out),
+    ]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    data = json.loads(out.read_text())
+    assert data["meta"]["processes"] == 2
+    (row,) = data["synced"]
+    assert set(row["train_s"]) == {"bn", "bn_synced", "en", "en_synced"}
+    assert all(t > 0 for t in row["train_s"].values())
+    assert "excess" in row and "EN / BN per process" in proc.stdout
+
+
+def test_synced_mode_says_how_to_launch() -> None:
+    assert bench_norm.main(["--synced"]) == 2

@@ -9,7 +9,7 @@ from helpers import QUICK
 
 from enorm_cli.checkpoint import load_model, read_info, save_checkpoint
 from enorm_cli.errors import EnormError
-from enorm_cli.finetune_model import prepare_model, set_sync_stats, sync_batchnorm
+from enorm_cli.finetune_model import prepare_model, set_sync_stats
 from enorm_cli.layers import ExemplarNorm2d, SwitchableNorm2d
 from enorm_cli.recipe import load_recipe
 
@@ -89,23 +89,3 @@ def test_a_checkpoint_keeps_its_settings_and_a_contradicting_recipe_is_refused(
     ]:
         with pytest.raises(EnormError, match=match):
             prepare_model(recipe(f"model.name={path}", extra), 4)
-
-
-def test_the_batchnorm_baseline_syncs_where_en_would_on_gpus() -> None:
-    """model.norm=bn follows EN's sync rule: SyncBatchNorm on GPUs (torch's and timm's
-    norm+act layers), per-process BatchNorm on CPU, where SyncBatchNorm has no kernel."""
-    import timm
-    import torch
-    import torchvision
-    from timm.layers.norm_act import SyncBatchNormAct
-
-    tv = torchvision.models.mobilenet_v2(num_classes=3)
-    same, converted = sync_batchnorm(tv, "cpu")
-    assert same is tv and not converted
-    assert not any(isinstance(m, torch.nn.SyncBatchNorm) for m in tv.modules())
-    before = {k: v.clone() for k, v in tv.state_dict().items()}
-    synced, converted = sync_batchnorm(tv, "cuda")  # converting needs no GPU, running does
-    assert converted and any(isinstance(m, torch.nn.SyncBatchNorm) for m in synced.modules())
-    assert synced.state_dict().keys() == before.keys()  # checkpoints load into plain BN
-    model, _ = sync_batchnorm(timm.create_model("test_efficientnet", num_classes=3), "cuda")
-    assert any(isinstance(m, SyncBatchNormAct) for m in model.modules())

@@ -281,10 +281,14 @@ def test_compile_trains_the_same_model_and_checkpoint(crops: Path, tmp_path: Pat
 
 
 @pytest.mark.slow
-def test_torchrun_two_processes_exact_eval(crops: Path, tmp_path: Path) -> None:
-    """MULTI_CPU over gloo: synced EN statistics, gather_for_metrics counts each image once."""
+@pytest.mark.parametrize("norm", ["en", "bn"])
+def test_torchrun_two_processes_exact_eval(crops: Path, tmp_path: Path, norm: str) -> None:
+    """MULTI_CPU over gloo: synced EN statistics (and BatchNorm's, as the baseline follows
+    EN's rule), gather_for_metrics counts each image once."""
     out = tmp_path / "ddp"
-    args = tiny_recipe(crops, out, "filelist", "schedule.epochs=1", "data.limit_val=9")
+    args = tiny_recipe(
+        crops, out, "filelist", "schedule.epochs=1", "data.limit_val=9", f"model.norm={norm}"
+    )
     cmd = [
         sys.executable,
         "-m",
