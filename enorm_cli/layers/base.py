@@ -12,6 +12,8 @@ from torch import Tensor, nn
 from .fused_affine import fused_affine
 from .source import SourceNorm, source_prior
 from .statistics import (
+    FROZEN_STALE,
+    FROZEN_UNSEEN,
     BnMember,
     InstanceStats,
     bn_member_stats,
@@ -20,6 +22,7 @@ from .statistics import (
     normalizer_stats,
     running_average_factor,
     update_running_stats,
+    watch_frozen_stats,
 )
 
 
@@ -35,7 +38,9 @@ class MixedNorm2d(nn.Module):
     attribute, set by training from ``model.bn_stats``) the bn member is batch-renormalized in
     training (``statistics.bn_member_stats``). With ``frozen_stats`` (a plain attribute too)
     training leaves the running statistics as they are: renorm then normalizes against the
-    source's statistics (``model.bn_stats: renorm_frozen``).
+    source's statistics (``model.bn_stats: renorm_frozen``), until the guard finds them stale
+    (``statistics.watch_frozen_stats``; its buffers ``frozen_log_r`` and ``frozen_state``
+    are saved, so a resumed run keeps its verdict).
 
     The interface every mixed layer has (and the only thing surgery, training and
     inspection ask of one): ``from_source`` (the replacement of a source layer, starting
@@ -79,6 +84,10 @@ class MixedNorm2d(nn.Module):
         self.register_buffer(
             "num_batches_tracked", torch.tensor(0, dtype=torch.long, device=device)
         )
+        self.register_buffer("frozen_log_r", torch.zeros(2, num_features, **factory))
+        self.register_buffer(
+            "frozen_state", torch.tensor(FROZEN_UNSEEN, dtype=torch.long, device=device)
+        )
 
     @classmethod
     def from_source(
@@ -120,6 +129,7 @@ class MixedNorm2d(nn.Module):
             if src.running_mean is not None and src.running_var is not None:
                 self.running_mean.copy_(src.running_mean)
                 self.running_var.copy_(src.running_var)
+            self.reset_frozen_guard()
 
     def _start_as(self, src: SourceNorm, prior: Tensor, lam_src: float) -> None:
         """Set the parameters so the layer starts as ``src`` (prior: K ratio logits; lam_src:
@@ -164,6 +174,39 @@ class MixedNorm2d(nn.Module):
         self.running_mean.zero_()
         self.running_var.fill_(1.0)
         self.num_batches_tracked.zero_()
+        self.reset_frozen_guard()
+
+    def reset_frozen_guard(self) -> None:
+        """Forget the guard's reference and verdict (``statistics.watch_frozen_stats``)."""
+        self.frozen_log_r.zero_()
+        self.frozen_state.fill_(FROZEN_UNSEEN)
+
+    def frozen_stale(self) -> Tensor | None:
+        """A bool tensor: the guard has tripped, in ``renorm_frozen`` training (None otherwise)."""
+        if not (self.training and self.renorm and self.frozen_stats):
+            return None
+        return self.frozen_state == FROZEN_STALE
+
+    def _load_from_state_dict(
+        self,
+        state_dict: dict[str, Any],
+        prefix: str,
+        local_metadata: dict[str, Any],
+        strict: bool,
+        missing_keys: list[str],
+        unexpected_keys: list[str],
+        error_msgs: list[str],
+    ) -> None:
+        """State dicts from before the frozen-statistics guard lack its buffers: a fresh guard
+        (nothing measured yet), as torch's ``_BatchNorm`` fills in ``num_batches_tracked``."""
+        version = local_metadata.get("version")
+        if version is None or version < self._version:
+            if prefix + "frozen_state" not in state_dict:
+                state_dict[prefix + "frozen_log_r"] = torch.zeros_like(self.frozen_log_r)
+                state_dict[prefix + "frozen_state"] = torch.zeros_like(self.frozen_state)
+        super()._load_from_state_dict(
+            state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+        )
 
     def _check_input_dim(self, x: Tensor) -> None:
         if x.dim() != 4:
@@ -197,6 +240,7 @@ class MixedNorm2d(nn.Module):
             synced=self.syncs_now(),
             renorm=self.renorm,
             frozen=self.frozen_stats,
+            stale=self.frozen_stale(),
         )
 
     def _statistics(
@@ -211,9 +255,24 @@ class MixedNorm2d(nn.Module):
 
     def _update_running_stats(self, record: Tensor) -> None:
         """One BatchNorm running-statistics step from ``record`` (2 x C: the batch mean and
-        unbiased variance); none with ``frozen_stats``. The one place every layer and path
-        updates them (``forward``)."""
+        unbiased variance); with ``frozen_stats`` only once the guard has tripped
+        (``statistics.watch_frozen_stats``, which this step feeds). The one place every layer
+        and path updates them (``forward``)."""
         if self.frozen_stats:
+            if not self.renorm:
+                return
+            watch_frozen_stats(
+                record, self.running_var, self.eps, self.frozen_log_r, self.frozen_state
+            )
+            stale = self.frozen_state == FROZEN_STALE
+            self.num_batches_tracked.add_(stale.long())
+            if self.momentum is None:
+                factor = stale / self.num_batches_tracked.clamp(min=1)
+            else:
+                factor = stale * self.momentum
+            update_running_stats(
+                self.running_mean, self.running_var, record, factor.to(self.running_mean.dtype)
+            )
             return
         self.num_batches_tracked.add_(1)
         factor = running_average_factor(self.momentum, self.num_batches_tracked)

@@ -76,6 +76,8 @@ class ENTensors(NamedTuple):
     fc1_b: Tensor
     fc2_w: Tensor
     fc2_b: Tensor
+    stale: Tensor | None = None
+    """``renorm_frozen``'s guard has tripped: batch statistics (``MixedNorm2d.frozen_stale``)."""
 
 
 def stacked_stats(
@@ -102,6 +104,7 @@ def stacked_stats(
             synced=cfg.synced,
             renorm=cfg.renorm,
             frozen=cfg.frozen_stats,
+            stale=p.stale,
         )
         bn, record, rd, samples = (
             (member.mean, member.var),
@@ -314,4 +317,5 @@ class ExemplarNormFunction(torch.autograd.Function):
             cast(g_fc1_b, fc1_w),
             cast(g_fc2_w, fc2_w),
             cast(g_fc2_b, fc2_w),
+            None,  # the guard's verdict
         )

@@ -179,9 +179,10 @@ class ExemplarNorm2d(MixedNorm2d):
     most C / r as its group count (at least 1), so odd widths never fail.
     """
 
-    _version = 2
-    """2: the ratio branch's ``logit_scale`` is in the state dict (``ratio._extra_state``);
-    1 did not save it (``_load_from_state_dict`` migrates)."""
+    _version = 3
+    """3: the frozen-statistics guard's buffers (``frozen_log_r``, ``frozen_state``); 2: the
+    ratio branch's ``logit_scale`` is in the state dict (``ratio._extra_state``); 1 did not
+    save it. ``_load_from_state_dict`` migrates both."""
     kind = "en"
     options = ("reduction", "pi", "activation", "use_conv", "shared_affine", "logit_scale")
 
@@ -325,6 +326,7 @@ class ExemplarNorm2d(MixedNorm2d):
             branch.fc1.bias,
             branch.fc2.weight,
             branch.fc2.bias,
+            self.frozen_stale(),
         )
 
     def _math(self, stats: InstanceStats) -> tuple[Tensor, Tensor, Tensor | None, tuple]:

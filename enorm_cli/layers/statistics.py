@@ -14,6 +14,7 @@ so inputs with |mean|/std of 1e3 and more keep their precision.
 from __future__ import annotations
 
 import contextlib
+import math
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
@@ -158,6 +159,7 @@ def renormalized_stats(
     running_var: Tensor,
     eps: float,
     limits: tuple[float, float] | None = RENORM_LIMITS,
+    stale: Tensor | None = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Batch Renormalization (Ioffe 2017) written as the bn member's statistics.
 
@@ -167,7 +169,8 @@ def renormalized_stats(
     statistics (as eval does, within the clips), the backward the batch's (as BatchNorm's).
     Small batches then train on the function they are evaluated on, and a few odd samples
     move a step less. mean, var: the batch's, 1 x C; also returns ``rd`` (2 x C: r, d) for a
-    hand-written backward.
+    hand-written backward. ``stale`` (a bool tensor, ``watch_frozen_stats``): r = 1, d = 0,
+    which is BatchNorm's batch statistics, forward and backward.
     """
     sigma = (var + eps).sqrt()
     run_sigma = (running_var + eps).sqrt().unsqueeze(0)
@@ -176,7 +179,53 @@ def renormalized_stats(
     if limits is not None:
         r_max, d_max = limits
         r, d = r.clamp(1.0 / r_max, r_max), d.clamp(-d_max, d_max)
+    if stale is not None:
+        r = torch.where(stale, torch.ones_like(r), r)
+        d = torch.where(stale, torch.zeros_like(d), d)
     return mean - d * sigma / r, (var + eps) / r.square() - eps, torch.cat([r, d])
+
+
+STALE_LIMIT: float = 6.0
+"""``renorm_frozen``'s guard trips when the typical channel's batch standard deviation has
+moved this many times away from where it stood, relative to the frozen statistics, at the
+first step. Measured from a minimal recipe (docs/stability.md): at batch 8 and lr 0.05 the
+last layers' ratio grows 8-fold within 10 steps and the frozen statistics kill the network
+(EN near chance, as frozen-statistics BatchNorm); at a healthy lr it moves under 3-fold in
+a whole run. 3 also tripped on healthy batch-4 runs, where batch statistics then cost more
+than staleness did."""
+
+STALE_SMOOTHING: float = 0.25
+"""Per-step weight of the guard's moving average of log r: one odd batch of 4 or 8 images
+moves the whole layer's r up to 5-fold, a drift persists."""
+
+FROZEN_UNSEEN, FROZEN_WATCHING, FROZEN_STALE = 0, 1, 2
+"""``MixedNorm2d.frozen_state``: no step seen yet, frozen, tripped (batch statistics)."""
+
+
+@torch.no_grad()
+def watch_frozen_stats(
+    record: Tensor, running_var: Tensor, eps: float, log_r: Tensor, state: Tensor
+) -> None:
+    """``renorm_frozen``'s guard, one step: does the layer still fit its frozen statistics?
+
+    Frozen statistics are what make small batches train well (docs/stability.md), until the
+    weights move far from the source's: then the normalized features grow without bound, the
+    activations saturate and the network dies, where BatchNorm's batch statistics would have
+    followed. The guard measures log r = log(sigma_batch / sigma_frozen) per channel,
+    ``log_r[0]`` at the first step (the reference: a new domain starts far from the source's
+    statistics, which is fine) and ``log_r[1]`` a moving average (``STALE_SMOOTHING``); when
+    the median channel's drift passes ``STALE_LIMIT`` the state latches at ``FROZEN_STALE``
+    and the layer normalizes with batch statistics from then on, its running statistics
+    following as BatchNorm's. record: this step's batch mean and unbiased variance (2 x C).
+    All on device, no host synchronization.
+    """
+    now = 0.5 * ((record[1] + eps) / (running_var + eps)).log().to(log_r.dtype)
+    unseen = state == FROZEN_UNSEEN
+    log_r[0] = torch.where(unseen, now, log_r[0])
+    log_r[1] = torch.where(unseen, now, log_r[1].lerp(now, STALE_SMOOTHING))
+    drift = (log_r[1] - log_r[0]).median().abs()
+    tripped = (state == FROZEN_STALE) | (drift > math.log(STALE_LIMIT))
+    state.copy_(torch.where(tripped, FROZEN_STALE, FROZEN_WATCHING))
 
 
 def layer_stats(mean: Tensor, var: Tensor) -> tuple[Tensor, Tensor]:
@@ -229,7 +278,7 @@ def running_average_factor(momentum: float | None, num_batches_tracked: Tensor) 
 
 @torch.no_grad()
 def update_running_stats(
-    running_mean: Tensor, running_var: Tensor, record: Tensor, factor: float
+    running_mean: Tensor, running_var: Tensor, record: Tensor, factor: float | Tensor
 ) -> None:
     """``running = (1 - factor) * running + factor * stat``: the one running-statistics step.
 
@@ -276,13 +325,14 @@ def bn_member_stats(
     synced: bool = False,
     renorm: bool = False,
     frozen: bool = False,
+    stale: Tensor | None = None,
 ) -> BnMember:
     """The bn member's statistics, as every layer and path takes them (the one place).
 
     Eval: the running ones. Training: the batch's (over every process when ``synced``, as
     SyncBatchNorm), batch-renormalized with ``renorm`` against the running statistics before
-    this batch's update (unclipped with ``frozen``, ``renorm_limits``). mean, var: the
-    instance table (N x C); count: H * W.
+    this batch's update (unclipped with ``frozen``, ``renorm_limits``; batch statistics where
+    ``stale``, ``watch_frozen_stats``). mean, var: the instance table (N x C); count: H * W.
     """
     if not training:
         return BnMember(running_mean.unsqueeze(0), running_var.unsqueeze(0), None, None, None)
@@ -296,7 +346,7 @@ def bn_member_stats(
     rd = None
     if renorm:
         bmean, bvar, rd = renormalized_stats(
-            bmean, bvar, running_mean, running_var, eps, renorm_limits(frozen)
+            bmean, bvar, running_mean, running_var, eps, renorm_limits(frozen), stale
         )
     return BnMember(bmean, bvar, record, rd, samples)
 

@@ -29,7 +29,8 @@ class SwitchableNorm2d(MixedNorm2d):
     Buffers as ``nn.BatchNorm2d``.
     """
 
-    _version = 1
+    _version = 2
+    """2: the frozen-statistics guard's buffers (``MixedNorm2d._load_from_state_dict``)."""
     kind = "sn"
 
     def __init__(
