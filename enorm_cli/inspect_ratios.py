@@ -19,6 +19,7 @@ from torch import Tensor
 from .checkpoint import CheckpointInfo, read_info
 from .errors import EnormError
 from .layers import get_norm_layer
+from .layers.base import STATE_BUFFERS
 from .ratios import LayerRatios, layer_ratios
 from .surgery import ConvertedLayer
 
@@ -101,7 +102,7 @@ def checkpoint_layers(path: Path, info: CheckpointInfo) -> tuple[str, list[Conve
                 k
                 for k in keys
                 if k.startswith(prefix)
-                and k[len(prefix) :] not in ("running_mean", "running_var", "num_batches_tracked")
+                and k[len(prefix) :] not in STATE_BUFFERS
                 and not k.endswith("._extra_state")  # settings kept as state, not parameters
             ]
             own = [

@@ -95,7 +95,9 @@ class ModelConfig(Section):
     the running statistics in the forward and the batch's in the backward, the running ones
     updated as BatchNorm does; "renorm_frozen" (EN and SN only): the same against the
     source's running statistics, which stay as they are, unclipped (``renorm_limits``: the
-    forward is the frozen statistics' exactly); "auto" (the default):
+    forward is the frozen statistics' exactly), each layer falling back to batch statistics
+    once its features run away from them (``statistics.watch_frozen_stats``); "auto" (the
+    default):
     "renorm_frozen" for EN when one bn statistic covers at most ``SMALL_BATCH`` images, else
     "batch" (``resolve_bn_stats``). Measured in docs/stability.md."""
 
@@ -118,9 +120,10 @@ class ModelConfig(Section):
 SMALL_BATCH = 8
 """``bn_stats: auto`` batch-renormalizes EN's bn member against the source's statistics at
 this many images per statistic or fewer. Measured from a minimal recipe (docs/stability.md,
-3 seeds per cell): at its best lr EN beats BatchNorm's best by 42.9 points at batch 4 and 17.3
-at batch 8, and frozen-statistics BatchNorm's by 5.1 and 1.5. Its known weakness: like frozen
-statistics, it collapses at a high lr (batch 8, lr 0.05: 14.9 where BatchNorm keeps 32.6)."""
+3 seeds per cell): at its best lr EN beats BatchNorm's best by 43.2 points at batch 4 and 17.6
+at batch 8, and frozen-statistics BatchNorm's by 5.4 and 1.8; at lr 0.05, where frozen
+statistics collapse, the guard on them (``statistics.watch_frozen_stats``) keeps EN above
+BatchNorm (36.5 against 32.6 at batch 8)."""
 
 FROZEN_BN_STATS = ("running", "renorm_frozen")
 """``bn_stats`` modes that keep the source's running statistics (precise BN leaves them)."""

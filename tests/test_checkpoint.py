@@ -166,3 +166,23 @@ def test_settings_a_file_cannot_build_are_one_error(tmp_path: Path) -> None:
     _rewrite_metadata(out, bad, **{"enorm.en_settings": json.dumps(settings)})
     with pytest.raises(EnormError, match=r"cannot build.*pi"):
         load_model(bad)
+
+
+@pytest.mark.parametrize("layer", ["en", "sn"])
+def test_files_from_before_the_frozen_guard_load_as_the_same_function(
+    tmp_path: Path, layer: str
+) -> None:
+    """A checkpoint written before the frozen-statistics guard (no ``frozen_log_r`` and
+    ``frozen_state``) loads strictly, with a fresh guard, and computes what it did."""
+    out = tmp_path / "new.safetensors"
+    convert("test_resnet", out, ENSettings(layer=layer), pretrained=False)
+    with safe_open(str(out), framework="pt") as f:
+        metadata = f.metadata()
+        assert any(k.endswith(".frozen_state") for k in f.keys())
+        tensors = {k: f.get_tensor(k) for k in f.keys() if ".frozen_" not in k}
+    old = tmp_path / "old.safetensors"
+    save_file(tensors, str(old), metadata=metadata)
+    x = torch.randn(2, 3, 32, 32)
+    new_model, old_model = load_model(out), load_model(old)
+    assert any(k.endswith("frozen_state") for k in old_model.state_dict())
+    torch.testing.assert_close(old_model(x), new_model(x), rtol=0, atol=0)

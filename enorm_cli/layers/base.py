@@ -25,6 +25,16 @@ from .statistics import (
     watch_frozen_stats,
 )
 
+STATE_BUFFERS = (
+    "running_mean",
+    "running_var",
+    "num_batches_tracked",
+    "frozen_log_r",
+    "frozen_state",
+)
+"""Every mixed layer's buffers: state, not parameters (what ``inspect`` leaves out of a
+layer's added parameters)."""
+
 
 class MixedNorm2d(nn.Module):
     """Base of layers that mix several normalizers of an N x C x H x W input.
