@@ -358,6 +358,23 @@ def compile_table(record: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n" + _source(record)
 
 
+def synced_table(record: dict[str, Any]) -> str:
+    """bench_norm --synced: the 2-process DDP train step, per-process and synced statistics."""
+    lines = [
+        "| model | BN | EN | EN / BN | SyncBN | EN synced | EN / SyncBN | excess |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for r in record["figures"]["synced"]:
+        t = r["train_s"]
+        lines.append(
+            f"| {r['model']} b{r['batch']} {r['size']}px | {t['bn'] * 1e3:.0f} ms "
+            f"| {t['en'] * 1e3:.0f} ms | {r['en_ratio_per_process']:.2f}x "
+            f"| {t['bn_synced'] * 1e3:.0f} ms | {t['en_synced'] * 1e3:.0f} ms "
+            f"| {r['en_ratio_synced']:.2f}x | {r['excess']:+.2f} |"
+        )
+    return "\n".join(lines) + "\n" + _source(record)
+
+
 BLOCKS: dict[str, tuple[str, Callable[[dict[str, Any]], str]]] = {
     "stability-minimal": ("stability_minimal", stability_table),
     "stability-minimal-headline": ("stability_minimal", stability_headline),
@@ -367,6 +384,7 @@ BLOCKS: dict[str, tuple[str, Callable[[dict[str, Any]], str]]] = {
     "export": ("export", export_table),
     "performance": ("performance", performance_table),
     "performance-gpu": ("performance_gpu", performance_table),
+    "performance-synced": ("performance_synced", synced_table),
     "cuda-check": ("cuda_check", cuda_check_table),
     "noisy-labels": ("noisy_labels", noisy_labels_table),
     "appearance-shift": ("appearance_shift", appearance_shift_table),

@@ -58,30 +58,34 @@ class SyncBatchNormFunction(torch.autograd.Function):
             running_mean.lerp_(mean.to(running_mean.dtype), factor)
             unbiased = var * (total / (total - 1).clamp(min=1))
             running_var.lerp_(unbiased.to(running_var.dtype), factor)
-        invstd = (var + eps).rsqrt()
-        ctx.save_for_backward(x, weight, mean, invstd, total)
-        ctx.group = group
+        ctx.save_for_backward(x, weight, mean, var, total)
+        ctx.group, ctx.eps = group, eps
         return F.batch_norm(x, mean, var, weight, bias, False, 0.0, eps)
 
     @staticmethod
     def backward(ctx: Any, grad_out: Tensor) -> tuple[Tensor | None, ...]:
+        """Two passes over the data: torch's eval-mode BatchNorm backward (``dy / sigma``
+        scaled by gamma, and the local sums of dy and dy * xhat in the same kernel), then
+        the global mean terms, which are per channel ``a * x + b``, subtracted in place."""
         import torch.distributed as dist
 
-        x, weight, mean, invstd, total = ctx.saved_tensors
-        dims = [0, *range(2, x.dim())]
-        grad_out = grad_out.contiguous()
-        xhat = (x - _channel_view(mean, x.dim())) * _channel_view(invstd, x.dim())
-        sum_dy = grad_out.sum(dims)
-        sum_dy_xhat = (grad_out * xhat).sum(dims)
-        grad_weight = sum_dy_xhat.clone() if weight is not None else None
-        grad_bias = sum_dy.clone() if ctx.needs_input_grad[2] else None
+        x, weight, mean, var, total = ctx.saved_tensors
+        has_affine = weight is not None
+        grad_x, sum_dy_xhat, sum_dy = torch.ops.aten.native_batch_norm_backward(
+            grad_out.contiguous(), x, weight, mean, var, None, None, False, ctx.eps, [True] * 3
+        )
+        grad_weight = sum_dy_xhat.clone() if has_affine else None
+        grad_bias = sum_dy.clone() if has_affine and ctx.needs_input_grad[2] else None
         reduced = torch.cat([sum_dy, sum_dy_xhat])
         dist.all_reduce(reduced, group=ctx.group)
         c = x.shape[1]
-        mean_dy = _channel_view(reduced[:c] / total, x.dim())
-        mean_dy_xhat = _channel_view(reduced[c:] / total, x.dim())
-        scale = invstd if weight is None else invstd * weight
-        grad_x = (grad_out - mean_dy - xhat * mean_dy_xhat) * _channel_view(scale, x.dim())
+        invstd = (var + ctx.eps).rsqrt()
+        scale = invstd * weight if has_affine else invstd
+        mean_dy, mean_dy_xhat = reduced[:c] / total, reduced[c:] / total
+        slope = scale * invstd * mean_dy_xhat  # xhat * mean(dy xhat) = slope * x + ...
+        offset = scale * mean_dy - slope * mean
+        grad_x = grad_x.sub_(_channel_view(offset, x.dim()))
+        grad_x = grad_x.addcmul_(x, _channel_view(slope, x.dim()), value=-1)
         return grad_x, grad_weight, grad_bias, None, None, None, None, None, None
 
 
