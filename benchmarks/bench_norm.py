@@ -382,6 +382,18 @@ def print_tables(models: list[dict[str, Any]], layers: list[dict[str, Any]]) -> 
         console.print(table)
 
 
+def machine_meta(device: torch.device) -> dict[str, Any]:
+    """Date, device, torch version and threads: what every JSON of this script records."""
+    return {
+        "date": time.strftime("%Y-%m-%d"),
+        "device": torch.cuda.get_device_name()
+        if device.type == "cuda"
+        else f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores",
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+    }
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--mode", choices=sorted(MODES), default="quick")
@@ -432,12 +444,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     print_tables(models, layers)
     meta = {
-        "date": time.strftime("%Y-%m-%d"),
-        "device": torch.cuda.get_device_name()
-        if device.type == "cuda"
-        else f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores",
-        "torch": torch.__version__,
-        "threads": torch.get_num_threads(),
+        **machine_meta(device),
         "mode": args.mode,
         "reps": args.reps,
         "compile": args.compile,
@@ -467,12 +474,7 @@ def synced_main(args: argparse.Namespace, device: torch.device, start: float) ->
         rows = bench_synced(args.mode, args.reps, device, args.models)
         if dist.get_rank() == 0:
             meta = {
-                "date": time.strftime("%Y-%m-%d"),
-                "device": torch.cuda.get_device_name()
-                if device.type == "cuda"
-                else f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores",
-                "torch": torch.__version__,
-                "threads": torch.get_num_threads(),
+                **machine_meta(device),
                 "processes": dist.get_world_size(),
                 "mode": args.mode,
                 "reps": args.reps,

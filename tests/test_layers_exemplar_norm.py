@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from helpers import assert_paths_agree
 from reference import en_reference
 from torch import nn
 from torch.func import functional_call
@@ -474,9 +475,4 @@ def test_renorm_fast_path_equals_autograd_path() -> None:
             y = layer(xi)
         (y * torch.linspace(-1, 1, y.numel()).view_as(y)).sum().backward()
         results.append((y, xi.grad, [p.grad for p in layer.parameters()], layer.running_var))
-    (y1, gx1, gp1, rv1), (y2, gx2, gp2, rv2) = results
-    torch.testing.assert_close(y1, y2, rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(gx1, gx2, rtol=1e-4, atol=1e-5)
-    for g1, g2 in zip(gp1, gp2):
-        torch.testing.assert_close(g1, g2, rtol=1e-4, atol=1e-5)
-    torch.testing.assert_close(rv1, rv2)
+    assert_paths_agree(results)
