@@ -64,9 +64,9 @@ class SyncBatchNormFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx: Any, grad_out: Tensor) -> tuple[Tensor | None, ...]:
-        """Two passes over the data: torch's eval-mode BatchNorm backward (``dy / sigma``
-        scaled by gamma, and the local sums of dy and dy * xhat in the same kernel), then
-        the global mean terms, which are per channel ``a * x + b``, subtracted in place."""
+        """torch's eval-mode BatchNorm backward kernel (``dy / sigma`` scaled by gamma, and the
+        local sums of dy and dy * xhat in the same call), then the global mean terms, per
+        channel ``a * x + b``, subtracted in two in-place passes."""
         import torch.distributed as dist
 
         x, weight, mean, var, total = ctx.saved_tensors
