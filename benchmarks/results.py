@@ -167,6 +167,23 @@ def small_batch_table(record: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n" + _source(record)
 
 
+def small_batch_sizes_table(record: dict[str, Any]) -> str:
+    """small_batch.yaml at its lr per variant and batch size: mean over seeds (lowest-highest)."""
+    runs, names = record["figures"]["runs"], record["figures"]["variants"]
+    batches = sorted({r["batch"] for r in runs})
+    lines = [
+        "| variant | " + " | ".join(f"batch {b}" for b in batches) + " |",
+        "|---|" + "---|" * len(batches),
+    ]
+    for variant, label in names.items():
+        cells = []
+        for b in batches:
+            tops = [r["top1"] for r in runs if r["variant"] == variant and r["batch"] == b]
+            cells.append(_spread(tops) if tops else "-")
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n" + _source(record)
+
+
 def convert_table(record: dict[str, Any]) -> str:
     rows = record["figures"]["rows"]
     lines = [
@@ -380,6 +397,7 @@ BLOCKS: dict[str, tuple[str, Callable[[dict[str, Any]], str]]] = {
     "stability-minimal-headline": ("stability_minimal", stability_headline),
     "stability-quickstart": ("stability_quickstart", stability_table),
     "small-batch": ("small_batch", small_batch_table),
+    "small-batch-sizes": ("small_batch_sizes", small_batch_sizes_table),
     "convert-seeds": ("convert_seeds", convert_table),
     "export": ("export", export_table),
     "performance": ("performance", performance_table),
