@@ -150,38 +150,31 @@ def stability_headline(record: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n" + _source(record)
 
 
-def small_batch_table(record: dict[str, Any]) -> str:
-    """small_batch.yaml per variant and lr: mean over seeds (lowest-highest)."""
+def _variant_table(record: dict[str, Any], key: str, heading: Callable[[Any], str]) -> str:
+    """One row per variant, one column per value of ``key``: mean over seeds (lowest-highest)."""
     runs, names = record["figures"]["runs"], record["figures"]["variants"]
-    lrs = sorted({r["lr"] for r in runs})
+    values = sorted({r[key] for r in runs})
     lines = [
-        "| variant | " + " | ".join(f"lr {lr:g}" for lr in lrs) + " |",
-        "|---|" + "---|" * len(lrs),
+        "| variant | " + " | ".join(heading(v) for v in values) + " |",
+        "|---|" + "---|" * len(values),
     ]
     for variant, label in names.items():
         cells = []
-        for lr in lrs:
-            tops = [r["top1"] for r in runs if r["variant"] == variant and r["lr"] == lr]
+        for value in values:
+            tops = [r["top1"] for r in runs if r["variant"] == variant and r[key] == value]
             cells.append(_spread(tops) if tops else "-")
         lines.append(f"| {label} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n" + _source(record)
+
+
+def small_batch_table(record: dict[str, Any]) -> str:
+    """small_batch.yaml per variant and lr."""
+    return _variant_table(record, "lr", lambda lr: f"lr {lr:g}")
 
 
 def small_batch_sizes_table(record: dict[str, Any]) -> str:
-    """small_batch.yaml at its lr per variant and batch size: mean over seeds (lowest-highest)."""
-    runs, names = record["figures"]["runs"], record["figures"]["variants"]
-    batches = sorted({r["batch"] for r in runs})
-    lines = [
-        "| variant | " + " | ".join(f"batch {b}" for b in batches) + " |",
-        "|---|" + "---|" * len(batches),
-    ]
-    for variant, label in names.items():
-        cells = []
-        for b in batches:
-            tops = [r["top1"] for r in runs if r["variant"] == variant and r["batch"] == b]
-            cells.append(_spread(tops) if tops else "-")
-        lines.append(f"| {label} | " + " | ".join(cells) + " |")
-    return "\n".join(lines) + "\n" + _source(record)
+    """small_batch.yaml at its lr per variant and batch size."""
+    return _variant_table(record, "batch", lambda b: f"batch {b}")
 
 
 def convert_table(record: dict[str, Any]) -> str:

@@ -18,6 +18,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .layers.statistics import running_average_factor
+
 
 def _channel_view(t: Tensor, dim: int) -> Tensor:
     """1 x C x 1 ... so a per-channel vector broadcasts over an input of ``dim`` dimensions."""
@@ -101,11 +103,7 @@ def synced_forward(layer: nn.modules.batchnorm._BatchNorm, x: Tensor) -> Tensor 
     factor = 0.0
     if layer.track_running_stats and layer.num_batches_tracked is not None:
         layer.num_batches_tracked.add_(1)
-        factor = (
-            1.0 / float(layer.num_batches_tracked.item())
-            if layer.momentum is None
-            else layer.momentum
-        )
+        factor = running_average_factor(layer.momentum, layer.num_batches_tracked)
     tracked = layer.track_running_stats
     return SyncBatchNormFunction.apply(
         x,

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import socket
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -127,3 +130,30 @@ def assert_paths_agree(results: list[tuple]) -> None:
     for g1, g2 in zip(gp1, gp2):
         torch.testing.assert_close(g1, g2, rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(rv1, rv2)
+
+
+def free_port() -> int:
+    """A TCP port nothing listens on now, for a process group's rendezvous."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def join_gloo(rank: int, port: int) -> None:
+    """Join the 2-process gloo group on this machine (in an ``mp.spawn`` worker)."""
+    import torch.distributed as dist
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=2)
+
+
+def torchrun(processes: int = 2) -> list[str]:
+    """The command prefix of ``torchrun --standalone --nproc_per_node N`` in this Python."""
+    return [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node",
+        str(processes),
+    ]

@@ -42,13 +42,10 @@ def test_synced_benchmark_under_torchrun(tmp_path: Path) -> None:
     import subprocess
 
     out = tmp_path / "synced.json"
+    from helpers import torchrun
+
     cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--standalone",
-        "--nproc_per_node",
-        "2",
+        *torchrun(2),
         str(ROOT / "benchmarks" / "bench_norm.py"),
         "--synced",
         "--mode",

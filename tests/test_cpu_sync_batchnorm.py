@@ -2,23 +2,15 @@
 
 from __future__ import annotations
 
-import os
-import socket
-
 import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from helpers import free_port, join_gloo
 from torch import nn
 
 from enorm_cli.cpu_sync_batchnorm import CpuSyncBatchNorm2d, cpu_syncable
 from enorm_cli.finetune_model import sync_batchnorm
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _loss_weights(y: torch.Tensor) -> torch.Tensor:
@@ -28,8 +20,7 @@ def _loss_weights(y: torch.Tensor) -> torch.Tensor:
 def _worker(
     rank: int, port: int, x: torch.Tensor, sizes: list[int], state: dict, out: dict
 ) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=2)
+    join_gloo(rank, port)
     try:
         layer = cpu_syncable(nn.BatchNorm2d(5))
         layer.load_state_dict(state)
@@ -67,7 +58,7 @@ def test_two_processes_equal_batchnorm_on_the_whole_batch(sizes: list[int]) -> N
     parts = torch.split(y, sizes)
     (y * torch.cat([_loss_weights(p) for p in parts])).sum().backward()
     out = mp.Manager().dict()
-    mp.spawn(_worker, args=(_free_port(), x, sizes, state, out), nprocs=2, join=True)
+    mp.spawn(_worker, args=(free_port(), x, sizes, state, out), nprocs=2, join=True)
     assert out[0]["type"] == "CpuSyncBatchNorm2d"
     torch.testing.assert_close(torch.cat([out[0]["y"], out[1]["y"]]), y.detach())
     torch.testing.assert_close(torch.cat([out[0]["xgrad"], out[1]["xgrad"]]), xr.grad)

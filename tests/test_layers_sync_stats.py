@@ -3,34 +3,20 @@ whole batch, run in the fused node, and compile as one graph (as one process doe
 
 from __future__ import annotations
 
-import os
-import socket
-
 import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from helpers import free_port, join_gloo
 
 from enorm_cli.layers import ExemplarNorm2d
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _join(rank: int, port: int) -> None:
-    """Join the 2-process gloo group on this machine."""
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=2)
 
 
 def _synced_layer(
     rank: int, port: int, state: dict, channels: int, reduction: int
 ) -> ExemplarNorm2d:
     """Join the 2-process gloo group; the reference layer's state, with synced statistics."""
-    _join(rank, port)
+    join_gloo(rank, port)
     layer = ExemplarNorm2d(channels, reduction=reduction)
     layer.load_state_dict(state)
     layer.sync_stats = True
@@ -72,7 +58,7 @@ def test_two_process_sync_equals_single_process() -> None:
     (y * weights).sum().backward()
     manager = mp.Manager()
     out = manager.dict()
-    mp.spawn(_worker, args=(_free_port(), x, state, out), nprocs=2, join=True)
+    mp.spawn(_worker, args=(free_port(), x, state, out), nprocs=2, join=True)
     torch.testing.assert_close(
         torch.cat([out[0]["y"], out[1]["y"]]), y.detach(), rtol=1e-5, atol=1e-5
     )
@@ -116,7 +102,7 @@ def test_synced_path_under_bf16_autocast_equals_one_process() -> None:
         y = reference(x)
         lam = reference.ratios(x)
     out = mp.Manager().dict()
-    mp.spawn(_bf16_worker, args=(_free_port(), x, state, out), nprocs=2, join=True)
+    mp.spawn(_bf16_worker, args=(free_port(), x, state, out), nprocs=2, join=True)
     assert out[0]["y"].dtype == y.dtype == torch.float32
     torch.testing.assert_close(torch.cat([out[0]["lam"], out[1]["lam"]]), lam, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(torch.cat([out[0]["y"], out[1]["y"]]), y, rtol=1e-5, atol=1e-5)
@@ -147,7 +133,7 @@ def _graph_breaks(model: torch.nn.Module) -> tuple[int, int]:
 def _explain_worker(rank: int, port: int, out: dict) -> None:
     from enorm_cli.finetune_model import set_sync_stats
 
-    _join(rank, port)
+    join_gloo(rank, port)
     try:
         model = _converted_mobilenet_v2("batch")
         set_sync_stats(model, True)
@@ -167,5 +153,5 @@ def test_synced_converted_mobilenet_v2_compiles_as_one_graph() -> None:
     """Two gloo processes with synced statistics: the all-reduces inside the fused node trace
     too, so the multi-process path compiles as one graph as well."""
     out = mp.Manager().dict()
-    mp.spawn(_explain_worker, args=(_free_port(), out), nprocs=2, join=True)
+    mp.spawn(_explain_worker, args=(free_port(), out), nprocs=2, join=True)
     assert out[0] == out[1] == (1, 0)

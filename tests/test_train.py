@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import QUICK, ROOT, tiny_recipe
+from helpers import QUICK, ROOT, tiny_recipe, torchrun
 
 from enorm_cli import load_model
 from enorm_cli.checkpoint import read_info
@@ -290,12 +290,7 @@ def test_torchrun_two_processes_exact_eval(crops: Path, tmp_path: Path, norm: st
         crops, out, "filelist", "schedule.epochs=1", "data.limit_val=9", f"model.norm={norm}"
     )
     cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--standalone",
-        "--nproc_per_node",
-        "2",
+        *torchrun(2),
         "-m",
         "enorm_cli",
         "finetune",
