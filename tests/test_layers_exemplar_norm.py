@@ -10,7 +10,13 @@ from torch import nn
 from torch.func import functional_call
 
 from enorm_cli.layers import ExemplarNorm2d
-from enorm_cli.layers.statistics import batch_stats, instance_stats, renormalized_stats
+from enorm_cli.layers.statistics import (
+    FROZEN_GRADIENT_SHARE,
+    FROZEN_STALE,
+    batch_stats,
+    instance_stats,
+    renormalized_stats,
+)
 
 CONFIGS = {
     "bn-in-ln": {},
@@ -390,8 +396,10 @@ def test_renorm_frozen_trains_on_the_source_function_where_the_clips_would_bite(
     """bn_stats=renorm_frozen at batch 4 on 1 x 1 maps, 4 values per channel whose spread is a
     fifth of the source's (as on MobileNetV2's last layers, where up to 84% of the channels are
     beyond Ioffe's r_max = 3): training computes the eval (source) function in every channel,
-    unclipped, and the input gradient is BatchNorm's projection at the source's scale,
-    ``gamma / sigma_run (g - mean g - xhat mean(g xhat))`` with the batch's xhat (bn alone)."""
+    unclipped, and the input gradient is BatchNorm's projection at the source's scale with
+    the batch statistics' share w = 1 - ``FROZEN_GRADIENT_SHARE``,
+    ``gamma / sigma_run (g - w (mean g + xhat mean(g xhat)))`` with the batch's xhat (bn
+    alone); once the guard has tripped, BatchNorm's own (w = 1, the batch's scale)."""
     from enorm_cli.layers import fused_en
 
     def frozen_layer(normalizers: tuple[str, ...]) -> ExemplarNorm2d:
@@ -424,12 +432,18 @@ def test_renorm_frozen_trains_on_the_source_function_where_the_clips_would_bite(
         (bn_only.train()(xb) * g).sum().backward()
     xhat = (x.detach() - mean.view(1, -1, 1, 1)) / (var.view(1, -1, 1, 1) + bn_only.eps).sqrt()
     gamma = bn_only.weight[0].view(1, -1, 1, 1)
-    expected = (
-        gamma
-        / (25.0 + bn_only.eps) ** 0.5
-        * (g - g.mean(0, keepdim=True) - xhat * (g * xhat).mean(0, keepdim=True))
-    )
+    projected = g.mean(0, keepdim=True) + xhat * (g * xhat).mean(0, keepdim=True)
+    w = 1 - FROZEN_GRADIENT_SHARE
+    expected = gamma / (25.0 + bn_only.eps) ** 0.5 * (g - w * projected)
     torch.testing.assert_close(xb.grad, expected, rtol=1e-4, atol=1e-6)
+    # Stale (the guard has tripped): batch statistics, BatchNorm's gradient whole
+    stale = frozen_layer(("bn",))
+    stale.frozen_state.fill_(FROZEN_STALE)
+    xs = x.detach().clone().requires_grad_()
+    with fused_en(fused):
+        (stale.train()(xs) * g).sum().backward()
+    gamma, sigma = stale.weight[0].view(1, -1, 1, 1), (var.view(1, -1, 1, 1) + stale.eps).sqrt()
+    torch.testing.assert_close(xs.grad, gamma / sigma * (g - projected), rtol=1e-4, atol=1e-6)
 
 
 @pytest.mark.parametrize("fused", [True, pytest.param(False, marks=pytest.mark.slow)])
@@ -459,8 +473,10 @@ def test_renorm_gradcheck(fused: bool) -> None:
         assert torch.autograd.gradcheck(fn, (x, *params), eps=1e-6, atol=1e-5)
 
 
-def test_renorm_fast_path_equals_autograd_path() -> None:
-    """Inside the clips too (r, d vary with the batch): the one-node backward equals autograd."""
+@pytest.mark.parametrize("frozen", [False, True])
+def test_renorm_fast_path_equals_autograd_path(frozen: bool) -> None:
+    """Inside the clips too (r, d vary with the batch), and unclipped against frozen
+    statistics with the blended backward: the one-node backward equals autograd."""
     from enorm_cli.layers import fused_en
 
     fast, plain = make_layer(), make_layer()
@@ -469,7 +485,7 @@ def test_renorm_fast_path_equals_autograd_path() -> None:
     x = batch()
     results = []
     for layer, fused in ((fast, True), (plain, False)):
-        layer.renorm = True
+        layer.renorm, layer.frozen_stats = True, frozen
         xi = x.clone().requires_grad_()
         with fused_en(fused):
             y = layer(xi)

@@ -7,6 +7,7 @@ import torch
 
 from enorm_cli.layers import check_normalizers, group_count
 from enorm_cli.layers.statistics import (
+    RENORM_LIMITS,
     batch_stats,
     group_stats,
     instance_stats,
@@ -121,3 +122,29 @@ def test_renormalized_stats_unclipped_normalize_as_the_running_ones_anywhere() -
     ours = (x - m.view(1, 6, 1, 1)) / (s.view(1, 6, 1, 1) + eps).sqrt()
     running = (x - run_mean.view(1, 6, 1, 1)) / (run_var.view(1, 6, 1, 1) + eps).sqrt()
     torch.testing.assert_close(ours, running)
+
+
+def test_frozen_share_scales_the_batch_statistics_gradient_and_keeps_the_forward() -> None:
+    """``frozen_share`` s: the same M, S and r, d, and a gradient to the batch's mean and
+    variance (1 - s) times the plain renorm's (s = 1 would be the frozen statistics': none)."""
+    eps = 1e-5
+    torch.manual_seed(0)
+    mean = torch.randn(1, 6, dtype=torch.double)
+    var = torch.rand(1, 6, dtype=torch.double) + 0.5
+    run_mean, run_var = mean.squeeze(0) + 3.0, var.squeeze(0) * 40.0
+    weights = torch.randn(2, 6, dtype=torch.double)
+
+    def grads(share: float) -> tuple[torch.Tensor, ...]:
+        m, v = mean.clone().requires_grad_(), var.clone().requires_grad_()
+        big_m, big_s, rd = renormalized_stats(m, v, run_mean, run_var, eps, None, None, share)
+        ((big_m * weights[0]).sum() + (big_s * weights[1]).sum()).backward()
+        return big_m.detach(), big_s.detach(), rd, m.grad, v.grad
+
+    plain, shared, frozen = grads(0.0), grads(0.3), grads(1.0)
+    for a, b in zip(plain[:3], shared[:3]):
+        torch.testing.assert_close(a, b)
+    torch.testing.assert_close(shared[3], 0.7 * plain[3])
+    torch.testing.assert_close(shared[4], 0.7 * plain[4])
+    assert frozen[3].abs().max() < 1e-9 and frozen[4].abs().max() < 1e-9
+    with pytest.raises(ValueError, match="unclipped"):
+        renormalized_stats(mean, var, run_mean, run_var, eps, RENORM_LIMITS, None, 0.3)

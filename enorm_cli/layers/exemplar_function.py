@@ -34,7 +34,14 @@ from torch import Tensor
 from torch.autograd.function import once_differentiable
 
 from .fused_affine import affine_apply, affine_grads, input_grad, wide
-from .statistics import all_reduce_sum, bn_member_stats, moments, normalizer_stats
+from .statistics import (
+    FROZEN_GRADIENT_SHARE,
+    all_reduce_sum,
+    bn_member_stats,
+    frozen_gradient_scale,
+    moments,
+    normalizer_stats,
+)
 
 
 @dataclass(frozen=True)
@@ -209,7 +216,7 @@ class ExemplarNormFunction(torch.autograd.Function):
         p = ENTensors(*tensors)
         y, batch, saved = exemplar_norm(x, cfg, p)
         ctx.cfg = cfg
-        ctx.save_for_backward(x, *saved, p.weight, p.bias, p.conv, p.fc1_w, p.fc2_w)
+        ctx.save_for_backward(x, *saved, p.weight, p.bias, p.conv, p.fc1_w, p.fc2_w, p.stale)
         batch = batch if batch is not None else saved[0].new_empty(0)
         ctx.mark_non_differentiable(batch)
         return y, batch
@@ -218,9 +225,8 @@ class ExemplarNormFunction(torch.autograd.Function):
     @once_differentiable
     def backward(ctx: Any, grad_y: Tensor, _grad_batch: Tensor | None) -> tuple[Tensor | None, ...]:
         cfg: KernelSettings = ctx.cfg
-        x, m, big_m, rstd, dev, lam, h, vv, zt, a, rd, samples, weight, bias, conv, fc1_w, fc2_w = (
-            ctx.saved_tensors
-        )
+        x, m, big_m, rstd, dev, lam, h, vv, zt, a, rd, samples, *params, stale = ctx.saved_tensors
+        weight, bias, conv, fc1_w, fc2_w = params
         dt = m.dtype
         n, c = m.shape
         k = len(cfg.normalizers)
@@ -297,6 +303,9 @@ class ExemplarNormFunction(torch.autograd.Function):
                 r_over_sigma = rstd[i, :1]  # R = r / sigma
                 dev_i = dev_i - d / r_over_sigma  # m - the batch mean
                 g_var = g_var / r.square() - g_mean * d * r_over_sigma / (2 * r.square())
+                if cfg.frozen_stats:  # unclipped: blended with the frozen statistics' gradient
+                    scale_bn = frozen_gradient_scale(FROZEN_GRADIENT_SHARE, stale)
+                    g_mean, g_var = g_mean * scale_bn, g_var * scale_bn
             view(g_m).add_(g_mean).addcmul_(view(dev_i), g_var, value=2.0)
             view(g_v).add_(g_var)
 
