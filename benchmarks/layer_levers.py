@@ -8,7 +8,10 @@ one forward + backward (train) and one forward (eval, inference mode) of:
   (``fused_affine.py``; the path synced statistics take);
 - ``two_pass``: the one-node fast path (``exemplar_function.py``) with the two-pass
   statistics forced (the one-pass condition disabled);
-- ``fast``: the fast path as shipped (one-pass statistics where they are exact enough).
+- ``fast``: the fast path as shipped (one-pass statistics where they are exact enough);
+- ``x_passes``: only the passes over X the fast path makes (statistics, ``A X + B``, and in
+  backward ``sum(dY X)``, ``sum(dY)``, dX) with the per-sample coefficient math costing
+  nothing: the floor that any kernel for that math (a C++ op, a compiled region) could reach.
 
 Milliseconds summed over the model's layers (medians per layer), and the EN minus BN
 difference: the cost EN adds per step on top of the rest of the network.
@@ -26,6 +29,7 @@ import time
 from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -35,9 +39,36 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import enorm_cli.layers.statistics as stats_module
 from enorm_cli.layers import ExemplarNorm2d
 from enorm_cli.layers.base import MixedNorm2d
+from enorm_cli.layers.fused_affine import affine_apply, affine_grads, input_grad, wide
+from enorm_cli.layers.statistics import moments
 
 MODELS = {"mobilenetv2_100": (64, 32), "resnet50": (8, 160)}
-VARIANTS = ("bn", "autograd", "two_pass", "fast")
+VARIANTS = ("bn", "autograd", "two_pass", "fast", "x_passes")
+
+
+class _XPasses(torch.autograd.Function):
+    """The fast path's passes over X, with A = 1 and B = the instance mean standing in for
+    the coefficients (whose math is skipped)."""
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, training: bool) -> torch.Tensor:
+        m, _ = moments(wide(x).flatten(2), one_pass=training)
+        a = torch.ones_like(m)
+        ctx.save_for_backward(x, a, m)
+        return affine_apply(x, a, m)
+
+    @staticmethod
+    def backward(ctx: Any, grad_y: torch.Tensor) -> tuple[torch.Tensor, None]:
+        x, a, m = ctx.saved_tensors
+        xw, gw, da, db = affine_grads(x, grad_y)
+        return input_grad(x, xw, gw, a, m, db, da), None
+
+
+class XPasses(nn.Module):
+    """``_XPasses`` as a layer."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return _XPasses.apply(x, self.training)
 
 
 def norm_input_shapes(name: str, batch: int, size: int) -> Counter[tuple[int, ...]]:
@@ -75,12 +106,16 @@ def run_variant(variant: str, layer: nn.Module, x: torch.Tensor, grad: torch.Ten
         stats_module.ONE_PASS_CONDITION = condition
 
 
-def bench(name: str, reps: int) -> dict[str, dict[str, float]]:
+def bench(name: str, reps: int, model_name: str | None = None) -> dict[str, dict[str, float]]:
+    """ms per mode and variant, summed over the norm layers of timm's ``model_name`` (default
+    ``name``) at ``MODELS[name]``'s batch and size."""
     batch, size = MODELS[name]
     totals = {mode: dict.fromkeys(VARIANTS, 0.0) for mode in ("train", "eval")}
-    for shape, count in norm_input_shapes(name, batch, size).items():
+    for shape, count in norm_input_shapes(model_name or name, batch, size).items():
         c = shape[1]
-        layers = {"bn": nn.BatchNorm2d(c)} | {v: ExemplarNorm2d(c) for v in VARIANTS[1:]}
+        layers = {"bn": nn.BatchNorm2d(c), "x_passes": XPasses()} | {
+            v: ExemplarNorm2d(c) for v in VARIANTS[1:4]
+        }
         x = torch.randn(*shape, requires_grad=True)
         grad = torch.randn(*shape)
         for mode in ("train", "eval"):
@@ -109,17 +144,18 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     torch.manual_seed(0)
     print(
-        "| model | mode | BN | EN autograd | EN fast, two-pass stats | EN fast | EN - BN: "
-        "autograd -> fast |"
+        "| model | mode | BN | EN autograd | EN fast, two-pass stats | EN fast | X passes only "
+        "| EN - BN: autograd -> fast -> X passes only |"
     )
-    print("|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|")
     for name in args.models:
         for mode, t in bench(name, args.reps).items():
             batch, size = MODELS[name]
             print(
                 f"| {name} b{batch} {size}px | {mode} | {t['bn']:.1f} | {t['autograd']:.1f} | "
                 f"{t['two_pass']:.1f} | "
-                f"{t['fast']:.1f} | {t['autograd'] - t['bn']:.1f} -> {t['fast'] - t['bn']:.1f} |",
+                f"{t['fast']:.1f} | {t['x_passes']:.1f} | {t['autograd'] - t['bn']:.1f} -> "
+                f"{t['fast'] - t['bn']:.1f} -> {t['x_passes'] - t['bn']:.1f} |",
                 flush=True,
             )
     return 0
