@@ -95,11 +95,12 @@ class ModelConfig(Section):
     the running statistics in the forward and the batch's in the backward, the running ones
     updated as BatchNorm does; "renorm_frozen" (EN and SN only): the same against the
     source's running statistics, which stay as they are, unclipped (``renorm_limits``: the
-    forward is the frozen statistics' exactly; the backward 0.7 of the batch's and 0.3 of the
-    frozen statistics', ``FROZEN_GRADIENT_SHARE``), each layer falling back to batch
-    statistics once its features run away from them (``statistics.watch_frozen_stats``);
-    "auto" (the default): "renorm_frozen" for EN when one bn statistic covers at most ``SMALL_BATCH`` images, else
-    "batch" (``resolve_bn_stats``). Measured in docs/stability.md."""
+    forward is the frozen statistics' exactly; at 2 values per channel the backward takes
+    0.3 of the frozen statistics', ``statistics.frozen_gradient_share``), each layer falling
+    back to batch statistics once its features run away from them
+    (``statistics.watch_frozen_stats``); "auto" (the default): "renorm_frozen" for EN when
+    one bn statistic covers at most ``SMALL_BATCH`` images, else "batch"
+    (``resolve_bn_stats``). Measured in docs/stability.md."""
 
     @model_validator(mode="after")
     def _renorm_needs_mixed_layers(self) -> ModelConfig:

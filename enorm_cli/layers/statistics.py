@@ -153,14 +153,25 @@ def renorm_limits(frozen_stats: bool) -> tuple[float, float] | None:
 
 
 FROZEN_GRADIENT_SHARE: float = 0.3
-"""Unclipped renorm's backward (``renorm_frozen``): this share of the frozen statistics'
-gradient (the bn member's statistics as constants, as eval-mode BatchNorm) and the rest of
-the batch's (as BatchNorm). With few values per channel, 2 on a 1 x 1 map at batch 2, the
-batch's gradient projects the input gradient to nothing (each channel's two normalized
-values are +-1 whatever the input), and EN's last layers stop learning; the frozen
-statistics' alone lets the features grow unchecked and collapses at batch 2. 0.3 lifts
-EN at batch 2 from 70.9 to 73.5 in the small-batch recipe and is level at batch 4 and 8
-(``benchmarks/results/small_batch_probes.json``, ``small_batch_sizes.json``)."""
+"""Unclipped renorm's backward (``renorm_frozen``) where a bn statistic covers at most
+``FEW_VALUES`` values per channel: this share of the frozen statistics' gradient (the
+statistics as constants, as eval-mode BatchNorm) and the rest of the batch's (as
+BatchNorm). With 2 values per channel, a 1 x 1 map at batch 2, the batch's gradient
+projects the input gradient to nothing (the two normalized values are +-1 whatever the
+input) and the layer stops learning through its bn member; the frozen statistics' alone
+lets the features grow unchecked (EN collapsed at batch 2). Measured in
+docs/stability.md: applied to every layer it also lifted batch 8, but cost 14 points at
+batch 4 and lr 0.01 in the minimal recipe (``benchmarks/results/small_batch_probes.json``),
+so it stays where the batch's gradient is nothing."""
+
+FEW_VALUES: int = 2
+"""Values per channel of a bn statistic at or below which ``FROZEN_GRADIENT_SHARE`` applies."""
+
+
+def frozen_gradient_share(values: int) -> float:
+    """``renorm_frozen``'s share of the frozen statistics' gradient for a bn statistic over
+    ``values`` values per channel (N x H x W, times the processes when synced)."""
+    return FROZEN_GRADIENT_SHARE if values <= FEW_VALUES else 0.0
 
 
 def renormalized_stats(
@@ -362,7 +373,7 @@ def bn_member_stats(
     Eval: the running ones. Training: the batch's (over every process when ``synced``, as
     SyncBatchNorm), batch-renormalized with ``renorm`` against the running statistics before
     this batch's update (unclipped with ``frozen``, ``renorm_limits``, its backward blended
-    with ``FROZEN_GRADIENT_SHARE``; batch statistics where ``stale``, ``watch_frozen_stats``).
+    by ``frozen_gradient_share``; batch statistics where ``stale``, ``watch_frozen_stats``).
     mean, var: the instance table (N x C); count: H * W.
     """
     if not training:
@@ -376,7 +387,8 @@ def bn_member_stats(
         record = unbiased_record(bmean, bvar, mean.shape[0] * count)
     rd = None
     if renorm:
-        share = FROZEN_GRADIENT_SHARE if frozen else 0.0
+        values = mean.shape[0] * count * (distributed_world_size() if synced else 1)
+        share = frozen_gradient_share(values) if frozen else 0.0
         bmean, bvar, rd = renormalized_stats(
             bmean, bvar, running_mean, running_var, eps, renorm_limits(frozen), stale, share
         )
