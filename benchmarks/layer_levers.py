@@ -11,18 +11,23 @@ one forward + backward (train) and one forward (eval, inference mode) of:
 - ``fast``: the fast path as shipped (one-pass statistics where they are exact enough);
 - ``x_passes``: only the passes over X the fast path makes (statistics, ``A X + B``, and in
   backward ``sum(dY X)``, ``sum(dY)``, dX) with the per-sample coefficient math costing
-  nothing: the floor that any kernel for that math (a C++ op, a compiled region) could reach.
+  nothing: the floor that any kernel for that math (a C++ op, a compiled region) could reach;
+- ``native`` (``--native``, inference only): the fast path with that math in one C++ call per
+  layer (``levers/en_coefficients.cpp``, built by torch's JIT extension loader, a compiler
+  needed): what such a kernel reaches.
 
 Milliseconds summed over the model's layers (medians per layer), and the EN minus BN
 difference: the cost EN adds per step on top of the rest of the network.
 
     python benchmarks/layer_levers.py     # mobilenetv2_100 at 32 px, resnet50 at 160 px
     python benchmarks/layer_levers.py --reps 15
+    python benchmarks/layer_levers.py --native
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import statistics
 import sys
 import time
@@ -39,11 +44,48 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import enorm_cli.layers.statistics as stats_module
 from enorm_cli.layers import ExemplarNorm2d
 from enorm_cli.layers.base import MixedNorm2d
+from enorm_cli.layers.exemplar_function import stacked_stats
 from enorm_cli.layers.fused_affine import affine_apply, affine_grads, input_grad, wide
 from enorm_cli.layers.statistics import moments
 
 MODELS = {"mobilenetv2_100": (64, 32), "resnet50": (8, 160)}
 VARIANTS = ("bn", "autograd", "two_pass", "fast", "x_passes")
+NATIVE_SOURCE = Path(__file__).resolve().parent / "levers" / "en_coefficients.cpp"
+
+
+def load_native() -> Any:
+    """The C++ coefficient kernel, compiled once into torch's extension cache."""
+    from torch.utils.cpp_extension import load
+
+    # -fno-math-errno: sqrt without the errno branch vectorizes (4x on this loop)
+    return load(
+        "enorm_levers_native", [str(NATIVE_SOURCE)], extra_cflags=["-O3", "-fno-math-errno"]
+    )
+
+
+class NativeEval(nn.Module):
+    """EN at inference with the coefficient math in one C++ call; statistics, the stacked
+    normalizer statistics and ``A X + B`` as the fast path computes them."""
+
+    def __init__(self, num_features: int, native: Any) -> None:
+        super().__init__()
+        self.layer = ExemplarNorm2d(num_features).eval()
+        self.native = native
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        layer = self.layer
+        cfg, p = layer.kernel_settings(), layer.kernel_tensors()
+        xw = wide(x).flatten(2)
+        m, v = moments(xw)
+        big_m, big_s, *_ = stacked_stats(cfg, m, v, p, xw.shape[-1])
+        conv = m.new_empty(0) if p.conv is None else p.conv.reshape(-1)
+        groups = m.shape[1] if p.conv is None else p.conv.shape[0]
+        a, b, _ = self.native.en_coefficients(
+            m, big_m.contiguous(), big_s.contiguous(), p.weight, p.bias, conv, groups,
+            p.fc1_w, p.fc1_b, p.fc2_w, p.fc2_b, cfg.eps, cfg.relu, cfg.logit_scale,
+            cfg.shared_affine,
+        )  # fmt: skip
+        return affine_apply(x, a, b)
 
 
 class _XPasses(torch.autograd.Function):
@@ -106,25 +148,33 @@ def run_variant(variant: str, layer: nn.Module, x: torch.Tensor, grad: torch.Ten
         stats_module.ONE_PASS_CONDITION = condition
 
 
-def bench(name: str, reps: int, model_name: str | None = None) -> dict[str, dict[str, float]]:
+def bench(
+    name: str, reps: int, model_name: str | None = None, native: Any = None
+) -> dict[str, dict[str, float]]:
     """ms per mode and variant, summed over the norm layers of timm's ``model_name`` (default
-    ``name``) at ``MODELS[name]``'s batch and size."""
+    ``name``) at ``MODELS[name]``'s batch and size; with ``native`` (``load_native()``) the
+    ``native`` variant too, at inference (NaN in train)."""
     batch, size = MODELS[name]
-    totals = {mode: dict.fromkeys(VARIANTS, 0.0) for mode in ("train", "eval")}
+    all_variants = (*VARIANTS, "native") if native is not None else VARIANTS
+    totals = {mode: dict.fromkeys(all_variants, 0.0) for mode in ("train", "eval")}
+    totals["train"] |= {"native": float("nan")} if native is not None else {}
     for shape, count in norm_input_shapes(model_name or name, batch, size).items():
         c = shape[1]
         layers = {"bn": nn.BatchNorm2d(c), "x_passes": XPasses()} | {
             v: ExemplarNorm2d(c) for v in VARIANTS[1:4]
         }
+        if native is not None:
+            layers["native"] = NativeEval(c, native)
         x = torch.randn(*shape, requires_grad=True)
         grad = torch.randn(*shape)
         for mode in ("train", "eval"):
-            times: dict[str, list[float]] = {v: [] for v in VARIANTS}
-            for v in VARIANTS:  # warm-up
+            variants = all_variants if mode == "eval" else VARIANTS
+            times: dict[str, list[float]] = {v: [] for v in variants}
+            for v in variants:  # warm-up
                 layers[v].train(mode == "train")
                 run_variant(v, layers[v], x, grad if mode == "train" else None)
             for _ in range(reps):  # interleaved
-                for v in VARIANTS:
+                for v in variants:
                     times[v].append(
                         elapsed_ms(
                             lambda v=v: run_variant(
@@ -132,32 +182,42 @@ def bench(name: str, reps: int, model_name: str | None = None) -> dict[str, dict
                             )
                         )
                     )
-            for v in VARIANTS:
+            for v in variants:
                 totals[mode][v] += count * statistics.median(times[v])
     return totals
+
+
+COLUMNS = {
+    "bn": "BN",
+    "autograd": "EN autograd",
+    "two_pass": "EN fast, two-pass stats",
+    "fast": "EN fast",
+    "native": "EN fast, C++ coefficients",
+    "x_passes": "X passes only",
+}
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", nargs="*", default=list(MODELS), choices=list(MODELS))
     parser.add_argument("--reps", type=int, default=9)
+    parser.add_argument("--native", action="store_true", help="also the C++ coefficient kernel")
+    parser.add_argument("--json", type=Path, help="write the sums (ms) here too")
     args = parser.parse_args(argv)
+    native = load_native() if args.native else None
     torch.manual_seed(0)
-    print(
-        "| model | mode | BN | EN autograd | EN fast, two-pass stats | EN fast | X passes only "
-        "| EN - BN: autograd -> fast -> X passes only |"
-    )
-    print("|---|---|---|---|---|---|---|---|")
+    names = [v for v in COLUMNS if native is not None or v != "native"]
+    print("| model | mode | " + " | ".join(COLUMNS[v] for v in names) + " | EN - BN: fast |")
+    print("|---|---|" + "---|" * (len(names) + 1))
+    rows = []
     for name in args.models:
-        for mode, t in bench(name, args.reps).items():
-            batch, size = MODELS[name]
-            print(
-                f"| {name} b{batch} {size}px | {mode} | {t['bn']:.1f} | {t['autograd']:.1f} | "
-                f"{t['two_pass']:.1f} | "
-                f"{t['fast']:.1f} | {t['x_passes']:.1f} | {t['autograd'] - t['bn']:.1f} -> "
-                f"{t['fast'] - t['bn']:.1f} -> {t['x_passes'] - t['bn']:.1f} |",
-                flush=True,
-            )
+        batch, size = MODELS[name]
+        for mode, t in bench(name, args.reps, native=native).items():
+            rows.append({"model": name, "batch": batch, "size": size, "mode": mode, "ms": t})
+            cells = " | ".join("-" if t[v] != t[v] else f"{t[v]:.1f}" for v in names)
+            print(f"| {name} b{batch} {size}px | {mode} | {cells} | {t['fast'] - t['bn']:.1f} |")
+    if args.json:
+        args.json.write_text(json.dumps({"reps": args.reps, "rows": rows}, indent=1) + "\n")
     return 0
 
 

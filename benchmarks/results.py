@@ -385,6 +385,30 @@ def synced_table(record: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n" + _source(record)
 
 
+def layer_levers_table(record: dict[str, Any]) -> str:
+    """layer_levers.py --native: every norm layer of a model summed (ms), and what EN adds to
+    BN with the shipped fast path, with the coefficient math in C++, and at the X-passes floor."""
+    lines = [
+        "| model | mode | BN | EN fast | EN, C++ coefficients | X passes only "
+        "| EN - BN: fast -> C++ -> floor |",
+        "|---|---|---|---|---|---|---|",
+    ]
+
+    def ms(value: float) -> str:
+        return "-" if value != value else f"{value:.1f}"  # NaN: not measured
+
+    for r in record["figures"]["rows"]:
+        t = r["ms"]
+        native = t.get("native", float("nan"))
+        lines.append(
+            f"| {r['model']} b{r['batch']} {r['size']}px | {r['mode']} | {ms(t['bn'])} "
+            f"| {ms(t['fast'])} | {ms(native)} | {ms(t['x_passes'])} "
+            f"| {ms(t['fast'] - t['bn'])} -> {ms(native - t['bn'])} -> "
+            f"{ms(t['x_passes'] - t['bn'])} |"
+        )
+    return "\n".join(lines) + "\n" + _source(record)
+
+
 BLOCKS: dict[str, tuple[str, Callable[[dict[str, Any]], str]]] = {
     "stability-minimal": ("stability_minimal", stability_table),
     "stability-minimal-headline": ("stability_minimal", stability_headline),
@@ -404,6 +428,7 @@ BLOCKS: dict[str, tuple[str, Callable[[dict[str, Any]], str]]] = {
     "evidence-finetune": ("evidence_finetune", evidence_table),
     "quickstart": ("quickstart", quickstart_table),
     "compile-finetune": ("compile_finetune", compile_table),
+    "layer-levers": ("layer_levers", layer_levers_table),
 }
 """Results block name -> (record, renderer)."""
 

@@ -96,7 +96,7 @@ class ModelConfig(Section):
     updated as BatchNorm does; "renorm_frozen" (EN and SN only): the same against the
     source's running statistics, which stay as they are, unclipped (``renorm_limits``: the
     forward is the frozen statistics' exactly; at 2 values per channel the backward takes
-    0.3 of the frozen statistics', ``statistics.frozen_gradient_share``), each layer falling
+    0.5 of the frozen statistics', ``statistics.frozen_gradient_share``), each layer falling
     back to batch statistics once its features run away from them
     (``statistics.watch_frozen_stats``); "auto" (the default): "renorm_frozen" for EN when
     one bn statistic covers at most ``SMALL_BATCH`` images, else "batch"
