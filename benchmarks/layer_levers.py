@@ -14,7 +14,8 @@ one forward + backward (train) and one forward (eval, inference mode) of:
   nothing: the floor that any kernel for that math (a C++ op, a compiled region) could reach;
 - ``native`` (``--native``, inference only): the fast path with that math in one C++ call per
   layer (``levers/en_coefficients.cpp``, built by torch's JIT extension loader, a compiler
-  needed): what such a kernel reaches.
+  needed): what such a kernel reaches; ``native_layer``: the whole layer (statistics,
+  normalizers, coefficients, output) as one C++ call.
 
 Milliseconds summed over the model's layers (medians per layer), and the EN minus BN
 difference: the cost EN adds per step on top of the rest of the network.
@@ -34,7 +35,7 @@ import time
 from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
@@ -50,6 +51,7 @@ from enorm_cli.layers.statistics import moments
 
 MODELS = {"mobilenetv2_100": (64, 32), "resnet50": (8, 160)}
 VARIANTS = ("bn", "autograd", "two_pass", "fast", "x_passes")
+NATIVE = ("native", "native_layer")
 NATIVE_SOURCE = Path(__file__).resolve().parent / "levers" / "en_coefficients.cpp"
 
 
@@ -86,6 +88,25 @@ class NativeEval(nn.Module):
             cfg.shared_affine,
         )  # fmt: skip
         return affine_apply(x, a, b)
+
+
+class NativeLayer(NativeEval):
+    """EN at inference as one C++ call: statistics, normalizers, coefficients, ``A X + B``."""
+
+    CODES: ClassVar[dict[str, int]] = {"bn": 0, "in": 1, "ln": 2, "gn": 3}
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        layer = self.layer
+        p = layer.ratio
+        conv = p.conv.weight.reshape(-1) if p.conv is not None else x.new_empty(0)
+        groups = p.conv.weight.shape[0] if p.conv is not None else x.shape[1]
+        y = self.native.en_inference(
+            x.flatten(2), layer.running_mean, layer.running_var,
+            [self.CODES[k] for k in layer.normalizers], layer.num_groups, layer.weight,
+            layer.bias, conv, groups, p.fc1.weight, p.fc1.bias, p.fc2.weight, p.fc2.bias,
+            layer.eps, layer.activation == "relu", layer.logit_scale, layer.shared_affine,
+        )  # fmt: skip
+        return y.view_as(x)
 
 
 class _XPasses(torch.autograd.Function):
@@ -155,9 +176,9 @@ def bench(
     ``name``) at ``MODELS[name]``'s batch and size; with ``native`` (``load_native()``) the
     ``native`` variant too, at inference (NaN in train)."""
     batch, size = MODELS[name]
-    all_variants = (*VARIANTS, "native") if native is not None else VARIANTS
+    all_variants = (*VARIANTS, *NATIVE) if native is not None else VARIANTS
     totals = {mode: dict.fromkeys(all_variants, 0.0) for mode in ("train", "eval")}
-    totals["train"] |= {"native": float("nan")} if native is not None else {}
+    totals["train"] |= dict.fromkeys(NATIVE, float("nan")) if native is not None else {}
     for shape, count in norm_input_shapes(model_name or name, batch, size).items():
         c = shape[1]
         layers = {"bn": nn.BatchNorm2d(c), "x_passes": XPasses()} | {
@@ -165,6 +186,7 @@ def bench(
         }
         if native is not None:
             layers["native"] = NativeEval(c, native)
+            layers["native_layer"] = NativeLayer(c, native)
         x = torch.randn(*shape, requires_grad=True)
         grad = torch.randn(*shape)
         for mode in ("train", "eval"):
@@ -193,6 +215,7 @@ COLUMNS = {
     "two_pass": "EN fast, two-pass stats",
     "fast": "EN fast",
     "native": "EN fast, C++ coefficients",
+    "native_layer": "EN, one C++ call",
     "x_passes": "X passes only",
 }
 
@@ -206,7 +229,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     native = load_native() if args.native else None
     torch.manual_seed(0)
-    names = [v for v in COLUMNS if native is not None or v != "native"]
+    names = [v for v in COLUMNS if native is not None or v not in NATIVE]
     print("| model | mode | " + " | ".join(COLUMNS[v] for v in names) + " | EN - BN: fast |")
     print("|---|---|" + "---|" * (len(names) + 1))
     rows = []

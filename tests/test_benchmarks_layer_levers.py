@@ -49,17 +49,22 @@ def test_table_has_a_row_per_mode_with_the_floor(capsys) -> None:
 @pytest.mark.skipif(shutil.which("c++") is None, reason="the C++ lever needs a compiler")
 def test_native_coefficients_equal_the_fast_path_at_inference() -> None:
     """The C++ coefficient kernel (compiled by torch's JIT loader) computes what the fast path
-    does, with every parameter randomized, with and without the grouped conv."""
+    does, with every parameter randomized, with and without the grouped conv; the whole layer as one call too."""
     native = layer_levers.load_native()
     torch.manual_seed(0)
     for use_conv in (True, False):
         lever = layer_levers.NativeEval(12, native)
-        lever.layer = ExemplarNorm2d(12, normalizers=("bn", "in", "ln"), use_conv=use_conv)
+        lever.layer = ExemplarNorm2d(
+            12, normalizers=("bn", "in", "ln", "gn"), use_conv=use_conv, num_groups=3
+        )
         with torch.no_grad():
             for p in lever.layer.parameters():
                 p.add_(torch.randn_like(p) * 0.3)
             lever.layer.running_var.uniform_(0.5, 2.0)
         lever.layer.eval()
         x = torch.randn(5, 12, 3, 3)
+        whole = layer_levers.NativeLayer(12, native)
+        whole.layer = lever.layer
         with torch.inference_mode():
             torch.testing.assert_close(lever(x), lever.layer(x), rtol=1e-5, atol=1e-5)
+            torch.testing.assert_close(whole(x), lever.layer(x), rtol=1e-5, atol=1e-5)

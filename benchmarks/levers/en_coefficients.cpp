@@ -128,6 +128,87 @@ std::vector<at::Tensor> en_coefficients(at::Tensor m, at::Tensor big_m, at::Tens
   return {a, b, lam};
 }
 
+// The whole layer at inference: instance statistics (two passes per row, as
+// statistics.moments), every normalizer's statistics (codes: 0 bn, the running ones; 1 in;
+// 2 ln; 3 gn over `gn_groups`), the coefficients above, and Y = A X + B. x: N x C x L.
+at::Tensor en_inference(at::Tensor x, at::Tensor running_mean, at::Tensor running_var,
+                        std::vector<int64_t> codes, int64_t gn_groups, at::Tensor gamma,
+                        at::Tensor beta, at::Tensor conv, int64_t groups, at::Tensor w1,
+                        at::Tensor b1, at::Tensor w2, at::Tensor b2, double eps, bool relu,
+                        double logit_scale, bool shared_affine) {
+  const auto n_count = x.size(0), channels = x.size(1), length = x.size(2);
+  const auto k_count = static_cast<int64_t>(codes.size());
+  auto m = at::empty({n_count, channels}, x.options());
+  auto v = at::empty({n_count, channels}, x.options());
+  auto big_m = at::empty({k_count, n_count, channels}, x.options());
+  auto big_s = at::empty({k_count, n_count, channels}, x.options());
+  auto y = at::empty_like(x);
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "en_inference_stats", [&] {
+    const scalar_t* xp = x.data_ptr<scalar_t>();
+    scalar_t* mp = m.data_ptr<scalar_t>();
+    scalar_t* vp = v.data_ptr<scalar_t>();
+    scalar_t* bmp = big_m.data_ptr<scalar_t>();
+    scalar_t* bsp = big_s.data_ptr<scalar_t>();
+    const scalar_t* rm = running_mean.data_ptr<scalar_t>();
+    const scalar_t* rv = running_var.data_ptr<scalar_t>();
+    at::parallel_for(0, n_count, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t n = begin; n < end; ++n) {
+        for (int64_t c = 0; c < channels; ++c) {
+          const scalar_t* row = xp + (n * channels + c) * length;
+          scalar_t sum = 0;
+          for (int64_t i = 0; i < length; ++i) sum += row[i];
+          const scalar_t mean = sum / length;
+          scalar_t sq = 0;
+          for (int64_t i = 0; i < length; ++i) sq += (row[i] - mean) * (row[i] - mean);
+          mp[n * channels + c] = mean;
+          vp[n * channels + c] = sq / length;
+        }
+        for (int64_t k = 0; k < k_count; ++k) {
+          scalar_t* mk = bmp + (k * n_count + n) * channels;
+          scalar_t* sk = bsp + (k * n_count + n) * channels;
+          const scalar_t* mn = mp + n * channels;
+          const scalar_t* vn = vp + n * channels;
+          if (codes[k] == 0) {
+            std::copy(rm, rm + channels, mk);
+            std::copy(rv, rv + channels, sk);
+          } else if (codes[k] == 1) {
+            std::copy(mn, mn + channels, mk);
+            std::copy(vn, vn + channels, sk);
+          } else {  // pooled: mean of means, law of total variance
+            const int64_t parts = codes[k] == 2 ? 1 : gn_groups, size = channels / parts;
+            for (int64_t g = 0; g < parts; ++g) {
+              scalar_t pm = 0, pv = 0;
+              for (int64_t c = g * size; c < (g + 1) * size; ++c) pm += mn[c];
+              pm /= size;
+              for (int64_t c = g * size; c < (g + 1) * size; ++c)
+                pv += vn[c] + (mn[c] - pm) * (mn[c] - pm);
+              pv /= size;
+              std::fill(mk + g * size, mk + (g + 1) * size, pm);
+              std::fill(sk + g * size, sk + (g + 1) * size, pv);
+            }
+          }
+        }
+      }
+    });
+  });
+  auto out = en_coefficients(m, big_m, big_s, gamma, beta, conv, groups, w1, b1, w2, b2, eps,
+                             relu, logit_scale, shared_affine);
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "en_inference_apply", [&] {
+    const scalar_t* xp = x.data_ptr<scalar_t>();
+    const scalar_t* ap = out[0].data_ptr<scalar_t>();
+    const scalar_t* bp = out[1].data_ptr<scalar_t>();
+    scalar_t* yp = y.data_ptr<scalar_t>();
+    at::parallel_for(0, n_count * channels, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t r = begin; r < end; ++r) {
+        const scalar_t a = ap[r], b = bp[r];
+        for (int64_t i = 0; i < length; ++i) yp[r * length + i] = a * xp[r * length + i] + b;
+      }
+    });
+  });
+  return y;
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, module) {
   module.def("en_coefficients", &en_coefficients, "EN's coefficients without autograd (CPU)");
+  module.def("en_inference", &en_inference, "EN at inference, the whole layer (CPU)");
 }
