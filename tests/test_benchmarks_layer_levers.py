@@ -49,7 +49,8 @@ def test_table_has_a_row_per_mode_with_the_floor(capsys) -> None:
 @pytest.mark.skipif(shutil.which("c++") is None, reason="the C++ lever needs a compiler")
 def test_native_coefficients_equal_the_fast_path_at_inference() -> None:
     """The C++ coefficient kernel (compiled by torch's JIT loader) computes what the fast path
-    does, with every parameter randomized, with and without the grouped conv; the whole layer as one call too."""
+    does, with every parameter randomized, with and without the grouped conv; so does the
+    whole layer as one call."""
     native = layer_levers.load_native()
     torch.manual_seed(0)
     for use_conv in (True, False):
