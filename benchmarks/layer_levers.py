@@ -13,9 +13,10 @@ one forward + backward (train) and one forward (eval, inference mode) of:
   backward ``sum(dY X)``, ``sum(dY)``, dX) with the per-sample coefficient math costing
   nothing: the floor that any kernel for that math (a C++ op, a compiled region) could reach;
 - ``native`` (``--native``, inference only): the fast path with that math in one C++ call per
-  layer (``levers/en_coefficients.cpp``, built by torch's JIT extension loader, a compiler
-  needed): what such a kernel reaches; ``native_layer``: the whole layer (statistics,
-  normalizers, coefficients, output) as one C++ call.
+  layer (``enorm_cli/layers/csrc/en_inference.cpp``, built by torch's JIT extension loader,
+  a compiler needed): what such a kernel reaches; ``native_layer``: the whole layer (statistics,
+  normalizers, coefficients, output) as one C++ call, what enorm runs at inference on CPU
+  once built (``enorm_cli/layers/native.py``).
 
 Milliseconds summed over the model's layers (medians per layer), and the EN minus BN
 difference: the cost EN adds per step on top of the rest of the network.
@@ -29,13 +30,14 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import sys
 import time
 from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any
 
 import torch
 from torch import nn
@@ -44,6 +46,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import enorm_cli.layers.statistics as stats_module
 from enorm_cli.layers import ExemplarNorm2d
+from enorm_cli.layers import native as native_module
 from enorm_cli.layers.base import MixedNorm2d
 from enorm_cli.layers.exemplar_function import stacked_stats
 from enorm_cli.layers.fused_affine import affine_apply, affine_grads, input_grad, wide
@@ -52,17 +55,11 @@ from enorm_cli.layers.statistics import moments
 MODELS = {"mobilenetv2_100": (64, 32), "resnet50": (8, 160)}
 VARIANTS = ("bn", "autograd", "two_pass", "fast", "x_passes")
 NATIVE = ("native", "native_layer")
-NATIVE_SOURCE = Path(__file__).resolve().parent / "levers" / "en_coefficients.cpp"
 
 
 def load_native() -> Any:
-    """The C++ coefficient kernel, compiled once into torch's extension cache."""
-    from torch.utils.cpp_extension import load
-
-    # -fno-math-errno: sqrt without the errno branch vectorizes (4x on this loop)
-    return load(
-        "enorm_levers_native", [str(NATIVE_SOURCE)], extra_cflags=["-O3", "-fno-math-errno"]
-    )
+    """enorm's C++ inference kernel (``enorm_cli/layers/native.py``), built if missing."""
+    return native_module.build()
 
 
 class NativeEval(nn.Module):
@@ -91,22 +88,11 @@ class NativeEval(nn.Module):
 
 
 class NativeLayer(NativeEval):
-    """EN at inference as one C++ call: statistics, normalizers, coefficients, ``A X + B``."""
-
-    CODES: ClassVar[dict[str, int]] = {"bn": 0, "in": 1, "ln": 2, "gn": 3}
+    """EN at inference as one C++ call (statistics, normalizers, coefficients, ``A X + B``):
+    what enorm runs on CPU once its kernel is built."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        layer = self.layer
-        p = layer.ratio
-        conv = p.conv.weight.reshape(-1) if p.conv is not None else x.new_empty(0)
-        groups = p.conv.weight.shape[0] if p.conv is not None else x.shape[1]
-        y = self.native.en_inference(
-            x.flatten(2), layer.running_mean, layer.running_var,
-            [self.CODES[k] for k in layer.normalizers], layer.num_groups, layer.weight,
-            layer.bias, conv, groups, p.fc1.weight, p.fc1.bias, p.fc2.weight, p.fc2.bias,
-            layer.eps, layer.activation == "relu", layer.logit_scale, layer.shared_affine,
-        )  # fmt: skip
-        return y.view_as(x)
+        return native_module.en_inference(self.native, x, self.layer)
 
 
 class _XPasses(torch.autograd.Function):
@@ -159,6 +145,8 @@ def run_variant(variant: str, layer: nn.Module, x: torch.Tensor, grad: torch.Ten
     condition = stats_module.ONE_PASS_CONDITION
     if variant == "two_pass":
         stats_module.ONE_PASS_CONDITION = -1.0  # every row fails the check: two passes
+    previous = os.environ.get(native_module.ENV)
+    os.environ[native_module.ENV] = "0"  # the tensor-op path; the native variants call C++
     try:
         if grad is None:
             with torch.inference_mode():
@@ -167,6 +155,10 @@ def run_variant(variant: str, layer: nn.Module, x: torch.Tensor, grad: torch.Ten
             forward(x).backward(grad)
     finally:
         stats_module.ONE_PASS_CONDITION = condition
+        if previous is None:
+            del os.environ[native_module.ENV]
+        else:
+            os.environ[native_module.ENV] = previous
 
 
 def bench(

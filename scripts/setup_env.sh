@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Create or reuse .venv, install enorm with its dev extras (idempotent, cached by a stamp),
-# then fetch the real assets. Sourced by test.sh and quickstart.sh.
+# then fetch the real assets and build the optional C++ kernel. Sourced by test.sh and
+# quickstart.sh.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 VENV="${ENORM_VENV:-$PWD/.venv}"
@@ -15,3 +16,6 @@ if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
   touch "$stamp"
 fi
 ENORM="$VENV/bin/enorm" bash scripts/fetch_assets.sh
+# EN's C++ inference kernel (optional: without a compiler EN keeps its tensor ops). Built
+# once per source, flags and torch version; a later call only finds it built.
+"$VENV/bin/python" -m enorm_cli.build_native 2> >(grep -v "No CUDA runtime" >&2) || true

@@ -16,6 +16,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from . import native
 from .base import MixedNorm2d
 from .exemplar_function import (
     ENTensors,
@@ -352,6 +353,10 @@ class ExemplarNorm2d(MixedNorm2d):
         with _float32_math(x):
             if not _fused:
                 return super()._normalize(x)  # the reference: autograd over en_coefficients
+            if not (self.training or torch.is_grad_enabled()) and native.eligible(x):
+                module = native.kernel()  # None unless built (python -m enorm_cli.build_native)
+                if module is not None:
+                    return native.en_inference(module, x, self), None
             cfg = self.kernel_settings()
             tensors = self.kernel_tensors()
             needs_grad = torch.is_grad_enabled() and (

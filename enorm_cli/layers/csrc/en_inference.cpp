@@ -1,8 +1,11 @@
-// EN's per-sample coefficient math without autograd, one call per layer (CPU).
+// EN at inference on CPU as one call per layer (enorm_cli/layers/native.py builds and loads
+// it; the tensor-op path in exemplar_function.py is the definition and the fallback).
 //
-// The same math as exemplar_function.en_coefficients from the stacked statistics on: on a
-// CPU each of its ~30 small tensor ops costs a few microseconds whatever its size, here
-// they are one loop per sample. Inputs are contiguous and of one floating dtype.
+// On a CPU each of the fast path's ~30 small tensor ops costs a few microseconds, and its
+// statistics and output are separate passes; here the instance statistics, every
+// normalizer's statistics, the coefficients (the same math as en_coefficients) and
+// Y = A X + B run as loops per sample. Built with reassociation allowed, so the sums
+// vectorize (docs/performance.md). Inputs are contiguous and of one floating dtype.
 #include <torch/extension.h>
 
 #include <ATen/Parallel.h>
