@@ -28,7 +28,14 @@ import torch
 from torch import Tensor
 
 SOURCE = Path(__file__).with_name("csrc") / "en_inference.cpp"
-FLAGS = ("-O3", "-fno-math-errno", "-fassociative-math", "-fno-signed-zeros", "-fno-trapping-math")
+FLAGS = (
+    "-O3",
+    "-fno-math-errno",
+    "-fassociative-math",
+    "-fno-signed-zeros",
+    "-fno-trapping-math",
+    "-fopenmp",
+)
 """Portable x86-64/ARM code (no -march), with reassociation so the row sums vectorize: the
 sums' order differs from ATen's by float rounding only (no -ffast-math: NaN and inf behave)."""
 ENV = "ENORM_NATIVE"

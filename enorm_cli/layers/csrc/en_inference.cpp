@@ -22,10 +22,10 @@ void coefficients_kernel(const T* m, const T* big_m, const T* big_s, const T* ga
                          const T* beta, const T* conv, const T* w1, const T* b1, const T* w2,
                          const T* b2, T* a, T* b, T* lam_out, int64_t k_count, int64_t n_count,
                          int64_t channels, int64_t groups, int64_t hidden, double eps, bool relu,
-                         double logit_scale, bool shared_affine) {
+                         double logit_scale, bool shared_affine, int64_t begin, int64_t end) {
   const int64_t per_group = channels / groups;
   const int64_t zdim = conv ? groups : channels;
-  at::parallel_for(0, n_count, 1, [&](int64_t begin, int64_t end) {
+  {
     std::vector<T> rstd(k_count * channels), xhat(k_count * channels), z(k_count * zdim);
     std::vector<T> vv(k_count * k_count);
     std::vector<T> h(hidden), lam(k_count);
@@ -102,7 +102,13 @@ void coefficients_kernel(const T* m, const T* big_m, const T* big_s, const T* ga
         }
       }
     }
-  });
+  }
+}
+
+// Samples per task so that a task has ATen's grain of work: small layers run on one thread
+// (waking a second costs more than they take), large ones on all.
+int64_t grain(int64_t work_per_sample) {
+  return std::max<int64_t>(1, at::internal::GRAIN_SIZE / std::max<int64_t>(1, work_per_sample));
 }
 
 }  // namespace
@@ -120,13 +126,15 @@ std::vector<at::Tensor> en_coefficients(at::Tensor m, at::Tensor big_m, at::Tens
   auto b = at::empty({n_count, channels}, m.options());
   auto lam = at::empty({n_count, k_count}, m.options());
   AT_DISPATCH_FLOATING_TYPES(m.scalar_type(), "en_coefficients", [&] {
-    coefficients_kernel<scalar_t>(
-        m.data_ptr<scalar_t>(), big_m.data_ptr<scalar_t>(), big_s.data_ptr<scalar_t>(),
-        gamma.data_ptr<scalar_t>(), beta.data_ptr<scalar_t>(),
-        conv.numel() ? conv.data_ptr<scalar_t>() : nullptr, w1.data_ptr<scalar_t>(),
-        b1.data_ptr<scalar_t>(), w2.data_ptr<scalar_t>(), b2.data_ptr<scalar_t>(),
-        a.data_ptr<scalar_t>(), b.data_ptr<scalar_t>(), lam.data_ptr<scalar_t>(), k_count,
-        n_count, channels, groups, hidden, eps, relu, logit_scale, shared_affine);
+    at::parallel_for(0, n_count, grain(k_count * channels), [&](int64_t begin, int64_t end) {
+      coefficients_kernel<scalar_t>(
+          m.data_ptr<scalar_t>(), big_m.data_ptr<scalar_t>(), big_s.data_ptr<scalar_t>(),
+          gamma.data_ptr<scalar_t>(), beta.data_ptr<scalar_t>(),
+          conv.numel() ? conv.data_ptr<scalar_t>() : nullptr, w1.data_ptr<scalar_t>(),
+          b1.data_ptr<scalar_t>(), w2.data_ptr<scalar_t>(), b2.data_ptr<scalar_t>(),
+          a.data_ptr<scalar_t>(), b.data_ptr<scalar_t>(), lam.data_ptr<scalar_t>(), k_count,
+          n_count, channels, groups, hidden, eps, relu, logit_scale, shared_affine, begin, end);
+    });
   });
   return {a, b, lam};
 }
@@ -146,15 +154,24 @@ at::Tensor en_inference(at::Tensor x, at::Tensor running_mean, at::Tensor runnin
   auto big_m = at::empty({k_count, n_count, channels}, x.options());
   auto big_s = at::empty({k_count, n_count, channels}, x.options());
   auto y = at::empty_like(x);
-  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "en_inference_stats", [&] {
+  auto a = at::empty({n_count, channels}, x.options());
+  auto b = at::empty({n_count, channels}, x.options());
+  auto lam = at::empty({n_count, k_count}, x.options());
+  const auto hidden = w1.size(0);
+  // One parallel region, each task whole samples: statistics, coefficients, output.
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "en_inference", [&] {
     const scalar_t* xp = x.data_ptr<scalar_t>();
     scalar_t* mp = m.data_ptr<scalar_t>();
     scalar_t* vp = v.data_ptr<scalar_t>();
     scalar_t* bmp = big_m.data_ptr<scalar_t>();
     scalar_t* bsp = big_s.data_ptr<scalar_t>();
+    scalar_t* ap = a.data_ptr<scalar_t>();
+    scalar_t* bp = b.data_ptr<scalar_t>();
+    scalar_t* yp = y.data_ptr<scalar_t>();
     const scalar_t* rm = running_mean.data_ptr<scalar_t>();
     const scalar_t* rv = running_var.data_ptr<scalar_t>();
-    at::parallel_for(0, n_count, 1, [&](int64_t begin, int64_t end) {
+    const auto work = channels * (3 * length + k_count);
+    at::parallel_for(0, n_count, grain(work), [&](int64_t begin, int64_t end) {
       for (int64_t n = begin; n < end; ++n) {
         for (int64_t c = 0; c < channels; ++c) {
           const scalar_t* row = xp + (n * channels + c) * length;
@@ -192,19 +209,15 @@ at::Tensor en_inference(at::Tensor x, at::Tensor running_mean, at::Tensor runnin
           }
         }
       }
-    });
-  });
-  auto out = en_coefficients(m, big_m, big_s, gamma, beta, conv, groups, w1, b1, w2, b2, eps,
-                             relu, logit_scale, shared_affine);
-  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "en_inference_apply", [&] {
-    const scalar_t* xp = x.data_ptr<scalar_t>();
-    const scalar_t* ap = out[0].data_ptr<scalar_t>();
-    const scalar_t* bp = out[1].data_ptr<scalar_t>();
-    scalar_t* yp = y.data_ptr<scalar_t>();
-    at::parallel_for(0, n_count * channels, 1, [&](int64_t begin, int64_t end) {
-      for (int64_t r = begin; r < end; ++r) {
-        const scalar_t a = ap[r], b = bp[r];
-        for (int64_t i = 0; i < length; ++i) yp[r * length + i] = a * xp[r * length + i] + b;
+      coefficients_kernel<scalar_t>(
+          mp, bmp, bsp, gamma.data_ptr<scalar_t>(), beta.data_ptr<scalar_t>(),
+          conv.numel() ? conv.data_ptr<scalar_t>() : nullptr, w1.data_ptr<scalar_t>(),
+          b1.data_ptr<scalar_t>(), w2.data_ptr<scalar_t>(), b2.data_ptr<scalar_t>(), ap, bp,
+          lam.data_ptr<scalar_t>(), k_count, n_count, channels, groups, hidden, eps, relu,
+          logit_scale, shared_affine, begin, end);
+      for (int64_t r = begin * channels; r < end * channels; ++r) {
+        const scalar_t ar = ap[r], br = bp[r];
+        for (int64_t i = 0; i < length; ++i) yp[r * length + i] = ar * xp[r * length + i] + br;
       }
     });
   });
