@@ -2,7 +2,7 @@
 
 The tensor-op path (``exemplar_function.exemplar_norm``) defines EN and stays the fallback.
 At inference on CPU it is some 30 small ops per layer plus separate passes over X; the
-kernel (``csrc/en_inference.cpp``) does the same in one call: 1.6-2.3x faster layers on
+kernel (``csrc/en_inference.cpp``) does the same in one call: about 2x faster layers on
 MobileNetV2 and ResNet-50 (docs/performance.md). Like other PyTorch C++ extensions it is
 compiled on the user's machine by torch's JIT loader (a C++ compiler, about a minute), once:
 
@@ -36,8 +36,9 @@ FLAGS = (
     "-fno-trapping-math",
     "-fopenmp",
 )
-"""Portable x86-64/ARM code (no -march), with reassociation so the row sums vectorize: the
-sums' order differs from ATen's by float rounding only (no -ffast-math: NaN and inf behave)."""
+"""Portable code (no -march), with reassociation so the row sums vectorize (the sums' order
+differs from ATen's by float rounding only; no -ffast-math, so NaN and inf behave), and
+OpenMP, without which ``at::parallel_for`` runs on one thread (layer_levers.json's notes)."""
 ENV = "ENORM_NATIVE"
 CODES = {"bn": 0, "in": 1, "ln": 2, "gn": 3}
 """Normalizer codes of the kernel's ``en_inference``."""
