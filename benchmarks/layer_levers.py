@@ -77,8 +77,7 @@ class NativeEval(nn.Module):
         xw = wide(x).flatten(2)
         m, v = moments(xw)
         big_m, big_s, *_ = stacked_stats(cfg, m, v, p, xw.shape[-1])
-        conv = m.new_empty(0) if p.conv is None else p.conv.reshape(-1)
-        groups = m.shape[1] if p.conv is None else p.conv.shape[0]
+        conv, groups = native_module.conv_arguments(p.conv, m.shape[1], m)
         a, b, _ = self.native.en_coefficients(
             m, big_m.contiguous(), big_s.contiguous(), p.weight, p.bias, conv, groups,
             p.fc1_w, p.fc1_b, p.fc2_w, p.fc2_b, cfg.eps, cfg.relu, cfg.logit_scale,

@@ -157,3 +157,20 @@ def torchrun(processes: int = 2) -> list[str]:
         "--nproc_per_node",
         str(processes),
     ]
+
+
+def frozen_layer(cls: type | None = None, normalizers: tuple[str, ...] = ("bn", "ln"), gains=False):
+    """An EN (or ``cls``) layer training in renorm_frozen against source statistics of spread 5
+    (a new domain's batches have spread about 1: far from the source's, as on a real
+    fine-tune, and fine); ``gains``: gamma drawn from U(0.5, 1.5), so a lost gain shows."""
+    from enorm_cli.layers import ExemplarNorm2d
+
+    layer = (cls or ExemplarNorm2d)(16, normalizers=normalizers)
+    with torch.no_grad():
+        layer.running_var.fill_(25.0)
+        layer.running_mean.fill_(0.3)
+        if gains:
+            layer.weight.uniform_(0.5, 1.5)
+    layer.train()
+    layer.renorm = layer.frozen_stats = True
+    return layer

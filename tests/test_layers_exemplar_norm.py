@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers import assert_paths_agree
+from helpers import assert_paths_agree, frozen_layer
 from reference import en_reference
 from torch import nn
 from torch.func import functional_call
@@ -390,17 +390,6 @@ def test_renorm_trains_on_the_eval_function_and_records_batch_statistics() -> No
     torch.testing.assert_close(layer.running_var, plain.running_var)
 
 
-def frozen_layer(normalizers: tuple[str, ...]) -> ExemplarNorm2d:
-    """renorm_frozen against source statistics of spread 5 (the batch's is about 1)."""
-    layer = ExemplarNorm2d(16, normalizers=normalizers)
-    with torch.no_grad():
-        layer.running_var.fill_(25.0)
-        layer.running_mean.fill_(0.3)
-        layer.weight.uniform_(0.5, 1.5)
-    layer.renorm = layer.frozen_stats = True
-    return layer
-
-
 @pytest.mark.parametrize("fused", [True, False])
 def test_renorm_frozen_trains_on_the_source_function_where_the_clips_would_bite(
     fused: bool,
@@ -412,7 +401,7 @@ def test_renorm_frozen_trains_on_the_source_function_where_the_clips_would_bite(
     from enorm_cli.layers import fused_en
 
     torch.manual_seed(0)
-    layer = frozen_layer(("bn", "ln"))
+    layer = frozen_layer(normalizers=("bn", "ln"), gains=True)
     x = torch.randn(4, 16, 1, 1).requires_grad_()
     stats = instance_stats(x.detach())
     _, var = batch_stats(stats.mean, stats.var)
@@ -431,10 +420,10 @@ def test_renorm_frozen_trains_on_the_source_function_where_the_clips_would_bite(
 def test_renorm_frozen_backward_is_batchnorms_at_the_source_scale(fused: bool, n: int) -> None:
     """The bn member's input gradient in renorm_frozen on 1 x 1 maps (n values per channel):
     BatchNorm's projection at the source's scale, with the batch statistics' part scaled by
-    w = 1 - ``frozen_gradient_share(n)``: ``gamma / sigma_run (g - w (mean g + xhat mean(g
-    xhat)))`` with the batch's xhat. At 2 values w = 0.7, where w = 1 would leave nothing (the
-    projection of 2 values); at 4, BatchNorm's own. Once the guard has tripped, BatchNorm's
-    gradient whole (w = 1, the batch's scale)."""
+    w = 1 - ``frozen_gradient_share`` at n values: ``gamma / sigma_run (g - w (mean g + xhat
+    mean(g xhat)))`` with the batch's xhat. At 2 values w = 1 - ``FROZEN_GRADIENT_SHARE``,
+    where w = 1 would leave nothing (the projection of 2 values); at 4, BatchNorm's own. Once
+    the guard has tripped, BatchNorm's gradient whole (w = 1, the batch's scale)."""
     from enorm_cli.layers import fused_en
 
     torch.manual_seed(0)
@@ -444,10 +433,10 @@ def test_renorm_frozen_backward_is_batchnorms_at_the_source_scale(fused: bool, n
     mean, var = batch_stats(stats.mean, stats.var)
     xhat = (x - mean.view(1, -1, 1, 1)) / (var.view(1, -1, 1, 1) + 1e-5).sqrt()
     projected = g.mean(0, keepdim=True) + xhat * (g * xhat).mean(0, keepdim=True)
-    w = 1 - frozen_gradient_share(n)
+    w = 1 - frozen_gradient_share(n, 1, synced=False)
     assert w == (1 - FROZEN_GRADIENT_SHARE if n == 2 else 1.0)
     for stale in (False, True):
-        layer = frozen_layer(("bn",))
+        layer = frozen_layer(normalizers=("bn",), gains=True)
         if stale:
             layer.frozen_state.fill_(FROZEN_STALE)
         xb = x.clone().requires_grad_()

@@ -5,22 +5,10 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers import assert_paths_agree
+from helpers import assert_paths_agree, frozen_layer
 
 from enorm_cli.layers import ExemplarNorm2d, SwitchableNorm2d, fused_en
 from enorm_cli.layers.statistics import FROZEN_STALE, FROZEN_WATCHING, STALE_LIMIT
-
-
-def frozen_layer(cls: type = ExemplarNorm2d, normalizers: tuple[str, ...] = ("bn", "ln")):
-    """Training in renorm_frozen against source statistics of spread 5 (a new domain's
-    batches have spread about 1: far from the source's, as on a real fine-tune, and fine)."""
-    layer = cls(16, normalizers=normalizers)
-    with torch.no_grad():
-        layer.running_var.fill_(25.0)
-        layer.running_mean.fill_(0.3)
-    layer.train()
-    layer.renorm = layer.frozen_stats = True
-    return layer
 
 
 def batches(scales: list[float], seed: int = 0) -> list[torch.Tensor]:

@@ -37,7 +37,6 @@ from .fused_affine import affine_apply, affine_grads, input_grad, wide
 from .statistics import (
     all_reduce_sum,
     bn_member_stats,
-    distributed_world_size,
     frozen_gradient_scale,
     frozen_gradient_share,
     moments,
@@ -304,11 +303,12 @@ class ExemplarNormFunction(torch.autograd.Function):
                 r_over_sigma = rstd[i, :1]  # R = r / sigma
                 dev_i = dev_i - d / r_over_sigma  # m - the batch mean
                 g_var = g_var / r.square() - g_mean * d * r_over_sigma / (2 * r.square())
-                values = n * x.shape[2] * x.shape[3]
-                share = frozen_gradient_share(
-                    values * (distributed_world_size() if samples is not None else 1)
+                share = (
+                    frozen_gradient_share(n, x.shape[2] * x.shape[3], samples is not None)
+                    if cfg.frozen_stats
+                    else 0.0
                 )
-                if cfg.frozen_stats and share:  # few values: part frozen statistics' gradient
+                if share:  # few values per channel: part of the frozen statistics' gradient
                     scale_bn = frozen_gradient_scale(share, stale)
                     g_mean, g_var = g_mean * scale_bn, g_var * scale_bn
             view(g_m).add_(g_mean).addcmul_(view(dev_i), g_var, value=2.0)

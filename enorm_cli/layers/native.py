@@ -54,16 +54,16 @@ def build_name() -> str:
     return f"enorm_native_{digest.hexdigest()[:12]}"
 
 
-def build_dir() -> Path:
+def build_dir(name: str | None = None) -> Path:
     from ..cache import enorm_home
 
-    return enorm_home() / "native" / build_name()
+    return enorm_home() / "native" / (name or build_name())
 
 
-def _library(directory: Path) -> Path | None:
-    found = sorted(directory.glob(f"{build_name()}*.so")) + sorted(
-        directory.glob(f"{build_name()}*.pyd")
-    )
+def _library(name: str) -> Path | None:
+    """The built library of ``name``, if any (.so, or .pyd on Windows)."""
+    directory = build_dir(name)
+    found = sorted(directory.glob(f"{name}*.so")) + sorted(directory.glob(f"{name}*.pyd"))
     return found[0] if found else None
 
 
@@ -71,10 +71,11 @@ def build() -> ModuleType:
     """Compile (or load the existing build of) the kernel; raises when no compiler works."""
     from torch.utils.cpp_extension import load
 
-    directory = build_dir()
+    name = build_name()
+    directory = build_dir(name)
     directory.mkdir(parents=True, exist_ok=True)
     module = load(
-        build_name(),
+        name,
         [str(SOURCE)],
         extra_cflags=list(FLAGS),
         build_directory=str(directory),
@@ -92,11 +93,12 @@ def kernel() -> ModuleType | None:
     if os.environ.get(ENV, "auto") == "0":
         return None
     if "module" not in _loaded:
-        library = _library(build_dir())
+        name = build_name()
+        library = _library(name)
         module = None
         if library is not None:
             try:
-                spec = importlib.util.spec_from_file_location(build_name(), library)
+                spec = importlib.util.spec_from_file_location(name, library)
                 if spec is not None and spec.loader is not None:
                     module = importlib.util.module_from_spec(spec)
                     spec.loader.exec_module(module)
@@ -122,11 +124,20 @@ def eligible(x: Tensor) -> bool:
     )
 
 
+def conv_arguments(conv: Tensor | None, channels: int, like: Tensor) -> tuple[Tensor, int]:
+    """The ratio branch's grouped conv as the kernel takes it: its C weights (none without
+    the conv) and its groups (C without the conv: z is xhat itself)."""
+    if conv is None:
+        return like.new_empty(0), channels
+    return conv.reshape(-1), conv.shape[0]
+
+
 def en_inference(module: Any, x: Tensor, layer: Any) -> Tensor:
     """EN(x) in eval mode through the kernel; ``layer`` an ``ExemplarNorm2d``."""
     branch = layer.ratio
-    conv = x.new_empty(0) if branch.conv is None else branch.conv.weight.reshape(-1)
-    groups = x.shape[1] if branch.conv is None else branch.conv.weight.shape[0]
+    conv, groups = conv_arguments(
+        None if branch.conv is None else branch.conv.weight, x.shape[1], x
+    )
 
     def same(t: Tensor) -> Tensor:
         return t.to(x.dtype).contiguous()

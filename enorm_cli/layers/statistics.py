@@ -168,9 +168,11 @@ FEW_VALUES: int = 2
 """Values per channel of a bn statistic at or below which ``FROZEN_GRADIENT_SHARE`` applies."""
 
 
-def frozen_gradient_share(values: int) -> float:
+def frozen_gradient_share(samples: int, count: int, synced: bool) -> float:
     """``renorm_frozen``'s share of the frozen statistics' gradient for a bn statistic over
-    ``values`` values per channel (N x H x W, times the processes when synced)."""
+    ``samples`` images of ``count`` (H x W) values per channel on each process (times the
+    processes when ``synced``). Forward and the hand-written backward both ask here."""
+    values = samples * count * (distributed_world_size() if synced else 1)
     return FROZEN_GRADIENT_SHARE if values <= FEW_VALUES else 0.0
 
 
@@ -387,8 +389,7 @@ def bn_member_stats(
         record = unbiased_record(bmean, bvar, mean.shape[0] * count)
     rd = None
     if renorm:
-        values = mean.shape[0] * count * (distributed_world_size() if synced else 1)
-        share = frozen_gradient_share(values) if frozen else 0.0
+        share = frozen_gradient_share(mean.shape[0], count, synced) if frozen else 0.0
         bmean, bvar, rd = renormalized_stats(
             bmean, bvar, running_mean, running_var, eps, renorm_limits(frozen), stale, share
         )

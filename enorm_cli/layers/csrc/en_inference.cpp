@@ -25,81 +25,79 @@ void coefficients_kernel(const T* m, const T* big_m, const T* big_s, const T* ga
                          double logit_scale, bool shared_affine, int64_t begin, int64_t end) {
   const int64_t per_group = channels / groups;
   const int64_t zdim = conv ? groups : channels;
-  {
-    std::vector<T> rstd(k_count * channels), xhat(k_count * channels), z(k_count * zdim);
-    std::vector<T> vv(k_count * k_count);
-    std::vector<T> h(hidden), lam(k_count);
-    for (int64_t n = begin; n < end; ++n) {
-      const T* mn = m + n * channels;
-      for (int64_t k = 0; k < k_count; ++k) {
-        const T* mk = big_m + (k * n_count + n) * channels;
-        const T* sk = big_s + (k * n_count + n) * channels;
-        T* rk = rstd.data() + k * channels;
-        T* xk = xhat.data() + k * channels;
-        for (int64_t c = 0; c < channels; ++c) {
-          rk[c] = T(1) / std::sqrt(sk[c] + T(eps));
-          xk[c] = (mn[c] - mk[c]) * rk[c];
-        }
-        T* zk = z.data() + k * zdim;
-        if (conv) {
-          for (int64_t g = 0; g < groups; ++g) {
-            T acc = 0;
-            for (int64_t j = g * per_group; j < (g + 1) * per_group; ++j) acc += conv[j] * xk[j];
-            zk[g] = acc;
-          }
-        } else {
-          std::copy(xk, xk + channels, zk);
-        }
+  std::vector<T> rstd(k_count * channels), xhat(k_count * channels), z(k_count * zdim);
+  std::vector<T> vv(k_count * k_count);
+  std::vector<T> h(hidden), lam(k_count);
+  for (int64_t n = begin; n < end; ++n) {
+    const T* mn = m + n * channels;
+    for (int64_t k = 0; k < k_count; ++k) {
+      const T* mk = big_m + (k * n_count + n) * channels;
+      const T* sk = big_s + (k * n_count + n) * channels;
+      T* rk = rstd.data() + k * channels;
+      T* xk = xhat.data() + k * channels;
+      for (int64_t c = 0; c < channels; ++c) {
+        rk[c] = T(1) / std::sqrt(sk[c] + T(eps));
+        xk[c] = (mn[c] - mk[c]) * rk[c];
       }
-      for (int64_t i = 0; i < k_count; ++i) {
-        for (int64_t j = 0; j < k_count; ++j) {
+      T* zk = z.data() + k * zdim;
+      if (conv) {
+        for (int64_t g = 0; g < groups; ++g) {
           T acc = 0;
-          for (int64_t g = 0; g < zdim; ++g) acc += z[i * zdim + g] * z[j * zdim + g];
-          vv[i * k_count + j] = acc;
+          for (int64_t j = g * per_group; j < (g + 1) * per_group; ++j) acc += conv[j] * xk[j];
+          zk[g] = acc;
         }
-      }
-      const int64_t kk = k_count * k_count;
-      for (int64_t o = 0; o < hidden; ++o) {
-        T acc = b1[o];
-        for (int64_t q = 0; q < kk; ++q) acc += w1[o * kk + q] * vv[q];
-        h[o] = relu ? (acc > T(0) ? acc : T(0)) : std::tanh(acc);
-      }
-      T top = -std::numeric_limits<T>::infinity();
-      for (int64_t k = 0; k < k_count; ++k) {
-        T acc = 0;
-        for (int64_t o = 0; o < hidden; ++o) acc += w2[k * hidden + o] * h[o];
-        lam[k] = b2[k] + T(logit_scale) * acc;
-        top = std::max(top, lam[k]);
-      }
-      T total = 0;
-      for (int64_t k = 0; k < k_count; ++k) {
-        lam[k] = std::exp(lam[k] - top);
-        total += lam[k];
-      }
-      for (int64_t k = 0; k < k_count; ++k) {
-        lam[k] /= total;
-        lam_out[n * k_count + k] = lam[k];
-      }
-      T* an = a + n * channels;
-      T* bn = b + n * channels;
-      std::fill(an, an + channels, T(0));
-      if (shared_affine) {
-        std::copy(beta, beta + channels, bn);
       } else {
-        std::fill(bn, bn + channels, T(0));
+        std::copy(xk, xk + channels, zk);
       }
-      for (int64_t k = 0; k < k_count; ++k) {
-        const T lk = lam[k];
-        const T* gk = gamma + (shared_affine ? 0 : k * channels);
-        const T* bk = beta + k * channels;
-        const T* rk = rstd.data() + k * channels;
-        const T* mk = big_m + (k * n_count + n) * channels;
-        for (int64_t c = 0; c < channels; ++c) {
-          const T mixed = lk * gk[c] * rk[c];
-          an[c] += mixed;
-          bn[c] -= mixed * mk[c];
-          if (!shared_affine) bn[c] += lk * bk[c];
-        }
+    }
+    for (int64_t i = 0; i < k_count; ++i) {
+      for (int64_t j = 0; j < k_count; ++j) {
+        T acc = 0;
+        for (int64_t g = 0; g < zdim; ++g) acc += z[i * zdim + g] * z[j * zdim + g];
+        vv[i * k_count + j] = acc;
+      }
+    }
+    const int64_t kk = k_count * k_count;
+    for (int64_t o = 0; o < hidden; ++o) {
+      T acc = b1[o];
+      for (int64_t q = 0; q < kk; ++q) acc += w1[o * kk + q] * vv[q];
+      h[o] = relu ? (acc > T(0) ? acc : T(0)) : std::tanh(acc);
+    }
+    T top = -std::numeric_limits<T>::infinity();
+    for (int64_t k = 0; k < k_count; ++k) {
+      T acc = 0;
+      for (int64_t o = 0; o < hidden; ++o) acc += w2[k * hidden + o] * h[o];
+      lam[k] = b2[k] + T(logit_scale) * acc;
+      top = std::max(top, lam[k]);
+    }
+    T total = 0;
+    for (int64_t k = 0; k < k_count; ++k) {
+      lam[k] = std::exp(lam[k] - top);
+      total += lam[k];
+    }
+    for (int64_t k = 0; k < k_count; ++k) {
+      lam[k] /= total;
+      lam_out[n * k_count + k] = lam[k];
+    }
+    T* an = a + n * channels;
+    T* bn = b + n * channels;
+    std::fill(an, an + channels, T(0));
+    if (shared_affine) {
+      std::copy(beta, beta + channels, bn);
+    } else {
+      std::fill(bn, bn + channels, T(0));
+    }
+    for (int64_t k = 0; k < k_count; ++k) {
+      const T lk = lam[k];
+      const T* gk = gamma + (shared_affine ? 0 : k * channels);
+      const T* bk = beta + k * channels;
+      const T* rk = rstd.data() + k * channels;
+      const T* mk = big_m + (k * n_count + n) * channels;
+      for (int64_t c = 0; c < channels; ++c) {
+        const T mixed = lk * gk[c] * rk[c];
+        an[c] += mixed;
+        bn[c] -= mixed * mk[c];
+        if (!shared_affine) bn[c] += lk * bk[c];
       }
     }
   }
