@@ -12,11 +12,10 @@ one forward + backward (train) and one forward (eval, inference mode) of:
 - ``x_passes``: only the passes over X the fast path makes (statistics, ``A X + B``, and in
   backward ``sum(dY X)``, ``sum(dY)``, dX) with the per-sample coefficient math costing
   nothing: the floor that any kernel for that math (a C++ op, a compiled region) could reach;
-- ``native`` (``--native``, inference only): the fast path with that math in one C++ call per
-  layer (``enorm_cli/layers/csrc/en_inference.cpp``, built by torch's JIT extension loader,
-  a compiler needed): what such a kernel reaches; ``native_layer``: the whole layer (statistics,
-  normalizers, coefficients, output) as one C++ call, what enorm runs at inference on CPU
-  once built (``enorm_cli/layers/native.py``).
+- ``native`` (``--native``): the layer as enorm runs it on CPU once its C++ kernel is built
+  (``enorm_cli/layers/native.py``, ``csrc/en_layer.cpp``; torch's JIT extension loader, a
+  compiler needed): in training the per-sample math as one C++ call forward and one backward
+  around the same passes over X, at inference the whole layer as one call.
 
 Milliseconds summed over the model's layers (medians per layer), and the EN minus BN
 difference: the cost EN adds per step on top of the rest of the network.
@@ -48,50 +47,17 @@ import enorm_cli.layers.statistics as stats_module
 from enorm_cli.layers import ExemplarNorm2d
 from enorm_cli.layers import native as native_module
 from enorm_cli.layers.base import MixedNorm2d
-from enorm_cli.layers.exemplar_function import stacked_stats
 from enorm_cli.layers.fused_affine import affine_apply, affine_grads, input_grad, wide
 from enorm_cli.layers.statistics import moments
 
 MODELS = {"mobilenetv2_100": (64, 32), "resnet50": (8, 160)}
 VARIANTS = ("bn", "autograd", "two_pass", "fast", "x_passes")
-NATIVE = ("native", "native_layer")
+NATIVE = "native"
 
 
 def load_native() -> Any:
-    """enorm's C++ inference kernel (``enorm_cli/layers/native.py``), built if missing."""
+    """enorm's C++ kernel (``enorm_cli/layers/native.py``), built if missing."""
     return native_module.build()
-
-
-class NativeEval(nn.Module):
-    """EN at inference with the coefficient math in one C++ call; statistics, the stacked
-    normalizer statistics and ``A X + B`` as the fast path computes them."""
-
-    def __init__(self, num_features: int, native: Any) -> None:
-        super().__init__()
-        self.layer = ExemplarNorm2d(num_features).eval()
-        self.native = native
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        layer = self.layer
-        cfg, p = layer.kernel_settings(), layer.kernel_tensors()
-        xw = wide(x).flatten(2)
-        m, v = moments(xw)
-        big_m, big_s, *_ = stacked_stats(cfg, m, v, p, xw.shape[-1])
-        conv, groups = native_module.conv_arguments(p.conv, m.shape[1], m)
-        a, b, _ = self.native.en_coefficients(
-            m, big_m.contiguous(), big_s.contiguous(), p.weight, p.bias, conv, groups,
-            p.fc1_w, p.fc1_b, p.fc2_w, p.fc2_b, cfg.eps, cfg.relu, cfg.logit_scale,
-            cfg.shared_affine,
-        )  # fmt: skip
-        return affine_apply(x, a, b)
-
-
-class NativeLayer(NativeEval):
-    """EN at inference as one C++ call (statistics, normalizers, coefficients, ``A X + B``):
-    what enorm runs on CPU once its kernel is built."""
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return native_module.en_inference(self.native, x, self.layer)
 
 
 class _XPasses(torch.autograd.Function):
@@ -145,7 +111,7 @@ def run_variant(variant: str, layer: nn.Module, x: torch.Tensor, grad: torch.Ten
     if variant == "two_pass":
         stats_module.ONE_PASS_CONDITION = -1.0  # every row fails the check: two passes
     previous = os.environ.get(native_module.ENV)
-    os.environ[native_module.ENV] = "0"  # the tensor-op path; the native variants call C++
+    os.environ[native_module.ENV] = "auto" if variant == NATIVE else "0"  # tensor ops but there
     try:
         if grad is None:
             with torch.inference_mode():
@@ -161,27 +127,22 @@ def run_variant(variant: str, layer: nn.Module, x: torch.Tensor, grad: torch.Ten
 
 
 def bench(
-    name: str, reps: int, model_name: str | None = None, native: Any = None
+    name: str, reps: int, model_name: str | None = None, native: bool = False
 ) -> dict[str, dict[str, float]]:
     """ms per mode and variant, summed over the norm layers of timm's ``model_name`` (default
-    ``name``) at ``MODELS[name]``'s batch and size; with ``native`` (``load_native()``) the
-    ``native`` variant too, at inference (NaN in train)."""
+    ``name``) at ``MODELS[name]``'s batch and size; with ``native`` (after ``load_native()``)
+    the ``native`` variant too."""
     batch, size = MODELS[name]
-    all_variants = (*VARIANTS, *NATIVE) if native is not None else VARIANTS
-    totals = {mode: dict.fromkeys(all_variants, 0.0) for mode in ("train", "eval")}
-    totals["train"] |= dict.fromkeys(NATIVE, float("nan")) if native is not None else {}
+    variants = (*VARIANTS, NATIVE) if native else VARIANTS
+    totals = {mode: dict.fromkeys(variants, 0.0) for mode in ("train", "eval")}
     for shape, count in norm_input_shapes(model_name or name, batch, size).items():
         c = shape[1]
         layers = {"bn": nn.BatchNorm2d(c), "x_passes": XPasses()} | {
-            v: ExemplarNorm2d(c) for v in VARIANTS[1:4]
+            v: ExemplarNorm2d(c) for v in (*VARIANTS[1:4], *variants[len(VARIANTS) :])
         }
-        if native is not None:
-            layers["native"] = NativeEval(c, native)
-            layers["native_layer"] = NativeLayer(c, native)
         x = torch.randn(*shape, requires_grad=True)
         grad = torch.randn(*shape)
         for mode in ("train", "eval"):
-            variants = all_variants if mode == "eval" else VARIANTS
             times: dict[str, list[float]] = {v: [] for v in variants}
             for v in variants:  # warm-up
                 layers[v].train(mode == "train")
@@ -205,8 +166,7 @@ COLUMNS = {
     "autograd": "EN autograd",
     "two_pass": "EN fast, two-pass stats",
     "fast": "EN fast",
-    "native": "EN fast, C++ coefficients",
-    "native_layer": "EN, one C++ call",
+    "native": "EN, C++ kernel",
     "x_passes": "X passes only",
 }
 
@@ -215,20 +175,21 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", nargs="*", default=list(MODELS), choices=list(MODELS))
     parser.add_argument("--reps", type=int, default=9)
-    parser.add_argument("--native", action="store_true", help="also the C++ coefficient kernel")
+    parser.add_argument("--native", action="store_true", help="also EN with its C++ kernel")
     parser.add_argument("--json", type=Path, help="write the sums (ms) here too")
     args = parser.parse_args(argv)
-    native = load_native() if args.native else None
+    if args.native:
+        load_native()
     torch.manual_seed(0)
-    names = [v for v in COLUMNS if native is not None or v not in NATIVE]
+    names = [v for v in COLUMNS if args.native or v != NATIVE]
     print("| model | mode | " + " | ".join(COLUMNS[v] for v in names) + " | EN - BN: fast |")
     print("|---|---|" + "---|" * (len(names) + 1))
     rows = []
     for name in args.models:
         batch, size = MODELS[name]
-        for mode, t in bench(name, args.reps, native=native).items():
+        for mode, t in bench(name, args.reps, native=args.native).items():
             rows.append({"model": name, "batch": batch, "size": size, "mode": mode, "ms": t})
-            cells = " | ".join("-" if t[v] != t[v] else f"{t[v]:.1f}" for v in names)
+            cells = " | ".join(f"{t[v]:.1f}" for v in names)
             print(f"| {name} b{batch} {size}px | {mode} | {cells} | {t['fast'] - t['bn']:.1f} |")
     if args.json:
         args.json.write_text(json.dumps({"reps": args.reps, "rows": rows}, indent=1) + "\n")

@@ -27,14 +27,17 @@ reference, against each other, and by gradcheck in the tests.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from types import ModuleType
 from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
+from . import native
 from .fused_affine import affine_apply, affine_grads, input_grad, wide
 from .statistics import (
+    BnMember,
     all_reduce_sum,
     bn_member_stats,
     frozen_gradient_scale,
@@ -87,6 +90,28 @@ class ENTensors(NamedTuple):
     """``renorm_frozen``'s guard has tripped: batch statistics (``MixedNorm2d.frozen_stale``)."""
 
 
+def bn_member(
+    cfg: KernelSettings, m: Tensor, v: Tensor, p: ENTensors, count: int
+) -> BnMember | None:
+    """The bn member's statistics in the current mode (``statistics.bn_member_stats``), None
+    without bn."""
+    if "bn" not in cfg.normalizers:
+        return None
+    return bn_member_stats(
+        m,
+        v,
+        count,
+        p.running_mean,
+        p.running_var,
+        cfg.eps,
+        training=cfg.training,
+        synced=cfg.synced,
+        renorm=cfg.renorm,
+        frozen=cfg.frozen_stats,
+        stale=p.stale,
+    )
+
+
 def stacked_stats(
     cfg: KernelSettings, m: Tensor, v: Tensor, p: ENTensors, count: int
 ) -> tuple[Tensor, Tensor, Tensor | None, Tensor | None, Tensor | None]:
@@ -94,35 +119,18 @@ def stacked_stats(
     for the running statistics (2 x C, training), Batch Renormalization's r, d (2 x C, with
     ``cfg.renorm`` in training) and the samples synced statistics cover (``cfg.synced``).
 
-    bn as ``statistics.bn_member_stats`` takes it in the current mode; the other normalizers
-    as ``statistics.normalizer_stats`` says.
+    bn as ``bn_member`` takes it in the current mode; the other normalizers as
+    ``statistics.normalizer_stats`` says.
     """
     n, c = m.shape
-    bn = record = rd = samples = None
-    if "bn" in cfg.normalizers:
-        member = bn_member_stats(
-            m,
-            v,
-            count,
-            p.running_mean,
-            p.running_var,
-            cfg.eps,
-            training=cfg.training,
-            synced=cfg.synced,
-            renorm=cfg.renorm,
-            frozen=cfg.frozen_stats,
-            stale=p.stale,
-        )
-        bn, record, rd, samples = (
-            (member.mean, member.var),
-            member.record,
-            member.rd,
-            member.samples,
-        )
+    member = bn_member(cfg, m, v, p, count)
+    bn = None if member is None else (member.mean, member.var)
     pairs = normalizer_stats(m, v, cfg.normalizers, cfg.num_groups, bn)
     means = torch.stack([mean.expand(n, c) for mean, _ in pairs])
     variances = torch.stack([var.expand(n, c) for _, var in pairs])
-    return means, variances, record, rd, samples
+    if member is None:
+        return means, variances, None, None, None
+    return means, variances, member.record, member.rd, member.samples
 
 
 def ratio_logits(
@@ -193,30 +201,176 @@ def en_coefficients(
     return a, b, batch, (m, big_m, rstd, dev, lam, h, vv, zt, a, rd, samples)
 
 
+def native_exemplar_norm(
+    module: ModuleType, x: Tensor, cfg: KernelSettings, p: ENTensors
+) -> tuple[Tensor, Tensor | None, tuple[Tensor | None, ...]]:
+    """``exemplar_norm`` through the C++ kernel (``native``): the instance table, the bn
+    member's statistics as ``bn_member`` takes them (synced, renormalized), then the
+    coefficients and Y in one call. saved = (m, v, the bn member's mean and variance, A, v,
+    h, lambda, rd, samples): ``native.en_backward`` recomputes the rest."""
+    m, v = native.en_moments(module, x)
+    member = bn_member(cfg, m, v, p, x.shape[2] * x.shape[3])
+    bn_mean, bn_var = (None, None) if member is None else (member.mean, member.var)
+    out = native.en_forward(module, x, cfg, p, m, v, bn_mean, bn_var)
+    saved = (m, v, bn_mean, bn_var, out.a, out.vv, out.h, out.lam)
+    if member is None:
+        return out.y, None, (*saved, None, None)
+    return out.y, member.record, (*saved, member.rd, member.samples)
+
+
 def exemplar_norm(
     x: Tensor, cfg: KernelSettings, p: ENTensors
-) -> tuple[Tensor, Tensor | None, tuple[Tensor, ...]]:
+) -> tuple[Tensor, Tensor | None, tuple[Tensor | None, ...], ModuleType | None]:
     """EN(x) without autograd: y, the bn member's record for the running statistics (2 x C,
-    training) and what backward needs."""
+    training), what backward needs, and the C++ kernel that ran (None: the tensor ops,
+    ``en_coefficients``, where it is not built or x is not for it, ``native.eligible``)."""
+    module = native.kernel() if native.eligible(x) else None
+    if module is not None:
+        return (*native_exemplar_norm(module, x, cfg, p), module)
     xw = wide(x).flatten(2)
     m, v = moments(xw, one_pass=cfg.training)
     a, b, batch, saved = en_coefficients(cfg, m, v, p, xw.shape[-1])
-    return affine_apply(x, a, b), batch, saved
+    return affine_apply(x, a, b), batch, saved, None
+
+
+def bn_member_grad(
+    cfg: KernelSettings,
+    sums: Tensor,
+    m: Tensor,
+    bn_mean: Tensor,
+    bn_rstd: Tensor,
+    rd: Tensor | None,
+    samples: Tensor | None,
+    stale: Tensor | None,
+    count: int,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """The bn member's batch statistics in the hand-written backward: from ``sums`` (2 x C, the
+    gradients of M_bn and S_bn summed over the local samples) to dL/dmean, dL/dvar (1 x C) and
+    m minus the batch mean (N x C); the caller adds ``g_mean + 2 dev g_var`` to dL/dm and
+    ``g_var`` to dL/dv. Synced: the sums over every process (SyncBatchNorm's backward).
+    Renormalized (``statistics.renormalized_stats``): M = mean - d sigma / r and
+    S = (var + eps) / r^2 - eps with r, d constants, and R = r / sigma; with few values per
+    channel the frozen statistics take a share (``frozen_gradient_share``). count: H * W."""
+    n = m.shape[0]
+    if samples is not None:
+        sums = all_reduce_sum(sums.reshape(-1)).view_as(sums)
+        g_mean, g_var = (sums / samples.view(())).unsqueeze(1).unbind(0)
+    else:
+        g_mean, g_var = (sums / n).unsqueeze(1).unbind(0)
+    dev = m - bn_mean
+    if rd is not None:
+        r, d = rd[0:1], rd[1:2]
+        dev = dev - d / bn_rstd  # m - the batch mean
+        g_var = g_var / r.square() - g_mean * d * bn_rstd / (2 * r.square())
+        share = frozen_gradient_share(n, count, samples is not None) if cfg.frozen_stats else 0.0
+        if share:  # few values per channel: part of the frozen statistics' gradient
+            scale = frozen_gradient_scale(share, stale)
+            g_mean, g_var = g_mean * scale, g_var * scale
+    return g_mean, g_var, dev
+
+
+def coefficients_backward(
+    cfg: KernelSettings,
+    saved: tuple[Tensor | None, ...],
+    p: ENTensors,
+    da: Tensor,
+    db: Tensor,
+) -> tuple[Tensor, Tensor, Tensor | None, tuple[Tensor | None, ...]]:
+    """``en_coefficients``' backward in tensor ops: dL/dA, dL/dB (N x C) -> dL/dm, dL/dv
+    through every normalizer's statistics but the bn member's batch statistics, whose two
+    gradient sums (2 x C, training) come back for ``bn_member_grad``, and the parameters'
+    gradients (gamma, beta, conv, fc1 weight, fc1 bias, fc2 weight, fc2 bias)."""
+    m, big_m, rstd, dev, lam, h, vv, zt, _a, _rd, _samples = saved
+    dt = m.dtype
+    n, c = m.shape
+    k = len(cfg.normalizers)
+    gamma, beta = _to(p.weight, dt), _to(p.bias, dt)
+    lam_t = lam.t().unsqueeze(-1)  # K x N x 1
+    scale = gamma.unsqueeze(1) * rstd
+
+    # A = sum_k lambda_k scale_k, B = lambda beta - sum_k lambda_k scale_k M_k.
+    g_mixed = torch.addcmul(da, db, big_m, value=-1.0)  # K x N x C
+    g_lam = (g_mixed * scale).sum(-1).t()  # N x K
+    if cfg.shared_affine:
+        g_beta = db.sum(0, keepdim=True)
+    else:
+        g_lam = g_lam + db @ beta.t()
+        g_beta = lam.t() @ db
+    g_scale = g_mixed * lam_t
+    g_gamma = (g_scale * rstd).sum(1)
+    if cfg.shared_affine:
+        g_gamma = g_gamma.sum(0, keepdim=True)
+    g_rstd = g_scale * gamma.unsqueeze(1)
+    g_big_m = (lam_t * scale).mul_(db).neg_()
+
+    # lambda -> softmax -> FC2 -> act -> FC1 -> z z^T -> z.
+    g_logits = lam * (g_lam - (lam * g_lam).sum(1, keepdim=True))
+    g_fc2_w, g_fc2_b = (g_logits.t() @ h).mul_(cfg.logit_scale), g_logits.sum(0)
+    g_h = (g_logits @ _to(p.fc2_w, dt)).mul_(cfg.logit_scale)
+    g_h = g_h * (h > 0) if cfg.relu else g_h * (1 - h * h)
+    g_fc1_w, g_fc1_b = g_h.t() @ vv, g_h.sum(0)
+    g_vv = (g_h @ _to(p.fc1_w, dt)).view(n, k, k)
+    g_z = torch.bmm(g_vv + g_vv.transpose(1, 2), zt).transpose(0, 1)  # K x N x G
+
+    # z -> Xhat = D R -> m, M, R (and the conv weight).
+    xhat = dev * rstd
+    g_conv = None
+    conv = p.conv
+    if conv is None:
+        g_xhat = g_z
+    else:
+        groups = conv.shape[0]
+        g_zx = g_z.unsqueeze(-1)  # K x N x G x 1
+        g_conv = (xhat.unflatten(2, (groups, c // groups)) * g_zx).sum((0, 1)).view(conv.shape)
+        g_xhat = (g_zx * _to(conv, dt).view(groups, c // groups)).flatten(2)
+    g_rstd = g_rstd.addcmul_(g_xhat, dev)
+    g_dev = g_xhat * rstd
+    g_m = g_dev.sum(0)
+    g_big_m = g_big_m.sub_(g_dev)
+    g_big_s = g_rstd.mul_(rstd.pow(3)).mul_(-0.5)
+
+    # M, S -> each normalizer's statistics -> m, v. Pooled ones (law of total variance):
+    # d mean/dm = 1/count, d var/dv = 1/count, d var/dm = 2 (m - mean)/count.
+    g_v = torch.zeros_like(m)
+    bn_sums = None
+    for i, name in enumerate(cfg.normalizers):
+        if name == "bn":
+            if cfg.training:  # else running statistics, constants
+                bn_sums = torch.stack([g_big_m[i].sum(0), g_big_s[i].sum(0)])
+            continue
+        if name == "in":
+            g_m += g_big_m[i]
+            g_v += g_big_s[i]
+            continue
+        dim = 1 if name == "ln" else 2
+
+        def view(t: Tensor, grouped: bool = name == "gn") -> Tensor:
+            return _group_view(t, cfg.num_groups) if grouped else t
+
+        count = view(m).shape[dim]
+        g_mean = view(g_big_m[i]).sum(dim, keepdim=True) / count
+        g_var = view(g_big_s[i]).sum(dim, keepdim=True) / count
+        view(g_m).add_(g_mean).addcmul_(view(dev[i]), g_var, value=2.0)
+        view(g_v).add_(g_var)
+    return g_m, g_v, bn_sums, (g_gamma, g_beta, g_conv, g_fc1_w, g_fc1_b, g_fc2_w, g_fc2_b)
 
 
 class ExemplarNormFunction(torch.autograd.Function):
     """y, the bn member's record (2 x C or empty) = EN(x), as one node with a hand-written
-    backward. With ``cfg.synced`` the bn statistics and their gradient sums are all-reduced
-    over the processes, as torch's SyncBatchNorm function does."""
+    backward: the C++ kernel's (``native``) where it is built and the input allows, the
+    tensor ops' (``coefficients_backward``) otherwise. With ``cfg.synced`` the bn statistics
+    and their gradient sums are all-reduced over the processes, as torch's SyncBatchNorm
+    function does."""
 
     @staticmethod
     def forward(
         ctx: Any, x: Tensor, cfg: KernelSettings, *tensors: Tensor | None
     ) -> tuple[Tensor, Tensor]:
         p = ENTensors(*tensors)
-        y, batch, saved = exemplar_norm(x, cfg, p)
-        ctx.cfg = cfg
-        ctx.save_for_backward(x, *saved, p.weight, p.bias, p.conv, p.fc1_w, p.fc2_w, p.stale)
+        y, batch, saved, module = exemplar_norm(x, cfg, p)
+        ctx.cfg, ctx.module, ctx.saved_count = cfg, module, len(saved)
+        params = (p.weight, p.bias, p.conv, p.fc1_w, p.fc1_b, p.fc2_w, p.fc2_b, p.stale)
+        ctx.save_for_backward(x, *saved, *params)
         batch = batch if batch is not None else saved[0].new_empty(0)
         ctx.mark_non_differentiable(batch)
         return y, batch
@@ -225,96 +379,38 @@ class ExemplarNormFunction(torch.autograd.Function):
     @once_differentiable
     def backward(ctx: Any, grad_y: Tensor, _grad_batch: Tensor | None) -> tuple[Tensor | None, ...]:
         cfg: KernelSettings = ctx.cfg
-        x, m, big_m, rstd, dev, lam, h, vv, zt, a, rd, samples, *params, stale = ctx.saved_tensors
-        weight, bias, conv, fc1_w, fc2_w = params
-        dt = m.dtype
-        n, c = m.shape
-        k = len(cfg.normalizers)
-        xw, gw, da, db = affine_grads(x, grad_y)  # dL/dA, dL/dB: N x C
-        gamma, beta = _to(weight, dt), _to(bias, dt)
-        lam_t = lam.t().unsqueeze(-1)  # K x N x 1
-        scale = gamma.unsqueeze(1) * rstd
-
-        # A = sum_k lambda_k scale_k, B = lambda beta - sum_k lambda_k scale_k M_k.
-        g_mixed = torch.addcmul(da, db, big_m, value=-1.0)  # K x N x C
-        g_lam = (g_mixed * scale).sum(-1).t()  # N x K
-        if cfg.shared_affine:
-            g_beta = db.sum(0, keepdim=True)
+        x, *rest = ctx.saved_tensors
+        saved, params = rest[: ctx.saved_count], rest[ctx.saved_count :]
+        weight, bias, conv, fc1_w, fc1_b, fc2_w, fc2_b, stale = params
+        p = ENTensors(None, None, weight, bias, conv, fc1_w, fc1_b, fc2_w, fc2_b, stale)  # type: ignore[arg-type]
+        bn_mean = bn_rstd = None
+        if ctx.module is not None:
+            m, v, bn_mean, bn_var, a, vv, h, lam, rd, samples = saved
+            g_m, g_v, bn_sums, grads = native.en_backward(
+                ctx.module, x, grad_y, cfg, p, m, v, bn_mean, bn_var, vv, h, lam
+            )
+            bn_rstd = None if bn_var is None else (bn_var + cfg.eps).rsqrt()
         else:
-            g_lam = g_lam + db @ beta.t()
-            g_beta = lam.t() @ db
-        g_scale = g_mixed * lam_t
-        g_gamma = (g_scale * rstd).sum(1)
-        if cfg.shared_affine:
-            g_gamma = g_gamma.sum(0, keepdim=True)
-        g_rstd = g_scale * gamma.unsqueeze(1)
-        g_big_m = (lam_t * scale).mul_(db).neg_()
+            xw, gw, da, db = affine_grads(x, grad_y)  # dL/dA, dL/dB: N x C
+            m, big_m, rstd, _dev, _lam, _h, _vv, _zt, a, rd, samples = saved
+            g_m, g_v, bn_sums, grads = coefficients_backward(cfg, saved, p, da, db)
+            if "bn" in cfg.normalizers:
+                i = cfg.normalizers.index("bn")
+                bn_mean, bn_rstd = big_m[i, :1], rstd[i, :1]
+        if bn_sums is not None:
+            g_mean, g_var, dev = bn_member_grad(
+                cfg, bn_sums, m, bn_mean, bn_rstd, rd, samples, stale, x.shape[2] * x.shape[3]
+            )
+            g_m.add_(g_mean).addcmul_(dev, g_var, value=2.0)
+            g_v.add_(g_var)
 
-        # lambda -> softmax -> FC2 -> act -> FC1 -> z z^T -> z.
-        g_logits = lam * (g_lam - (lam * g_lam).sum(1, keepdim=True))
-        g_fc2_w, g_fc2_b = (g_logits.t() @ h).mul_(cfg.logit_scale), g_logits.sum(0)
-        g_h = (g_logits @ _to(fc2_w, dt)).mul_(cfg.logit_scale)
-        g_h = g_h * (h > 0) if cfg.relu else g_h * (1 - h * h)
-        g_fc1_w, g_fc1_b = g_h.t() @ vv, g_h.sum(0)
-        g_vv = (g_h @ _to(fc1_w, dt)).view(n, k, k)
-        g_z = torch.bmm(g_vv + g_vv.transpose(1, 2), zt).transpose(0, 1)  # K x N x G
-
-        # z -> Xhat = D R -> m, M, R (and the conv weight).
-        xhat = dev * rstd
-        g_conv = None
-        if conv is None:
-            g_xhat = g_z
-        else:
-            groups = conv.shape[0]
-            g_zx = g_z.unsqueeze(-1)  # K x N x G x 1
-            g_conv = (xhat.unflatten(2, (groups, c // groups)) * g_zx).sum((0, 1)).view(conv.shape)
-            g_xhat = (g_zx * _to(conv, dt).view(groups, c // groups)).flatten(2)
-        g_rstd = g_rstd.addcmul_(g_xhat, dev)
-        g_dev = g_xhat * rstd
-        g_m = g_dev.sum(0)
-        g_big_m = g_big_m.sub_(g_dev)
-        g_big_s = g_rstd.mul_(rstd.pow(3)).mul_(-0.5)
-
-        # M, S -> each normalizer's statistics -> m, v. Pooled ones (law of total variance):
-        # d mean/dm = 1/count, d var/dv = 1/count, d var/dm = 2 (m - mean)/count.
-        g_v = torch.zeros_like(m)
-        for i, name in enumerate(cfg.normalizers):
-            if name == "bn" and not cfg.training:
-                continue  # running statistics are constants
-            if name == "in":
-                g_m += g_big_m[i]
-                g_v += g_big_s[i]
-                continue
-            dim = {"bn": 0, "ln": 1, "gn": 2}[name]
-
-            def view(t: Tensor, grouped: bool = name == "gn") -> Tensor:
-                return _group_view(t, cfg.num_groups) if grouped else t
-
-            if name == "bn" and samples is not None:  # synced: sums over every process
-                sums = all_reduce_sum(torch.cat([g_big_m[i].sum(0), g_big_s[i].sum(0)]))
-                g_mean, g_var = (sums / samples.view(())).view(2, 1, c).unbind(0)
+        grad_x = None
+        if ctx.needs_input_grad[0]:
+            if ctx.module is not None:
+                grad_x = native.en_input_grad(ctx.module, x, grad_y, a, m, g_m, g_v)
             else:
-                count = view(m).shape[dim]
-                g_mean = view(g_big_m[i]).sum(dim, keepdim=True) / count
-                g_var = view(g_big_s[i]).sum(dim, keepdim=True) / count
-            dev_i = dev[i]
-            if name == "bn" and rd is not None:  # renormalized: M = mean - d sigma / r and
-                r, d = rd[0:1], rd[1:2]  # S = (var + eps) / r^2 - eps, r and d constants;
-                r_over_sigma = rstd[i, :1]  # R = r / sigma
-                dev_i = dev_i - d / r_over_sigma  # m - the batch mean
-                g_var = g_var / r.square() - g_mean * d * r_over_sigma / (2 * r.square())
-                share = (
-                    frozen_gradient_share(n, x.shape[2] * x.shape[3], samples is not None)
-                    if cfg.frozen_stats
-                    else 0.0
-                )
-                if share:  # few values per channel: part of the frozen statistics' gradient
-                    scale_bn = frozen_gradient_scale(share, stale)
-                    g_mean, g_var = g_mean * scale_bn, g_var * scale_bn
-            view(g_m).add_(g_mean).addcmul_(view(dev_i), g_var, value=2.0)
-            view(g_v).add_(g_var)
-
-        grad_x = input_grad(x, xw, gw, a, m, g_m, g_v) if ctx.needs_input_grad[0] else None
+                grad_x = input_grad(x, xw, gw, a, m, g_m, g_v)
+        g_gamma, g_beta, g_conv, g_fc1_w, g_fc1_b, g_fc2_w, g_fc2_b = grads
 
         def cast(g: Tensor | None, like: Tensor | None) -> Tensor | None:
             return None if g is None or like is None else _to(g, like.dtype)
@@ -328,8 +424,8 @@ class ExemplarNormFunction(torch.autograd.Function):
             cast(g_beta, bias),
             cast(g_conv, conv),
             cast(g_fc1_w, fc1_w),
-            cast(g_fc1_b, fc1_w),
+            cast(g_fc1_b, fc1_b),
             cast(g_fc2_w, fc2_w),
-            cast(g_fc2_b, fc2_w),
+            cast(g_fc2_b, fc2_b),
             None,  # the guard's verdict
         )

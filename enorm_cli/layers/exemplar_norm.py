@@ -353,18 +353,18 @@ class ExemplarNorm2d(MixedNorm2d):
         with _float32_math(x):
             if not _fused:
                 return super()._normalize(x)  # the reference: autograd over en_coefficients
+            cfg = self.kernel_settings()
+            tensors = self.kernel_tensors()
             if not (self.training or torch.is_grad_enabled()) and native.eligible(x):
                 module = native.kernel()  # None unless built (python -m enorm_cli.build_native)
                 if module is not None:
-                    return native.en_inference(module, x, self), None
-            cfg = self.kernel_settings()
-            tensors = self.kernel_tensors()
+                    return native.en_inference(module, x, cfg, tensors), None
             needs_grad = torch.is_grad_enabled() and (
                 x.requires_grad or any(t is not None and t.requires_grad for t in tensors)
             )
             if needs_grad:
                 return ExemplarNormFunction.apply(x, cfg, *tensors)
-            y, record, _ = exemplar_norm(x, cfg, tensors)
+            y, record, _, _ = exemplar_norm(x, cfg, tensors)
             return y, record
 
     def extra_repr(self) -> str:

@@ -1,10 +1,13 @@
-"""EN's inference layer as one C++ call on CPU: built once, loaded when built, else skipped.
+"""EN's per-sample math as C++ calls on CPU: built once, loaded when built, else skipped.
 
-The tensor-op path (``exemplar_function.exemplar_norm``) defines EN and stays the fallback.
-At inference on CPU it is some 30 small ops per layer plus separate passes over X; the
-kernel (``csrc/en_inference.cpp``) does the same in one call: about 2x faster layers on
-MobileNetV2 and ResNet-50 (docs/performance.md). Like other PyTorch C++ extensions it is
-compiled on the user's machine by torch's JIT loader (a C++ compiler, about a minute), once:
+The tensor-op path (``exemplar_function``) defines EN and stays the fallback and the test
+reference. On CPU its coefficient math is some 35 small ops forward and 60 backward per
+layer, each costing microseconds whatever its size; the kernel (``csrc/en_layer.cpp``) runs
+each direction as one call (training: ``en_forward``, ``en_backward``; the bn member's batch
+statistics, synced or renormalized, stay tensor ops around them) and the whole eval layer as
+one (``en_inference``): docs/performance.md has what that buys. Like other PyTorch C++
+extensions it is compiled on the user's machine by torch's JIT loader (a C++ compiler, about
+a minute), once:
 
     python -m enorm_cli.build_native          # build (scripts/setup_env.sh does it too)
 
@@ -22,12 +25,15 @@ import os
 import sys
 from pathlib import Path
 from types import ModuleType
-from typing import Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import torch
 from torch import Tensor
 
-SOURCE = Path(__file__).with_name("csrc") / "en_inference.cpp"
+if TYPE_CHECKING:
+    from .exemplar_function import ENTensors, KernelSettings
+
+SOURCE = Path(__file__).with_name("csrc") / "en_layer.cpp"
 FLAGS = (
     "-O3",
     "-fno-math-errno",
@@ -41,7 +47,7 @@ differs from ATen's by float rounding only; no -ffast-math, so NaN and inf behav
 OpenMP, without which ``at::parallel_for`` runs on one thread (layer_levers.json's notes)."""
 ENV = "ENORM_NATIVE"
 CODES = {"bn": 0, "in": 1, "ln": 2, "gn": 3}
-"""Normalizer codes of the kernel's ``en_inference``."""
+"""Normalizer codes of the kernel (``Code`` in ``csrc/en_layer.cpp``)."""
 
 _loaded: dict[str, ModuleType | None] = {}
 
@@ -108,20 +114,22 @@ def kernel() -> ModuleType | None:
     return _loaded["module"]
 
 
-def eligible(x: Tensor) -> bool:
-    """Where the kernel may replace the tensor-op path at inference: a contiguous float32 or
-    float64 CPU tensor, in eager mode (tracing, scripting, compiling and exporting see the
-    tensor-op graph)."""
-    if x.device.type != "cpu" or x.dtype not in (torch.float32, torch.float64):
-        return False
-    if not x.is_contiguous():
-        return False
+def _eager() -> bool:
+    """Not tracing, scripting, compiling or exporting: those see the tensor-op graph."""
     return not (
         torch.compiler.is_compiling()
         or torch.jit.is_tracing()
         or torch.jit.is_scripting()
         or torch.onnx.is_in_onnx_export()
     )
+
+
+def eligible(x: Tensor) -> bool:
+    """Where the kernel may replace the tensor-op path, in training and at inference: a
+    contiguous float32 or float64 CPU tensor, in eager mode."""
+    if x.device.type != "cpu" or x.dtype not in (torch.float32, torch.float64):
+        return False
+    return x.is_contiguous() and _eager()
 
 
 def conv_arguments(conv: Tensor | None, channels: int, like: Tensor) -> tuple[Tensor, int]:
@@ -132,36 +140,115 @@ def conv_arguments(conv: Tensor | None, channels: int, like: Tensor) -> tuple[Te
     return conv.reshape(-1), conv.shape[0]
 
 
-def en_inference(module: Any, x: Tensor, layer: Any) -> Tensor:
-    """EN(x) in eval mode through the kernel; ``layer`` an ``ExemplarNorm2d``."""
-    branch = layer.ratio
-    conv, groups = conv_arguments(
-        None if branch.conv is None else branch.conv.weight, x.shape[1], x
-    )
+def _as(t: Tensor | None, like: Tensor) -> Tensor:
+    """t as the kernel reads it: like's dtype, contiguous, flat statistics; None as empty."""
+    return like.new_empty(0) if t is None else t.to(like.dtype).contiguous()
 
-    def same(t: Tensor) -> Tensor:
-        return t.to(x.dtype).contiguous()
 
-    y = module.en_inference(
-        x.flatten(2),
-        same(layer.running_mean),
-        same(layer.running_var),
-        [CODES[name] for name in layer.normalizers],
-        layer.num_groups,
-        same(layer.weight),
-        same(layer.bias),
-        same(conv),
+def _layer_arguments(
+    cfg: KernelSettings, p: ENTensors, like: Tensor, bn_mean: Tensor | None, bn_var: Tensor | None
+) -> list[Any]:
+    """The arguments every kernel call ends with (``EN_LAYER_PARAMS`` in the source)."""
+    conv, groups = conv_arguments(p.conv, like.shape[1], like)
+    return [
+        [CODES[name] for name in cfg.normalizers],
+        cfg.num_groups,
+        _as(None if bn_mean is None else bn_mean.reshape(-1), like),
+        _as(None if bn_var is None else bn_var.reshape(-1), like),
+        _as(p.weight, like),
+        _as(p.bias, like),
+        _as(conv, like),
         groups,
-        same(branch.fc1.weight),
-        same(branch.fc1.bias),
-        same(branch.fc2.weight),
-        same(branch.fc2.bias),
-        layer.eps,
-        layer.activation == "relu",
-        layer.logit_scale,
-        layer.shared_affine,
+        _as(p.fc1_w, like),
+        _as(p.fc1_b, like),
+        _as(p.fc2_w, like),
+        _as(p.fc2_b, like),
+        cfg.eps,
+        cfg.relu,
+        cfg.logit_scale,
+        cfg.shared_affine,
+    ]
+
+
+def en_moments(module: ModuleType, x: Tensor) -> tuple[Tensor, Tensor]:
+    """The instance table: mean and biased variance (N x C) of x (N x C x H x W)."""
+    m, v = module.en_moments(x)
+    return m, v
+
+
+class Forward(NamedTuple):
+    """``en_forward``'s results: Y, A (N x C) and the ratio branch's v, h, lambda."""
+
+    y: Tensor
+    a: Tensor
+    vv: Tensor
+    h: Tensor
+    lam: Tensor
+
+
+def en_forward(
+    module: ModuleType,
+    x: Tensor,
+    cfg: KernelSettings,
+    p: ENTensors,
+    m: Tensor,
+    v: Tensor,
+    bn_mean: Tensor | None,
+    bn_var: Tensor | None,
+) -> Forward:
+    """Y = A X + B with EN's coefficients from the instance table and the bn member's
+    statistics (1 x C, None without bn): ``exemplar_function.en_coefficients``'s math."""
+    y, a, vv, h, lam = module.en_forward(x, m, v, *_layer_arguments(cfg, p, x, bn_mean, bn_var))
+    return Forward(y, a, vv, h, lam)
+
+
+def en_backward(
+    module: ModuleType,
+    x: Tensor,
+    grad_y: Tensor,
+    cfg: KernelSettings,
+    p: ENTensors,
+    m: Tensor,
+    v: Tensor,
+    bn_mean: Tensor | None,
+    bn_var: Tensor | None,
+    vv: Tensor,
+    h: Tensor,
+    lam: Tensor,
+) -> tuple[Tensor, Tensor, Tensor | None, tuple[Tensor | None, ...]]:
+    """``en_forward``'s backward from dY (vv, h, lam: its ``Forward``'s): dL/dm, dL/dv
+    (N x C, all but the bn member's batch
+    statistics), that member's two column sums (2 x C: dL/dM, dL/dS summed over the samples;
+    None without bn or outside training) and the gradients of (gamma, beta, conv, fc1 weight,
+    fc1 bias, fc2 weight, fc2 bias), shaped as the parameters (conv None without it)."""
+    g_m, g_v, bn_sums, *grads = module.en_backward(
+        x,
+        _as(grad_y, x),
+        m,
+        v,
+        vv,
+        h,
+        lam,
+        cfg.training,
+        *_layer_arguments(cfg, p, x, bn_mean, bn_var),
     )
-    return y.view_as(x)
+    g_gamma, g_beta, g_conv, g_fc1_w, g_fc1_b, g_fc2_w, g_fc2_b = grads
+    g_conv = None if p.conv is None else g_conv.view(p.conv.shape)
+    if bn_mean is None or not cfg.training:
+        bn_sums = None  # no bn member, or its running statistics: constants
+    return g_m, g_v, bn_sums, (g_gamma, g_beta, g_conv, g_fc1_w, g_fc1_b, g_fc2_w, g_fc2_b)
+
+
+def en_input_grad(
+    module: ModuleType, x: Tensor, grad_y: Tensor, a: Tensor, m: Tensor, g_m: Tensor, g_v: Tensor
+) -> Tensor:
+    """dL/dX = A dY + dL/dm / L + 2 dL/dv (X - m) / L in one pass (``fused_affine.input_grad``)."""
+    return module.en_input_grad(x, _as(grad_y, x), a, m, g_m.contiguous(), g_v.contiguous())
+
+
+def en_inference(module: ModuleType, x: Tensor, cfg: KernelSettings, p: ENTensors) -> Tensor:
+    """EN(x) in eval mode, the whole layer in one call (the running statistics as bn's)."""
+    return module.en_inference(x, *_layer_arguments(cfg, p, x, p.running_mean, p.running_var))
 
 
 def main() -> int:
