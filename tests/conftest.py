@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import sys
 from pathlib import Path
 
@@ -19,6 +20,30 @@ def _seed() -> None:
     import torch
 
     torch.manual_seed(0)
+
+
+@pytest.fixture(scope="session")
+def native_kernel():
+    """EN's C++ kernel, built once (scripts/setup_env.sh has usually built it already)."""
+    from enorm_cli.layers import native
+
+    if shutil.which("c++") is None:
+        pytest.skip("no C++ compiler: EN's kernel cannot be built here")
+    return native.build()
+
+
+@pytest.fixture(params=["native", "tensor"])
+def en_backend(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Which hand-written path EN's node runs: the C++ kernel's or the tensor ops' (the
+    fallback where no compiler built it)."""
+    from enorm_cli.layers import native
+
+    if request.param == "native":
+        request.getfixturevalue("native_kernel")
+        monkeypatch.setenv(native.ENV, "auto")
+    else:
+        monkeypatch.setenv(native.ENV, "0")
+    return request.param
 
 
 @pytest.fixture(scope="session")

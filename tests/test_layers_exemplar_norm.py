@@ -130,8 +130,9 @@ def test_bn_only_with_unit_ratio_is_batchnorm() -> None:
         ),
     ],
 )
-def test_gradcheck_reaches_every_parameter(config: str, mode: str) -> None:
-    """The hand-written backwards (fused_affine, exemplar_mix) against finite differences."""
+def test_gradcheck_reaches_every_parameter(config: str, mode: str, en_backend: str) -> None:
+    """The hand-written backwards (the C++ kernel's and the tensor ops') against finite
+    differences."""
     kwargs = dict(CONFIGS[config])
     kwargs.setdefault("num_features", 8)
     kwargs["num_groups"] = 2 if "num_groups" in kwargs else 32
@@ -330,8 +331,9 @@ def test_torch_compile_matches_eager(layer: str) -> None:
 
 @pytest.mark.parametrize("mode", ["train", "eval"])
 @pytest.mark.parametrize("config", list(CONFIGS))
-def test_fast_path_equals_autograd_path(config: str, mode: str) -> None:
-    """The one-node forward/backward equals autograd of the same math (used with synced stats)."""
+def test_fast_path_equals_autograd_path(config: str, mode: str, en_backend: str) -> None:
+    """The one-node forward/backward, through the C++ kernel and through tensor ops, equals
+    autograd of the same math."""
     from enorm_cli.layers import fused_en
 
     def plain_forward(t: torch.Tensor) -> torch.Tensor:
@@ -417,7 +419,9 @@ def test_renorm_frozen_trains_on_the_source_function_where_the_clips_would_bite(
 
 @pytest.mark.parametrize("fused", [True, False])
 @pytest.mark.parametrize("n", [2, 4])
-def test_renorm_frozen_backward_is_batchnorms_at_the_source_scale(fused: bool, n: int) -> None:
+def test_renorm_frozen_backward_is_batchnorms_at_the_source_scale(
+    fused: bool, n: int, en_backend: str
+) -> None:
     """The bn member's input gradient in renorm_frozen on 1 x 1 maps (n values per channel):
     BatchNorm's projection at the source's scale, with the batch statistics' part scaled by
     w = 1 - ``frozen_gradient_share`` at n values: ``gamma / sigma_run (g - w (mean g + xhat
@@ -455,7 +459,7 @@ def test_renorm_frozen_backward_is_batchnorms_at_the_source_scale(fused: bool, n
 
 
 @pytest.mark.parametrize("fused", [True, pytest.param(False, marks=pytest.mark.slow)])
-def test_renorm_gradcheck(fused: bool) -> None:
+def test_renorm_gradcheck(fused: bool, en_backend: str) -> None:
     """Gradients of the renormalized bn member, both paths, against finite differences (every
     r and d at its clip, where they are constants, so finite differences see what autograd
     treats as constant)."""
@@ -482,7 +486,7 @@ def test_renorm_gradcheck(fused: bool) -> None:
 
 
 @pytest.mark.parametrize("frozen", [False, True])
-def test_renorm_fast_path_equals_autograd_path(frozen: bool) -> None:
+def test_renorm_fast_path_equals_autograd_path(frozen: bool, en_backend: str) -> None:
     """Inside the clips too (r, d vary with the batch), and unclipped against frozen
     statistics at 2 values per channel (batch 2, 1 x 1 maps), where the backward blends in
     the frozen statistics' gradient: the one-node backward equals autograd."""

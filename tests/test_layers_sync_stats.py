@@ -38,12 +38,14 @@ def _worker(rank: int, port: int, x: torch.Tensor, state: dict, out: dict) -> No
             "mean": layer.running_mean.clone(),
             "var": layer.running_var.clone(),
             "node": type(y.grad_fn).__name__,
+            "kernel": y.grad_fn.module is not None,
         }
     finally:
         dist.destroy_process_group()
 
 
-def test_two_process_sync_equals_single_process() -> None:
+def test_two_process_sync_equals_single_process(en_backend: str) -> None:
+    """Through the C++ kernel and through tensor ops (the processes inherit ENORM_NATIVE)."""
     x = torch.randn(6, 8, 4, 4) * 2 + 1
     reference = ExemplarNorm2d(8, reduction=2)
     state = {k: v.clone() for k, v in reference.state_dict().items()}
@@ -72,6 +74,7 @@ def test_two_process_sync_equals_single_process() -> None:
         torch.testing.assert_close(out[rank]["var"], reference.running_var)
         # the synced path is the one fused node (its backward all-reduces), not autograd
         assert out[rank]["node"] == "ExemplarNormFunctionBackward"
+        assert out[rank]["kernel"] == (en_backend == "native")
 
 
 def _bf16_worker(rank: int, port: int, x: torch.Tensor, state: dict, out: dict) -> None:
