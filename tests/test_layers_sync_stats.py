@@ -38,7 +38,7 @@ def _worker(rank: int, port: int, x: torch.Tensor, state: dict, out: dict) -> No
             "mean": layer.running_mean.clone(),
             "var": layer.running_var.clone(),
             "node": type(y.grad_fn).__name__,
-            "kernel": y.grad_fn.module is not None,
+            "kernel": y.grad_fn.kernel is not None,
         }
     finally:
         dist.destroy_process_group()

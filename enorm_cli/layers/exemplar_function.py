@@ -201,32 +201,40 @@ def en_coefficients(
     return a, b, batch, (m, big_m, rstd, dev, lam, h, vv, zt, a, rd, samples)
 
 
+Kernel = tuple[ModuleType, list[Any]]
+"""The C++ kernel a node ran and the arguments it gave it (``native.layer_arguments``)."""
+
+
 def native_exemplar_norm(
     module: ModuleType, x: Tensor, cfg: KernelSettings, p: ENTensors
-) -> tuple[Tensor, Tensor | None, tuple[Tensor | None, ...]]:
+) -> tuple[Tensor, Tensor | None, tuple[Tensor | None, ...], list[Any]]:
     """``exemplar_norm`` through the C++ kernel (``native``): the instance table, the bn
     member's statistics as ``bn_member`` takes them (synced, renormalized), then the
     coefficients and Y in one call. saved = (m, v, the bn member's mean and variance, A, v,
-    h, lambda, rd, samples): ``native.en_backward`` recomputes the rest."""
+    h, lambda, rd, samples), with the kernel's arguments: ``native.en_backward`` recomputes
+    the rest."""
     m, v = native.en_moments(module, x)
     member = bn_member(cfg, m, v, p, x.shape[2] * x.shape[3])
     bn_mean, bn_var = (None, None) if member is None else (member.mean, member.var)
-    out = native.en_forward(module, x, cfg, p, m, v, bn_mean, bn_var)
+    args = native.layer_arguments(cfg, p, x, bn_mean, bn_var)
+    out = native.en_forward(module, x, m, v, args)
     saved = (m, v, bn_mean, bn_var, out.a, out.vv, out.h, out.lam)
     if member is None:
-        return out.y, None, (*saved, None, None)
-    return out.y, member.record, (*saved, member.rd, member.samples)
+        return out.y, None, (*saved, None, None), args
+    return out.y, member.record, (*saved, member.rd, member.samples), args
 
 
 def exemplar_norm(
     x: Tensor, cfg: KernelSettings, p: ENTensors
-) -> tuple[Tensor, Tensor | None, tuple[Tensor | None, ...], ModuleType | None]:
+) -> tuple[Tensor, Tensor | None, tuple[Tensor | None, ...], Kernel | None]:
     """EN(x) without autograd: y, the bn member's record for the running statistics (2 x C,
-    training), what backward needs, and the C++ kernel that ran (None: the tensor ops,
-    ``en_coefficients``, where it is not built or x is not for it, ``native.eligible``)."""
+    training), what backward needs, and the C++ kernel that ran with its arguments (None: the
+    tensor ops, ``en_coefficients``, where it is not built or x is not for it,
+    ``native.eligible``)."""
     module = native.kernel() if native.eligible(x) else None
     if module is not None:
-        return (*native_exemplar_norm(module, x, cfg, p), module)
+        y, batch, saved, args = native_exemplar_norm(module, x, cfg, p)
+        return y, batch, saved, (module, args)
     xw = wide(x).flatten(2)
     m, v = moments(xw, one_pass=cfg.training)
     a, b, batch, saved = en_coefficients(cfg, m, v, p, xw.shape[-1])
@@ -367,8 +375,8 @@ class ExemplarNormFunction(torch.autograd.Function):
         ctx: Any, x: Tensor, cfg: KernelSettings, *tensors: Tensor | None
     ) -> tuple[Tensor, Tensor]:
         p = ENTensors(*tensors)
-        y, batch, saved, module = exemplar_norm(x, cfg, p)
-        ctx.cfg, ctx.module, ctx.saved_count = cfg, module, len(saved)
+        y, batch, saved, kernel = exemplar_norm(x, cfg, p)
+        ctx.cfg, ctx.kernel, ctx.saved_count = cfg, kernel, len(saved)
         params = (p.weight, p.bias, p.conv, p.fc1_w, p.fc1_b, p.fc2_w, p.fc2_b, p.stale)
         ctx.save_for_backward(x, *saved, *params)
         batch = batch if batch is not None else saved[0].new_empty(0)
@@ -384,12 +392,17 @@ class ExemplarNormFunction(torch.autograd.Function):
         weight, bias, conv, fc1_w, fc1_b, fc2_w, fc2_b, stale = params
         p = ENTensors(None, None, weight, bias, conv, fc1_w, fc1_b, fc2_w, fc2_b, stale)  # type: ignore[arg-type]
         bn_mean = bn_rstd = None
-        if ctx.module is not None:
+        if ctx.kernel is not None:
+            module, args = ctx.kernel
             m, v, bn_mean, bn_var, a, vv, h, lam, rd, samples = saved
+            conv_shape = None if conv is None else conv.shape
             g_m, g_v, bn_sums, grads = native.en_backward(
-                ctx.module, x, grad_y, cfg, p, m, v, bn_mean, bn_var, vv, h, lam
+                module, x, grad_y, m, v, (vv, h, lam), args, cfg.training, conv_shape
             )
-            bn_rstd = None if bn_var is None else (bn_var + cfg.eps).rsqrt()
+            if bn_var is None or not cfg.training:
+                bn_sums = None  # no bn member, or its running statistics: constants
+            else:
+                bn_rstd = (bn_var + cfg.eps).rsqrt()
         else:
             xw, gw, da, db = affine_grads(x, grad_y)  # dL/dA, dL/dB: N x C
             m, big_m, rstd, _dev, _lam, _h, _vv, _zt, a, rd, samples = saved
@@ -406,8 +419,8 @@ class ExemplarNormFunction(torch.autograd.Function):
 
         grad_x = None
         if ctx.needs_input_grad[0]:
-            if ctx.module is not None:
-                grad_x = native.en_input_grad(ctx.module, x, grad_y, a, m, g_m, g_v)
+            if ctx.kernel is not None:
+                grad_x = native.en_input_grad(ctx.kernel[0], x, grad_y, a, m, g_m, g_v)
             else:
                 grad_x = input_grad(x, xw, gw, a, m, g_m, g_v)
         g_gamma, g_beta, g_conv, g_fc1_w, g_fc1_b, g_fc2_w, g_fc2_b = grads

@@ -19,6 +19,7 @@ anew instead of loading a stale one.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import importlib.util
 import os
@@ -141,17 +142,30 @@ def conv_arguments(conv: Tensor | None, channels: int, like: Tensor) -> tuple[Te
 
 
 def _as(t: Tensor | None, like: Tensor) -> Tensor:
-    """t as the kernel reads it: like's dtype, contiguous, flat statistics; None as empty."""
-    return like.new_empty(0) if t is None else t.to(like.dtype).contiguous()
+    """t as the kernel reads it: like's dtype, contiguous; None as empty. No op where t is
+    already so (a layer's calls are a few dozen microseconds; each op costs one or two)."""
+    if t is None:
+        return like.new_empty(0)
+    if t.dtype != like.dtype:
+        t = t.to(like.dtype)
+    return t if t.is_contiguous() else t.contiguous()
 
 
-def _layer_arguments(
+@functools.cache
+def _codes(normalizers: tuple[str, ...]) -> list[int]:
+    return [CODES[name] for name in normalizers]
+
+
+def layer_arguments(
     cfg: KernelSettings, p: ENTensors, like: Tensor, bn_mean: Tensor | None, bn_var: Tensor | None
 ) -> list[Any]:
-    """The arguments every kernel call ends with (``EN_LAYER_PARAMS`` in the source)."""
+    """The arguments every kernel call ends with (``EN_LAYER_PARAMS`` in the source), in
+    like's dtype: the bn member's mean and variance (1 x C, None without bn), the layer's
+    parameters (FC1's weight transposed, as the kernel's loops run) and settings. Built once
+    per forward; the backward reuses them."""
     conv, groups = conv_arguments(p.conv, like.shape[1], like)
     return [
-        [CODES[name] for name in cfg.normalizers],
+        _codes(cfg.normalizers),
         cfg.num_groups,
         _as(None if bn_mean is None else bn_mean.reshape(-1), like),
         _as(None if bn_var is None else bn_var.reshape(-1), like),
@@ -159,7 +173,7 @@ def _layer_arguments(
         _as(p.bias, like),
         _as(conv, like),
         groups,
-        _as(p.fc1_w, like),
+        _as(p.fc1_w.t(), like),
         _as(p.fc1_b, like),
         _as(p.fc2_w, like),
         _as(p.fc2_b, like),
@@ -186,19 +200,10 @@ class Forward(NamedTuple):
     lam: Tensor
 
 
-def en_forward(
-    module: ModuleType,
-    x: Tensor,
-    cfg: KernelSettings,
-    p: ENTensors,
-    m: Tensor,
-    v: Tensor,
-    bn_mean: Tensor | None,
-    bn_var: Tensor | None,
-) -> Forward:
-    """Y = A X + B with EN's coefficients from the instance table and the bn member's
-    statistics (1 x C, None without bn): ``exemplar_function.en_coefficients``'s math."""
-    y, a, vv, h, lam = module.en_forward(x, m, v, *_layer_arguments(cfg, p, x, bn_mean, bn_var))
+def en_forward(module: ModuleType, x: Tensor, m: Tensor, v: Tensor, args: list[Any]) -> Forward:
+    """Y = A X + B with EN's coefficients from the instance table and ``layer_arguments``
+    (which carry the bn member's statistics): ``exemplar_function.en_coefficients``'s math."""
+    y, a, vv, h, lam = module.en_forward(x, m, v, *args)
     return Forward(y, a, vv, h, lam)
 
 
@@ -206,37 +211,24 @@ def en_backward(
     module: ModuleType,
     x: Tensor,
     grad_y: Tensor,
-    cfg: KernelSettings,
-    p: ENTensors,
     m: Tensor,
     v: Tensor,
-    bn_mean: Tensor | None,
-    bn_var: Tensor | None,
-    vv: Tensor,
-    h: Tensor,
-    lam: Tensor,
-) -> tuple[Tensor, Tensor, Tensor | None, tuple[Tensor | None, ...]]:
-    """``en_forward``'s backward from dY (vv, h, lam: its ``Forward``'s): dL/dm, dL/dv
-    (N x C, all but the bn member's batch
-    statistics), that member's two column sums (2 x C: dL/dM, dL/dS summed over the samples;
-    None without bn or outside training) and the gradients of (gamma, beta, conv, fc1 weight,
-    fc1 bias, fc2 weight, fc2 bias), shaped as the parameters (conv None without it)."""
+    forward: tuple[Tensor, Tensor, Tensor],
+    args: list[Any],
+    bn_trained: bool,
+    conv_shape: torch.Size | None,
+) -> tuple[Tensor, Tensor, Tensor, tuple[Tensor | None, ...]]:
+    """``en_forward``'s backward from dY (``forward``: its v, h, lambda; ``args``: its arguments):
+    dL/dm, dL/dv (N x C, all but the bn member's batch statistics), that member's two column
+    sums (2 x C: dL/dM, dL/dS summed over the samples; zeros unless ``bn_trained``) and the
+    gradients of (gamma, beta, conv, fc1 weight, fc1 bias, fc2 weight, fc2 bias), shaped as
+    the parameters (conv None without it: ``conv_shape`` None)."""
     g_m, g_v, bn_sums, *grads = module.en_backward(
-        x,
-        _as(grad_y, x),
-        m,
-        v,
-        vv,
-        h,
-        lam,
-        cfg.training,
-        *_layer_arguments(cfg, p, x, bn_mean, bn_var),
+        x, _as(grad_y, x), m, v, *forward, bn_trained, *args
     )
-    g_gamma, g_beta, g_conv, g_fc1_w, g_fc1_b, g_fc2_w, g_fc2_b = grads
-    g_conv = None if p.conv is None else g_conv.view(p.conv.shape)
-    if bn_mean is None or not cfg.training:
-        bn_sums = None  # no bn member, or its running statistics: constants
-    return g_m, g_v, bn_sums, (g_gamma, g_beta, g_conv, g_fc1_w, g_fc1_b, g_fc2_w, g_fc2_b)
+    g_gamma, g_beta, g_conv, g_fc1_wt, g_fc1_b, g_fc2_w, g_fc2_b = grads
+    g_conv = None if conv_shape is None else g_conv.view(conv_shape)
+    return g_m, g_v, bn_sums, (g_gamma, g_beta, g_conv, g_fc1_wt.t(), g_fc1_b, g_fc2_w, g_fc2_b)
 
 
 def en_input_grad(
@@ -248,7 +240,7 @@ def en_input_grad(
 
 def en_inference(module: ModuleType, x: Tensor, cfg: KernelSettings, p: ENTensors) -> Tensor:
     """EN(x) in eval mode, the whole layer in one call (the running statistics as bn's)."""
-    return module.en_inference(x, *_layer_arguments(cfg, p, x, p.running_mean, p.running_var))
+    return module.en_inference(x, *layer_arguments(cfg, p, x, p.running_mean, p.running_var))
 
 
 def main() -> int:

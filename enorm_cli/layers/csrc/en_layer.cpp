@@ -515,19 +515,19 @@ struct LayerArgs {
 
 LayerArgs layer_args(std::vector<int64_t> codes, int64_t gn_groups, at::Tensor bn_mean,
                      at::Tensor bn_var, at::Tensor gamma, at::Tensor beta, at::Tensor conv,
-                     int64_t groups, at::Tensor w1, at::Tensor b1, at::Tensor w2, at::Tensor b2,
+                     int64_t groups, at::Tensor w1t, at::Tensor b1, at::Tensor w2, at::Tensor b2,
                      double eps, bool relu, double logit_scale, bool shared_affine) {
   return {std::move(codes), gn_groups, bn_mean, bn_var, gamma, beta, conv, groups,
-          w1.t().contiguous(), b1, w2, b2, eps, relu, logit_scale, shared_affine};
+          w1t, b1, w2, b2, eps, relu, logit_scale, shared_affine};
 }
 
 #define EN_LAYER_PARAMS                                                                     \
   std::vector<int64_t> codes, int64_t gn_groups, at::Tensor bn_mean, at::Tensor bn_var,   \
-      at::Tensor gamma, at::Tensor beta, at::Tensor conv, int64_t groups, at::Tensor w1,    \
+      at::Tensor gamma, at::Tensor beta, at::Tensor conv, int64_t groups, at::Tensor w1t,   \
       at::Tensor b1, at::Tensor w2, at::Tensor b2, double eps, bool relu, double logit_scale, \
       bool shared_affine
 #define EN_LAYER_ARGS                                                                      \
-  layer_args(codes, gn_groups, bn_mean, bn_var, gamma, beta, conv, groups, w1, b1, w2, b2, \
+  layer_args(codes, gn_groups, bn_mean, bn_var, gamma, beta, conv, groups, w1t, b1, w2, b2, \
              eps, relu, logit_scale, shared_affine)
 
 }  // namespace
@@ -593,7 +593,8 @@ std::vector<at::Tensor> en_forward(at::Tensor x, at::Tensor m, at::Tensor v, EN_
 // row, then dL/dm and dL/dv (N x C) through every normalizer's statistics but the bn member's
 // batch statistics, whose gradients come back as their two column sums (2 x C: dL/dM_bn and
 // dL/dS_bn summed over the samples; zeros unless bn_trained), and the gradients of gamma,
-// beta, the conv (empty without), FC1's weight and bias, FC2's weight and bias. Each task sums
+// beta, the conv (empty without), FC1's weight (transposed, as w1t) and bias, FC2's weight
+// and bias. Each task sums
 // its samples' parameter gradients and the tasks' sums are added in order: the same result
 // for the same thread count.
 std::vector<at::Tensor> en_backward(at::Tensor x, at::Tensor grad_y, at::Tensor m, at::Tensor v,
@@ -652,7 +653,7 @@ std::vector<at::Tensor> en_backward(at::Tensor x, at::Tensor grad_y, at::Tensor 
           piece(slots.gamma, slots.beta).view({rows, channels}),
           piece(slots.beta, slots.conv).view({rows, channels}),
           piece(slots.conv, slots.w1t),
-          piece(slots.w1t, slots.b1).view({k_count * k_count, hidden}).t().contiguous(),
+          piece(slots.w1t, slots.b1).view({k_count * k_count, hidden}),
           piece(slots.b1, slots.w2),
           piece(slots.w2, slots.b2).view({k_count, hidden}),
           piece(slots.b2, slots.bn_sums)};
