@@ -387,12 +387,12 @@ def synced_table(record: dict[str, Any]) -> str:
 
 def layer_levers_table(record: dict[str, Any]) -> str:
     """layer_levers.py --native: every norm layer of a model summed (ms), and what EN adds to
-    BN with the shipped fast path, with the coefficient math in C++ (alone, and the whole
-    inference layer in one call), and at the X-passes floor."""
+    BN with its tensor ops, with its C++ kernel (what enorm runs once built), and at the
+    X-passes floor."""
     lines = [
-        "| model | mode | BN | EN fast | EN, C++ coefficients | EN, one C++ call "
-        "| X passes only | EN - BN: fast -> C++ coefficients -> floor |",
-        "|---|---|---|---|---|---|---|---|",
+        "| model | mode | BN | EN, tensor ops | EN, C++ kernel | X passes only "
+        "| EN - BN: tensor ops -> C++ kernel -> floor |",
+        "|---|---|---|---|---|---|---|",
     ]
 
     def ms(value: float) -> str:
@@ -401,10 +401,9 @@ def layer_levers_table(record: dict[str, Any]) -> str:
     for r in record["figures"]["rows"]:
         t = r["ms"]
         native = t.get("native", float("nan"))
-        whole = t.get("native_layer", float("nan"))
         lines.append(
             f"| {r['model']} b{r['batch']} {r['size']}px | {r['mode']} | {ms(t['bn'])} "
-            f"| {ms(t['fast'])} | {ms(native)} | {ms(whole)} | {ms(t['x_passes'])} "
+            f"| {ms(t['fast'])} | {ms(native)} | {ms(t['x_passes'])} "
             f"| {ms(t['fast'] - t['bn'])} -> {ms(native - t['bn'])} -> "
             f"{ms(t['x_passes'] - t['bn'])} |"
         )

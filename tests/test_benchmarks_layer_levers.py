@@ -2,18 +2,13 @@
 
 from __future__ import annotations
 
-import shutil
 import sys
 from pathlib import Path
-
-import pytest
-import torch
-
-from enorm_cli.layers import ExemplarNorm2d
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 
 import layer_levers
+import torch
 
 
 def test_x_passes_reads_and_writes_x_as_the_fast_path_does() -> None:
@@ -45,27 +40,11 @@ def test_table_has_a_row_per_mode_with_the_floor(capsys) -> None:
         assert set(mode) == set(layer_levers.VARIANTS) and all(t > 0 for t in mode.values())
 
 
-@pytest.mark.slow
-@pytest.mark.skipif(shutil.which("c++") is None, reason="the C++ lever needs a compiler")
-def test_native_coefficients_equal_the_fast_path_at_inference() -> None:
-    """The C++ coefficient kernel (compiled by torch's JIT loader) computes what the fast path
-    does, with every parameter randomized, with and without the grouped conv; so does the
-    whole layer as one call."""
-    native = layer_levers.load_native()
-    torch.manual_seed(0)
-    for use_conv in (True, False):
-        lever = layer_levers.NativeEval(12, native)
-        lever.layer = ExemplarNorm2d(
-            12, normalizers=("bn", "in", "ln", "gn"), use_conv=use_conv, num_groups=3
-        )
-        with torch.no_grad():
-            for p in lever.layer.parameters():
-                p.add_(torch.randn_like(p) * 0.3)
-            lever.layer.running_var.uniform_(0.5, 2.0)
-        lever.layer.eval()
-        x = torch.randn(5, 12, 3, 3)
-        whole = layer_levers.NativeLayer(12, native)
-        whole.layer = lever.layer
-        with torch.inference_mode():
-            torch.testing.assert_close(lever(x), lever.layer(x), rtol=1e-5, atol=1e-5)
-            torch.testing.assert_close(whole(x), lever.layer(x), rtol=1e-5, atol=1e-5)
+def test_native_variant_is_timed_in_both_modes(native_kernel) -> None:
+    """With the kernel built, the ``native`` column is the layer as shipped, train and eval."""
+    layer_levers.MODELS["tiny"] = (2, 8)
+    try:
+        totals = layer_levers.bench("tiny", reps=1, model_name="test_efficientnet", native=True)
+    finally:
+        del layer_levers.MODELS["tiny"]
+    assert all(totals[mode][layer_levers.NATIVE] > 0 for mode in ("train", "eval"))
