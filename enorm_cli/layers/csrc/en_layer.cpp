@@ -214,7 +214,6 @@ struct Layer {
   int64_t k() const { return static_cast<int64_t>(codes.size()); }
   int64_t kk() const { return k() * k(); }
   int64_t zdim() const { return conv ? groups : channels; }
-  int64_t rows() const { return shared_affine ? 1 : k(); }
 };
 
 // One sample's statistics and pre-normalized features (recomputed by the backward); its
