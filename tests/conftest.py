@@ -32,7 +32,9 @@ def native_kernel():
     return native.build()
 
 
-@pytest.fixture(params=["native", "tensor"])
+# The tensor ops' run of each backend-parametrized test is in the full suite only: the fast tier
+# keeps one run of each (the kernel's, what a user's CPU takes) to stay under 90 s.
+@pytest.fixture(params=["native", pytest.param("tensor", marks=pytest.mark.slow)])
 def en_backend(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
     """Which hand-written path EN's node runs: the C++ kernel's or the tensor ops' (the
     fallback where no compiler built it)."""
