@@ -177,6 +177,11 @@ def small_batch_sizes_table(record: dict[str, Any]) -> str:
     return _variant_table(record, "batch", lambda b: f"batch {b}")
 
 
+def kernel_training_table(record: dict[str, Any]) -> str:
+    """EN trained on its C++ kernel and on its tensor ops, per recipe cell."""
+    return _variant_table(record, "cell", str)
+
+
 def convert_table(record: dict[str, Any]) -> str:
     rows = record["figures"]["rows"]
     lines = [
@@ -430,6 +435,7 @@ BLOCKS: dict[str, tuple[str, Callable[[dict[str, Any]], str]]] = {
     "quickstart": ("quickstart", quickstart_table),
     "compile-finetune": ("compile_finetune", compile_table),
     "layer-levers": ("layer_levers", layer_levers_table),
+    "kernel-training": ("kernel_training", kernel_training_table),
 }
 """Results block name -> (record, renderer)."""
 
