@@ -6,6 +6,7 @@ import json
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -36,6 +37,7 @@ def test_official_sn_swap_keeps_timm_norm_act_tails() -> None:
     assert out.shape == (2, 5) and torch.isfinite(out).all()
 
 
+@pytest.mark.slow  # two torchrun processes
 def test_synced_benchmark_under_torchrun(tmp_path: Path) -> None:
     """Two real gloo processes: BN and EN, per-process and synced, all four timed."""
     import os

@@ -46,6 +46,7 @@ def test_smoke_noisy_labels_then_shift(tmp_path: Path) -> None:
     assert "corr_ln_vs_shift" in result["en_ratios"][1]
 
 
+@pytest.mark.slow  # one subprocess per script
 def test_gpu_scripts_say_so_without_a_gpu() -> None:
     pytest.importorskip("torch")
     import torch
