@@ -4,8 +4,9 @@ For each model: the timm original (BN, or GN for the GroupNorm model), the same 
 converted to SN and to EN by enorm's surgery, and the official SN code's forward
 (``official_sn.py``, the baseline the performance issue quotes). Measured per variant: train step
 (forward, backward, SGD step), inference, train memory, parameters and FLOPs, every
-figure also as a ratio to the original. Repetitions are interleaved (BN, SN, EN, BN,
-...) so that machine noise hits all alike; medians are reported.
+figure also as a ratio to the original. Repetitions are interleaved, in an order that
+changes per repetition so that each variant runs right after each other equally often, and
+machine noise hits all alike; medians are reported.
 
 Memory. GPU: ``torch.cuda.max_memory_allocated`` over a train step. CPU: the bytes of the
 distinct storages autograd saves for backward in one forward (via
@@ -38,7 +39,7 @@ import statistics
 import sys
 import time
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -129,6 +130,21 @@ def flops(model: nn.Module, x: torch.Tensor) -> int:
     return counter.get_total_flops()
 
 
+def balanced_order(keys: Iterable[str], rep: int) -> list[str]:
+    """The variants in repetition rep's order, from a Williams design: over a cycle of n reps
+    (2n for odd n) every variant runs first equally often and right after every other one
+    equally often. A fixed order would let one variant always run after the same (memory-heavy)
+    other one, and carry that in its median.
+    """
+    order = list(keys)
+    n = len(order)
+    if n < 2:
+        return order
+    steps = [0] + [(j + 1) // 2 if j % 2 else n - j // 2 for j in range(1, n)]
+    row = [order[(rep + s) % n] for s in steps]
+    return row[::-1] if n % 2 and (rep // n) % 2 else row
+
+
 def bench_models(
     mode: str,
     reps: int,
@@ -176,10 +192,10 @@ def bench_models(
             compile_s[k] = time.perf_counter() - t
         train: dict[str, list[float]] = {k: [] for k in models}
         inference: dict[str, list[float]] = {k: [] for k in models}
-        for _ in range(reps):
-            for k in models:
+        for rep in range(reps):
+            for k in balanced_order(models, rep):
                 train[k].append(timer(lambda k=k: train_step(k)))
-            for k in models:
+            for k in balanced_order(models, rep):
                 inference[k].append(timer(lambda k=k: infer(k)))
         row: dict[str, Any] = {"model": name, "batch": batch, "size": size, "variants": {}}
         for k, model in models.items():
@@ -265,8 +281,8 @@ def bench_synced(
         for k in models:  # warm-up
             train_step(k)
         times: dict[str, list[float]] = {k: [] for k in models}
-        for _ in range(reps):
-            for k in models:
+        for rep in range(reps):
+            for k in balanced_order(models, rep):
                 dist.barrier()
                 times[k].append(timer(lambda k=k: train_step(k)))
         med = {k: statistics.median(v) for k, v in times.items()}
@@ -311,8 +327,8 @@ def bench_layers(reps: int, device: torch.device) -> list[dict[str, Any]]:
         for k in layers:
             step(k)
         times: dict[str, list[float]] = {k: [] for k in layers}
-        for _ in range(reps):
-            for k in layers:
+        for rep in range(reps):
+            for k in balanced_order(layers, rep):
                 times[k].append(timer(lambda k=k: step(k)))
         med = {k: statistics.median(v) for k, v in times.items()}
         rows.append(

@@ -26,6 +26,20 @@ def test_layer_microbenchmark_reports_every_variant(tmp_path: Path, monkeypatch)
         assert all(row[f"{k}_ms"] > 0 for k in ("bn", "sn", "sn_official", "en"))
 
 
+@pytest.mark.parametrize("n", [2, 3, 4, 5])
+def test_interleaving_is_balanced_so_no_variant_always_follows_the_same_one(n: int) -> None:
+    from collections import Counter
+
+    keys = [f"v{i}" for i in range(n)]
+    cycle = n if n % 2 == 0 else 2 * n
+    orders = [bench_norm.balanced_order(keys, rep) for rep in range(cycle)]
+    assert all(sorted(order) == keys for order in orders)
+    leads = Counter(order[0] for order in orders)
+    assert set(leads) == set(keys) and len(set(leads.values())) == 1
+    pairs = Counter((o[i], o[i + 1]) for o in orders for i in range(n - 1))
+    assert len(pairs) == n * (n - 1) and len(set(pairs.values())) == 1
+
+
 def test_official_sn_swap_keeps_timm_norm_act_tails() -> None:
     import timm
 
