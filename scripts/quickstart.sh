@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The main job on a fresh machine, with all its set-up (venv, install, assets; cached):
 #  1. convert torchvision's ImageNet MobileNetV2 to EN and verify it computes the same function;
-#  2. fine-tune it on Fashion-MNIST (the packaged recipe quickstart: about 5 minutes on 2 CPU cores);
+#  2. fine-tune it on Fashion-MNIST (the packaged recipe quickstart: 5-7 minutes on 2 CPU cores);
 #  3. show which normalizers it chose, per layer and per class, with a figure;
 #  4. say how to look at the run in TensorBoard.
 # Extra arguments are recipe overrides for step 2, e.g. ./scripts/quickstart.sh schedule.epochs=2
