@@ -38,6 +38,10 @@ def both_paths(layer: ExemplarNorm2d, x: torch.Tensor, monkeypatch) -> tuple[tor
     return fast, plain
 
 
+SHAPES = [(4, 16, 5, 5), (3, 16, 1, 1), (1, 16, 2, 3), (2, 16, 11, 11)]
+"""Maps down to 1 x 1, a batch of 1, and rows of 121 (the kernel's long-row sums: 16 partial
+sums over 112 values, then a tail of 9)."""
+
 CONFIGS = [
     {"normalizers": ("bn", "in", "ln")},
     {"normalizers": ("bn", "ln"), "activation": "relu"},
@@ -47,11 +51,27 @@ CONFIGS = [
 ]
 
 
+@pytest.mark.parametrize("length", [1, 25, 64, 121, 1600])
+@pytest.mark.parametrize("shift", [0.0, 1e3])
+def test_instance_moments_against_float64(module, length: int, shift: float) -> None:
+    """en_moments on short rows (one running sum), long ones (16 partial sums and a tail) and
+    rows with |mean| / std = 1e3: two passes, so the variance does not cancel."""
+    torch.manual_seed(0)
+    x = torch.randn(3, 5, length) * (1 + torch.rand(1, 5, 1)) + shift
+    mean, var = native.en_moments(module, x.unsqueeze(-1).contiguous())
+    ref_var, ref_mean = torch.var_mean(x.double(), dim=-1, correction=0)
+    torch.testing.assert_close(mean.double(), ref_mean, rtol=1e-6, atol=1e-5)
+    scale = float(ref_var.max()) if length > 1 else 1.0
+    torch.testing.assert_close(var.double(), ref_var, rtol=1e-4, atol=1e-5 * scale)
+    if length == 1:
+        assert (var == 0).all()
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("config", CONFIGS, ids=lambda c: "-".join(c["normalizers"]))
-@pytest.mark.parametrize("shape", [(4, 16, 5, 5), (3, 16, 1, 1), (1, 16, 2, 3)])
+@pytest.mark.parametrize("shape", SHAPES)
 def test_kernel_computes_what_the_tensor_ops_compute(module, config, shape, monkeypatch) -> None:
-    """Every option the kernel reads, on maps down to 1 x 1 and a batch of 1."""
+    """Every option the kernel reads, on every shape of SHAPES."""
     torch.manual_seed(0)
     layer = randomized(16, **config)
     calls = []
@@ -166,12 +186,12 @@ def assert_steps_agree(fast: tuple, plain: tuple, tol: float) -> None:
 
 
 @pytest.mark.parametrize("config", CONFIGS, ids=lambda c: "-".join(c["normalizers"]))
-@pytest.mark.parametrize("shape", [(4, 16, 5, 5), (3, 16, 1, 1), (1, 16, 2, 3)])
+@pytest.mark.parametrize("shape", SHAPES)
 def test_training_step_computes_what_the_tensor_ops_compute(
     module, config, shape, monkeypatch
 ) -> None:
     """Forward, input and parameter gradients and running statistics of a training step, every
-    option the kernel reads, on maps down to 1 x 1 and a batch of 1."""
+    option the kernel reads, on every shape of SHAPES."""
     torch.manual_seed(0)
     layer = randomized(16, **config).train()
     twin = copy.deepcopy(layer)
