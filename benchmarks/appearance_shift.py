@@ -4,7 +4,7 @@ contrast, brightness or gamma change, and where EN's per-sample ratios move as i
 BN normalizes every image with one set of statistics; IN and LN compute theirs per image, so
 a per-image gain or offset is what they remove. The models are the noise-0 runs of
 ``benchmarks/noisy_labels.py`` (fine-tuned on clean labels); each is evaluated on the same
-val images at severities 0-5 of each shift (``enorm_cli.shift``: the same draw per image for
+val images at severities 0-5 of each shift (``enorm_cli.data.shift``: the same draw per image for
 every model), and EN's ratios are read per sample on the shifted images (``enorm inspect
 --shift``): the mean per normalizer over layers, and how a sample's LN (or IN) share follows
 the size of its own shift.
@@ -27,7 +27,7 @@ VARIANTS = ("bn", "bn_frozen", "sn", "en", "en_ratio_lr100")
 
 
 def _data(shift: str | None) -> Any:
-    from enorm_cli.recipe import DataConfig
+    from enorm_cli.config.recipe import DataConfig
 
     return DataConfig(kind="fashion_mnist", val="val", workers=0, shift=shift)
 
@@ -76,8 +76,8 @@ def ratio_rows(
     share of each per-image normalizer (mean over layers)."""
     import torch
 
-    from enorm_cli.inspect_ratios import inspect_on_data
-    from enorm_cli.shift import parse_shift
+    from enorm_cli.data.shift import parse_shift
+    from enorm_cli.inspect.report import inspect_on_data
 
     rows = []
     seen: dict[str, Any] = {}  # severity 0 is the same unshifted images for every kind
@@ -260,7 +260,7 @@ def main(argv: list[str] | None = None) -> int:
     summary = summarize(rows)
     meta = {
         "what": "clean-trained models of benchmarks/noisy_labels.py (noise 0) on Fashion-MNIST "
-        f"val ({args.limit} images) with a per-image appearance shift (enorm_cli.shift)",
+        f"val ({args.limit} images) with a per-image appearance shift (enorm_cli.data.shift)",
         "date": time.strftime("%Y-%m-%d"),
     }
     if args.json:

@@ -23,7 +23,7 @@ its peak, beyond the weights (parameters are counted separately).
 
 Synced (``--synced``, under ``torchrun``): the DDP train step as ``enorm finetune`` runs it on
 several processes, with each model's bn statistics per process and synced over all of them
-(BatchNorm as SyncBatchNorm, on CPU ``enorm_cli.cpu_sync_batchnorm``; EN with
+(BatchNorm as SyncBatchNorm, on CPU ``enorm_cli.layers.cpu_sync_batchnorm``; EN with
 ``sync_stats``), interleaved in one run. What it judges: EN's cost relative to BatchNorm,
 synced against per-process.
 """
@@ -49,8 +49,8 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.official_sn import OfficialSwitchNorm2d, swap_in_official_sn
+from enorm_cli.convert.surgery import ENSettings, replace_norms
 from enorm_cli.layers import ExemplarNorm2d, SwitchableNorm2d
-from enorm_cli.surgery import ENSettings, convert_model
 
 # model -> (batch, image size) per mode
 MODES: dict[str, dict[str, tuple[int, int]]] = {
@@ -101,7 +101,7 @@ def variants(name: str) -> dict[str, nn.Module]:
     out = {"bn": original}
     for layer in ("sn", "en"):
         model = copy.deepcopy(original)
-        convert_model(model, ENSettings(layer=layer))
+        replace_norms(model, ENSettings(layer=layer))
         out[layer] = model
     out["sn_official"] = swap_in_official_sn(copy.deepcopy(original))
     return {k: out[k] for k in ("bn", "sn", "sn_official", "en")}
@@ -233,7 +233,8 @@ def bench_models(
 
 def synced_variants(name: str, device: torch.device) -> dict[str, nn.Module]:
     """BatchNorm and EN, each with bn statistics per process and synced over processes."""
-    from enorm_cli.finetune_model import set_sync_stats, sync_batchnorm
+    from enorm_cli.finetune.model import sync_batchnorm
+    from enorm_cli.layers.modes import set_sync_stats
 
     base = variants(name)
     out = {"bn": base["bn"], "en": base["en"]}

@@ -2,7 +2,7 @@
 
 A randomly initialized ``efficientnetv2_rw_t`` (107 BatchNorm layers) amplifies float32
 rounding until the exactly converted model differs from its source by up to 1e-2 of its
-logits. For each seed this converts it with ``enorm_cli.convert.convert`` (the library call
+logits. For each seed this converts it with ``enorm_cli.convert.pipeline.convert`` (the library call
 behind ``enorm convert efficientnetv2_rw_t --no-pretrained``, default batch), and records the
 float32 figures (the old check refused above 1e-4), the float64 figures and the written
 weights' distance from the float64 conversion (what decides now), and the verdict.
@@ -34,8 +34,8 @@ def main(argv: list[str] | None = None) -> int:
 
     import torch
 
-    from enorm_cli.convert import convert
-    from enorm_cli.settings import ENSettings
+    from enorm_cli.config.settings import ENSettings
+    from enorm_cli.convert.pipeline import convert
 
     rows = []
     for seed in args.seeds:

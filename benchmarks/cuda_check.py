@@ -24,8 +24,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from enorm_cli.convert.surgery import ENSettings, replace_norms
 from enorm_cli.layers.exemplar_norm import is_fused_en
-from enorm_cli.surgery import ENSettings, convert_model
 
 
 def _model(what: str = "en") -> torch.nn.Module:
@@ -42,16 +42,16 @@ def _model(what: str = "en") -> torch.nn.Module:
     else:
         model = timm.create_model("mobilenetv2_100", num_classes=10)
     if what != "bn":
-        convert_model(model, ENSettings(layer="en"))
+        replace_norms(model, ENSettings(layer="en"))
     return model
 
 
 def _step(
     model: torch.nn.Module, bn_stats: str, x: torch.Tensor, y: torch.Tensor
 ) -> dict[str, torch.Tensor]:
-    from enorm_cli.train import set_train_mode
+    from enorm_cli.layers.modes import set_bn_stats
 
-    set_train_mode(model, bn_stats)
+    set_bn_stats(model, bn_stats)
     x = x.clone().requires_grad_(True)
     out = model(x)
     logits = out if out.dim() == 2 else out.mean(dim=(2, 3))

@@ -27,8 +27,8 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from enorm_cli.convert.surgery import ENSettings, replace_norms  # noqa: E402
 from enorm_cli.export import export_program, run_onnx, write_onnx  # noqa: E402
-from enorm_cli.surgery import ENSettings, convert_model  # noqa: E402
 
 MODELS = {"resnet50": "resnet50", "mobilenet_v2": "mobilenet_v2"}
 
@@ -40,7 +40,7 @@ def build(name: str, en: bool) -> torch.nn.Module:
     torch.manual_seed(0)
     model = getattr(torchvision.models, name)(num_classes=1000).eval()
     if en:
-        convert_model(model, ENSettings())
+        replace_norms(model, ENSettings())
     return model.eval()
 
 

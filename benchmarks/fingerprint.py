@@ -36,10 +36,10 @@ def fingerprint(model_name: str, normalizers: tuple[str, ...], layer: str) -> st
     import timm
     import torch
 
-    from enorm_cli.optim import param_groups
-    from enorm_cli.recipe import Recipe
-    from enorm_cli.settings import ENSettings
-    from enorm_cli.surgery import convert_model
+    from enorm_cli.config.recipe import Recipe
+    from enorm_cli.config.settings import ENSettings
+    from enorm_cli.convert.surgery import replace_norms
+    from enorm_cli.finetune.optim import recipe_param_groups
 
     torch.manual_seed(0)
     source = timm.create_model(model_name, num_classes=10).eval()
@@ -48,13 +48,13 @@ def fingerprint(model_name: str, normalizers: tuple[str, ...], layer: str) -> st
         reference = source(x)
     model = timm.create_model(model_name, num_classes=10)
     model.load_state_dict(source.state_dict())
-    report = convert_model(model, ENSettings(normalizers=normalizers, layer=layer))
+    report = replace_norms(model, ENSettings(normalizers=normalizers, layer=layer))
     with torch.no_grad():
         delta = (model.eval()(x) - reference).abs().max().item()
     recipe = Recipe.model_validate(
         {"model": {"name": model_name, "norm": layer}, "data": {"kind": "fashion_mnist"}}
     )
-    groups = param_groups(model, recipe.optim, recipe.model.en.margin)
+    groups = recipe_param_groups(model, recipe.optim)
     optimizer = torch.optim.SGD(groups, lr=0.05, momentum=0.9)
     model.train()
     g = torch.Generator().manual_seed(1)

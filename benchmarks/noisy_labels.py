@@ -64,8 +64,8 @@ def run_one(
     setting: str, variant: str, rate: float, seed: int, out_root: Path, extra: list[str]
 ) -> dict[str, Any]:
     """One fine-tune; returns the val top-1 after every epoch, the last and the best."""
-    from enorm_cli.recipe import load_recipe
-    from enorm_cli.train import finetune
+    from enorm_cli.config.recipe import load_recipe
+    from enorm_cli.finetune.loop import finetune
 
     cfg = SETTINGS[setting]
     out = out_root / f"{variant}-noise{round(rate * 100)}-s{seed}"

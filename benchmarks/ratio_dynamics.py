@@ -35,12 +35,12 @@ def _norm(params: list[torch.Tensor]) -> float:
 def run(overrides: list[str], steps: int, recipe_path: Path, every: int) -> dict[str, Any]:
     from accelerate.utils import set_seed
 
-    from enorm_cli.data import build_transform, load_split, make_loader, with_transform
-    from enorm_cli.finetune_model import prepare_model
+    from enorm_cli.config.recipe import load_recipe, resolve_bn_stats
+    from enorm_cli.data.datasets import build_transform, load_split, make_loader, with_transform
+    from enorm_cli.finetune.model import prepare_model
+    from enorm_cli.finetune.optim import build_optimizer, build_scheduler
     from enorm_cli.layers import ExemplarNorm2d
-    from enorm_cli.optim import build_optimizer, build_scheduler
-    from enorm_cli.recipe import load_recipe, resolve_bn_stats
-    from enorm_cli.train import set_train_mode
+    from enorm_cli.layers.modes import set_bn_stats
 
     recipe = load_recipe(recipe_path, overrides)
     set_seed(recipe.train.seed)
@@ -75,7 +75,7 @@ def run(overrides: list[str], steps: int, recipe_path: Path, every: int) -> dict
     flipped: dict[str, int] = {}
     step = 0
     tick = time.perf_counter()
-    set_train_mode(model, resolve_bn_stats(recipe.model, recipe.data.batch_size))
+    set_bn_stats(model, resolve_bn_stats(recipe.model, recipe.data.batch_size))
     while step < total:
         for x, y in loader:
             loss = criterion(model(x), y)

@@ -76,9 +76,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("overrides", nargs="*", help="recipe overrides (data.batch_size=16)")
     args = parser.parse_args(argv)
 
-    from enorm_cli.data import build_transform, load_split, make_loader
-    from enorm_cli.finetune_model import prepare_model
-    from enorm_cli.recipe import load_recipe
+    from enorm_cli.config.recipe import load_recipe
+    from enorm_cli.data.datasets import build_transform, load_split, make_loader
+    from enorm_cli.finetune.model import prepare_model
 
     recipe = load_recipe(args.recipe, [*args.overrides, "model.norm=bn"])
     prepared = prepare_model(recipe, recipe.model.num_classes or 10)

@@ -3,7 +3,7 @@
 Fine-tunes torchvision's ImageNet MobileNetV2 (recipes/quickstart.yaml: Fashion-MNIST at
 32 px, SGD, cosine, 1 epoch) at every (batch size, learning rate) cell, once per variant
 and seed, with nothing else changed. Every run is the real ``enorm finetune`` code
-(``enorm_cli.train.finetune``, in this process so that timm is imported once). The
+(``enorm_cli.finetune.loop.finetune``, in this process so that timm is imported once). The
 training subset grows with the batch size so that every cell takes enough steps to learn
 (``GRIDS``); the val subset is the same for every run. Results go to JSON after every
 run (an interrupted grid keeps what it measured) and to a heat-map figure. Tables, heat
@@ -98,9 +98,9 @@ def run_cell(
 
     A run whose loss turns NaN/Inf (enorm stops it) is recorded as diverged, with top-1 None.
     """
+    from enorm_cli.config.recipe import load_recipe
     from enorm_cli.errors import EnormError
-    from enorm_cli.recipe import load_recipe
-    from enorm_cli.train import finetune
+    from enorm_cli.finetune.loop import finetune
 
     out = out_root / f"{variant}-b{batch}-lr{lr:g}-s{seed}"
     overrides = [

@@ -21,10 +21,11 @@ from typing import Any
 from pydantic import ValidationError
 from torch import nn
 
-from . import __version__
+from .config.settings import ENSettings, validation_line
 from .errors import EnormError
 from .fileio import atomic_path
-from .settings import ENSettings, validation_line
+from .models import build_model
+from .version import __version__
 
 FORMAT_VERSION = 2
 KEY = "enorm."
@@ -33,8 +34,9 @@ KEY = "enorm."
 def _v1_to_v2(meta: dict[str, str]) -> dict[str, str]:
     """Format 1 files written before the ratio branch had ``logit_scale`` have an unscaled
     FC2 (s = 1); format 2 always stores the key (None: the default 1 / sqrt(pi K))."""
-    settings = json.loads(meta[KEY + "en_settings"])
-    settings.setdefault("logit_scale", 1.0)
+    from .layers.exemplar_norm import with_logit_scale
+
+    settings = with_logit_scale(json.loads(meta[KEY + "en_settings"]))
     return {**meta, KEY + "en_settings": json.dumps(settings, sort_keys=True)}
 
 
@@ -95,8 +97,12 @@ def build_metadata(
     data_config: dict[str, Any],
     layer_normalizers: dict[str, list[str]],
     extra: dict[str, Any] | None = None,
+    model_kwargs: dict[str, Any] | None = None,
 ) -> dict[str, str]:
-    """String metadata for safetensors; ``extra`` carries later fields (ratio stats, ...)."""
+    """String metadata for safetensors; ``extra`` carries later fields (ratio stats, ...);
+    ``model_kwargs``: what the source model's factory took (``models.ModelName.kwargs``)."""
+    if model_kwargs:
+        extra = {**(extra or {}), "model_kwargs": model_kwargs}
     meta = {
         "format": "pt",
         KEY + "format_version": str(FORMAT_VERSION),
@@ -192,21 +198,36 @@ def settings_of(info: CheckpointInfo, path: Path) -> ENSettings:
 
 
 def load_model(path: str | Path) -> nn.Module:
-    """Rebuild an EN model from an enorm .safetensors file alone (no network), in eval mode."""
+    """Rebuild an EN model from an enorm .safetensors file alone (no network), in eval mode.
+
+    The file names its source architecture (and the kwargs its factory took); that model is
+    built without weights, converted with the file's settings and loaded strictly.
+    """
     from safetensors import SafetensorError
     from safetensors.torch import load_model as load_into
 
-    from .models import build_model, parse_model_name
-    from .surgery import convert_model
+    from .convert.surgery import remember, replace_norms
+    from .models import parse_model_name
 
     path = Path(path)
     info = read_info(path)
-    name = parse_model_name(info.source_model)
-    model = build_model(name, pretrained=False, num_classes=info.num_classes)
+    settings = settings_of(info, path)
+    kwargs = info.extra.get("model_kwargs", {})
+    name = parse_model_name(info.source_model, kwargs)
+    model = build_model(name, pretrained=False, num_classes=info.num_classes or None)
+    norm = info.extra.get("norm", "en")
     converted: dict[str, str] = {}
-    if info.extra.get("norm", "en") != "bn":  # "bn": a fine-tuned baseline, no surgery
-        report = convert_model(model, settings_of(info, path))
+    if norm != "bn":  # "bn": a fine-tuned baseline, no surgery
+        report = replace_norms(model, settings)
         converted = {layer.name: layer.source_type for layer in report.converted}
+        remember(
+            model,
+            settings,
+            report,
+            source_model=name.full,
+            model_kwargs=kwargs,
+            data_config=info.data_config,
+        )
     if converted != info.converted_layers:
         raise EnormError(
             f"{str(path)!r} does not match {info.source_model} as this timm/torchvision builds it "
@@ -223,3 +244,59 @@ def load_model(path: str | Path) -> nn.Module:
             f"{str(path)!r} does not fit its own model description ({first[:200]})"
         ) from None
     return model.eval()
+
+
+def save_model(
+    model: nn.Module,
+    path: str | Path,
+    source_model: str | None = None,
+    *,
+    model_kwargs: dict[str, Any] | None = None,
+    data_config: dict[str, Any] | None = None,
+    force: bool = False,
+) -> Path:
+    """Write a converted model to one .safetensors file that ``load_model`` rebuilds it from.
+
+    ``source_model`` names the architecture the model was converted from, as enorm builds it
+    (``resnet50``, ``torchvision:fasterrcnn_resnet50_fpn``, ``smp:Unet``), with
+    ``model_kwargs`` its factory's kwargs (``features_only=True``,
+    ``encoder_name="tu-resnet18"``); both default to what ``load_model`` read, for a model
+    loaded from a file. The conversion's settings are the ones ``convert_model`` used.
+    Atomic (a temp file renamed into place); an existing file only with ``force``.
+    """
+    from .convert.surgery import provenance_of
+    from .fileio import check_writable
+    from .models import data_config as default_data_config
+    from .models import head_classes, parse_model_name
+
+    path = Path(path)
+    record = provenance_of(model)
+    if record is None:
+        raise EnormError(
+            f"this {type(model).__name__} was not converted by enorm: convert it with "
+            "enorm_cli.convert_model (or load it with enorm_cli.load_model) before save_model"
+        )
+    source_model = source_model or record.source_model
+    if source_model is None:
+        raise EnormError(
+            "save_model needs the source architecture's name: pass source_model= "
+            "('resnet50', 'torchvision:resnet18', 'smp:Unet', ...)"
+        )
+    kwargs = record.model_kwargs if model_kwargs is None else model_kwargs
+    name = parse_model_name(source_model, kwargs)
+    if path.suffix != ".safetensors":
+        raise EnormError(f"{str(path)!r} must end in .safetensors")
+    check_writable(path, force, "save_model path", "force=True")
+    metadata = build_metadata(
+        source_model=name.full,
+        namespace=name.namespace,
+        num_classes=head_classes(name, model),
+        settings=record.settings.to_json(),
+        converted_layers=record.converted_layers,
+        data_config=data_config or record.data_config or default_data_config(name, model),
+        layer_normalizers=record.layer_normalizers,
+        extra={"norm": record.norm} if record.norm != "en" else None,
+        model_kwargs=kwargs,
+    )
+    save_checkpoint(model, path, metadata)
+    return path

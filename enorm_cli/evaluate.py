@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from .faults import crash_point
-from .ratios import RatioRecorder, summarize
+from .inspect.recorder import RatioRecorder, summarize
 
 
 @dataclass
@@ -89,7 +89,7 @@ def evaluate_checkpoint(
     from accelerate import Accelerator
 
     from .checkpoint import load_model, read_info
-    from .data import checkpoint_split, make_loader
+    from .data.datasets import checkpoint_split, make_loader
 
     info = read_info(path)
     split = checkpoint_split(data, info.data_config, info.num_classes, limit)

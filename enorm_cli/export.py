@@ -20,9 +20,9 @@ from typing import Any, Literal
 import torch
 from torch import Tensor, nn
 
+from .convert.verify import Agreement, agreement
 from .errors import EnormError
 from .fileio import atomic_path, check_writable
-from .verify import Agreement, agreement
 
 Format = Literal["onnx", "pt2"]
 FORMATS: dict[str, str] = {"onnx": ".onnx", "pt2": ".pt2"}

@@ -11,14 +11,17 @@ from pathlib import Path
 from .errors import EnormError
 
 
-def check_writable(path: Path, force: bool, flag: str = "--out") -> None:
-    """Fail before any work when ``path`` cannot be written or would clobber a file."""
+def check_writable(
+    path: Path, force: bool, flag: str = "--out", force_hint: str = "--force"
+) -> None:
+    """Fail before any work when ``path`` cannot be written or would clobber a file
+    (``force_hint``: how the caller overwrites, ``force=True`` in Python)."""
     parent = path.parent if str(path.parent) else Path(".")
     if path.is_dir():
         raise EnormError(f"{flag} {str(path)!r} is a directory: give a file name")
     if path.exists() and not force:
         raise EnormError(
-            f"{flag} {str(path)!r} exists: pass --force to overwrite it, or pick another path"
+            f"{flag} {str(path)!r} exists: pass {force_hint} to overwrite it, or pick another path"
         )
     if not parent.is_dir():
         raise EnormError(f"directory {str(parent)!r} for {flag} does not exist: create it first")

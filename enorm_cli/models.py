@@ -1,9 +1,13 @@
-"""Source models: timm or torchvision by name, with pretrained or local weights.
+"""Source models: timm, torchvision or segmentation-models-pytorch by name, with pretrained or
+local weights.
 
-Names: any ``timm.list_models()`` name (optionally ``timm:`` prefixed, with a
-pretrained tag such as ``resnet50.a1_in1k``), or ``torchvision:NAME`` for
-torchvision's classification models. Offline, a pretrained download fails in
-one clear line instead of minutes of retries.
+Names: any ``timm.list_models()`` name (optionally ``timm:`` prefixed, with a pretrained tag
+such as ``resnet50.a1_in1k``), ``torchvision:NAME`` for any of torchvision's models
+(classification, detection, segmentation), or ``smp:ARCH`` for segmentation-models-pytorch
+(``Unet``, ``FPN``, ...; its encoder a model kwarg, ``encoder_name=tu-resnet18`` for a timm
+one). Model kwargs go to the factory as timm's ``create_model(name, **kwargs)`` takes them
+(``features_only=True``, ``out_indices=[2, 3]``). Offline, a pretrained download fails in one
+clear line instead of minutes of retries.
 """
 
 from __future__ import annotations
@@ -13,7 +17,7 @@ import difflib
 import os
 import socket
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -24,39 +28,73 @@ from .errors import EnormError
 
 TORCHVISION_PREFIX = "torchvision:"
 TIMM_PREFIX = "timm:"
+SMP_PREFIX = "smp:"
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 HUB_HOSTS = {"timm": "huggingface.co", "torchvision": "download.pytorch.org"}
+PREFIXES = {"torchvision": TORCHVISION_PREFIX, "smp": SMP_PREFIX, "timm": ""}
 
 
 @dataclass(frozen=True)
 class ModelName:
-    """A parsed model name: ``namespace`` is "timm" or "torchvision"."""
+    """A parsed model name: ``namespace`` is "timm", "torchvision" or "smp"; ``kwargs`` go to
+    the factory."""
 
     namespace: str
     arch: str
+    kwargs: dict[str, Any] = field(default_factory=dict)
 
     @property
     def full(self) -> str:
-        return self.arch if self.namespace == "timm" else f"{TORCHVISION_PREFIX}{self.arch}"
+        return f"{PREFIXES[self.namespace]}{self.arch}"
+
+    @property
+    def is_classifier(self) -> bool:
+        """Whether the model maps images to class logits (``num_classes`` means its head)."""
+        if self.namespace == "smp":
+            return False
+        if self.namespace == "timm":
+            return not self.kwargs.get("features_only", False)
+        import torchvision
+
+        return self.arch in torchvision.models.list_models(module=torchvision.models)
 
 
-def parse_model_name(name: str) -> ModelName:
-    """Split ``torchvision:NAME`` / ``timm:NAME`` / ``NAME``, and check the name exists."""
+def parse_model_name(name: str, kwargs: dict[str, Any] | None = None) -> ModelName:
+    """Split ``torchvision:NAME`` / ``smp:ARCH`` / ``timm:NAME`` / ``NAME``, and check the name
+    exists; ``kwargs`` (the factory's) travel with it."""
+    kwargs = dict(kwargs or {})
     if name.startswith(TORCHVISION_PREFIX):
         arch = name[len(TORCHVISION_PREFIX) :]
         import torchvision
 
-        known = torchvision.models.list_models(module=torchvision.models)
+        known = torchvision.models.list_models()
         if arch not in known:
             raise EnormError(_unknown(name, arch, known, TORCHVISION_PREFIX))
-        return ModelName("torchvision", arch)
+        return ModelName("torchvision", arch, kwargs)
+    if name.startswith(SMP_PREFIX):
+        arch = name[len(SMP_PREFIX) :]
+        known = _smp_archs()
+        if arch not in known:
+            raise EnormError(_unknown(name, arch, known, SMP_PREFIX))
+        return ModelName("smp", arch, kwargs)
     arch = name[len(TIMM_PREFIX) :] if name.startswith(TIMM_PREFIX) else name
     import timm
 
     if not timm.is_model(arch.split(".")[0]):
         raise EnormError(_unknown(name, arch.split(".")[0], timm.list_models(), ""))
-    return ModelName("timm", arch)
+    return ModelName("timm", arch, kwargs)
+
+
+def _smp_archs() -> list[str]:
+    """segmentation-models-pytorch's architectures, or one line saying how to get them."""
+    try:
+        import segmentation_models_pytorch as smp
+    except ImportError:
+        raise EnormError(
+            "smp: models need segmentation-models-pytorch: pip install 'enorm[dense]'"
+        ) from None
+    return sorted(cls.__name__ for cls in smp.MODEL_ARCHITECTURES_MAPPING.values())
 
 
 def _unknown(name: str, arch: str, known: list[str], prefix: str) -> str:
@@ -106,31 +144,61 @@ def _no_download(name: str) -> EnormError:
 def build_model(
     name: ModelName, pretrained: bool = False, num_classes: int | None = None
 ) -> nn.Module:
-    """Create the architecture; with ``pretrained``, its default weights (cache, else download)."""
-    if name.namespace == "torchvision":
-        import torchvision
+    """Create the architecture with ``name.kwargs``; with ``pretrained``, its default weights
+    (cache, else download). ``num_classes`` sizes a classifier's head (``is_classifier``);
+    other models take their classes as a kwarg of their own."""
+    kwargs = dict(name.kwargs)
+    if num_classes is not None and name.is_classifier:
+        kwargs["num_classes"] = num_classes
+    try:
+        if name.namespace == "torchvision":
+            return _torchvision_model(name, pretrained, kwargs)
+        if name.namespace == "smp":
+            import segmentation_models_pytorch as smp
 
-        if pretrained:
+            kwargs.setdefault("encoder_weights", "imagenet" if pretrained else None)
             try:
-                model = torchvision.models.get_model(name.arch, weights="DEFAULT")
+                return smp.create_model(name.arch, **kwargs)
             except (OSError, RuntimeError) as exc:
                 raise _no_download(name.full) from exc
-            if num_classes is not None:
-                set_num_classes(model, num_classes)
-            return model
-        kwargs = {} if num_classes is None else {"num_classes": num_classes}
-        return torchvision.models.get_model(name.arch, weights=None, **kwargs)
-    import timm
+        import timm
 
-    kwargs = {} if num_classes is None else {"num_classes": num_classes}
-    if not pretrained:
-        return timm.create_model(name.arch, pretrained=False, **kwargs)
-    offline = not hub_reachable(HUB_HOSTS["timm"])
-    try:
-        with _hf_offline(offline):
-            return timm.create_model(name.arch, pretrained=True, **kwargs)
-    except (OSError, RuntimeError, ValueError) as exc:
-        raise _no_download(name.full) from exc
+        if not pretrained:
+            return timm.create_model(name.arch, pretrained=False, **kwargs)
+        offline = not hub_reachable(HUB_HOSTS["timm"])
+        try:
+            with _hf_offline(offline):
+                return timm.create_model(name.arch, pretrained=True, **kwargs)
+        except (OSError, RuntimeError, ValueError) as exc:
+            raise _no_download(name.full) from exc
+    except TypeError as exc:  # a kwarg the factory does not take
+        raise EnormError(
+            f"{name.full} does not take these model kwargs ({exc}): check --model-arg / "
+            "model.kwargs against the model's factory"
+        ) from None
+
+
+def _torchvision_model(name: ModelName, pretrained: bool, kwargs: dict[str, Any]) -> nn.Module:
+    """torchvision's ``get_model``. Without ``pretrained`` no weights at all: detection and
+    segmentation builders would otherwise fetch their backbone's."""
+    import torchvision
+
+    if pretrained:
+        num_classes = kwargs.pop("num_classes", None) if name.is_classifier else None
+        try:
+            model = torchvision.models.get_model(name.arch, weights="DEFAULT", **kwargs)
+        except (OSError, RuntimeError) as exc:
+            raise _no_download(name.full) from exc
+        if num_classes is not None:
+            set_num_classes(model, num_classes)
+        return model
+    if not name.is_classifier:
+        import inspect
+
+        builder = torchvision.models.get_model_builder(name.arch)
+        if "weights_backbone" in inspect.signature(builder).parameters:
+            kwargs.setdefault("weights_backbone", None)
+    return torchvision.models.get_model(name.arch, weights=None, **kwargs)
 
 
 def set_num_classes(model: nn.Module, num_classes: int) -> None:
@@ -160,6 +228,12 @@ def num_classes_of(model: nn.Module) -> int:
     if not linears:
         raise EnormError(f"cannot tell the classes of {type(model).__name__}")
     return linears[-1].out_features
+
+
+def head_classes(name: ModelName, model: nn.Module) -> int:
+    """What a checkpoint records as its classes: a classifier's head width, 0 for other models
+    (detection, segmentation, features), whose classes are a kwarg of their factory."""
+    return num_classes_of(model) if name.is_classifier else 0
 
 
 def data_config(name: ModelName, model: nn.Module) -> dict[str, Any]:
@@ -258,15 +332,21 @@ def create_source_model(
     pretrained: bool = False,
     checkpoint: Path | None = None,
     num_classes: int | None = None,
+    model_kwargs: dict[str, Any] | None = None,
 ) -> tuple[ModelName, nn.Module]:
     """The model a user names, with its weights, in eval mode.
 
     With a checkpoint, the architecture is built at its default width, the
     checkpoint loaded strictly, then the head replaced if ``num_classes`` differs.
     """
-    parsed = parse_model_name(name)
+    parsed = parse_model_name(name, model_kwargs)
     if num_classes is not None and num_classes < 1:
         raise EnormError(f"--num-classes must be positive, got {num_classes}")
+    if num_classes is not None and not parsed.is_classifier:
+        raise EnormError(
+            f"--num-classes sizes a classifier's head, and {name} is not a classifier: give its "
+            "own kwarg instead (--model-arg num_classes=N, or classes=N for smp)"
+        )
     if checkpoint is not None:
         state = read_state_dict(Path(checkpoint))
         source = repr(str(checkpoint))

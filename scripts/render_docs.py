@@ -1,7 +1,7 @@
 """Render the generated parts of the docs and README from their one source each.
 
 - ``docs/reference/recipe-keys.md``: every recipe key with its type, default and docstring,
-  from the pydantic schema (``enorm_cli.recipe.Recipe``), so the reference cannot drift.
+  from the pydantic schema (``enorm_cli.config.recipe.Recipe``), so the reference cannot drift.
 - Results tables: each ``<!-- results:NAME -->`` ... ``<!-- /results -->`` block in README.md
   and docs/*.md is rendered from ``benchmarks/results/`` (``benchmarks/results.py``).
 
@@ -62,7 +62,7 @@ def _default(field: Any) -> str:
 
 def recipe_rows(model: Any = None, prefix: str = "") -> list[tuple[str, str, str, str]]:
     """(key, type, default, docstring) for every leaf key of the recipe schema, in order."""
-    from enorm_cli.recipe import Recipe
+    from enorm_cli.config.recipe import Recipe
 
     rows = []
     for name, field in (model or Recipe).model_fields.items():

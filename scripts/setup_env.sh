@@ -18,4 +18,4 @@ fi
 ENORM="$VENV/bin/enorm" bash scripts/fetch_assets.sh
 # EN's C++ inference kernel (optional: without a compiler EN keeps its tensor ops). Built
 # once per source, flags and torch version; a later call only finds it built.
-"$VENV/bin/python" -m enorm_cli.build_native 2> >(grep -v "No CUDA runtime" >&2) || true
+"$VENV/bin/enorm" build-kernel 2> >(grep -v "No CUDA runtime" >&2) || true

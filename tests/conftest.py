@@ -106,8 +106,8 @@ def finetuned(tmp_path_factory: pytest.TempPathFactory, image_classes: Path) -> 
     """A real fine-tuning run (test_resnet, 2 epochs): its best.safetensors holds ratio stats."""
     from helpers import QUICK, tiny_recipe
 
-    from enorm_cli.recipe import load_recipe
-    from enorm_cli.train import finetune
+    from enorm_cli.config.recipe import load_recipe
+    from enorm_cli.finetune.loop import finetune
 
     out = tmp_path_factory.mktemp("ft") / "run"
     overrides = tiny_recipe(image_classes, out, "imagefolder", "model.en.normalizers=[bn,in,ln]")

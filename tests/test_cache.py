@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 
 from enorm_cli.cache import assets_dir, data_dir, enorm_home, expand_path
-from enorm_cli.recipe import load_recipe
-from enorm_cli.recipe_registry import find_packaged
+from enorm_cli.config.recipe import load_recipe
+from enorm_cli.config.registry import find_packaged
 
 
 @pytest.fixture()

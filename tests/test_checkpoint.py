@@ -13,9 +13,9 @@ from torch import nn
 
 from enorm_cli import load_model
 from enorm_cli.checkpoint import build_metadata, read_info, save_checkpoint
-from enorm_cli.convert import convert
+from enorm_cli.config.settings import ENSettings
+from enorm_cli.convert.pipeline import convert
 from enorm_cli.errors import EnormError
-from enorm_cli.settings import ENSettings
 
 
 def test_convert_save_and_load_model_round_trip(tmp_path: Path) -> None:

@@ -9,7 +9,7 @@ from accelerate import Accelerator
 from torch import nn
 
 from enorm_cli.checkpoint import read_info
-from enorm_cli.data import parse_data_spec
+from enorm_cli.data.datasets import parse_data_spec
 from enorm_cli.evaluate import evaluate, evaluate_checkpoint
 
 

@@ -10,19 +10,19 @@ import pytest
 import torch
 from helpers import randomize_norms
 
-from enorm_cli.convert import convert
+from enorm_cli.config.settings import ENSettings
+from enorm_cli.convert.pipeline import convert
+from enorm_cli.convert.surgery import replace_norms
+from enorm_cli.convert.verify import default_batch
 from enorm_cli.errors import EnormError
 from enorm_cli.export import export_model, format_for, require_onnx, run_onnx
-from enorm_cli.settings import ENSettings
-from enorm_cli.surgery import convert_model
-from enorm_cli.verify import default_batch
 
 
 def converted(name: str, **settings) -> torch.nn.Module:
     import timm
 
     model = randomize_norms(timm.create_model(name, num_classes=5)).eval()
-    convert_model(model, ENSettings(**settings))
+    replace_norms(model, ENSettings(**settings))
     return model.eval()
 
 
@@ -87,7 +87,7 @@ def test_pt2_loads_without_enorm(resnet_en: torch.nn.Module, tmp_path: Path) -> 
 def test_real_mobilenet_v2_exports_to_onnx(
     mobilenet_weights: Path, tmp_path: Path, photo_dir: Path
 ) -> None:
-    from enorm_cli.verify import calibration_batch
+    from enorm_cli.convert.verify import calibration_batch
 
     result = convert(
         "torchvision:mobilenet_v2", None, ENSettings(), checkpoint=mobilenet_weights, verify=False

@@ -11,15 +11,15 @@ import typer
 from .common import stdout, user_errors
 
 if TYPE_CHECKING:
-    from ..settings import ENSettings
+    from ..config.settings import ENSettings
 
 
 def settings_from_flags(**flags: Any) -> ENSettings:
     """``ENSettings`` from convert's flags; a bad value is one line naming its flag."""
     from pydantic import ValidationError
 
+    from ..config.settings import ENSettings, validation_line
     from ..errors import EnormError
-    from ..settings import ENSettings, validation_line
 
     try:
         return ENSettings(**flags)
@@ -28,9 +28,37 @@ def settings_from_flags(**flags: Any) -> ENSettings:
         raise EnormError(f"bad {line}") from None
 
 
+def model_kwargs_from_flags(pairs: list[str]) -> dict[str, Any]:
+    """``--model-arg KEY=VALUE`` pairs as the factory's kwargs, each value read as YAML
+    (``true``, ``3``, ``[2, 3]``, ``none``; a plain word stays a string)."""
+    import yaml
+
+    from ..errors import EnormError
+
+    kwargs: dict[str, Any] = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key.strip().isidentifier():
+            raise EnormError(
+                f"--model-arg {pair!r} is not KEY=VALUE: write e.g. --model-arg features_only=true"
+            )
+        try:
+            parsed = yaml.safe_load(value)
+        except yaml.YAMLError:
+            parsed = value
+        kwargs[key.strip()] = (
+            None if isinstance(parsed, str) and parsed.lower() == "none" else parsed
+        )
+    return kwargs
+
+
 @user_errors
 def convert(
-    model: str = typer.Argument(..., help="timm model name (e.g. resnet50) or torchvision:NAME."),
+    model: str = typer.Argument(
+        ...,
+        help="timm model name (e.g. resnet50), torchvision:NAME (classification, detection, "
+        "segmentation) or smp:ARCH (segmentation-models-pytorch).",
+    ),
     out: Path = typer.Option(..., "--out", "-o", help="Output .safetensors file."),
     checkpoint: Path | None = typer.Option(
         None, "--checkpoint", help="Local weights (.pth/.pt/.bin state dict or .safetensors)."
@@ -39,6 +67,12 @@ def convert(
         True, "--pretrained/--no-pretrained", help="Start from the hub's pretrained weights."
     ),
     num_classes: int | None = typer.Option(None, "--num-classes", help="New classifier width."),
+    model_arg: list[str] | None = typer.Option(
+        None,
+        "--model-arg",
+        help="KEY=VALUE for the model's factory, repeatable (features_only=true, "
+        "encoder_name=tu-resnet18).",
+    ),
     normalizers: str = typer.Option(
         "bn,in,ln", "--normalizers", help="Comma-separated: bn,in,ln,gn."
     ),
@@ -84,8 +118,14 @@ def convert(
       --out mnv2_en.safetensors
 
       enorm convert test_efficientnet_gn --no-pretrained --normalizers bn,in,ln,gn -o gn.safetensors
+
+      enorm convert resnet50 --model-arg features_only=true --no-pretrained -o r50_feat.safetensors
+
+      enorm convert torchvision:fasterrcnn_resnet50_fpn --no-pretrained -o frcnn_en.safetensors
+
+      enorm convert smp:Unet --model-arg encoder_name=tu-resnet34 --no-pretrained -o u.safetensors
     """
-    from ..convert import convert as run
+    from ..convert.pipeline import convert as run
     from .report import print_conversion
 
     settings = settings_from_flags(
@@ -106,6 +146,7 @@ def convert(
         checkpoint=checkpoint,
         pretrained=pretrained,
         num_classes=num_classes,
+        model_kwargs=model_kwargs_from_flags(model_arg or []),
         calib=calib,
         verify=verify,
         force=force,

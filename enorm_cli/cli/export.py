@@ -40,8 +40,8 @@ def export(
       enorm export runs/quickstart/best.safetensors --format pt2 --out mnv2_en.pt2
     """
     from ..checkpoint import load_model, read_info
+    from ..convert.verify import calibration_batch, default_batch
     from ..export import check_request, export_model, format_for
-    from ..verify import calibration_batch, default_batch
 
     kind = format_for(out, fmt)
     check_request(out, kind, opset, force)  # before the slow part

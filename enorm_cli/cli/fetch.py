@@ -15,8 +15,8 @@ def fetch() -> None:
     there (with the right hash) are kept. Afterwards `enorm finetune --recipe quickstart` runs
     from any directory.
     """
-    from ..assets import fetch_all
     from ..cache import enorm_home
+    from ..data.fetch import fetch_all
 
     stdout.print(f"cache: {enorm_home()}", markup=False, soft_wrap=True)
     results = fetch_all()

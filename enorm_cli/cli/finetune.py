@@ -40,9 +40,9 @@ def finetune(
       accelerate launch --multi_gpu --num_processes 8 -m enorm_cli finetune
       --recipe webvision data.root=/data/webvision
     """
-    from ..recipe import load_recipe
-    from ..recipe_registry import resolve_recipe
-    from ..train import finetune as run
+    from ..config.recipe import load_recipe
+    from ..config.registry import resolve_recipe
+    from ..finetune.loop import finetune as run
 
     run(
         load_recipe(resolve_recipe(recipe), overrides or []),

@@ -6,7 +6,15 @@ from pathlib import Path
 
 import typer
 
-from .common import stdout, user_errors
+from .common import (
+    data_option,
+    overrides_argument,
+    recipe_option,
+    shift_option,
+    split_config,
+    stdout,
+    user_errors,
+)
 
 
 @user_errors
@@ -14,22 +22,11 @@ def inspect(
     checkpoint: Path = typer.Argument(
         ..., help="An enorm .safetensors (convert or finetune output)."
     ),
-    overrides: list[str] | None = typer.Argument(None, help="Recipe overrides (with --recipe)."),
-    data: str | None = typer.Option(
-        None,
-        "--data",
-        help="Image folder DIR/<class>/<img>, fashion_mnist[:train], or filelist:LIST[@IMAGE_DIR].",
-    ),
-    recipe: str | None = typer.Option(
-        None, "--recipe", help="Use this recipe's val split (a file or a packaged NAME)."
-    ),
+    overrides: list[str] | None = overrides_argument(),
+    data: str | None = data_option(),
+    recipe: str | None = recipe_option(),
     samples: int = typer.Option(512, "--samples", help="How many images (a fixed random subset)."),
-    shift: str | None = typer.Option(
-        None,
-        "--shift",
-        help="Shift each image's appearance by its own draw: contrast|brightness|gamma:SEVERITY "
-        "(0-5).",
-    ),
+    shift: str | None = shift_option(),
     by_class: bool = typer.Option(
         False, "--by-class", help="Mean ratios per class; the classes that deviate most."
     ),
@@ -76,26 +73,15 @@ def inspect(
     if plot is not None and plot.suffix.lower() != ".png":
         raise EnormError(f"--plot {str(plot)!r} must end in .png")
 
-    from ..inspect_ratios import inspect_checkpoint, inspect_on_data
+    from ..inspect.report import inspect_checkpoint, inspect_on_data
 
     if data is None and recipe is None:
         result = inspect_checkpoint(checkpoint)
     else:
-        from ..data import parse_data_spec
-        from ..recipe import load_recipe
-        from ..recipe_registry import resolve_recipe
-        from ..shift import parse_shift
-
-        cfg = (
-            parse_data_spec(data)
-            if data is not None
-            else load_recipe(resolve_recipe(recipe), overrides or []).data
-        )
-        if shift is not None:
-            cfg = cfg.model_copy(update={"shift": str(parse_shift(shift))})
+        cfg = split_config(data, recipe, overrides, shift)
         result = inspect_on_data(checkpoint, cfg, samples, batch_size, workers, by_class)
 
-    from .inspect_report import print_inspection, write_csv, write_json
+    from ..inspect.tables import print_inspection, write_csv, write_json
 
     to_stdout = any(p is not None and str(p) == "-" for p in (json_out, csv_out))
     if not to_stdout:
@@ -105,7 +91,7 @@ def inspect(
     if csv_out is not None:
         write_csv(result, None if str(csv_out) == "-" else csv_out)
     if plot is not None:
-        from ..ratio_plot import plot_ratios
+        from ..inspect.plot import plot_ratios
 
         plot_ratios(result, plot)
     for path in (json_out, csv_out, plot):

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import typer
 
-from .. import __version__
+from ..version import __version__
+from .build_kernel import build_kernel
 from .common import set_debug
 from .convert import convert
 from .evaluate import evaluate
@@ -41,6 +42,7 @@ app.command(no_args_is_help=True)(inspect)
 app.command(no_args_is_help=True)(export)
 app.command()(fetch)
 app.add_typer(recipes_app)
+app.command("build-kernel")(build_kernel)
 
 
 def _version(value: bool) -> None:

@@ -20,7 +20,7 @@ app = typer.Typer(
 def _print_list() -> None:
     from rich.table import Table
 
-    from ..recipe_registry import list_recipes
+    from ..config.registry import list_recipes
 
     table = Table(
         title="enorm recipes (enorm finetune --recipe NAME)", title_justify="left", show_lines=True
@@ -61,7 +61,7 @@ def cp(
 
       enorm recipes cp quickstart my_run.yaml && enorm finetune --recipe my_run.yaml
     """
-    from ..recipe_registry import copy_recipe
+    from ..config.registry import copy_recipe
 
     target = copy_recipe(name, dest, force)
     stdout.print(f"wrote {target}", markup=False, soft_wrap=True)

@@ -5,7 +5,7 @@ from __future__ import annotations
 from rich.console import Console
 from rich.table import Table
 
-from ..convert import ConvertResult
+from ..convert.pipeline import ConvertResult
 
 
 def print_conversion(result: ConvertResult, console: Console) -> None:

@@ -1,17 +1,10 @@
 """EN and SN layers, their norm+act variants, the registry, and the statistics they share."""
 
 from .base import MixedNorm2d
-from .exemplar_norm import (
-    ACTIVATIONS,
-    ExemplarNorm2d,
-    RatioBranch,
-    check_activation,
-    fused_en,
-    is_fused_en,
-    set_fused_en,
-)
+from .exemplar_norm import ACTIVATIONS, ExemplarNorm2d, RatioBranch, check_activation
 from .norm_act import ExemplarNormAct2d, SwitchableNormAct2d
 from .registry import NORM_LAYERS, check_norm_layer, get_norm_layer
+from .runtime import fused_en, is_fused_en, set_fused_en
 from .source import SourceNorm
 from .statistics import NORMALIZERS, check_normalizers, group_count
 from .switchable_norm import SwitchableNorm2d
@@ -24,9 +17,6 @@ __all__ = [
     "ExemplarNorm2d",
     "RatioBranch",
     "check_activation",
-    "fused_en",
-    "is_fused_en",
-    "set_fused_en",
     # norm_act.py
     "ExemplarNormAct2d",
     "SwitchableNormAct2d",
@@ -34,6 +24,10 @@ __all__ = [
     "NORM_LAYERS",
     "check_norm_layer",
     "get_norm_layer",
+    # runtime.py
+    "fused_en",
+    "is_fused_en",
+    "set_fused_en",
     # source.py
     "SourceNorm",
     # statistics.py

@@ -14,12 +14,11 @@ from .source import SourceNorm, source_prior
 from .statistics import (
     FROZEN_STALE,
     FROZEN_UNSEEN,
-    BnMember,
     InstanceStats,
-    bn_member_stats,
+    StatsMode,
     check_normalizers,
     distributed_world_size,
-    normalizer_stats,
+    mixed_stats,
     running_average_factor,
     update_running_stats,
     watch_frozen_stats,
@@ -88,6 +87,9 @@ class MixedNorm2d(nn.Module):
         self.eps = eps
         self.momentum = momentum
         self.num_groups = num_groups
+        self.margin: float | None = None
+        """The prior logit this layer was converted with (``start_as``); None: built without
+        a source."""
         factory = {"device": device, "dtype": dtype}
         self.register_buffer("running_mean", torch.zeros(num_features, **factory))
         self.register_buffer("running_var", torch.ones(num_features, **factory))
@@ -134,6 +136,7 @@ class MixedNorm2d(nn.Module):
         """Set what the conversion computes (affines, prior, running statistics) so the layer
         starts as ``src``; parameters a new layer draws at random (EN's conv and FC1) stay."""
         prior, lam_src = source_prior(self.normalizers, src.normalizer, margin)
+        self.margin = margin
         with torch.no_grad():
             self._start_as(src, prior, lam_src)
             if src.running_mean is not None and src.running_var is not None:
@@ -159,10 +162,10 @@ class MixedNorm2d(nn.Module):
         logit (SN's ratio logits: 1). ``optim.ratio_lr_scale: auto`` divides it out."""
         return 1.0
 
-    def source_gain_share(self, margin: float) -> float:
-        """The factor by which a conversion with ``margin`` multiplies the source gamma's
-        gradient (1: the affine learns as the source's did). ``optim.affine_lr_scale: auto``
-        divides it back out."""
+    def source_gain_share(self) -> float:
+        """The factor by which this layer's conversion (its ``margin``) multiplies the source
+        gamma's gradient (1: the affine learns as the source's did). ``optim.affine_lr_scale:
+        auto`` divides it back out."""
         return 1.0
 
     @staticmethod
@@ -234,33 +237,32 @@ class MixedNorm2d(nn.Module):
             and distributed_world_size() > 1
         )
 
-    def _bn_member(self, stats: InstanceStats) -> BnMember | None:
-        """The bn member's statistics in the current mode (``statistics.bn_member_stats``);
-        None without a bn member."""
-        if "bn" not in self.normalizers:
-            return None
-        return bn_member_stats(
-            stats.mean,
-            stats.var,
-            stats.count,
-            self.running_mean,
-            self.running_var,
-            self.eps,
+    def stats_mode(self) -> StatsMode:
+        """What decides this layer's statistics now (``statistics.mixed_stats``)."""
+        return StatsMode(
+            normalizers=self.normalizers,
+            eps=self.eps,
+            num_groups=self.num_groups,
             training=self.training,
-            synced=self.syncs_now(),
             renorm=self.renorm,
-            frozen=self.frozen_stats,
-            stale=self.frozen_stale(),
+            frozen_stats=self.frozen_stats,
+            synced=self.syncs_now(),
         )
 
     def _statistics(
         self, stats: InstanceStats
     ) -> tuple[list[tuple[Tensor, Tensor]], Tensor | None]:
-        """Every normalizer's (mean, variance) in the current mode (shapes: ``normalizer_stats``),
+        """Every normalizer's (mean, variance) in the current mode (``statistics.mixed_stats``)
         and the bn member's record for the running statistics (2 x C, training)."""
-        member = self._bn_member(stats)
-        bn = None if member is None else (member.mean, member.var)
-        pairs = normalizer_stats(stats.mean, stats.var, self.normalizers, self.num_groups, bn)
+        pairs, member = mixed_stats(
+            self.stats_mode(),
+            stats.mean,
+            stats.var,
+            stats.count,
+            self.running_mean,
+            self.running_var,
+            self.frozen_stale(),
+        )
         return pairs, None if member is None else member.record
 
     def _update_running_stats(self, record: Tensor) -> None:

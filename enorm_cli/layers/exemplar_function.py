@@ -26,9 +26,8 @@ reference, against each other, and by gradcheck in the tests.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from types import ModuleType
-from typing import Any, NamedTuple
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -36,34 +35,16 @@ from torch.autograd.function import once_differentiable
 
 from . import native
 from .fused_affine import affine_apply, affine_grads, input_grad, wide
+from .kernel_inputs import ENTensors, KernelSettings
 from .statistics import (
     BnMember,
     all_reduce_sum,
     bn_member_stats,
     frozen_gradient_scale,
     frozen_gradient_share,
+    mixed_stats,
     moments,
-    normalizer_stats,
 )
-
-
-@dataclass(frozen=True)
-class KernelSettings:
-    """The layer's settings the math reads (built by ``ExemplarNorm2d.kernel_settings``)."""
-
-    normalizers: tuple[str, ...]
-    eps: float
-    relu: bool
-    shared_affine: bool
-    num_groups: int
-    training: bool
-    logit_scale: float = 1.0
-    renorm: bool = False
-    """Training: the bn member batch-renormalized (``statistics.renormalized_stats``)."""
-    frozen_stats: bool = False
-    """Renorm against statistics that training never updates: unclipped (``renorm_limits``)."""
-    synced: bool = False
-    """Training: the bn member's statistics over every process (forward and backward)."""
 
 
 def _to(t: Tensor, dtype: torch.dtype) -> Tensor:
@@ -74,42 +55,12 @@ def _group_view(t: Tensor, groups: int) -> Tensor:
     return t.unflatten(1, (groups, t.shape[1] // groups))
 
 
-class ENTensors(NamedTuple):
-    """Every tensor the math reads besides x, in ``ExemplarNormFunction.apply``'s order."""
-
-    running_mean: Tensor
-    running_var: Tensor
-    weight: Tensor
-    bias: Tensor
-    conv: Tensor | None
-    fc1_w: Tensor
-    fc1_b: Tensor
-    fc2_w: Tensor
-    fc2_b: Tensor
-    stale: Tensor | None = None
-    """``renorm_frozen``'s guard has tripped: batch statistics (``MixedNorm2d.frozen_stale``)."""
-
-
 def bn_member(
     cfg: KernelSettings, m: Tensor, v: Tensor, p: ENTensors, count: int
 ) -> BnMember | None:
     """The bn member's statistics in the current mode (``statistics.bn_member_stats``), None
     without bn."""
-    if "bn" not in cfg.normalizers:
-        return None
-    return bn_member_stats(
-        m,
-        v,
-        count,
-        p.running_mean,
-        p.running_var,
-        cfg.eps,
-        training=cfg.training,
-        synced=cfg.synced,
-        renorm=cfg.renorm,
-        frozen=cfg.frozen_stats,
-        stale=p.stale,
-    )
+    return bn_member_stats(cfg, m, v, count, p.running_mean, p.running_var, p.stale)
 
 
 def stacked_stats(
@@ -117,15 +68,11 @@ def stacked_stats(
 ) -> tuple[Tensor, Tensor, Tensor | None, Tensor | None, Tensor | None]:
     """M, S (K x N x C) from the instance table (count: H * W), with the bn member's record
     for the running statistics (2 x C, training), Batch Renormalization's r, d (2 x C, with
-    ``cfg.renorm`` in training) and the samples synced statistics cover (``cfg.synced``).
-
-    bn as ``bn_member`` takes it in the current mode; the other normalizers as
-    ``statistics.normalizer_stats`` says.
+    ``cfg.renorm`` in training) and the samples synced statistics cover (``cfg.synced``):
+    ``statistics.mixed_stats``, stacked.
     """
     n, c = m.shape
-    member = bn_member(cfg, m, v, p, count)
-    bn = None if member is None else (member.mean, member.var)
-    pairs = normalizer_stats(m, v, cfg.normalizers, cfg.num_groups, bn)
+    pairs, member = mixed_stats(cfg, m, v, count, p.running_mean, p.running_var, p.stale)
     means = torch.stack([mean.expand(n, c) for mean, _ in pairs])
     variances = torch.stack([var.expand(n, c) for _, var in pairs])
     if member is None:
@@ -225,13 +172,11 @@ def native_exemplar_norm(
 
 
 def exemplar_norm(
-    x: Tensor, cfg: KernelSettings, p: ENTensors
+    x: Tensor, cfg: KernelSettings, p: ENTensors, module: ModuleType | None = None
 ) -> tuple[Tensor, Tensor | None, tuple[Tensor | None, ...], Kernel | None]:
     """EN(x) without autograd: y, the bn member's record for the running statistics (2 x C,
-    training), what backward needs, and the C++ kernel that ran with its arguments (None: the
-    tensor ops, ``en_coefficients``, where it is not built or x is not for it,
-    ``native.eligible``)."""
-    module = native.kernel() if native.eligible(x) else None
+    training), what backward needs, and the C++ kernel that ran with its arguments. ``module``
+    is the C++ kernel ``runtime.choose`` picked (None: the tensor ops, ``en_coefficients``)."""
     if module is not None:
         y, batch, saved, args = native_exemplar_norm(module, x, cfg, p)
         return y, batch, saved, (module, args)
@@ -365,17 +310,21 @@ def coefficients_backward(
 
 class ExemplarNormFunction(torch.autograd.Function):
     """y, the bn member's record (2 x C or empty) = EN(x), as one node with a hand-written
-    backward: the C++ kernel's (``native``) where it is built and the input allows, the
-    tensor ops' (``coefficients_backward``) otherwise. With ``cfg.synced`` the bn statistics
+    backward: the C++ kernel's (``native``) where the forward ran on it (``runtime.choose``),
+    the tensor ops' (``coefficients_backward``) otherwise. With ``cfg.synced`` the bn statistics
     and their gradient sums are all-reduced over the processes, as torch's SyncBatchNorm
     function does."""
 
     @staticmethod
     def forward(
-        ctx: Any, x: Tensor, cfg: KernelSettings, *tensors: Tensor | None
+        ctx: Any,
+        x: Tensor,
+        cfg: KernelSettings,
+        module: ModuleType | None,
+        *tensors: Tensor | None,
     ) -> tuple[Tensor, Tensor]:
         p = ENTensors(*tensors)
-        y, batch, saved, kernel = exemplar_norm(x, cfg, p)
+        y, batch, saved, kernel = exemplar_norm(x, cfg, p, module)
         ctx.cfg, ctx.kernel, ctx.saved_count = cfg, kernel, len(saved)
         params = (p.weight, p.bias, p.conv, p.fc1_w, p.fc1_b, p.fc2_w, p.fc2_b, p.stale)
         ctx.save_for_backward(x, *saved, *params)
@@ -430,9 +379,10 @@ class ExemplarNormFunction(torch.autograd.Function):
 
         return (
             grad_x,
-            None,
-            None,
-            None,
+            None,  # cfg
+            None,  # module
+            None,  # running_mean
+            None,  # running_var
             cast(g_gamma, weight),
             cast(g_beta, bias),
             cast(g_conv, conv),

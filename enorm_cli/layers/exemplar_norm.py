@@ -10,22 +10,16 @@ from __future__ import annotations
 
 import contextlib
 import math
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from . import native
+from . import native, runtime
 from .base import MixedNorm2d
-from .exemplar_function import (
-    ENTensors,
-    ExemplarNormFunction,
-    KernelSettings,
-    en_coefficients,
-    exemplar_norm,
-    ratio_logits,
-)
+from .exemplar_function import ExemplarNormFunction, en_coefficients, exemplar_norm, ratio_logits
+from .kernel_inputs import ENTensors, KernelSettings
 from .source import SourceNorm, source_share
 from .statistics import InstanceStats, group_count, instance_stats
 
@@ -54,35 +48,6 @@ def default_logit_scale(num_normalizers: int, pi: int) -> float:
     return 1.0 / math.sqrt(pi * num_normalizers)
 
 
-_fused = True
-
-
-def set_fused_en(enable: bool = True) -> None:
-    """Run EN as one autograd node with a hand-written backward (the default), or not.
-
-    With ``False`` every EN layer records ``en_coefficients`` under plain autograd (as timm's
-    ``set_fast_norm`` switches its norm kernels): the reference the tests check the node
-    against. Both compute the same function; the switch exists to compare them and to debug.
-    """
-    global _fused
-    _fused = enable
-
-
-def is_fused_en() -> bool:
-    return _fused
-
-
-@contextlib.contextmanager
-def fused_en(enable: bool) -> Iterator[None]:
-    """``set_fused_en`` for a block."""
-    before = _fused
-    set_fused_en(enable)
-    try:
-        yield
-    finally:
-        set_fused_en(before)
-
-
 def _float32_math(x: Tensor) -> contextlib.AbstractContextManager:
     """Autocast off for EN's statistics and ratio branch (float32 on every path); no context
     at all when autocast is already off, so torch.export does not split the graph at every
@@ -90,6 +55,18 @@ def _float32_math(x: Tensor) -> contextlib.AbstractContextManager:
     if torch.is_autocast_enabled(x.device.type):
         return torch.autocast(x.device.type, enabled=False)
     return contextlib.nullcontext()
+
+
+UNSCALED = 1.0
+"""The logit scale of layers from before ``logit_scale`` existed: FC2 computed b + W h."""
+
+
+def with_logit_scale(settings: dict[str, Any]) -> dict[str, Any]:
+    """Layer settings from before ``logit_scale`` existed, as this version reads them: those
+    layers had an unscaled FC2 (``UNSCALED``). The one home of this migration: checkpoints'
+    format 1 metadata goes through it; a state dict without the scale keeps the scale its layer
+    was built with (``ExemplarNorm2d._load_from_state_dict``)."""
+    return {"logit_scale": UNSCALED, **settings}
 
 
 class RatioBranch(nn.Module):
@@ -280,14 +257,15 @@ class ExemplarNorm2d(MixedNorm2d):
         (``default_logit_scale``: 1 at the default s, exactly: rounded to 12 digits)."""
         return round(self.logit_scale**2 * self.ratio.fc2.in_features, 12)
 
-    def source_gain_share(self, margin: float) -> float:
-        """lambda_src = e^m / (e^m + K - 1): the source row's gamma is gamma / lambda_src and
-        enters the output times lambda_src, so its gradient is lambda_src times the source
-        gamma's (each beta row's is lambda_k times). One shared affine row carries the whole
-        gain: 1."""
-        if self.shared_affine:
+    def source_gain_share(self) -> float:
+        """lambda_src = e^m / (e^m + K - 1) with this layer's conversion margin m: the source
+        row's gamma is gamma / lambda_src and enters the output times lambda_src, so its
+        gradient is lambda_src times the source gamma's (each beta row's is lambda_k times).
+        One shared affine row carries the whole gain, and a layer built without a source has
+        none: 1."""
+        if self.shared_affine or self.margin is None:
             return 1.0
-        return source_share(len(self.normalizers), margin)
+        return source_share(len(self.normalizers), self.margin)
 
     @staticmethod
     def prior_ratio_logits(read: Callable[[str], Tensor]) -> tuple[Tensor, bool]:
@@ -348,23 +326,21 @@ class ExemplarNorm2d(MixedNorm2d):
         return a, b, record
 
     def _normalize(self, x: Tensor) -> tuple[Tensor, Tensor | None]:
-        """Y and the bn member's record: one autograd node (``ExemplarNormFunction``) on one
-        process and on many, nothing recorded without autograd."""
+        """Y and the bn member's record, on the path ``runtime.choose`` picks."""
         with _float32_math(x):
-            if not _fused:
-                return super()._normalize(x)  # the reference: autograd over en_coefficients
-            cfg = self.kernel_settings()
             tensors = self.kernel_tensors()
-            if not (self.training or torch.is_grad_enabled()) and native.eligible(x):
-                module = native.kernel()  # None unless built (python -m enorm_cli.build_native)
-                if module is not None:
-                    return native.en_inference(module, x, cfg, tensors), None
             needs_grad = torch.is_grad_enabled() and (
                 x.requires_grad or any(t is not None and t.requires_grad for t in tensors)
             )
-            if needs_grad:
-                return ExemplarNormFunction.apply(x, cfg, *tensors)
-            y, record, _, _ = exemplar_norm(x, cfg, tensors)
+            path, kernel = runtime.choose(x, self.training, needs_grad)
+            if path == "reference":  # autograd over en_coefficients
+                return super()._normalize(x)
+            cfg = self.kernel_settings()
+            if path == "inference":
+                return native.en_inference(kernel, x, cfg, tensors), None
+            if path == "node":
+                return ExemplarNormFunction.apply(x, cfg, kernel, *tensors)
+            y, record, _, _ = exemplar_norm(x, cfg, tensors, kernel)
             return y, record
 
     def extra_repr(self) -> str:

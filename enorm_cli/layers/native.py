@@ -9,7 +9,7 @@ one (``en_inference``): docs/performance.md has what that buys. Like other PyTor
 extensions it is compiled on the user's machine by torch's JIT loader (a C++ compiler, about
 a minute), once:
 
-    python -m enorm_cli.build_native          # build (scripts/setup_env.sh does it too)
+    enorm build-kernel          # build (scripts/setup_env.sh does it too)
 
 ``ENORM_NATIVE``: ``auto`` (the default) uses the kernel when it is built and never builds
 in the middle of a run; ``0`` never uses it. The build lives in ``$ENORM_HOME/native/``
@@ -23,16 +23,14 @@ import functools
 import hashlib
 import importlib.util
 import os
-import sys
 from pathlib import Path
 from types import ModuleType
-from typing import TYPE_CHECKING, Any, NamedTuple
+from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor
 
-if TYPE_CHECKING:
-    from .exemplar_function import ENTensors, KernelSettings
+from .kernel_inputs import ENTensors, KernelSettings
 
 SOURCE = Path(__file__).with_name("csrc") / "en_layer.cpp"
 FLAGS = (
@@ -241,15 +239,3 @@ def en_input_grad(
 def en_inference(module: ModuleType, x: Tensor, cfg: KernelSettings, p: ENTensors) -> Tensor:
     """EN(x) in eval mode, the whole layer in one call (the running statistics as bn's)."""
     return module.en_inference(x, *layer_arguments(cfg, p, x, p.running_mean, p.running_var))
-
-
-def main() -> int:
-    """Build the kernel and say where; a missing compiler is one line, not a traceback."""
-    try:
-        build()
-    except Exception as error:  # the loader raises RuntimeError, OSError, CalledProcessError
-        first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        print(f"enorm native kernel: not built ({first}); EN keeps its tensor ops", file=sys.stderr)
-        return 1
-    print(f"enorm native kernel: built in {build_dir()}")
-    return 0

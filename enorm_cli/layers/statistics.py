@@ -356,44 +356,76 @@ class BnMember(NamedTuple):
     """Samples the batch statistics cover over every process (synced training only)."""
 
 
+@dataclass(frozen=True)
+class StatsMode:
+    """What decides a mixed layer's statistics in the current mode (every EN and SN path
+    reads these: ``MixedNorm2d.stats_mode``)."""
+
+    normalizers: tuple[str, ...]
+    eps: float
+    num_groups: int
+    training: bool
+    renorm: bool = False
+    """Training: the bn member batch-renormalized (``renormalized_stats``)."""
+    frozen_stats: bool = False
+    """Renorm against statistics that training never updates: unclipped (``renorm_limits``)."""
+    synced: bool = False
+    """Training: the bn member's statistics over every process (forward and backward)."""
+
+
 def bn_member_stats(
+    mode: StatsMode,
     mean: Tensor,
     var: Tensor,
     count: int,
     running_mean: Tensor,
     running_var: Tensor,
-    eps: float,
-    *,
-    training: bool,
-    synced: bool = False,
-    renorm: bool = False,
-    frozen: bool = False,
     stale: Tensor | None = None,
-) -> BnMember:
-    """The bn member's statistics, as every layer and path takes them (the one place).
+) -> BnMember | None:
+    """The bn member's statistics, as every layer and path takes them (the one place); None
+    without a bn member.
 
-    Eval: the running ones. Training: the batch's (over every process when ``synced``, as
-    SyncBatchNorm), batch-renormalized with ``renorm`` against the running statistics before
-    this batch's update (unclipped with ``frozen``, ``renorm_limits``, its backward blended
-    by ``frozen_gradient_share``; batch statistics where ``stale``, ``watch_frozen_stats``).
-    mean, var: the instance table (N x C); count: H * W.
+    Eval: the running ones. Training: the batch's (over every process when ``mode.synced``, as
+    SyncBatchNorm), batch-renormalized with ``mode.renorm`` against the running statistics
+    before this batch's update (unclipped with ``mode.frozen_stats``, ``renorm_limits``, its
+    backward blended by ``frozen_gradient_share``; batch statistics where ``stale``,
+    ``watch_frozen_stats``). mean, var: the instance table (N x C); count: H * W.
     """
-    if not training:
+    if "bn" not in mode.normalizers:
+        return None
+    if not mode.training:
         return BnMember(running_mean.unsqueeze(0), running_var.unsqueeze(0), None, None, None)
     samples = None
-    if synced:
+    if mode.synced:
         bmean, bvar, samples = synced_batch_stats(mean, var)
         record = unbiased_record(bmean, bvar, samples * count)
     else:
         bmean, bvar = batch_stats(mean, var)
         record = unbiased_record(bmean, bvar, mean.shape[0] * count)
     rd = None
-    if renorm:
-        share = frozen_gradient_share(mean.shape[0], count, synced) if frozen else 0.0
+    if mode.renorm:
+        frozen = mode.frozen_stats
+        share = frozen_gradient_share(mean.shape[0], count, mode.synced) if frozen else 0.0
         bmean, bvar, rd = renormalized_stats(
-            bmean, bvar, running_mean, running_var, eps, renorm_limits(frozen), stale, share
+            bmean, bvar, running_mean, running_var, mode.eps, renorm_limits(frozen), stale, share
         )
     return BnMember(bmean, bvar, record, rd, samples)
+
+
+def mixed_stats(
+    mode: StatsMode,
+    mean: Tensor,
+    var: Tensor,
+    count: int,
+    running_mean: Tensor,
+    running_var: Tensor,
+    stale: Tensor | None = None,
+) -> tuple[list[tuple[Tensor, Tensor]], BnMember | None]:
+    """Every normalizer's (mean, variance) in the current mode (shapes: ``normalizer_stats``)
+    and the bn member (``bn_member_stats``; None without one): what EN and SN normalize with."""
+    member = bn_member_stats(mode, mean, var, count, running_mean, running_var, stale)
+    bn = None if member is None else (member.mean, member.var)
+    return normalizer_stats(mean, var, mode.normalizers, mode.num_groups, bn), member
 
 
 def group_count(num_features: int, reduction: int) -> int:

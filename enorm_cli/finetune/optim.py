@@ -1,0 +1,180 @@
+"""The optimizer and schedule of a recipe: timm's factories over EN-aware parameter groups."""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+import torch
+from torch import nn
+
+from ..config.recipe import OptimConfig, Recipe
+from ..errors import EnormError
+from ..layers import MixedNorm2d
+
+
+def gradient_scaled(opt_name: str) -> bool:
+    """Whether the optimizer's step grows with the gradient's scale (SGD and its momentum
+    variants), rather than dividing it out (Adam, RMSprop, Lion, ...)."""
+    name = opt_name.lower().split("_")[-1]  # timm's "lookahead_sgd"
+    return "sgd" in name or name.startswith(("momentum", "nesterov"))
+
+
+Scale = float | Literal["auto"]
+"""An lr multiple, or "auto" (the layer's own, ``ratio_lr_scale``/``affine_lr_scale``)."""
+
+
+def ratio_scale_of(module: MixedNorm2d, scale: Scale = "auto") -> float:
+    """The lr factor of a mixed layer's ratio parameters (``optim.ratio_lr_scale``).
+
+    "auto" divides out how much further one step moves a sample's ratio logits than a plain
+    logit (``MixedNorm2d.ratio_step_factor``: s^2 pi K for EN's branch, 1 for SN's logits),
+    so EN's ratios are exactly as mobile as SN's under the network's lr, whatever the logit
+    scale a layer was built with (1 at the default scale; 0.01 for a K=2, pi=50 checkpoint
+    from before the scale, which trained at s = 1).
+    """
+    if scale != "auto":
+        return scale
+    return 1.0 / module.ratio_step_factor()
+
+
+def affine_scale_of(module: MixedNorm2d, scale: Scale = "auto", opt: str = "sgd") -> float:
+    """The lr factor of a mixed layer's affines (``optim.affine_lr_scale``) under optimizer
+    ``opt``.
+
+    "auto" gives the source's gain its own rate back. A converted EN layer computes the
+    source gain as lambda_src * (gamma / lambda_src), so an SGD step moves it lambda_src^2
+    times as far as the same step moved BatchNorm's gamma (0.78 at the quickstart's margin
+    2, K = 2), and EN learned slower than BN at low lrs (docs, Stability). Dividing the lr by
+    lambda_src^2 (by lambda_src for optimizers that divide out the gradient's scale) puts it
+    back. lambda_src comes from the margin the layer was converted with
+    (``MixedNorm2d.source_gain_share``); SN's and shared affines carry the gain alone, and a
+    layer built without a source has no source gain (share 1).
+    """
+    if scale != "auto":
+        return scale
+    share = module.source_gain_share()
+    return share ** (-2 if gradient_scaled(opt) else -1)
+
+
+def param_groups(
+    model: nn.Module,
+    lr: float,
+    weight_decay: float = 0.0,
+    *,
+    opt: str = "sgd",
+    ratio_lr_scale: Scale = "auto",
+    affine_lr_scale: Scale = "auto",
+    ratio_weight_decay: float = 0.0,
+    affine_weight_decay: float = 0.0,
+) -> list[dict[str, Any]]:
+    """Optimizer groups for a model with EN/SN layers, for any ``torch.optim`` optimizer.
+
+    The mixed layers' ratio parameters (EN's branch, SN's ratio logits) and affines get their
+    own lr and decay (``MixedNorm2d.ratio_parameters`` and ``affine_parameters``; one group per
+    resolved scale: "ratio", "ratio_1", "affine", ...), each scale read from its own layer
+    (``ratio_scale_of``, ``affine_scale_of``; ``opt`` names the optimizer, whose kind decides
+    the affine scale). Each group carries its ``lr_multiple`` (what config.yaml records; timm's
+    schedulers would apply a key named ``lr_scale`` a second time). Other 1-D parameters
+    (biases, norm weights) get no weight decay, as timm does.
+    """
+    decays = {"ratio": ratio_weight_decay, "affine": affine_weight_decay}
+    scale_of: dict[int, tuple[str, float]] = {}
+    for module in model.modules():
+        if isinstance(module, MixedNorm2d):
+            ratio = ratio_scale_of(module, ratio_lr_scale)
+            affine = affine_scale_of(module, affine_lr_scale, opt)
+            scale_of.update((id(p), ("ratio", ratio)) for p in module.ratio_parameters())
+            scale_of.update((id(p), ("affine", affine)) for p in module.affine_parameters())
+    groups: dict[str, dict[str, Any]] = {}
+    names: dict[tuple[str, float], str] = {}
+    for kind, scale in scale_of.values():
+        if (kind, scale) not in names:
+            count = sum(k == kind for k, _ in names)
+            names[(kind, scale)] = name = kind if not count else f"{kind}_{count}"
+            groups[name] = {
+                "params": [],
+                "lr": lr * scale,
+                "lr_multiple": scale,  # not timm's "lr_scale", which its schedulers apply again
+                "weight_decay": decays[kind],
+            }
+    groups["decay"] = {"params": [], "lr": lr, "weight_decay": weight_decay}
+    groups["no_decay"] = {"params": [], "lr": lr, "weight_decay": 0.0}
+    for p in model.parameters():
+        if not p.requires_grad:
+            continue
+        if id(p) in scale_of:
+            key = names[scale_of[id(p)]]
+        else:
+            key = "decay" if p.ndim > 1 else "no_decay"
+        groups[key]["params"].append(p)
+    return [{"name": k, **g} for k, g in groups.items() if g["params"]]
+
+
+def recipe_param_groups(model: nn.Module, optim: OptimConfig) -> list[dict[str, Any]]:
+    """``param_groups`` with a recipe's optim section."""
+    return param_groups(
+        model,
+        optim.lr,
+        optim.weight_decay,
+        opt=optim.name,
+        ratio_lr_scale=optim.ratio_lr_scale,
+        affine_lr_scale=optim.affine_lr_scale,
+        ratio_weight_decay=optim.ratio_weight_decay,
+        affine_weight_decay=optim.affine_weight_decay,
+    )
+
+
+def resolved_scales(optimizer: torch.optim.Optimizer, kind: str) -> list[float]:
+    """The distinct lr scales the optimizer's ``kind`` groups ("ratio", "affine") run at."""
+    return sorted(
+        {g["lr_multiple"] for g in optimizer.param_groups if g.get("name", "").startswith(kind)}
+    )
+
+
+def network_lr(optimizer: torch.optim.Optimizer) -> float:
+    """The lr logged: the network's (``optim.lr`` under the schedule), not the ratio or affine
+    groups', which have their own scales (``optim.param_groups``)."""
+    groups = optimizer.param_groups
+    net = [g["lr"] for g in groups if g.get("name") in ("decay", "no_decay")]
+    return max(net or [g["lr"] for g in groups])
+
+
+def build_optimizer(model: nn.Module, recipe: Recipe) -> torch.optim.Optimizer:
+    """timm's ``create_optimizer_v2`` over ``param_groups`` (each layer's scales read from the
+    layer); a bad optim section is a user error."""
+    from timm.optim import create_optimizer_v2
+
+    o = recipe.optim
+    try:
+        return create_optimizer_v2(
+            recipe_param_groups(model, o),
+            opt=o.name,
+            lr=o.lr,
+            weight_decay=o.weight_decay,
+            momentum=o.momentum,
+        )
+    except (ValueError, AssertionError, TypeError) as exc:  # timm: unknown name, bad momentum, ...
+        raise EnormError(
+            f"optim: {exc or type(exc).__name__} (check optim.name and its settings)"
+        ) from None
+
+
+def build_scheduler(optimizer: torch.optim.Optimizer, recipe: Recipe, steps_per_epoch: int) -> Any:
+    """timm's ``create_scheduler_v2`` for the recipe's schedule, stepped per optimizer update."""
+    from timm.scheduler import create_scheduler_v2
+
+    s = recipe.schedule
+    scheduler, _ = create_scheduler_v2(
+        optimizer,
+        sched=s.name,
+        num_epochs=s.epochs,
+        warmup_epochs=s.warmup_epochs,
+        warmup_lr=s.warmup_lr,
+        min_lr=s.min_lr,
+        decay_epochs=s.decay_epochs or max(s.epochs // 3, 1),
+        decay_milestones=s.decay_milestones,
+        decay_rate=s.decay_rate,
+        step_on_epochs=False,
+        updates_per_epoch=steps_per_epoch,
+    )
+    return scheduler

@@ -1,0 +1,177 @@
+"""Optimizer groups over the layer interface, timm's optimizer and scheduler factories."""
+
+from __future__ import annotations
+
+import copy
+import math
+
+import pytest
+import torch
+from helpers import QUICK, randomize_norms
+from torch import nn
+
+from enorm_cli.config.recipe import Recipe, load_recipe
+from enorm_cli.config.settings import ENSettings
+from enorm_cli.convert.surgery import replace_norms
+from enorm_cli.errors import EnormError
+from enorm_cli.finetune.model import prepare_model
+from enorm_cli.finetune.optim import (
+    build_optimizer,
+    build_scheduler,
+    gradient_scaled,
+    network_lr,
+    recipe_param_groups,
+)
+from enorm_cli.layers import MixedNorm2d
+
+LAMBDA_SRC = math.exp(2.0) / (math.exp(2.0) + 1)  # the quickstart's margin 2 over [bn, ln]
+
+
+def groups_of(model: nn.Module, recipe: Recipe) -> list[dict]:
+    return recipe_param_groups(model, recipe.optim)
+
+
+def test_param_groups_split_en_parts() -> None:
+    recipe = load_recipe(
+        QUICK, ["model.checkpoint=null", "optim.lr=0.1", "optim.ratio_lr_scale=0.5"]
+    )
+    prepared = prepare_model(recipe, 10)
+    groups = {g["name"]: g for g in groups_of(prepared.model, recipe)}
+    assert groups["ratio"]["lr"] == 0.05 and groups["ratio"]["weight_decay"] == 0.0
+    assert groups["affine"]["lr"] == pytest.approx(0.1 / LAMBDA_SRC**2)  # affine_lr_scale: auto
+    assert groups["decay"]["weight_decay"] == 1e-4
+    total = sum(p.numel() for g in groups.values() for p in g["params"])
+    assert total == sum(p.numel() for p in prepared.model.parameters())
+
+
+@pytest.mark.parametrize(
+    ("overrides", "lr"),
+    [
+        (["optim.name=adamw"], 0.1 / LAMBDA_SRC),  # adaptive steps: the gradient's scale cancels
+        (["optim.affine_lr_scale=1"], 0.1),
+        (["optim.affine_lr_scale=0.3"], 0.03),
+        (["model.norm=sn"], 0.1),  # one affine pair: the gain's own gradient
+        (["model.en.ablation.shared_affine=true"], 0.1),
+    ],
+)
+def test_affine_lr_scale(overrides: list[str], lr: float) -> None:
+    recipe = load_recipe(
+        QUICK, ["model.name=test_resnet", "model.checkpoint=null", "optim.lr=0.1", *overrides]
+    )
+    groups = {g["name"]: g for g in groups_of(prepare_model(recipe, 10).model, recipe)}
+    assert groups["affine"]["lr"] == pytest.approx(lr)
+
+
+@pytest.mark.parametrize(
+    ("overrides", "lr"),
+    [
+        ([], 0.1),  # default logit scale 1 / sqrt(pi K): a step moves the logits as SN's
+        (["model.en.ablation.logit_scale=1.0"], 0.1 / 100),  # s^2 pi K = 100 for K=2, pi=50
+        (["model.en.ablation.logit_scale=1.0", "model.en.ablation.pi=10"], 0.1 / 20),
+        (["model.norm=sn"], 0.1),  # plain logits
+        (["optim.ratio_lr_scale=0.5"], 0.05),
+    ],
+)
+def test_ratio_lr_scale(overrides: list[str], lr: float) -> None:
+    """``ratio_lr_scale: auto`` divides out ``ratio_step_factor`` (s^2 pi K), so the ratio
+    logits move as far per step whatever the branch's logit scale."""
+    recipe = load_recipe(
+        QUICK, ["model.name=test_resnet", "model.checkpoint=null", "optim.lr=0.1", *overrides]
+    )
+    groups = {g["name"]: g for g in groups_of(prepare_model(recipe, 10).model, recipe)}
+    assert groups["ratio"]["lr"] == pytest.approx(lr) and "ratio_1" not in groups
+    assert groups["ratio"]["lr_multiple"] == pytest.approx(lr / 0.1)
+
+
+def test_auto_ratio_scale_is_exactly_one_at_the_default_logit_scale() -> None:
+    """Bit-identical to the recipes' former explicit ``ratio_lr_scale: 1.0``."""
+    recipe = load_recipe(QUICK, ["model.checkpoint=null"])
+    groups = {g["name"]: g for g in groups_of(prepare_model(recipe, 10).model, recipe)}
+    assert groups["ratio"]["lr_multiple"] == 1.0 and groups["ratio"]["lr"] == recipe.optim.lr
+
+
+def test_gradient_scaled_optimizers() -> None:
+    assert all(gradient_scaled(n) for n in ("sgd", "momentum", "nesterov", "sgdp", "lookahead_sgd"))
+    assert not any(gradient_scaled(n) for n in ("adamw", "lion", "rmsproptf", "lamb"))
+
+
+@pytest.mark.parametrize(("scale", "gain_step"), [("auto", 1.0), ("1", LAMBDA_SRC**2)])
+def test_auto_scale_gives_the_source_gain_the_step_bn_takes(scale: str, gain_step: float) -> None:
+    """Why ``affine_lr_scale: auto``: one SGD step on a converted EN layer moves its source gain
+    (lambda_src * gamma_src row) as far as the same step moves the BatchNorm's gamma; with
+    scale 1 it moves lambda_src^2 = 0.78 times as far, and EN learned slower than BN at low lrs."""
+    torch.manual_seed(0)
+    bn_model = randomize_norms(nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8)))
+    en_model = copy.deepcopy(bn_model)
+    replace_norms(en_model, ENSettings(normalizers=("bn", "ln"), margin=2.0))
+    recipe = load_recipe(
+        QUICK, ["model.checkpoint=null", "optim.lr=0.1", f"optim.affine_lr_scale={scale}"]
+    )
+    x, target = torch.randn(6, 3, 9, 9), torch.randn(6, 8, 7, 7)
+    steps = []
+    for model in (bn_model, en_model):
+        layer = model[1]
+        row = layer.normalizers.index("bn") if isinstance(layer, MixedNorm2d) else slice(None)
+        share = LAMBDA_SRC if isinstance(layer, MixedNorm2d) else 1.0
+        gain = share * layer.weight.detach()[row].clone()  # the source gain the output sees
+        groups = [g for g in groups_of(model, recipe) if g["name"] != "ratio"]
+        optimizer = torch.optim.SGD(groups, lr=recipe.optim.lr)
+        (model(x) * target).sum().backward()
+        optimizer.step()
+        steps.append(share * layer.weight.detach()[row] - gain)
+    assert torch.allclose(steps[1], gain_step * steps[0], rtol=1e-4, atol=1e-7)
+
+
+@pytest.mark.parametrize("norm", ["en", "sn"])
+def test_groups_hold_what_each_layer_names(norm: str) -> None:
+    recipe = load_recipe(
+        QUICK, ["model.name=test_resnet", "model.checkpoint=null", f"model.norm={norm}"]
+    )
+    model = prepare_model(recipe, 10).model
+    groups = {g["name"]: {id(p) for p in g["params"]} for g in groups_of(model, recipe)}
+    layers = [m for m in model.modules() if isinstance(m, MixedNorm2d)]
+    assert layers
+    assert groups["ratio"] == {id(p) for m in layers for p in m.ratio_parameters()}
+    assert groups["affine"] == {id(p) for m in layers for p in m.affine_parameters()}
+
+
+def test_optimizer_and_scheduler_from_the_recipe() -> None:
+    recipe = load_recipe(
+        QUICK,
+        [
+            "model.name=test_resnet",
+            "model.checkpoint=null",
+            "optim.name=adamw",
+            "schedule.warmup_epochs=1",
+            "schedule.epochs=2",
+        ],
+    )
+    model = prepare_model(recipe, 10).model
+    optimizer = build_optimizer(model, recipe)
+    assert type(optimizer).__name__ == "AdamW"
+    scheduler = build_scheduler(optimizer, recipe, steps_per_epoch=10)
+    scheduler.step_update(5)
+    assert 0 < optimizer.param_groups[0]["lr"] < recipe.optim.lr
+    bad = load_recipe(
+        QUICK, ["model.name=test_resnet", "model.checkpoint=null", "optim.name=nosuch"]
+    )
+    with pytest.raises(EnormError, match="optim"):
+        build_optimizer(model, bad)
+
+
+def test_the_logged_lr_is_the_networks_not_the_scaled_affines() -> None:
+    recipe = load_recipe(QUICK, ["model.name=test_resnet", "model.checkpoint=null", "optim.lr=0.1"])
+    optimizer = build_optimizer(prepare_model(recipe, 10).model, recipe)
+    assert max(g["lr"] for g in optimizer.param_groups) > 0.1  # the affines: 0.1 / lambda^2
+    assert network_lr(optimizer) == 0.1
+
+
+def test_the_scheduler_applies_each_groups_scale_once() -> None:
+    """timm's schedulers multiply a group's lr by a key named ``lr_scale``: the groups' own
+    multiple must not be read as one (the affines would learn at lr / lambda_src^4)."""
+    recipe = load_recipe(QUICK, ["model.name=test_resnet", "model.checkpoint=null", "optim.lr=0.1"])
+    optimizer = build_optimizer(prepare_model(recipe, 10).model, recipe)
+    scheduler = build_scheduler(optimizer, recipe, steps_per_epoch=10)
+    scheduler.step_update(0)
+    for group in optimizer.param_groups:
+        assert group["lr"] == pytest.approx(0.1 * group.get("lr_multiple", 1.0))
