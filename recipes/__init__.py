@@ -1,4 +1,4 @@
-"""The packaged recipes (``enorm recipes`` lists them; ``recipe_registry.py`` reads them).
+"""The packaged recipes (``enorm recipes`` lists them; ``config/registry.py`` reads them).
 
 This folder is installed as the package ``enorm_cli.recipes`` (pyproject's package-dir).
 """

@@ -34,3 +34,18 @@ def test_readme_links_resolve() -> None:
     for target in re.findall(r"\]\(([^)#]+)(?:#[^)]*)?\)", text):
         if "://" not in target:
             assert (ROOT / target).exists(), target
+
+
+def python_blocks(page: Path) -> list[str]:
+    """The ```python blocks of a page, in order."""
+    return re.findall(r"```python\n(.*?)```", page.read_text(), flags=re.DOTALL)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("index", range(3), ids=["plain-loop", "lightning", "detection"])
+def test_own_loop_page_runs_as_written(index: int, tmp_path: Path, monkeypatch) -> None:
+    """Each code block of "EN in your own training loop" runs unchanged (in a fresh folder)."""
+    blocks = python_blocks(ROOT / "docs" / "own-loop.md")
+    assert len(blocks) == 3
+    monkeypatch.chdir(tmp_path)
+    exec(compile(blocks[index], f"own-loop.md block {index}", "exec"), {"__name__": "own_loop"})

@@ -243,8 +243,9 @@ def verify_conversion(
 
     The float64 reference is ``converted`` cast to float64 with what the conversion computed
     redone from a float64 copy of the source (``surgery.restart_from_source``); the models
-    passed in are left as they are. ``tolerance`` is the floor of the float64 tolerance,
-    which grows with how much the network amplifies rounding (``Verification.tolerance``).
+    passed in keep their parameters and are left in eval mode. ``tolerance`` is the floor of
+    the float64 tolerance, which grows with how much the network amplifies rounding
+    (``Verification.tolerance``).
     """
     from .surgery import restart_from_source
 
