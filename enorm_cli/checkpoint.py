@@ -120,12 +120,24 @@ def build_metadata(
     return meta
 
 
-def save_checkpoint(model: nn.Module, path: Path, metadata: dict[str, str]) -> None:
-    """Write atomically: a temp file beside ``path``, renamed on success. Shared tensors once."""
+def save_checkpoint(
+    model: nn.Module, path: Path, metadata: dict[str, str], fault: str | None = None
+) -> None:
+    """Write atomically: a temp file beside ``path``, renamed on success. Shared tensors once.
+    ``fault``: the write kind ``faults.write_fault`` may fail here, half written (tests)."""
     from safetensors.torch import save_model
 
     with atomic_path(Path(path)) as tmp:
         save_model(model, str(tmp), metadata=dict(metadata))
+        if fault is not None:
+            from .faults import write_fault
+
+            with open(tmp, "r+b") as f:  # the fault strikes with half of the file written
+                try:
+                    write_fault(fault)
+                except OSError:
+                    f.truncate(tmp.stat().st_size // 2)
+                    raise
 
 
 def read_metadata(path: Path) -> dict[str, str]:

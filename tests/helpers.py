@@ -185,3 +185,24 @@ def frozen_layer(cls: type | None = None, normalizers: tuple[str, ...] = ("bn", 
     layer.train()
     layer.renorm = layer.frozen_stats = True
     return layer
+
+
+def run_records(out: Path) -> list[dict]:
+    """A run's metrics.jsonl records, less the timing (which varies)."""
+    import json
+
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    return [{k: v for k, v in r.items() if k != "images_per_s"} for r in rows]
+
+
+def assert_same_run(out: Path, reference: Path) -> None:
+    """The run in ``out`` wrote the reference run's records and last weights, exactly."""
+    from safetensors.torch import load_file
+
+    assert run_records(out) == run_records(reference)
+    weights, expected = (
+        load_file(out / "last.safetensors"),
+        load_file(reference / "last.safetensors"),
+    )
+    assert weights.keys() == expected.keys()
+    assert all(torch.equal(weights[k], expected[k]) for k in weights)

@@ -49,3 +49,42 @@ def test_atomic_path_renames_only_on_success(tmp_path: Path) -> None:
         raise RuntimeError("killed")
     assert target.read_text() == "whole"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model.pt2"]
+
+
+def test_a_refused_write_is_one_line_and_leaves_nothing(tmp_path: Path) -> None:
+    """A full disk in the middle of a write: the file system's cause, the path and the fix in
+    one EnormError, the temp file gone, the old file intact."""
+    import errno
+
+    from enorm_cli.errors import EnormError
+    from enorm_cli.fileio import WriteRefused, atomic_path
+
+    target = tmp_path / "out.bin"
+    target.write_text("old")
+    with pytest.raises(WriteRefused) as caught:
+        with atomic_path(target) as tmp:
+            tmp.write_text("half")
+            raise OSError(errno.ENOSPC, "No space left on device")
+    message = str(caught.value)
+    assert isinstance(caught.value, EnormError) and "\n" not in message
+    assert str(target) in message and "no space left on the device" in message
+    assert "free space under" in message
+    assert target.read_text() == "old" and list(tmp_path.iterdir()) == [target]
+
+
+def test_other_libraries_words_and_torchs_short_write_are_classified(
+    tmp_path: Path, monkeypatch
+) -> None:
+    import shutil
+    from collections import namedtuple
+
+    from enorm_cli import fileio
+
+    assert fileio.write_errno(RuntimeError("SafetensorError: No space left on device"), tmp_path)
+    assert fileio.write_errno(RuntimeError("a bug"), tmp_path) is None  # not the disk's doing
+    short = RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 64 vs 32")
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(shutil, "disk_usage", lambda _p: usage(100, 100, 0))
+    assert fileio.write_errno(short, tmp_path) == __import__("errno").ENOSPC
+    monkeypatch.setattr(shutil, "disk_usage", lambda _p: usage(1 << 40, 0, 1 << 40))
+    assert fileio.write_errno(short, tmp_path) is None  # space left: not a full disk

@@ -48,8 +48,10 @@ def user_errors(fn: Callable[P, R]) -> Callable[P, R]:
         except EnormError as exc:
             if debug_enabled():
                 raise
-            # Plain print, not rich markup: messages hold paths and brackets.
-            typer.echo(f"error: {exc}", err=True)
+            # Plain print, not rich markup: messages hold paths and brackets. An error every
+            # process of a run raised alike is printed once.
+            if not exc.collective or os.environ.get("RANK", "0") == "0":
+                typer.echo(f"error: {exc}", err=True)
             raise typer.Exit(exc.exit_code) from None
         except Preempted as exc:
             if os.environ.get("RANK", "0") == "0":  # one line, not one per process

@@ -22,8 +22,10 @@ step with a state saved (``preemption.py``).
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -48,8 +50,8 @@ from ..data.datasets import (
 )
 from ..errors import EnormError
 from ..evaluate import EvalResult, cpu_only, evaluate
-from ..faults import crash_point
-from ..fileio import write_text_atomic
+from ..faults import crash_point, write_fault
+from ..fileio import refused, write_text_atomic
 from ..layers.modes import set_bn_stats, set_sync_stats
 from .metrics_log import MetricsLog
 from .model import PreparedModel, prepare_model, sync_batchnorm
@@ -115,8 +117,14 @@ class FinetuneRecipe:
         self._setup_optimizer()
         if self.resume:
             self.load_checkpoint(self.layout.latest_state())  # layout.check made sure there is one
-        if self.main:
-            write_text_atomic(self.layout.config, self._resolved_config())
+        config = self._resolved_config()
+        self._agree(
+            self._attempt(
+                lambda: write_text_atomic(self.layout.config, config),
+                self.layout.config,
+                fix="{fix}, then run it again",
+            )
+        )
         if self.trackers:
             config = flat_config(self.recipe.model_dump(mode="json"))
             self.accelerator.init_trackers(self.layout.root.resolve().name, config=config)
@@ -168,6 +176,7 @@ class FinetuneRecipe:
             if self.force and not self.resume:
                 self.layout.clear()
             self.layout.root.mkdir(parents=True, exist_ok=True)
+            self.layout.remove_partial_states()  # a kill's leftovers: never a resume point
         self.accelerator.wait_for_everyone()
 
     def _setup_data(self) -> None:
@@ -237,8 +246,10 @@ class FinetuneRecipe:
         self.accelerator.print(f"resuming from {state} (epoch {p.epoch + 1}, step {p.global_step})")
 
     def save_checkpoint(self, epoch: int, batch: int) -> None:
-        """A resumable state: Accelerate's ``save_state``, then the progress file (written
-        last: it marks the state complete); older states beyond ``keep_states`` go.
+        """A resumable state, written whole or not at all: Accelerate's ``save_state`` into a
+        partial folder, then the progress file, then one rename into place; older states beyond
+        ``keep_states`` go only after. A write the file system refuses (full, quota, read-only)
+        stops every process with one line, its partial folder removed (``_agree``).
 
         At most one state per step (an epoch's end after a state saved at its last step
         adds none), decided from ``saved_step``: every process decides alike, where a file
@@ -249,33 +260,85 @@ class FinetuneRecipe:
         self.saved_step = self.progress.global_step
         self.progress.epoch, self.progress.batch = epoch, batch
         self.progress.metrics_rows = self.metrics.rows
-        state = self.layout.state(self.progress.global_step)
-        self.accelerator.save_state(str(state))
-        crash_point("save")
+        step = self.progress.global_step
+        state, partial = self.layout.state(step), self.layout.partial_state(step)
         if self.main:
-            self.progress.save(self.layout.progress_file(state))
+            self.layout.remove(partial)  # a kill's leftover of this very step
+        self.accelerator.wait_for_everyone()  # every process writes into the clean folder
+
+        def write_files() -> None:
+            self.accelerator.save_state(str(partial))
+            crash_point("save")
+            write_fault("state")
+
+        def finish() -> None:
+            self.progress.save(self.layout.progress_file(partial))
+            self.layout.remove(state)  # a state of this step from before a resume
+            partial.rename(state)
             self.layout.prune_states(self.recipe.train.keep_states)
-        self.accelerator.wait_for_everyone()
+
+        try:
+            self._agree(self._attempt(write_files, partial, everywhere=True))
+            self._agree(self._attempt(finish, partial))
+        except EnormError:
+            if self.main:
+                self.layout.remove(partial)
+            raise
 
     def save_model(
         self, summary: dict[str, Any], ratio_stats: dict[str, Any] | None, improved: bool
     ) -> None:
         """last.safetensors (and best.safetensors when top-1 improved): enorm checkpoints
         with the last eval's ratio statistics, for ``enorm inspect``."""
-        if not self.main:
-            return
         meta = self.prepared.metadata(
             self.data_config, {"ratio_stats": ratio_stats, "train": summary}
         )
         unwrapped = self.accelerator.unwrap_model(self.model)
         for path, wanted in ((self.layout.last, True), (self.layout.best, improved)):
             if wanted:
-                try:
-                    save_checkpoint(unwrapped, path, meta)
-                except OSError as exc:
-                    raise EnormError(
-                        f"could not save {str(path)!r} ({exc}); the previous checkpoint is intact"
-                    ) from None
+
+                def write(path: Path = path) -> None:
+                    save_checkpoint(unwrapped, path, meta, fault="checkpoint")
+
+                fix = "{fix}, then run the same command with --resume (the previous file is intact)"
+                self._agree(self._attempt(write, path, fix=fix))
+
+    def _attempt(
+        self,
+        write: Callable[[], None],
+        path: Path,
+        everywhere: bool = False,
+        fix: str = "{fix}, then run the same command with --resume",
+    ) -> str | None:
+        """Run a write of the main process (``everywhere``: of every process) and return the one
+        line for a refusal of the file system (``fileio.refused``), None when it went through.
+        Anything else is a bug and propagates."""
+        if not (everywhere or self.main):
+            return None
+        try:
+            write()
+        except Exception as exc:
+            error = refused(exc, path, fix)
+            if error is None:
+                raise
+            return str(error)
+        return None
+
+    def _agree(self, error: str | None) -> None:
+        """Every process learns whether any write failed and stops with the same line: none
+        waits at the next collective for one that has left, and none reports success."""
+        if self.accelerator.num_processes > 1:
+            import torch.distributed as dist
+
+            errors: list[str | None] = [None] * self.accelerator.num_processes
+            dist.all_gather_object(errors, error)
+            error = next((e for e in errors if e), None)
+        if error:
+            raise EnormError(error, collective=True)
+
+    def _write_metrics(self, record: dict[str, Any]) -> None:
+        """A metrics.jsonl record (and the trackers'), through ``_attempt``/``_agree``."""
+        self._agree(self._attempt(lambda: self.metrics.write(record), self.layout.metrics))
 
     # -- training ------------------------------------------------------------------------
 
@@ -333,7 +396,7 @@ class FinetuneRecipe:
             if step % train.log_every == 0 or batch_index + 1 == len(self.train_loader):
                 logged = sum(window) / len(window)  # mean over the steps since the last record
                 window.clear()
-                self.metrics.write(
+                self._write_metrics(
                     {
                         "step": step,
                         "epoch": epoch + 1,
@@ -436,7 +499,7 @@ class FinetuneRecipe:
             "samples": result.samples,
             "best_top1": best,
         }
-        self.metrics.write(summary)
+        self._write_metrics(summary)
         self.accelerator.print(
             f"epoch {epoch + 1} step {p.global_step}: val top-1 {result.top1:.2f}% top-5 "
             f"{result.top5:.2f}% loss {result.loss:.4f} on "
@@ -462,6 +525,11 @@ def finetune(
         summary = run.train()
     except Preempted:
         run.cleanup()  # every process stopped at the same step: trackers flush, then exit
+        raise
+    except EnormError as exc:
+        if exc.collective:  # every process stopped at the same write (``_agree``)
+            with contextlib.suppress(Exception):  # the trackers may share the full disk
+                run.cleanup()
         raise
     run.cleanup()
     return summary

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from ..faults import write_fault
 from ..fileio import write_text_atomic
 from .progress import TrainingProgress
 from .trackers import scalars
@@ -46,9 +49,21 @@ class MetricsLog:
         self.rows = len(kept)
 
     def write(self, record: dict[str, Any]) -> None:
+        """Append one record: whole, or not at all (a failed append is cut back off)."""
         self.rows += 1
         if self.enabled:
-            with open(self.path, "a") as f:
-                f.write(json.dumps(record) + "\n")
+            line = json.dumps(record) + "\n"
+            size = self.path.stat().st_size if self.path.exists() else 0
+            try:
+                with open(self.path, "a") as f:
+                    f.write(line[: len(line) // 2])
+                    f.flush()
+                    write_fault("metrics")  # tests: the disk fills mid-record
+                    f.write(line[len(line) // 2 :])
+            except BaseException:
+                self.rows -= 1
+                with contextlib.suppress(OSError):
+                    os.truncate(self.path, size)
+                raise
         if self.tracker is not None:  # Accelerate logs on the main process only
             self.tracker(scalars(record), step=record["step"])

@@ -6,7 +6,8 @@ OUTPUT_DIR/
   metrics.jsonl        one JSON object per logged step and per eval
   last.safetensors     the model after the latest eval; best.safetensors: the best top-1
   logs/                Accelerate trackers (tensorboard --logdir OUTPUT_DIR/logs)
-  state/step_NNNNNNNN/ resumable states; progress.json, written last, marks one complete
+  state/step_NNNNNNNN/ resumable states, each written into .step_NNNNNNNN.partial/ and
+                       renamed when complete (progress.json in it)
 ```
 """
 
@@ -60,6 +61,25 @@ class RunLayout:
     def progress_file(state: Path) -> Path:
         """A state's progress record; it is written last, so it marks the state complete."""
         return state / PROGRESS_FILE
+
+    def partial_state(self, global_step: int) -> Path:
+        """Where that state is written; renamed to ``state`` once complete, so a folder named
+        step_* is always whole (older enorms marked completeness with the progress file alone,
+        which ``latest_state`` still checks)."""
+        return self.states / f".step_{global_step:08d}.partial"
+
+    def remove_partial_states(self) -> None:
+        """Remove the partial folders a kill during a save left."""
+        for partial in self.states.glob(".step_*.partial"):
+            self.remove(partial)
+
+    @staticmethod
+    def remove(path: Path) -> None:
+        """Remove a folder or file if it is there."""
+        if path.is_dir():
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            path.unlink(missing_ok=True)
 
     def saved_states(self) -> list[Path]:
         """Every state folder, complete or not, oldest first."""

@@ -4,7 +4,6 @@ and two over gloo), real SIGKILL (``faults.crash_point``) and SIGTERM."""
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import subprocess
@@ -13,9 +12,7 @@ import time
 from pathlib import Path
 
 import pytest
-import torch
-from helpers import QUICK, ROOT, crop_dataset, tiny_recipe
-from safetensors.torch import load_file
+from helpers import QUICK, ROOT, assert_same_run, crop_dataset, tiny_recipe
 
 from enorm_cli.faults import ENV as CRASH_ENV
 
@@ -45,21 +42,6 @@ def _args(crops: Path, out: Path) -> list[str]:
 
 def _run(cmd: list[str], env: dict[str, str]) -> subprocess.CompletedProcess:
     return subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT, timeout=600)
-
-
-def _records(out: Path) -> list[dict]:
-    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    return [{k: v for k, v in r.items() if k != "images_per_s"} for r in rows]  # timing varies
-
-
-def _same_run(out: Path, reference: Path) -> None:
-    assert _records(out) == _records(reference)
-    weights, expected = (
-        load_file(out / "last.safetensors"),
-        load_file(reference / "last.safetensors"),
-    )
-    assert weights.keys() == expected.keys()
-    assert all(torch.equal(weights[k], expected[k]) for k in weights)
 
 
 @pytest.fixture(scope="module")
@@ -109,13 +91,13 @@ def test_resume_after_sigkill_reproduces_the_run(
     assert killed.returncode != 0 and list((out / "state").glob("step_*/progress.json"))
     if processes == 1:
         assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
-    if crash.startswith("save"):  # the state being written is incomplete and must be passed over
-        partial = [p for p in (out / "state").glob("step_*") if not (p / "progress.json").exists()]
-        assert partial
+    if crash.startswith("save"):  # the state being written stays partial, never a resume point
+        assert list((out / "state").glob(".step_*.partial"))
+        assert all((p / "progress.json").exists() for p in (out / "state").glob("step_*"))
     done = _run([*cmd, "--resume"], _env())
     assert done.returncode == 0, done.stderr[-3000:]
     assert "resuming from" in done.stdout
-    _same_run(out, references[processes])
+    assert_same_run(out, references[processes])
 
 
 @pytest.mark.slow
@@ -142,7 +124,7 @@ def test_sigterm_saves_exits_75_and_resumes_to_the_same_result(
     )
     done = _run([*cmd, "--resume"], _env())
     assert done.returncode == 0, done.stderr[-3000:]
-    _same_run(out, references[1])
+    assert_same_run(out, references[1])
 
 
 def test_a_second_signal_exits_at_once() -> None:
