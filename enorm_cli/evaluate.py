@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from .faults import crash_point
-from .inspect.recorder import RatioRecorder, summarize
+from .inspect.recorder import RatioRecorder, Readout, summarize
 
 
 @dataclass
@@ -47,7 +47,8 @@ def evaluate(
 ) -> EvalResult:
     """Exact top-1/top-5 over the whole split, across processes (no padded duplicates).
 
-    With ``record_ratios``, also every EN/SN layer's ratio statistics (``ratios.summarize``),
+    With ``record_ratios``, also every EN/SN layer's ratio statistics and diagnostics
+    (``inspect.recorder.summarize``),
     which checkpoints store for ``enorm inspect``.
     """
     model.eval()
@@ -57,26 +58,33 @@ def evaluate(
         recorder = None
     correct1 = correct5 = loss_sum = 0.0
     samples = 0
-    ratio_batches = []
+    readouts = []
     with recorder if recorder is not None else contextlib.nullcontext():
         for x, y in loader:
             logits = model(x).float()
-            extra = recorder.take().to(logits.device) if recorder is not None else None
-            gathered = accelerator.gather_for_metrics(
-                (logits, y) if extra is None else (logits, y, extra)
+            extra = (
+                tuple(t.to(logits.device) for t in recorder.take_readout())
+                if recorder is not None
+                else ()
             )
+            gathered = accelerator.gather_for_metrics((logits, y, *extra))
             g_logits, g_y = gathered[0], gathered[1]
             c1, c5 = _accuracy_counts(g_logits, g_y)
             correct1 += c1
             correct5 += c5
             loss_sum += nn.functional.cross_entropy(g_logits, g_y, reduction="sum").item()
             samples += g_y.shape[0]
-            if extra is not None:
-                ratio_batches.append(gathered[2].cpu())
+            if extra:
+                readouts.append(Readout(*(t.cpu() for t in gathered[2:])))
             crash_point("eval")
     stats = None
-    if recorder is not None and ratio_batches:
-        stats = summarize(recorder.names, recorder.normalizers, torch.cat(ratio_batches))
+    if recorder is not None and readouts:
+        stats = summarize(
+            recorder.names,
+            recorder.normalizers,
+            Readout.cat(readouts),
+            recorder.gamma_sizes(),
+        )
     return EvalResult(
         100.0 * correct1 / samples, 100.0 * correct5 / samples, loss_sum / samples, samples, stats
     )

@@ -52,6 +52,7 @@ from ..errors import EnormError
 from ..evaluate import EvalResult, cpu_only, evaluate
 from ..faults import crash_point, write_fault
 from ..fileio import refused, write_text_atomic
+from ..inspect.recorder import selection_scalars
 from ..layers.modes import set_bn_stats, set_sync_stats
 from .metrics_log import MetricsLog
 from .model import PreparedModel, prepare_model, sync_batchnorm
@@ -498,6 +499,7 @@ class FinetuneRecipe:
             "val_loss": result.loss,
             "samples": result.samples,
             "best_top1": best,
+            **(selection_scalars(result.ratio_stats) if result.ratio_stats else {}),
         }
         self._write_metrics(summary)
         self.accelerator.print(

@@ -21,7 +21,7 @@ from ..convert.surgery import ConvertedLayer
 from ..errors import EnormError
 from ..layers import get_norm_layer
 from ..layers.base import STATE_BUFFERS
-from .recorder import LayerRatios, layer_ratios
+from .recorder import LayerRatios, Readout, layer_ratios
 
 
 @dataclass
@@ -64,6 +64,12 @@ class InspectResult:
             row: dict[str, Any] = {"index": index, "layer": r.name, "channels": info.channels}
             row.update({n: m for n, m in zip(r.normalizers, r.mean)})
             row.update({f"{n}_std": s for n, s in zip(r.normalizers, r.std)})
+            if r.logit_std is not None:
+                row.update({f"{n}_logit_std": s for n, s in zip(r.normalizers, r.logit_std)})
+            if r.saturated is not None:
+                row["saturated"] = r.saturated
+            if r.gamma_rel is not None:
+                row.update({f"{n}_gamma_rel": g for n, g in zip(r.normalizers, r.gamma_rel)})
             row.update({"dominant": r.dominant, "samples": self.samples, "source": self.source})
             out.append(row)
         return out
@@ -145,6 +151,26 @@ def prior_ratios(
     return out, exact
 
 
+def file_gamma_sizes(
+    path: Path, kind: str, layers: list[ConvertedLayer]
+) -> list[list[float] | None]:
+    """Each EN layer's gamma sizes from the file's weights (``MixedNorm2d.gamma_sizes``,
+    relative to the largest row: the file does not name the source normalizer); None for SN
+    and shared affines."""
+    from safetensors import safe_open
+
+    out: list[list[float] | None] = []
+    with safe_open(str(path), framework="pt") as f:
+        for layer in layers:
+            weight = f.get_tensor(f"{layer.name}.weight").double()
+            if kind != "en" or weight.dim() != 2 or weight.shape[0] == 1:
+                out.append(None)
+                continue
+            rms = weight.square().mean(1).sqrt()
+            out.append((rms / rms.max().clamp_min(1e-30)).tolist())
+    return out
+
+
 def inspect_checkpoint(path: Path) -> InspectResult:
     """The no-data view: layers plus the stored ratio statistics of the last eval, else the
     prior."""
@@ -152,12 +178,13 @@ def inspect_checkpoint(path: Path) -> InspectResult:
     kind, layers = checkpoint_layers(path, info)
     stored = info.extra.get("ratio_stats")
     if stored and stored.get("layers"):
-        ratios = [
-            LayerRatios(s["name"], list(s["normalizers"]), list(s["mean"]), list(s["std"]))
-            for s in stored["layers"]
-        ]
+        ratios = [LayerRatios.from_json(s) for s in stored["layers"]]
+        for r, gamma in zip(ratios, file_gamma_sizes(path, kind, layers)):
+            r.gamma_rel = r.gamma_rel or gamma  # files from before the diagnostics
         return InspectResult(str(path), kind, "stored", int(stored["samples"]), layers, ratios)
     ratios, exact = prior_ratios(path, kind, layers)
+    for r, gamma in zip(ratios, file_gamma_sizes(path, kind, layers)):
+        r.gamma_rel = gamma
     return InspectResult(
         str(path), kind, "prior" if exact else "prior (fc2 bias only)", 0, layers, ratios
     )
@@ -218,11 +245,14 @@ def inspect_on_data(
                 raise EnormError(
                     f"the data does not fit the model ({first}): check --data"
                 ) from None
-            batches.append(recorder.take())
+            batches.append(recorder.take_readout())
             labels.append(y)
-    ratios = torch.cat(batches)
+    readout = Readout.cat(batches)
+    ratios = readout.ratios
     targets = torch.cat(labels)
-    summary = layer_ratios(recorder.names, recorder.normalizers, ratios)
+    summary = layer_ratios(
+        recorder.names, recorder.normalizers, *readout, gamma=recorder.gamma_sizes()
+    )
     classes = per_class(ratios, targets, summary, split.classes) if by_class else None
     return InspectResult(
         str(path), kind, "data", int(ratios.shape[0]), layers, summary, classes, ratios

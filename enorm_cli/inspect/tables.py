@@ -15,6 +15,7 @@ from rich.measure import Measurement
 from rich.table import Table
 
 from ..fileio import atomic_path
+from .recorder import LayerRatios
 from .report import InspectResult
 
 SOURCE_TEXT = {
@@ -38,7 +39,7 @@ def _layer_table(result: InspectResult, compact: bool) -> Table:
     table = Table(
         title=title,
         title_justify="left",
-        caption="cells: mean±std of each normalizer's ratio",
+        caption="cells: mean±std over samples of each normalizer's ratio",
         caption_justify="left",
         box=box.SIMPLE_HEAD if compact else box.HEAVY_HEAD,
         pad_edge=not compact,
@@ -81,6 +82,64 @@ def _layer_table(result: InspectResult, compact: bool) -> Table:
     return table
 
 
+DIAGNOSTIC_HEADERS = {
+    "spread": "ratio sd",
+    "logit_std": "logit sd",
+    "saturated": "saturated",
+    "gamma_rel": "gamma / source",
+}
+"""Whether a layer chooses (``LayerRatios``): its logits' largest spread over samples, the
+share of its branch's saturated hidden units, each normalizer's gamma size relative to the
+source's (in the layer's normalizer order)."""
+
+
+def _diagnostics(result: InspectResult) -> list[str]:
+    """The diagnostic columns this result has values for (the ratio spread only with data)."""
+    columns = ["spread"] if result.source in ("data", "stored") else []
+    return columns + [
+        c
+        for c in DIAGNOSTIC_HEADERS
+        if c != "spread" and any(getattr(r, c) is not None for r in result.ratios)
+    ]
+
+
+def _diagnostic_cell(r: LayerRatios, column: str) -> str:
+    value = getattr(r, column)
+    if value is None:
+        return "-"
+    if column in ("spread", "logit_std"):
+        return f"{value if column == 'spread' else max(value):.3f}"
+    if column == "saturated":
+        return f"{100 * value:.0f}%"
+    return "/".join(f"{g:.2f}" for g in value)
+
+
+def _diagnostics_table(result: InspectResult, columns: list[str], compact: bool) -> Table:
+    """Whether each layer chooses: the largest spread over samples of a ratio and of a logit,
+    the branch's saturated hidden units, and the gammas against the source's."""
+    table = Table(
+        title="whether EN chooses (0 spread: the same mix for every sample)",
+        title_justify="left",
+        caption="gamma / source: each normalizer's gamma size, in the layer's normalizer "
+        "order; 0: that normalizer is inert",
+        caption_justify="left",
+        box=box.SIMPLE_HEAD if compact else box.HEAVY_HEAD,
+        pad_edge=not compact,
+        collapse_padding=compact,
+    )
+    table.add_column(
+        "layer",
+        overflow="fold",
+        no_wrap=not compact,
+        min_width=8 if compact else max((len(r.name) for r in result.ratios), default=5),
+    )
+    for column in columns:
+        table.add_column(DIAGNOSTIC_HEADERS[column], justify="right", no_wrap=True)
+    for r in result.ratios:
+        table.add_row(r.name, *(_diagnostic_cell(r, c) for c in columns))
+    return table
+
+
 def print_inspection(result: InspectResult, console: Console, top: int = 3) -> None:
     """The per-layer table, a summary line, and with classes the ones that deviate most.
 
@@ -109,6 +168,12 @@ def print_inspection(result: InspectResult, console: Console, top: int = 3) -> N
         markup=False,
         soft_wrap=True,
     )
+    columns = _diagnostics(result)
+    if columns and result.kind == "en":
+        table = _diagnostics_table(result, columns, compact=False)
+        if Measurement.get(console, unbounded, table).maximum > console.width:
+            table = _diagnostics_table(result, columns, compact=True)
+        console.print(table)
     if result.classes:
         _print_classes(result, console, names, top)
 

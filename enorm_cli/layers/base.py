@@ -4,7 +4,7 @@ mode, forward, and the exact start from a source layer."""
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any, ClassVar
+from typing import Any, ClassVar, NamedTuple
 
 import torch
 from torch import Tensor, nn
@@ -33,6 +33,22 @@ STATE_BUFFERS = (
 )
 """Every mixed layer's buffers: state, not parameters (what ``inspect`` leaves out of a
 layer's added parameters)."""
+
+
+class Branch(NamedTuple):
+    """What sets a layer's ratios on one batch (``MixedNorm2d.branch``)."""
+
+    ratios: Tensor
+    """N x K, after the softmax: what forward mixes with."""
+    logits: Tensor
+    """N x K, before it (defined up to a per-sample constant)."""
+    saturated: Tensor | None
+    """N x H bool: the ratio branch's hidden units that no longer pass a gradient (tanh at
+    |h| > ``SATURATED``, relu at 0); None for a layer without a branch (SN)."""
+
+
+SATURATED = 0.99
+"""|tanh| above which a hidden unit counts as saturated (its gradient below 2%)."""
 
 
 class MixedNorm2d(nn.Module):
@@ -90,6 +106,8 @@ class MixedNorm2d(nn.Module):
         self.margin: float | None = None
         """The prior logit this layer was converted with (``start_as``); None: built without
         a source."""
+        self.source_normalizer: str | None = None
+        """The normalizer of the layer it was converted from (``start_as``)."""
         factory = {"device": device, "dtype": dtype}
         self.register_buffer("running_mean", torch.zeros(num_features, **factory))
         self.register_buffer("running_var", torch.ones(num_features, **factory))
@@ -137,6 +155,7 @@ class MixedNorm2d(nn.Module):
         starts as ``src``; parameters a new layer draws at random (EN's conv and FC1) stay."""
         prior, lam_src = source_prior(self.normalizers, src.normalizer, margin)
         self.margin = margin
+        self.source_normalizer = src.normalizer
         with torch.no_grad():
             self._start_as(src, prior, lam_src)
             if src.running_mean is not None and src.running_var is not None:
@@ -177,6 +196,19 @@ class MixedNorm2d(nn.Module):
     def ratios(self, x: Tensor) -> Tensor:
         """The post-softmax ratios (N x K) forward uses on x; running statistics untouched."""
         raise NotImplementedError
+
+    def branch(self, x: Tensor) -> Branch:
+        """The ratios forward uses on x with their logits and the branch's saturated units
+        (``Branch``); running statistics untouched. Static ratios: the same for every sample."""
+        ratios = self.ratios(x)
+        return Branch(ratios, ratios.clamp_min(1e-30).log(), None)
+
+    def gamma_sizes(self) -> list[float] | None:
+        """Each normalizer's gamma size (root mean square over channels) relative to the
+        source normalizer's (the largest where the layer has no source): 0 while a normalizer
+        is inert, as every normalizer but the source's is after a conversion. None where one
+        affine serves every normalizer (SN, shared-affine EN)."""
+        return None
 
     def reset_parameters(self) -> None:
         """Running statistics and parameters as a new layer has them (as torch norms)."""

@@ -17,7 +17,7 @@ import torch
 from torch import Tensor, nn
 
 from . import native, runtime
-from .base import MixedNorm2d
+from .base import SATURATED, Branch, MixedNorm2d
 from .exemplar_function import ExemplarNormFunction, en_coefficients, exemplar_norm, ratio_logits
 from .kernel_inputs import ENTensors, KernelSettings
 from .source import SourceNorm, source_share
@@ -315,10 +315,31 @@ class ExemplarNorm2d(MixedNorm2d):
 
     def ratios(self, x: Tensor) -> Tensor:
         """The lambda (N x K) that ``forward`` would use on x now; running stats untouched."""
+        return self.branch(x).ratios
+
+    def branch(self, x: Tensor) -> Branch:
+        """lambda, the logits b + s W h and the saturated hidden units on x, as forward
+        computes them (``en_coefficients``); running statistics untouched."""
         self._check_input_dim(x)
         with _float32_math(x):
             _, _, _, saved = self._math(instance_stats(x))
-        return saved[4]  # lambda, as en_coefficients computed it
+            lam, h = saved[4], saved[5]
+            fc2 = self.ratio.fc2
+            logits = torch.addmm(
+                fc2.bias.to(h.dtype), h, fc2.weight.to(h.dtype).t(), alpha=self.logit_scale
+            )
+        saturated = h <= 0 if self.activation == "relu" else h.abs() > SATURATED
+        return Branch(lam, logits, saturated)
+
+    def gamma_sizes(self) -> list[float] | None:
+        if self.shared_affine:
+            return None
+        rms = self.weight.detach().double().square().mean(1).sqrt()
+        ref = rms.max()
+        if self.source_normalizer in self.normalizers:
+            source = rms[self.normalizers.index(self.source_normalizer)]
+            ref = source if source > 0 else ref  # a zero-initialized gamma (a residual's last)
+        return (rms / ref if ref > 0 else rms).tolist()
 
     def _coefficients(self, stats: InstanceStats) -> tuple[Tensor, Tensor, Tensor | None]:
         """A, B and the bn record of the autograd reference path (``fused_en(False)``)."""

@@ -53,3 +53,50 @@ def test_sn_ratios_are_static() -> None:
         recorder.model(torch.randn(3, 3, 32, 32))
         lam = recorder.take()
     assert lam.std(0).max() == 0 and torch.allclose(lam.sum(-1), torch.ones(3, lam.shape[1]))
+
+
+def test_diagnostics_tell_a_fixed_mixture_from_a_choosing_layer() -> None:
+    """After a conversion: no spread over samples, inert gammas. With FC2's weight drawn: a
+    spread. With the hidden layer saturated: the same h, so the same mix, for every sample."""
+    import timm
+
+    import enorm_cli
+    from enorm_cli.inspect.recorder import (
+        RatioRecorder,
+        layer_ratios,
+        selection_scalars,
+        summarize,
+    )
+
+    model = enorm_cli.convert_model(timm.create_model("test_resnet")).eval()
+    layers = [m for m in model.modules() if isinstance(m, enorm_cli.ExemplarNorm2d)]
+    x = torch.randn(16, 3, 64, 64)
+
+    def readout():
+        with RatioRecorder(model) as recorder, torch.no_grad():
+            model(x)
+        r = recorder.take_readout()
+        gamma = recorder.gamma_sizes()
+        return recorder, r, layer_ratios(recorder.names, recorder.normalizers, *r, gamma)
+
+    recorder, r, rows = readout()
+    assert all(row.spread == 0 and max(row.logit_std) < 1e-6 for row in rows)
+    assert all(row.gamma_rel[1:] == [0.0, 0.0] for row in rows)  # in, ln inert
+    assert all(row.saturated is not None and row.saturated < 0.5 for row in rows)
+    with torch.no_grad():
+        for m in layers:
+            m.ratio.fc2.weight.normal_(0, 10)
+            m.weight[1:].fill_(0.5)
+    recorder, r, rows = readout()
+    assert all(row.spread > 0 and max(row.logit_std) > 0 for row in rows)
+    assert all(row.gamma_rel[1] > 0 for row in rows)
+    with torch.no_grad():
+        for m in layers:
+            m.ratio.fc1.bias.fill_(10.0)  # tanh(10 + ...): flat
+    recorder, r, rows = readout()
+    assert all(row.saturated == 1.0 and row.spread < 1e-6 for row in rows)
+    scalars = selection_scalars(
+        summarize(recorder.names, recorder.normalizers, r, recorder.gamma_sizes())
+    )
+    assert scalars["saturated"] == 1.0 and scalars["gamma_other"] > 0
+    assert set(scalars) == {"ratio_spread", "logit_spread", "saturated", "gamma_other"}
