@@ -1,0 +1,404 @@
+"""Selection benchmark: does EN choose per sample where the right normalizer is known?
+
+Fashion-MNIST at 32 px where half of the training and test images (every other index) carry
+a per-image intensity change x -> a x + b (a log-uniform in [1/A, A], b uniform in [-B, B],
+on [0, 1] pixels, before the usual mean/std normalization). After the first convolution
+instance statistics undo such a change (up to the zero padding at the borders); batch
+statistics cannot, so a layer that chooses should give the shifted images more IN (or LN)
+than the clean ones.
+
+Measured per variant (BN, frozen-statistics BN, SN, EN and EN designs): top-1 on the clean
+and on the shifted test images, and per EN layer the AUC with which the per-sample IN ratio
+(and IN + LN) tells shifted from clean images (above 0.5: more IN for the shifted ones), the
+gap between the groups' mean IN + LN ratio (an AUC can be high on differences of 1e-4: the
+gap says whether the choice is one), with the diagnostics of
+``enorm inspect`` (ratio and logit spread, saturated hidden units, gammas against the
+source's). Two regimes: fine-tuning torchvision's ImageNet MobileNetV2 after conversion
+(``enorm fetch`` puts its weights in the cache) and training the same architecture from
+scratch. Each run is a plain loop over the public API (``enorm_cli.convert_model``,
+``param_groups`` through the schema's ``build_optimizer``, ``set_bn_stats``, the schema's
+gradient clip and schedule), from a minimal recipe: model, data, batch, lr, epochs.
+
+    python benchmarks/selection.py --seeds 0 1 2 --json selection.json --figure selection.png
+    python benchmarks/selection.py --variants en --regimes finetune --seeds 0 --train 4000
+    python benchmarks/selection.py --merge a.json b.json --json all.json --figure all.png
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+
+VARIANTS: dict[str, dict[str, Any]] = {
+    "bn": {"norm": "bn", "bn_stats": "batch"},
+    "bn_frozen": {"norm": "bn", "bn_stats": "running"},
+    "sn": {"norm": "sn"},
+    "en": {"norm": "en"},
+    # experiments (design candidates)
+    "en_rowlr": {"norm": "en", "rowlr": True},
+    "en_ratio10": {"norm": "en", "optim": {"ratio_lr_scale": 10.0}},
+    "en_rowlr_ratio10": {"norm": "en", "rowlr": True, "optim": {"ratio_lr_scale": 10.0}},
+    "en_m0": {"norm": "en", "en": {"margin": 0.0}},
+    "en_m0_ratio10": {"norm": "en", "en": {"margin": 0.0}, "optim": {"ratio_lr_scale": 10.0}},
+    "en_w100": {"norm": "en", "rowlr": True, "w_lr": 100.0},
+    "en_w1000": {"norm": "en", "rowlr": True, "w_lr": 1000.0},
+    "en_w1000_plain": {"norm": "en", "w_lr": 1000.0},
+}
+"""Each variant: ``model.norm``, and optionally ``bn_stats`` and ``en`` (ENSettings fields)."""
+REGIMES = ("finetune", "scratch")
+CONTRAST, OFFSET = 3.0, 0.5
+"""a in [1/3, 3] (log-uniform), b in [-0.5, 0.5]."""
+MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+
+
+def shifted_split(train: bool, limit: int, seed: int = 0) -> dict[str, Any]:
+    """Fashion-MNIST images (N x 3 x 32 x 32, normalized), labels, and the shifted mask (every
+    other index); the shift of each image is drawn from a generator fixed by the split, so
+    every run and variant sees the same images."""
+    import torch
+    from torchvision.datasets import FashionMNIST
+
+    from enorm_cli.cache import data_dir
+
+    data = FashionMNIST(str(data_dir()), train=train, download=False)
+    g = torch.Generator().manual_seed(1000 + seed + (0 if train else 1))
+    index = torch.randperm(len(data), generator=g)[:limit]
+    x = data.data[index].float().div(255.0)  # N x 28 x 28
+    x = torch.nn.functional.pad(x, (2, 2, 2, 2)).unsqueeze(1).expand(-1, 3, -1, -1).clone()
+    n = x.shape[0]
+    shifted = torch.arange(n) % 2 == 1
+    a = torch.exp((torch.rand(n, generator=g) * 2 - 1) * math.log(CONTRAST))
+    b = (torch.rand(n, generator=g) * 2 - 1) * OFFSET
+    a, b = torch.where(shifted, a, 1.0), torch.where(shifted, b, 0.0)
+    x = x * a.view(-1, 1, 1, 1) + b.view(-1, 1, 1, 1)
+    x = (x - torch.tensor(MEAN).view(1, 3, 1, 1)) / torch.tensor(STD).view(1, 3, 1, 1)
+    return {"x": x, "y": data.targets[index], "shifted": shifted, "a": a, "b": b}
+
+
+def recipe_for(regime: str, variant: str, batch: int, lr: float, epochs: int) -> Any:
+    """The minimal recipe of a run: model, data, batch, lr, epochs (and the variant's norm)."""
+    from enorm_cli.cache import assets_dir
+    from enorm_cli.config.recipe import Recipe
+
+    spec = VARIANTS[variant]
+    model: dict[str, Any] = {"name": "torchvision:mobilenet_v2", "num_classes": 10}
+    if regime == "finetune":
+        model["checkpoint"] = str(assets_dir() / "mobilenet_v2-b0353104.pth")
+    else:
+        model["pretrained"] = False
+    model["norm"] = spec["norm"]
+    if "bn_stats" in spec:
+        model["bn_stats"] = spec["bn_stats"]
+    if "en" in spec:
+        model["en"] = spec["en"]
+    return Recipe.model_validate(
+        {
+            "model": model,
+            "data": {"kind": "fashion_mnist", "image_size": 32, "batch_size": batch},
+            "optim": {"lr": lr, **spec.get("optim", {})},
+            "schedule": {"epochs": epochs},
+        }
+    )
+
+
+def build(recipe: Any, regime: str) -> Any:
+    """The run's model: the source (ImageNet weights or random), converted where EN/SN."""
+    import enorm_cli
+    from enorm_cli.models import create_source_model
+
+    checkpoint = Path(recipe.model.checkpoint) if recipe.model.checkpoint else None
+    _, model = create_source_model(recipe.model.name, False, checkpoint, 10)
+    if recipe.model.norm != "bn":
+        model = enorm_cli.convert_model(model, recipe.model.settings)
+    return model
+
+
+def _row_lr(model: Any) -> None:
+    """Experiment: each gamma row's gradient times (lambda_src / lambda_k)^2 at the prior."""
+    import torch
+
+    import enorm_cli
+
+    for m in model.modules():
+        if isinstance(m, enorm_cli.ExemplarNorm2d):
+            prior = torch.softmax(m.ratio.fc2.bias.detach(), 0)
+            scale = (prior.max() / prior).square().view(-1, 1)
+            m.weight.register_hook(lambda g, s=scale: g * s.to(g))
+
+
+def _w_lr(model: Any, optimizer: Any, factor: float) -> None:
+    """Experiment: FC2's weight (the per-sample term) in its own group at ``factor`` x lr."""
+    import enorm_cli
+
+    weights = {
+        id(m.ratio.fc2.weight): m.ratio.fc2.weight
+        for m in model.modules()
+        if isinstance(m, enorm_cli.ExemplarNorm2d)
+    }
+    base = None
+    for group in optimizer.param_groups:
+        kept = [p for p in group["params"] if id(p) not in weights]
+        if len(kept) != len(group["params"]):
+            base = group
+        group["params"] = kept
+    optimizer.add_param_group(
+        {
+            **{k: v for k, v in base.items() if k != "params"},
+            "params": list(weights.values()),
+            "lr": base["lr"] * factor,
+            "name": "fc2_w",
+            "lr_multiple": base["lr_multiple"] * factor,
+        }
+    )
+
+
+def auc(scores: Any, positive: Any) -> float:
+    """Area under the ROC curve of ``scores`` for ``positive`` (Mann-Whitney, ties halved)."""
+    import torch
+
+    scores = scores.double()
+    pos, neg = scores[positive], scores[~positive]
+    if not len(pos) or not len(neg):
+        return float("nan")
+    greater = (pos.view(-1, 1) > neg.view(1, -1)).double().mean()
+    ties = (pos.view(-1, 1) == neg.view(1, -1)).double().mean()
+    return float(greater + 0.5 * ties) if torch.isfinite(scores).all() else float("nan")
+
+
+def run(
+    regime: str,
+    variant: str,
+    seed: int,
+    train: dict[str, Any],
+    test: dict[str, Any],
+    batch: int,
+    lr: float,
+    epochs: int,
+) -> dict[str, Any]:
+    """Train one model, then measure top-1 per group and, for EN/SN, every layer's AUC and
+    diagnostics."""
+    import torch
+
+    import enorm_cli
+    from enorm_cli.config.recipe import resolve_bn_stats
+    from enorm_cli.finetune.optim import build_optimizer, build_scheduler
+    from enorm_cli.inspect.recorder import RatioRecorder, Readout, layer_ratios
+
+    torch.manual_seed(seed)
+    recipe = recipe_for(regime, variant, batch, lr, epochs)
+    model = build(recipe, regime)
+    if VARIANTS[variant].get("rowlr"):
+        _row_lr(model)
+    bn_stats = resolve_bn_stats(recipe.model, batch)
+    steps = len(train["y"]) // batch
+    optimizer = build_optimizer(model, recipe)
+    if VARIANTS[variant].get("w_lr"):
+        _w_lr(model, optimizer, VARIANTS[variant]["w_lr"])
+    scheduler = build_scheduler(optimizer, recipe, steps)
+    g = torch.Generator().manual_seed(seed)
+    tick, step = time.perf_counter(), 0
+    for _ in range(epochs):
+        order = torch.randperm(len(train["y"]), generator=g)
+        enorm_cli.set_bn_stats(model, bn_stats)
+        for i in range(steps):
+            idx = order[i * batch : (i + 1) * batch]
+            loss = torch.nn.functional.cross_entropy(model(train["x"][idx]), train["y"][idx])
+            optimizer.zero_grad()
+            loss.backward()
+            if recipe.train.grad_clip:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), recipe.train.grad_clip)
+            optimizer.step()
+            step += 1
+            scheduler.step_update(step)
+    seconds = time.perf_counter() - tick
+    model.eval()
+    readouts, predictions = [], []
+    with RatioRecorder(model) as recorder, torch.no_grad():
+        for i in range(0, len(test["y"]), 256):
+            predictions.append(model(test["x"][i : i + 256]).argmax(1))
+            if recorder.layers:
+                readouts.append(recorder.take_readout())
+    correct = torch.cat(predictions) == test["y"]
+    shifted = test["shifted"]
+    out: dict[str, Any] = {
+        "regime": regime,
+        "variant": variant,
+        "seed": seed,
+        "bn_stats": bn_stats,
+        "top1_clean": 100.0 * float(correct[~shifted].double().mean()),
+        "top1_shifted": 100.0 * float(correct[shifted].double().mean()),
+        "train_seconds": round(seconds, 1),
+        "layers": [],
+    }
+    if readouts:
+        r = Readout.cat(readouts)
+        rows = layer_ratios(recorder.names, recorder.normalizers, *r, recorder.gamma_sizes())
+        for i, row in enumerate(rows):
+            norms = row.normalizers
+            lam = r.ratios[:, i, : len(norms)]
+            per_image = sum(lam[:, norms.index(n)] for n in ("in", "ln") if n in norms)
+            layer = {
+                **row.to_json(4),
+                "auc_in": auc(lam[:, norms.index("in")], shifted) if "in" in norms else None,
+                "auc_in_ln": auc(per_image, shifted),
+                # how much more of the per-image normalizers the shifted images get, on average
+                "gap_in_ln": float(per_image[shifted].mean() - per_image[~shifted].mean()),
+            }
+            out["layers"].append(layer)
+        aucs = [lay["auc_in"] for lay in out["layers"] if lay["auc_in"] is not None]
+        both = [lay["auc_in_ln"] for lay in out["layers"]]
+        out["best_auc_in"] = max(aucs, default=None)
+        out["best_auc_in_ln"] = max(both, default=None)
+        out["largest_gap_in_ln"] = max(lay["gap_in_ln"] for lay in out["layers"])
+    return out
+
+
+def summary(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Per (regime, variant): the mean over seeds and the lowest-highest run."""
+    groups: dict[tuple[str, str], list[dict[str, Any]]] = {}
+    for r in runs:
+        groups.setdefault((r["regime"], r["variant"]), []).append(r)
+    rows = []
+    for (regime, variant), rs in sorted(groups.items()):
+        row: dict[str, Any] = {"regime": regime, "variant": variant, "seeds": len(rs)}
+        for key in (
+            "top1_clean",
+            "top1_shifted",
+            "best_auc_in",
+            "best_auc_in_ln",
+            "largest_gap_in_ln",
+        ):
+            values = [r[key] for r in rs if r.get(key) is not None]
+            if values:
+                row[key] = sum(values) / len(values)
+                row[key + "_range"] = [min(values), max(values)]
+        rows.append(row)
+    return rows
+
+
+def table(runs: list[dict[str, Any]]) -> str:
+    lines = [
+        "| regime | variant | clean top-1 | shifted top-1 | best AUC (in) | best AUC (in+ln) "
+        "| largest gap (in+ln) |",
+        "|---|---|---|---|---|---|---|",
+    ]
+
+    def cell(row: dict[str, Any], key: str, digits: int) -> str:
+        if key not in row:
+            return "-"
+        lo, hi = row[key + "_range"]
+        return f"{row[key]:.{digits}f} ({lo:.{digits}f}-{hi:.{digits}f})"
+
+    for row in summary(runs):
+        lines.append(
+            f"| {row['regime']} | {row['variant']} | {cell(row, 'top1_clean', 2)} | "
+            f"{cell(row, 'top1_shifted', 2)} | {cell(row, 'best_auc_in', 3)} | "
+            f"{cell(row, 'best_auc_in_ln', 3)} | {cell(row, 'largest_gap_in_ln', 4)} |"
+        )
+    return "\n".join(lines)
+
+
+def plot(runs: list[dict[str, Any]], path: Path) -> None:
+    """Per regime: every EN variant's per-layer AUC (mean over seeds), and top-1 per group."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from enorm_cli.fileio import atomic_path
+
+    regimes = [r for r in REGIMES if any(x["regime"] == r for x in runs)]
+    fig, axes = plt.subplots(2, len(regimes), figsize=(6 * len(regimes), 7), squeeze=False)
+    for col, regime in enumerate(regimes):
+        mine = [r for r in runs if r["regime"] == regime]
+        ax = axes[0][col]
+        for variant in sorted({r["variant"] for r in mine if r["layers"]}):
+            rs = [r for r in mine if r["variant"] == variant]
+            n = len(rs[0]["layers"])
+            key = "auc_in" if rs[0]["layers"][0]["auc_in"] is not None else "auc_in_ln"
+            mean = [sum(r["layers"][i][key] for r in rs) / len(rs) for i in range(n)]
+            ax.plot(range(n), mean, marker=".", label=f"{variant} ({key})")
+        ax.axhline(0.5, color="grey", lw=0.8, ls="--")
+        ax.set(title=f"{regime}: per-layer AUC, shifted vs clean", xlabel="EN layer", ylim=(0, 1))
+        ax.legend(fontsize=8)
+        ax = axes[1][col]
+        rows = [row for row in summary(runs) if row["regime"] == regime]
+        xs = range(len(rows))
+        ax.bar([x - 0.2 for x in xs], [row["top1_clean"] for row in rows], 0.4, label="clean")
+        ax.bar([x + 0.2 for x in xs], [row["top1_shifted"] for row in rows], 0.4, label="shifted")
+        ax.set_xticks(list(xs), [row["variant"] for row in rows], rotation=30, fontsize=8)
+        lo = min(min(row["top1_clean"], row["top1_shifted"]) for row in rows)
+        ax.set(title=f"{regime}: top-1 per group", ylim=(max(lo - 10, 0), 100))
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=110)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
+    parser.add_argument("--regimes", nargs="+", default=list(REGIMES), choices=REGIMES)
+    parser.add_argument("--seeds", nargs="+", type=int, default=[0])
+    parser.add_argument("--train", type=int, default=8000, help="training images")
+    parser.add_argument("--test", type=int, default=2000, help="test images")
+    parser.add_argument("--epochs", type=int, nargs=2, default=[2, 4], help="finetune, scratch")
+    parser.add_argument("--batch", type=int, default=64)
+    parser.add_argument("--lr", type=float, nargs=2, default=[0.01, 0.05], help="finetune, scratch")
+    parser.add_argument("--json", type=Path)
+    parser.add_argument("--figure", type=Path)
+    parser.add_argument("--merge", nargs="+", type=Path, help="join earlier --json files")
+    args = parser.parse_args(argv)
+
+    runs: list[dict[str, Any]] = []
+    if args.merge:
+        for path in args.merge:
+            runs += json.loads(path.read_text())["runs"]
+    else:
+        import torch
+
+        torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", torch.get_num_threads())))
+        train, test = shifted_split(True, args.train), shifted_split(False, args.test)
+        for seed in args.seeds:
+            for regime in args.regimes:
+                i = REGIMES.index(regime)
+                for variant in args.variants:
+                    result = run(
+                        regime, variant, seed, train, test, args.batch, args.lr[i], args.epochs[i]
+                    )
+                    runs.append(result)
+                    print(
+                        f"{regime} {variant} seed {seed}: clean {result['top1_clean']:.2f} "
+                        f"shifted {result['top1_shifted']:.2f} best AUC in "
+                        f"{result.get('best_auc_in')} in+ln {result.get('best_auc_in_ln')} "
+                        f"({result['train_seconds']} s)",
+                        flush=True,
+                    )
+                    if args.json:
+                        _write(args.json, runs, args)
+    print(table(runs))
+    if args.json:
+        _write(args.json, runs, args)
+    if args.figure:
+        plot(runs, args.figure)
+    return 0
+
+
+def _write(path: Path, runs: list[dict[str, Any]], args: argparse.Namespace) -> None:
+    from enorm_cli.fileio import write_text_atomic
+
+    settings = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}
+    text = json.dumps({"settings": settings, "runs": runs, "summary": summary(runs)}, indent=1)
+    write_text_atomic(path, text + "\n")
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
