@@ -415,6 +415,13 @@ def layer_levers_table(record: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n" + _source(record)
 
 
+def selection_table(record: dict[str, Any]) -> str:
+    """benchmarks/selection.py: top-1 per group and how well EN's ratios tell the groups apart."""
+    from selection import table
+
+    return table(record["figures"]["runs"]) + "\n" + _source(record)
+
+
 BLOCKS: dict[str, tuple[str, Callable[[dict[str, Any]], str]]] = {
     "stability-minimal": ("stability_minimal", stability_table),
     "stability-minimal-headline": ("stability_minimal", stability_headline),
@@ -436,6 +443,8 @@ BLOCKS: dict[str, tuple[str, Callable[[dict[str, Any]], str]]] = {
     "compile-finetune": ("compile_finetune", compile_table),
     "layer-levers": ("layer_levers", layer_levers_table),
     "kernel-training": ("kernel_training", kernel_training_table),
+    "selection": ("selection", selection_table),
+    "selection-probe": ("selection_probe", selection_table),
 }
 """Results block name -> (record, renderer)."""
 

@@ -7,6 +7,10 @@ import shutil
 import sys
 from pathlib import Path
 
+# Triton's kernels (layers/triton_ops.py) run on CPU tensors under its interpreter; it must be
+# on before triton.language is first imported (its library functions are built then).
+os.environ.setdefault("TRITON_INTERPRET", "1")
+
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
