@@ -51,7 +51,10 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "en_w1000": {"norm": "en", "rowlr": True, "w_lr": 1000.0},
     "en_w1000_plain": {"norm": "en", "w_lr": 1000.0},
 }
-"""Each variant: ``model.norm``, and optionally ``bn_stats`` and ``en`` (ENSettings fields)."""
+"""Each variant: ``model.norm``, and optionally ``bn_stats``, ``en`` (ENSettings fields),
+``optim`` (recipe keys) and the experiments' switches (``rowlr``, ``w_lr``)."""
+DEFAULT_VARIANTS = ("bn", "bn_frozen", "sn", "en")
+"""What the benchmark compares; the others are design candidates, run by name."""
 REGIMES = ("finetune", "scratch")
 CONTRAST, OFFSET = 3.0, 0.5
 """a in [1/3, 3] (log-uniform), b in [-0.5, 0.5]."""
@@ -345,7 +348,9 @@ def plot(runs: list[dict[str, Any]], path: Path) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
+    parser.add_argument(
+        "--variants", nargs="+", default=list(DEFAULT_VARIANTS), choices=list(VARIANTS)
+    )
     parser.add_argument("--regimes", nargs="+", default=list(REGIMES), choices=REGIMES)
     parser.add_argument("--seeds", nargs="+", type=int, default=[0])
     parser.add_argument("--train", type=int, default=8000, help="training images")

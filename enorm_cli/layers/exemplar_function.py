@@ -33,7 +33,7 @@ import torch
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
-from . import native
+from . import native, triton_ops
 from .fused_affine import affine_apply, affine_grads, input_grad, wide
 from .kernel_inputs import ENTensors, KernelSettings
 from .statistics import (
@@ -172,14 +172,23 @@ def native_exemplar_norm(
 
 
 def exemplar_norm(
-    x: Tensor, cfg: KernelSettings, p: ENTensors, module: ModuleType | None = None
+    x: Tensor,
+    cfg: KernelSettings,
+    p: ENTensors,
+    module: ModuleType | None = None,
+    triton: bool = False,
 ) -> tuple[Tensor, Tensor | None, tuple[Tensor | None, ...], Kernel | None]:
     """EN(x) without autograd: y, the bn member's record for the running statistics (2 x C,
     training), what backward needs, and the C++ kernel that ran with its arguments. ``module``
-    is the C++ kernel ``runtime.choose`` picked (None: the tensor ops, ``en_coefficients``)."""
+    is the C++ kernel ``runtime.choose`` picked (None: the tensor ops, ``en_coefficients``);
+    ``triton``: the passes over X as Triton kernels (``triton_ops``) around the same math."""
     if module is not None:
         y, batch, saved, args = native_exemplar_norm(module, x, cfg, p)
         return y, batch, saved, (module, args)
+    if triton:
+        m, v = triton_ops.moments(x)
+        a, b, batch, saved = en_coefficients(cfg, m, v, p, x.shape[2] * x.shape[3])
+        return triton_ops.affine_apply(x, a, b), batch, saved, None
     xw = wide(x).flatten(2)
     m, v = moments(xw, one_pass=cfg.training)
     a, b, batch, saved = en_coefficients(cfg, m, v, p, xw.shape[-1])
@@ -321,11 +330,13 @@ class ExemplarNormFunction(torch.autograd.Function):
         x: Tensor,
         cfg: KernelSettings,
         module: ModuleType | None,
+        triton: bool,
         *tensors: Tensor | None,
     ) -> tuple[Tensor, Tensor]:
         p = ENTensors(*tensors)
-        y, batch, saved, kernel = exemplar_norm(x, cfg, p, module)
+        y, batch, saved, kernel = exemplar_norm(x, cfg, p, module, triton)
         ctx.cfg, ctx.kernel, ctx.saved_count = cfg, kernel, len(saved)
+        ctx.triton = triton
         params = (p.weight, p.bias, p.conv, p.fc1_w, p.fc1_b, p.fc2_w, p.fc2_b, p.stale)
         ctx.save_for_backward(x, *saved, *params)
         batch = batch if batch is not None else saved[0].new_empty(0)
@@ -353,7 +364,10 @@ class ExemplarNormFunction(torch.autograd.Function):
             else:
                 bn_rstd = (bn_var + cfg.eps).rsqrt()
         else:
-            xw, gw, da, db = affine_grads(x, grad_y)  # dL/dA, dL/dB: N x C
+            if ctx.triton:
+                da, db = triton_ops.grad_sums(x, grad_y)  # dL/dA, dL/dB: N x C
+            else:
+                xw, gw, da, db = affine_grads(x, grad_y)
             m, big_m, rstd, _dev, _lam, _h, _vv, _zt, a, rd, samples = saved
             g_m, g_v, bn_sums, grads = coefficients_backward(cfg, saved, p, da, db)
             if "bn" in cfg.normalizers:
@@ -370,6 +384,10 @@ class ExemplarNormFunction(torch.autograd.Function):
         if ctx.needs_input_grad[0]:
             if ctx.kernel is not None:
                 grad_x = native.en_input_grad(ctx.kernel[0], x, grad_y, a, m, g_m, g_v)
+            elif ctx.triton:  # dX = A dY + alpha X + beta, as input_grad's form
+                length = x.shape[2] * x.shape[3]
+                alpha = g_v * (2.0 / length)
+                grad_x = triton_ops.input_grad(x, grad_y, a, alpha, g_m / length - alpha * m)
             else:
                 grad_x = input_grad(x, xw, gw, a, m, g_m, g_v)
         g_gamma, g_beta, g_conv, g_fc1_w, g_fc1_b, g_fc2_w, g_fc2_b = grads
@@ -381,6 +399,7 @@ class ExemplarNormFunction(torch.autograd.Function):
             grad_x,
             None,  # cfg
             None,  # module
+            None,  # triton
             None,  # running_mean
             None,  # running_var
             cast(g_gamma, weight),

@@ -353,15 +353,15 @@ class ExemplarNorm2d(MixedNorm2d):
             needs_grad = torch.is_grad_enabled() and (
                 x.requires_grad or any(t is not None and t.requires_grad for t in tensors)
             )
-            path, kernel = runtime.choose(x, self.training, needs_grad)
+            path, kernel, triton = runtime.choose(x, self.training, needs_grad)
             if path == "reference":  # autograd over en_coefficients
                 return super()._normalize(x)
             cfg = self.kernel_settings()
             if path == "inference":
                 return native.en_inference(kernel, x, cfg, tensors), None
             if path == "node":
-                return ExemplarNormFunction.apply(x, cfg, kernel, *tensors)
-            y, record, _, _ = exemplar_norm(x, cfg, tensors, kernel)
+                return ExemplarNormFunction.apply(x, cfg, kernel, triton, *tensors)
+            y, record, _, _ = exemplar_norm(x, cfg, tensors, kernel, triton)
             return y, record
 
     def extra_repr(self) -> str:

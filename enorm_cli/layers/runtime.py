@@ -10,11 +10,15 @@ the same function faster and is checked against them in the tests:
 
 ``node`` and ``no_grad`` run on the C++ kernel where it is built and the input allows
 (``native.eligible``), on the tensor ops otherwise; the backward uses what the forward used.
+With ``ENORM_TRITON=1`` their passes over X run as Triton kernels (``triton_ops``) on CUDA
+inputs (and on CPU ones under ``TRITON_INTERPRET=1``, for the tests); off by default until
+measured on a GPU.
 """
 
 from __future__ import annotations
 
 import contextlib
+import os
 from collections.abc import Iterator
 from types import ModuleType
 from typing import NamedTuple
@@ -22,16 +26,19 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-from . import native
+from . import native, triton_ops
 
 _fused = True
+TRITON_ENV = "ENORM_TRITON"
 
 
 class Runtime(NamedTuple):
-    """A forward's path and the C++ kernel it runs on (None: the tensor ops)."""
+    """A forward's path, the C++ kernel it runs on (None: the tensor ops), and whether its
+    passes over X are Triton's."""
 
     path: str
     kernel: ModuleType | None
+    triton: bool = False
 
 
 def choose(x: Tensor, training: bool, needs_grad: bool) -> Runtime:
@@ -41,7 +48,14 @@ def choose(x: Tensor, training: bool, needs_grad: bool) -> Runtime:
     kernel = native.kernel() if native.eligible(x) else None
     if kernel is not None and not (training or torch.is_grad_enabled()):
         return Runtime("inference", kernel)
-    return Runtime("node" if needs_grad else "no_grad", kernel)
+    triton = (
+        kernel is None
+        and os.environ.get(TRITON_ENV, "0") == "1"
+        and triton_ops.eligible(x)
+        and triton_ops.available()
+        and not torch.compiler.is_compiling()
+    )
+    return Runtime("node" if needs_grad else "no_grad", kernel, triton)
 
 
 def set_fused_en(enable: bool = True) -> None:

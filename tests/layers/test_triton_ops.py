@@ -84,3 +84,63 @@ def test_what_the_kernels_refuse() -> None:
     assert not triton_ops.eligible(torch.randn(2, 3, 4))  # not N x C x H x W
     assert not triton_ops.eligible(torch.randn(2, 3, 4, 4, dtype=torch.float64))
     assert not triton_ops.eligible(torch.randn(2, 3, 4, 4).transpose(2, 3))  # neither layout
+
+
+def _step(layer, x: torch.Tensor, triton: bool, monkeypatch) -> tuple:
+    """One training forward and backward on the tensor ops' passes or Triton's."""
+    from enorm_cli.layers import native, runtime
+
+    monkeypatch.setenv(native.ENV, "0")
+    monkeypatch.setenv(runtime.TRITON_ENV, "1" if triton else "0")
+    layer.zero_grad(set_to_none=True)
+    xi = x.detach().clone().requires_grad_()
+    y = layer(xi)
+    (y.float() * torch.linspace(-1, 1, y.numel()).view_as(y)).sum().backward()
+    grads = [p.grad.clone() for p in layer.parameters()]
+    return y.detach(), xi.grad, grads, layer.running_mean.clone(), layer.running_var.clone()
+
+
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+@pytest.mark.parametrize(
+    ("normalizers", "mode"),
+    [
+        (("bn", "in", "ln"), "batch"),
+        pytest.param(("bn", "in", "ln", "gn"), "renorm", marks=pytest.mark.slow),
+        pytest.param(("bn", "ln"), "renorm_frozen", marks=pytest.mark.slow),
+        pytest.param(("bn", "in", "ln"), "eval", marks=pytest.mark.slow),
+    ],
+)
+def test_the_node_on_triton_passes_equals_the_tensor_ops(
+    normalizers, mode, layout, monkeypatch
+) -> None:
+    """EN's whole training step (forward, backward, running statistics) with ``ENORM_TRITON=1``
+    against the tensor ops, every bn statistics mode."""
+    import copy
+
+    from torch import nn
+
+    import enorm_cli
+
+    torch.manual_seed(0)
+    bn = nn.BatchNorm2d(32).eval()  # gn: 32 groups
+    with torch.no_grad():
+        bn.running_mean.normal_()
+        bn.running_var.uniform_(0.5, 2)
+    layer = enorm_cli.convert_model(bn, normalizers=normalizers, margin=1.0)
+    with torch.no_grad():
+        layer.ratio.fc2.weight.normal_(0, 0.5)  # input-dependent ratios
+        layer.weight.uniform_(0.5, 1.5)
+    if mode == "eval":
+        layer.eval()
+    else:
+        enorm_cli.set_bn_stats(layer, mode)
+    x = LAYOUTS[layout](torch.randn(4, 32, 6, 5) * 2 + 1)
+    fast = _step(copy.deepcopy(layer), x, True, monkeypatch)
+    plain = _step(copy.deepcopy(layer), x, False, monkeypatch)
+    for got, want in zip(fast, plain):
+        if isinstance(got, list):
+            for g, w in zip(got, want):
+                torch.testing.assert_close(g, w, rtol=1e-3, atol=1e-4)  # summation order
+        else:
+            torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+    assert fast[0].stride() == x.stride()  # the output keeps the input's layout
