@@ -25,7 +25,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from enorm_cli.convert.surgery import ENSettings, replace_norms
-from enorm_cli.layers.exemplar_norm import is_fused_en
+from enorm_cli.layers import is_fused_en
 
 
 def _model(what: str = "en") -> torch.nn.Module:
