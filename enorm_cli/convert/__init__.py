@@ -60,9 +60,13 @@ def convert_model(
         raise TypeError("give settings or keyword options, not both")
     settings = settings if settings is not None else ENSettings(**options)
     source = copy.deepcopy(model) if verify else None
-    holder = nn.Sequential(model)  # a root norm layer becomes child "0" and can be replaced
-    report = replace_norms(holder if _is_norm(model) else model, settings)
-    converted = holder[0] if _is_norm(model) else model
+    if _is_norm(model):  # a norm layer alone becomes child "0" of a holder, to be replaced
+        holder = nn.Sequential(model)
+        report = replace_norms(holder, settings)
+        converted = holder[0]
+    else:
+        report = replace_norms(model, settings)
+        converted = model
     if not report.converted:
         raise EnormError(nothing_to_convert(type(model).__name__, settings, report))
     remember(converted, settings, report)
