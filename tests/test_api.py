@@ -19,6 +19,7 @@ from enorm_cli.errors import EnormError
 ROOT = Path(__file__).resolve().parents[1]
 
 
+@pytest.mark.slow  # two fresh interpreters
 def test_import_is_lazy_and_the_done_when_command_runs() -> None:
     """``import enorm_cli`` loads no torch; the README's one-liner converts a torchvision model
     in a fresh process."""
