@@ -13,6 +13,7 @@ Format versions: files from an older format are brought up to this one when read
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -132,12 +133,11 @@ def save_checkpoint(
         if fault is not None:
             from .faults import write_fault
 
-            with open(tmp, "r+b") as f:  # the fault strikes with half of the file written
-                try:
-                    write_fault(fault)
-                except OSError:
-                    f.truncate(tmp.stat().st_size // 2)
-                    raise
+            try:
+                write_fault(fault)
+            except OSError:  # the fault strikes with half of the file written
+                os.truncate(tmp, tmp.stat().st_size // 2)
+                raise
 
 
 def read_metadata(path: Path) -> dict[str, str]:
@@ -307,7 +307,6 @@ def save_model(
         converted_layers=record.converted_layers,
         data_config=data_config or record.data_config or default_data_config(name, model),
         layer_normalizers=record.layer_normalizers,
-        extra={"norm": record.norm} if record.norm != "en" else None,
         model_kwargs=kwargs,
     )
     save_checkpoint(model, path, metadata)

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import weakref
 from collections.abc import Callable
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Any
 
 from torch import nn
@@ -159,8 +159,6 @@ class Provenance:
     """The name enorm builds the source architecture by (``models.parse_model_name``)."""
     model_kwargs: dict[str, Any] = field(default_factory=dict)
     data_config: dict[str, Any] | None = None
-    norm: str = "en"
-    """"bn" for a fine-tuned baseline (no surgery)."""
 
 
 _provenance: weakref.WeakKeyDictionary[nn.Module, Provenance] = weakref.WeakKeyDictionary()
@@ -184,14 +182,6 @@ def remember(
 def provenance_of(model: nn.Module) -> Provenance | None:
     """How ``model`` was converted (``convert_model``, ``load_model``), if enorm made it."""
     return _provenance.get(model)
-
-
-def with_source(model: nn.Module, **more: Any) -> Provenance | None:
-    """Add the source's name (and the like) to ``model``'s provenance."""
-    record = _provenance.get(model)
-    if record is not None:
-        record = _provenance[model] = replace(record, **more)
-    return record
 
 
 def build_norm(src: SourceNorm, settings: ENSettings) -> MixedNorm2d:

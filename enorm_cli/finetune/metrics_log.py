@@ -56,10 +56,12 @@ class MetricsLog:
             size = self.path.stat().st_size if self.path.exists() else 0
             try:
                 with open(self.path, "a") as f:
-                    f.write(line[: len(line) // 2])
-                    f.flush()
-                    write_fault("metrics")  # tests: the disk fills mid-record
-                    f.write(line[len(line) // 2 :])
+                    try:
+                        write_fault("metrics")
+                    except OSError:  # tests: the disk fills mid-record
+                        f.write(line[: len(line) // 2])
+                        raise
+                    f.write(line)
             except BaseException:
                 self.rows -= 1
                 with contextlib.suppress(OSError):

@@ -22,7 +22,6 @@ from __future__ import annotations
 import functools
 import os
 from types import SimpleNamespace
-from typing import Any
 
 import torch
 from torch import Tensor
@@ -241,8 +240,3 @@ def input_grad(x: Tensor, grad_y: Tensor, a: Tensor, alpha: Tensor, beta: Tensor
     if grad_y.stride() != x.stride():
         grad_y = grad_y.contiguous(memory_format=_format(x))
     return _affine(x, grad_y, a, alpha, beta)
-
-
-def describe() -> dict[str, Any]:
-    """What the kernels would run on here (for ``benchmarks/cuda_check.py``)."""
-    return {"available": available(), "interpreted": interpreted()}
