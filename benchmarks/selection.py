@@ -41,18 +41,28 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "bn_frozen": {"norm": "bn", "bn_stats": "running"},
     "sn": {"norm": "sn"},
     "en": {"norm": "en"},
-    # experiments (design candidates)
-    "en_rowlr": {"norm": "en", "rowlr": True},
-    "en_ratio10": {"norm": "en", "optim": {"ratio_lr_scale": 10.0}},
-    "en_rowlr_ratio10": {"norm": "en", "rowlr": True, "optim": {"ratio_lr_scale": 10.0}},
+    # the paper's uncentered branch (EN's default before the centered branch)
+    "en_paper": {"norm": "en", "en": {"ablation": {"centered": False}}},
+    # experiments (design candidates; docs/selection.md, "What was tried")
+    "en_paper_rowlr": {"norm": "en", "en": {"ablation": {"centered": False}}, "rowlr": True},
+    "en_paper_ratio10": {
+        "norm": "en",
+        "en": {"ablation": {"centered": False}},
+        "optim": {"ratio_lr_scale": 10.0},
+    },
+    "en_paper_m0": {"norm": "en", "en": {"margin": 0.0, "ablation": {"centered": False}}},
+    "en_paper_w1000": {
+        "norm": "en",
+        "en": {"ablation": {"centered": False}},
+        "optim": {"sample_lr_scale": 1000.0},
+    },
+    "en_sample1": {"norm": "en", "optim": {"sample_lr_scale": 1.0}},
+    "en_sample100": {"norm": "en", "optim": {"sample_lr_scale": 100.0}},
+    "en_sample1000": {"norm": "en", "optim": {"sample_lr_scale": 1000.0}},
     "en_m0": {"norm": "en", "en": {"margin": 0.0}},
-    "en_m0_ratio10": {"norm": "en", "en": {"margin": 0.0}, "optim": {"ratio_lr_scale": 10.0}},
-    "en_w100": {"norm": "en", "rowlr": True, "w_lr": 100.0},
-    "en_w1000": {"norm": "en", "rowlr": True, "w_lr": 1000.0},
-    "en_w1000_plain": {"norm": "en", "w_lr": 1000.0},
 }
-"""Each variant: ``model.norm``, and optionally ``bn_stats``, ``en`` (ENSettings fields),
-``optim`` (recipe keys) and the experiments' switches (``rowlr``, ``w_lr``)."""
+"""Each variant: ``model.norm``, and optionally ``bn_stats``, ``en`` (recipe keys under
+``model.en``), ``optim`` (recipe keys) and the experiment's switch ``rowlr``."""
 DEFAULT_VARIANTS = ("bn", "bn_frozen", "sn", "en")
 """What the benchmark compares; the others are design candidates, run by name."""
 REGIMES = ("finetune", "scratch")
@@ -136,32 +146,6 @@ def _row_lr(model: Any) -> None:
             m.weight.register_hook(lambda g, s=scale: g * s.to(g))
 
 
-def _w_lr(model: Any, optimizer: Any, factor: float) -> None:
-    """Experiment: FC2's weight (the per-sample term) in its own group at ``factor`` x lr."""
-    import enorm_cli
-
-    weights = {
-        id(m.ratio.fc2.weight): m.ratio.fc2.weight
-        for m in model.modules()
-        if isinstance(m, enorm_cli.ExemplarNorm2d)
-    }
-    base = None
-    for group in optimizer.param_groups:
-        kept = [p for p in group["params"] if id(p) not in weights]
-        if len(kept) != len(group["params"]):
-            base = group
-        group["params"] = kept
-    optimizer.add_param_group(
-        {
-            **{k: v for k, v in base.items() if k != "params"},
-            "params": list(weights.values()),
-            "lr": base["lr"] * factor,
-            "name": "fc2_w",
-            "lr_multiple": base["lr_multiple"] * factor,
-        }
-    )
-
-
 def auc(scores: Any, positive: Any) -> float:
     """Area under the ROC curve of ``scores`` for ``positive`` (Mann-Whitney, ties halved)."""
     import torch
@@ -202,8 +186,6 @@ def run(
     bn_stats = resolve_bn_stats(recipe.model, batch)
     steps = len(train["y"]) // batch
     optimizer = build_optimizer(model, recipe)
-    if VARIANTS[variant].get("w_lr"):
-        _w_lr(model, optimizer, VARIANTS[variant]["w_lr"])
     scheduler = build_scheduler(optimizer, recipe, steps)
     g = torch.Generator().manual_seed(seed)
     tick, step = time.perf_counter(), 0

@@ -28,7 +28,7 @@ from .fileio import atomic_path
 from .models import build_model
 from .version import __version__
 
-FORMAT_VERSION = 2
+FORMAT_VERSION = 3
 KEY = "enorm."
 
 
@@ -41,7 +41,14 @@ def _v1_to_v2(meta: dict[str, str]) -> dict[str, str]:
     return {**meta, KEY + "en_settings": json.dumps(settings, sort_keys=True)}
 
 
-MIGRATIONS: dict[int, Callable[[dict[str, str]], dict[str, str]]] = {1: _v1_to_v2}
+def _v2_to_v3(meta: dict[str, str]) -> dict[str, str]:
+    """Format 2 files were written before EN's branch could be centered: their layers read h
+    as it is (``centered`` false)."""
+    settings = {"centered": False, **json.loads(meta[KEY + "en_settings"])}
+    return {**meta, KEY + "en_settings": json.dumps(settings, sort_keys=True)}
+
+
+MIGRATIONS: dict[int, Callable[[dict[str, str]], dict[str, str]]] = {1: _v1_to_v2, 2: _v2_to_v3}
 """Format N -> N + 1, on the raw metadata."""
 
 

@@ -62,7 +62,11 @@ def en_reference(layer, x: Tensor, lam: Tensor | None = None) -> tuple[Tensor, T
         v = torch.einsum("nkc,njc->nkj", z, z).flatten(1)
         h = v @ p["ratio.fc1.weight"].T + p["ratio.fc1.bias"]
         h = torch.tanh(h) if layer.activation == "tanh" else torch.relu(h)
-        logits = layer.logit_scale * (h @ p["ratio.fc2.weight"].T) + p["ratio.fc2.bias"]
+        bias = p["ratio.fc2.bias"]
+        if "ratio.hidden_mean" in p:  # the centered branch: b + u + s W (h - c)
+            h = h - p["ratio.hidden_mean"]
+            bias = bias + p["ratio.logit_shift"]
+        logits = layer.logit_scale * (h @ p["ratio.fc2.weight"].T) + bias
         lam = torch.softmax(logits, dim=1)
     lam = lam.double()
     gamma = p["weight"].expand(len(layer.normalizers), -1)

@@ -16,6 +16,7 @@ from enorm_cli.checkpoint import build_metadata, read_info, save_checkpoint
 from enorm_cli.config.settings import ENSettings
 from enorm_cli.convert.pipeline import convert
 from enorm_cli.errors import EnormError
+from enorm_cli.layers import ExemplarNorm2d
 
 
 def test_convert_save_and_load_model_round_trip(tmp_path: Path) -> None:
@@ -102,10 +103,10 @@ def test_sn_checkpoint_round_trip(tmp_path: Path) -> None:
 
 
 def _rewrite_metadata(
-    src: Path, dst: Path, drop_suffix: str | None = None, **changes: str | None
+    src: Path, dst: Path, drop_suffix: str | tuple[str, ...] | None = None, **changes: str | None
 ) -> None:
     """A copy of ``src`` with metadata keys changed (None: removed), as another enorm wrote it;
-    tensors whose name ends with ``drop_suffix`` are left out."""
+    tensors whose name ends with ``drop_suffix`` (one or several) are left out."""
     from safetensors.torch import load_file
 
     meta = dict(safe_open(str(src), framework="pt").metadata())
@@ -122,6 +123,29 @@ def _rewrite_metadata(
     save_file(tensors, str(dst), metadata=meta)
 
 
+def test_format_2_files_load_with_the_uncentered_branch_they_were_trained_with(
+    tmp_path: Path,
+) -> None:
+    """Format 2 files predate the centered branch: their layers read h as it is, with trained
+    FC2 weights that a centre would change."""
+    out = tmp_path / "r.safetensors"
+    convert("test_resnet", out, ENSettings(), pretrained=False)
+    current = load_model(out)
+    assert all(m.centered for m in current.modules() if isinstance(m, ExemplarNorm2d))
+    settings = json.loads(safe_open(str(out), framework="pt").metadata()["enorm.en_settings"])
+    del settings["centered"]
+    old = tmp_path / "v2.safetensors"
+    _rewrite_metadata(
+        out,
+        old,
+        drop_suffix=("ratio.hidden_mean", "ratio.logit_shift"),
+        **{"enorm.format_version": "2", "enorm.en_settings": json.dumps(settings)},
+    )
+    assert read_info(old).settings["centered"] is False
+    layers = [m for m in load_model(old).modules() if isinstance(m, ExemplarNorm2d)]
+    assert layers and not any(m.centered or m.sample_parameters() for m in layers)
+
+
 def test_format_1_files_migrate_and_newer_formats_are_refused(tmp_path: Path) -> None:
     """Format 1 files from before logit_scale existed had an unscaled FC2: they load as they
     were."""
@@ -133,11 +157,11 @@ def test_format_1_files_migrate_and_newer_formats_are_refused(tmp_path: Path) ->
         and "enorm.format_version" in safe_open(str(out), "pt").metadata()
     )
     old = tmp_path / "v1.safetensors"
-    del settings["logit_scale"]
+    del settings["logit_scale"], settings["centered"]
     _rewrite_metadata(  # nor did its layers' state dicts carry it (ExemplarNorm2d version 1)
         out,
         old,
-        drop_suffix="ratio._extra_state",
+        drop_suffix=("ratio._extra_state", "ratio.hidden_mean", "ratio.logit_shift"),
         **{"enorm.format_version": "1", "enorm.en_settings": json.dumps(settings)},
     )
     assert read_info(old).settings["logit_scale"] == 1.0
@@ -148,7 +172,7 @@ def test_format_1_files_migrate_and_newer_formats_are_refused(tmp_path: Path) ->
     with torch.no_grad():  # a fresh conversion does not depend on s (FC2's weight is zero)
         x = torch.randn(2, 3, 64, 64)
         torch.testing.assert_close(model(x), result.model(x))
-    for version, match in (("3", "newer enorm.*upgrade enorm"), ("x", "damaged"), ("0", "unknown")):
+    for version, match in (("4", "newer enorm.*upgrade enorm"), ("x", "damaged"), ("0", "unknown")):
         bad = tmp_path / f"v{version}.safetensors"
         _rewrite_metadata(out, bad, **{"enorm.format_version": version})
         with pytest.raises(EnormError, match=match):

@@ -221,6 +221,10 @@ class OptimConfig(Section):
     (``enorm_cli.finetune.optim.ratio_scale_of``)."""
     ratio_weight_decay: float = Field(0.0, ge=0)
     """Weight decay of the ratio parameters."""
+    sample_lr_scale: Annotated[float, Field(gt=0)] | Literal["auto"] = "auto"
+    """lr multiple of a centered EN branch's FC2 weight, the per-sample term. "auto": 300 times
+    the ratio scale with SGD (the per-sample gradient is an average over the batch), the ratio
+    scale with adaptive optimizers (``enorm_cli.finetune.optim.sample_scale_of``)."""
     affine_lr_scale: Annotated[float, Field(gt=0)] | Literal["auto"] = "auto"
     """lr multiple of the mixed layers' gammas and betas. "auto": 1 / lambda_src^2 for EN with
     SGD (1 / lambda_src with adaptive optimizers, 1 for SN), so the source's gain learns at the
@@ -394,6 +398,7 @@ def resolve_autos(
     sync_stats: bool,
     ratio_lr_scales: list[float],
     affine_lr_scales: list[float],
+    sample_lr_scales: list[float] | None = None,
 ) -> tuple[Recipe, list[str]]:
     """The recipe with each "auto" replaced by what it resolved to in this run, and one line per
     auto saying so: config.yaml repeats the run without the rules. A scale that resolved to
@@ -409,7 +414,11 @@ def resolve_autos(
     if model.en.sync_stats == "auto":
         en_update["sync_stats"] = sync_stats
         lines.append(f"model.en.sync_stats: auto -> {str(sync_stats).lower()}")
-    for key, scales in (("ratio_lr_scale", ratio_lr_scales), ("affine_lr_scale", affine_lr_scales)):
+    for key, scales in (
+        ("ratio_lr_scale", ratio_lr_scales),
+        ("sample_lr_scale", sample_lr_scales or []),
+        ("affine_lr_scale", affine_lr_scales),
+    ):
         if getattr(optim, key) != "auto" or not scales:
             continue
         if len(scales) == 1:

@@ -59,6 +59,10 @@ class ENSettings(BaseModel):
     source)."""
     logit_scale: float | None = Field(None, gt=0, allow_inf_nan=False)
     """EN's FC2 scale s (logits = b + s W h); None: 1 / sqrt(pi K) (``default_logit_scale``)."""
+    centered: bool = True
+    """EN's FC2 reads the hidden units minus their running mean (logits = b + s W (h - c)): b
+    sets the mean mixture, W how samples differ from it, at its own lr
+    (``optim.sample_lr_scale``). Off: the paper's branch."""
 
     @property
     def exact(self) -> bool:
@@ -92,7 +96,15 @@ class ENSettings(BaseModel):
 TUNED_FIELDS = ("normalizers", "margin", "include", "exclude")
 """What a fine-tuning recipe tunes (``model.en``)."""
 
-ABLATION_FIELDS = ("reduction", "pi", "activation", "use_conv", "shared_affine", "logit_scale")
+ABLATION_FIELDS = (
+    "reduction",
+    "pi",
+    "activation",
+    "use_conv",
+    "shared_affine",
+    "logit_scale",
+    "centered",
+)
 """The paper's ablation switches and the branch's logit scale: the architecture EN was
 published with (plus enorm's scale), grouped apart in a recipe (``model.en.ablation``)."""
 

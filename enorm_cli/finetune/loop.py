@@ -146,6 +146,7 @@ class FinetuneRecipe:
             sync_stats=self.synced,
             ratio_lr_scales=resolved_scales(self.optimizer, "ratio"),
             affine_lr_scales=resolved_scales(self.optimizer, "affine"),
+            sample_lr_scales=resolved_scales(self.optimizer, "sample"),
         )
         return dump_recipe(resolved, ["auto resolved in this run:", *lines] if lines else None)
 

@@ -37,6 +37,27 @@ def ratio_scale_of(module: MixedNorm2d, scale: Scale = "auto") -> float:
     return 1.0 / module.ratio_step_factor()
 
 
+SAMPLE_LR_MULTIPLE = 300.0
+"""How much faster than the rest of the branch a centered branch's FC2 weight learns under SGD
+(``sample_scale_of``); picked on the selection benchmark (docs/selection.md)."""
+
+
+def sample_scale_of(module: MixedNorm2d, scale: Scale = "auto", opt: str = "sgd") -> float:
+    """The lr factor of a centered EN branch's FC2 weight (``optim.sample_lr_scale``) under
+    optimizer ``opt``.
+
+    That weight sets only how each sample's logits differ from the layer's mean mixture (the
+    branch reads h minus its running mean), so a fast rate cannot throw a whole layer onto a
+    normalizer the way the uncentered branch could (docs/stability.md). Under SGD its gradient
+    is a per-sample signal averaged over the batch, tiny next to the shared logits': "auto"
+    gives it ``SAMPLE_LR_MULTIPLE`` times the ratio lr. Optimizers that divide out the
+    gradient's scale (Adam, ...) move it at the ratio lr already: 1 times.
+    """
+    if scale != "auto":
+        return scale
+    return ratio_scale_of(module) * (SAMPLE_LR_MULTIPLE if gradient_scaled(opt) else 1.0)
+
+
 def affine_scale_of(module: MixedNorm2d, scale: Scale = "auto", opt: str = "sgd") -> float:
     """The lr factor of a mixed layer's affines (``optim.affine_lr_scale``) under optimizer
     ``opt``.
@@ -66,24 +87,33 @@ def param_groups(
     affine_lr_scale: Scale = "auto",
     ratio_weight_decay: float = 0.0,
     affine_weight_decay: float = 0.0,
+    sample_lr_scale: Scale = "auto",
 ) -> list[dict[str, Any]]:
     """Optimizer groups for a model with EN/SN layers, for any ``torch.optim`` optimizer.
 
-    The mixed layers' ratio parameters (EN's branch, SN's ratio logits) and affines get their
-    own lr and decay (``MixedNorm2d.ratio_parameters`` and ``affine_parameters``; one group per
-    resolved scale: "ratio", "ratio_1", "affine", ...), each scale read from its own layer
-    (``ratio_scale_of``, ``affine_scale_of``; ``opt`` names the optimizer, whose kind decides
-    the affine scale). Each group carries its ``lr_multiple`` (what config.yaml records; timm's
-    schedulers would apply a key named ``lr_scale`` a second time). Other 1-D parameters
-    (biases, norm weights) get no weight decay, as timm does.
+    The mixed layers' ratio parameters (EN's branch, SN's ratio logits), a centered EN branch's
+    per-sample weight and the affines get their own lr and decay
+    (``MixedNorm2d.ratio_parameters``, ``sample_parameters`` and ``affine_parameters``; one
+    group per resolved scale: "ratio", "ratio_1", "sample", "affine", ...), each scale read from
+    its own layer (``ratio_scale_of``, ``sample_scale_of``, ``affine_scale_of``; ``opt`` names
+    the optimizer, whose kind decides the sample and affine scales). The per-sample weight
+    decays as the ratio parameters do. Each group carries its ``lr_multiple`` (what
+    config.yaml records; timm's schedulers would apply a key named ``lr_scale`` a second time).
+    Other 1-D parameters (biases, norm weights) get no weight decay, as timm does.
     """
-    decays = {"ratio": ratio_weight_decay, "affine": affine_weight_decay}
+    decays = {
+        "ratio": ratio_weight_decay,
+        "sample": ratio_weight_decay,
+        "affine": affine_weight_decay,
+    }
     scale_of: dict[int, tuple[str, float]] = {}
     for module in model.modules():
         if isinstance(module, MixedNorm2d):
             ratio = ratio_scale_of(module, ratio_lr_scale)
+            sample = sample_scale_of(module, sample_lr_scale, opt)
             affine = affine_scale_of(module, affine_lr_scale, opt)
             scale_of.update((id(p), ("ratio", ratio)) for p in module.ratio_parameters())
+            scale_of.update((id(p), ("sample", sample)) for p in module.sample_parameters())
             scale_of.update((id(p), ("affine", affine)) for p in module.affine_parameters())
     groups: dict[str, dict[str, Any]] = {}
     names: dict[tuple[str, float], str] = {}
@@ -121,11 +151,13 @@ def recipe_param_groups(model: nn.Module, optim: OptimConfig) -> list[dict[str, 
         affine_lr_scale=optim.affine_lr_scale,
         ratio_weight_decay=optim.ratio_weight_decay,
         affine_weight_decay=optim.affine_weight_decay,
+        sample_lr_scale=optim.sample_lr_scale,
     )
 
 
 def resolved_scales(optimizer: torch.optim.Optimizer, kind: str) -> list[float]:
-    """The distinct lr scales the optimizer's ``kind`` groups ("ratio", "affine") run at."""
+    """The distinct lr scales the optimizer's ``kind`` groups ("ratio", "sample", "affine") run
+    at."""
     return sorted(
         {g["lr_multiple"] for g in optimizer.param_groups if g.get("name", "").startswith(kind)}
     )

@@ -30,6 +30,8 @@ STATE_BUFFERS = (
     "num_batches_tracked",
     "frozen_log_r",
     "frozen_state",
+    "ratio.hidden_mean",
+    "ratio.logit_shift",
 )
 """Every mixed layer's buffers: state, not parameters (what ``inspect`` leaves out of a
 layer's added parameters)."""
@@ -69,7 +71,8 @@ class MixedNorm2d(nn.Module):
 
     The interface every mixed layer has (and the only thing surgery, training and
     inspection ask of one): ``from_source`` (the replacement of a source layer, starting
-    as it), ``ratio_parameters`` and ``affine_parameters`` (optimizer groups),
+    as it), ``ratio_parameters``, ``sample_parameters`` and ``affine_parameters`` (optimizer
+    groups),
     ``prior_ratio_logits`` (the input-independent ratios, read from a checkpoint without
     building the layer), ``ratios(x)``, and torch's ``reset_parameters``/``reset_running_stats``.
     Layers are picked by name in ``registry.py``.
@@ -171,6 +174,11 @@ class MixedNorm2d(nn.Module):
     def ratio_parameters(self) -> list[nn.Parameter]:
         """What sets the ratios (EN's branch, SN's ratio logits): their own optimizer group."""
         raise NotImplementedError
+
+    def sample_parameters(self) -> list[nn.Parameter]:
+        """What sets only how samples' ratios differ from the layer's mean mixture (a centered
+        EN branch's FC2 weight): their own optimizer group. None by default."""
+        return []
 
     def affine_parameters(self) -> list[nn.Parameter]:
         """The gammas and betas: their own optimizer group."""

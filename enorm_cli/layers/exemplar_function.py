@@ -195,6 +195,18 @@ def exemplar_norm(
     return affine_apply(x, a, b), batch, saved, None
 
 
+def hidden_mean(
+    saved: tuple[Tensor | None, ...], kernel: Kernel | ModuleType | None, training: bool
+) -> Tensor | None:
+    """The batch's mean of the ratio branch's hidden units h (pi K), from what a forward saved
+    (the C++ kernel's layout where ``kernel`` ran, ``en_coefficients``' otherwise); None
+    outside training, where a centered branch's running mean stays."""
+    if not training:
+        return None
+    h = saved[6] if kernel is not None else saved[5]
+    return h.detach().mean(0)
+
+
 def bn_member_grad(
     cfg: KernelSettings,
     sums: Tensor,
@@ -318,7 +330,8 @@ def coefficients_backward(
 
 
 class ExemplarNormFunction(torch.autograd.Function):
-    """y, the bn member's record (2 x C or empty) = EN(x), as one node with a hand-written
+    """y, the bn member's record (2 x C or empty), the batch's mean of h (pi K in training, else
+    empty) = EN(x), as one node with a hand-written
     backward: the C++ kernel's (``native``) where the forward ran on it (``runtime.choose``),
     the tensor ops' (``coefficients_backward``) otherwise. With ``cfg.synced`` the bn statistics
     and their gradient sums are all-reduced over the processes, as torch's SyncBatchNorm
@@ -332,7 +345,7 @@ class ExemplarNormFunction(torch.autograd.Function):
         module: ModuleType | None,
         triton: bool,
         *tensors: Tensor | None,
-    ) -> tuple[Tensor, Tensor]:
+    ) -> tuple[Tensor, Tensor, Tensor]:
         p = ENTensors(*tensors)
         y, batch, saved, kernel = exemplar_norm(x, cfg, p, module, triton)
         ctx.cfg, ctx.kernel, ctx.saved_count = cfg, kernel, len(saved)
@@ -340,12 +353,16 @@ class ExemplarNormFunction(torch.autograd.Function):
         params = (p.weight, p.bias, p.conv, p.fc1_w, p.fc1_b, p.fc2_w, p.fc2_b, p.stale)
         ctx.save_for_backward(x, *saved, *params)
         batch = batch if batch is not None else saved[0].new_empty(0)
-        ctx.mark_non_differentiable(batch)
-        return y, batch
+        hidden = hidden_mean(saved, kernel, cfg.training)
+        hidden = hidden if hidden is not None else saved[0].new_empty(0)
+        ctx.mark_non_differentiable(batch, hidden)
+        return y, batch, hidden
 
     @staticmethod
     @once_differentiable
-    def backward(ctx: Any, grad_y: Tensor, _grad_batch: Tensor | None) -> tuple[Tensor | None, ...]:
+    def backward(
+        ctx: Any, grad_y: Tensor, _grad_batch: Tensor | None, _grad_hidden: Tensor | None
+    ) -> tuple[Tensor | None, ...]:
         cfg: KernelSettings = ctx.cfg
         x, *rest = ctx.saved_tensors
         saved, params = rest[: ctx.saved_count], rest[ctx.saved_count :]

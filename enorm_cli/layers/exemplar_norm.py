@@ -18,7 +18,13 @@ from torch import Tensor, nn
 
 from . import native, runtime
 from .base import SATURATED, Branch, MixedNorm2d
-from .exemplar_function import ExemplarNormFunction, en_coefficients, exemplar_norm, ratio_logits
+from .exemplar_function import (
+    ExemplarNormFunction,
+    en_coefficients,
+    exemplar_norm,
+    hidden_mean,
+    ratio_logits,
+)
 from .kernel_inputs import ENTensors, KernelSettings
 from .source import SourceNorm, source_share
 from .statistics import InstanceStats, group_count, instance_stats
@@ -57,6 +63,9 @@ def _float32_math(x: Tensor) -> contextlib.AbstractContextManager:
     return contextlib.nullcontext()
 
 
+HIDDEN_MOMENTUM = 0.1
+"""How fast a centered branch's running mean of h follows the batches (as BatchNorm's 0.1)."""
+
 UNSCALED = 1.0
 """The logit scale of layers from before ``logit_scale`` existed: FC2 computed b + W h."""
 
@@ -75,7 +84,11 @@ class RatioBranch(nn.Module):
     xhat (N x K x C) -> grouped 1-D conv, kernel 1, C -> G channels over the K
     axis (G = C / r; C weights whatever r) -> z (N x K x G) -> v = z z^T (K x K)
     -> FC(K^2, pi K) -> tanh | relu -> FC(pi K, K) computed as ``b + s W h`` with
-    ``logit_scale`` s (``default_logit_scale``). Softmax is applied by the caller.
+    ``logit_scale`` s (``default_logit_scale``); ``centered``: ``b + u + s W (h - c)`` with c a
+    running mean of h over training batches (buffer ``hidden_mean``) and u the bias shift that
+    keeps the function unchanged whenever c moves (buffer ``logit_shift``), so W's gradient sees
+    only how samples differ from the mean (``docs/en-layer.md``, "Centered branch"). Softmax is
+    applied by the caller.
     The module holds the parameters (the conv as an ``nn.Conv1d`` for its layout); the
     math is ``exemplar_function.ratio_logits``, which every EN path calls. ``forward`` is
     there for users who want the branch alone; EN layers read the parameters directly, so
@@ -91,6 +104,7 @@ class RatioBranch(nn.Module):
         activation: str,
         use_conv: bool,
         logit_scale: float = 1.0,
+        centered: bool = False,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
     ) -> None:
@@ -98,6 +112,13 @@ class RatioBranch(nn.Module):
         k = num_normalizers
         factory = {"device": device, "dtype": dtype}
         self.logit_scale = logit_scale
+        self.centered = centered
+        self.hidden_ready = False
+        """Whether ``hidden_mean`` holds a mean yet (a plain attribute: set by the first training
+        batch, or by loading a state whose mean is not all zeros)."""
+        if centered:
+            self.register_buffer("hidden_mean", torch.zeros(pi * k, **factory))
+            self.register_buffer("logit_shift", torch.zeros(k, **factory))
         self.groups = group_count(num_features, reduction)
         self.conv = (
             nn.Conv1d(
@@ -122,10 +143,72 @@ class RatioBranch(nn.Module):
         self.logit_scale = scale
 
     def reset_parameters(self) -> None:
-        """torch's default initialization of the conv and both FCs (what a new branch has)."""
+        """torch's default initialization of the conv and both FCs (what a new branch has),
+        and no running mean of h yet."""
         for layer in (self.conv, self.fc1, self.fc2):
             if layer is not None:
                 layer.reset_parameters()
+        if self.centered:
+            self.hidden_mean.zero_()
+            self.logit_shift.zero_()
+            self.hidden_ready = False
+
+    def logit_bias(self) -> Tensor:
+        """FC2's bias as the math takes it: b, or b + u - s W c when centered (so the math's
+        ``b + s W h`` is ``b + u + s W (h - c)``). c is copied: it moves in place after the
+        forward, and autograd keeps this product's inputs for the backward."""
+        fc2 = self.fc2
+        if not self.centered:
+            return fc2.bias
+        c = self.hidden_mean.clone().to(fc2.weight.dtype)
+        shifted = fc2.bias + self.logit_shift.to(fc2.bias.dtype)
+        return torch.addmv(shifted, fc2.weight, c, alpha=-self.logit_scale)
+
+    @torch.no_grad()
+    def track_hidden(self, hidden: Tensor) -> None:
+        """Move c one running-mean step towards a training batch's mean of h (the first batch
+        sets it) and u by s W times that step: ``logit_bias`` and so the function stay as they
+        were (to rounding). Training output then depends on the parameters alone, however many
+        forwards ran (gradient checks, activation checkpointing, accumulation); only the next
+        gradients see the new centre. A no-op for an uncentered branch."""
+        if not self.centered:
+            return
+        step = hidden.detach().to(self.hidden_mean.dtype) - self.hidden_mean
+        if self.hidden_ready:
+            step.mul_(HIDDEN_MOMENTUM)
+        self.hidden_ready = True
+        w = self.fc2.weight.detach().to(step.dtype)
+        self.logit_shift.add_(torch.mv(w, step), alpha=self.logit_scale)
+        self.hidden_mean.add_(step)
+
+    def _load_from_state_dict(
+        self,
+        state_dict: dict[str, Any],
+        prefix: str,
+        local_metadata: dict[str, Any],
+        strict: bool,
+        missing_keys: list[str],
+        unexpected_keys: list[str],
+        error_msgs: list[str],
+    ) -> None:
+        """A state without ``hidden_mean`` comes from an uncentered branch (every layer before
+        the centered branch existed): this branch becomes one, the function that state had;
+        a centered state makes an uncentered branch centered. A loaded mean counts as set
+        unless it is all zeros (a layer saved before its first training batch)."""
+        key = prefix + "hidden_mean"
+        if self.centered and key not in state_dict:
+            self.centered = False
+            del self._buffers["hidden_mean"], self._buffers["logit_shift"]
+        elif not self.centered and key in state_dict:
+            self.centered = True
+            like = self.fc2.bias.detach()
+            self.register_buffer("hidden_mean", torch.zeros_like(state_dict[key]).to(like))
+            self.register_buffer("logit_shift", torch.zeros_like(like))
+        super()._load_from_state_dict(
+            state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+        )
+        if self.centered:
+            self.hidden_ready = bool(self.hidden_mean.any())
 
     def forward(self, xhat: Tensor) -> Tensor:
         """xhat: N x K x C pre-normalized pooled features -> ratio logits N x K
@@ -137,7 +220,7 @@ class RatioBranch(nn.Module):
             self.fc1.weight,
             self.fc1.bias,
             self.fc2.weight,
-            self.fc2.bias,
+            self.logit_bias(),
             isinstance(self.act, nn.ReLU),
             self.logit_scale,
         )[0]
@@ -162,7 +245,15 @@ class ExemplarNorm2d(MixedNorm2d):
     ratio branch's ``logit_scale`` is in the state dict (``ratio._extra_state``); 1 did not
     save it. ``_load_from_state_dict`` migrates both."""
     kind = "en"
-    options = ("reduction", "pi", "activation", "use_conv", "shared_affine", "logit_scale")
+    options = (
+        "reduction",
+        "pi",
+        "activation",
+        "use_conv",
+        "shared_affine",
+        "logit_scale",
+        "centered",
+    )
 
     def __init__(
         self,
@@ -177,6 +268,7 @@ class ExemplarNorm2d(MixedNorm2d):
         shared_affine: bool = False,
         num_groups: int = 32,
         logit_scale: float | None = None,
+        centered: bool = True,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
     ) -> None:
@@ -198,8 +290,19 @@ class ExemplarNorm2d(MixedNorm2d):
         if not logit_scale > 0:
             raise ValueError(f"logit_scale must be positive, got {logit_scale}")
         self.ratio = RatioBranch(
-            num_features, k, reduction, pi, activation, use_conv, float(logit_scale), device, dtype
+            num_features,
+            k,
+            reduction,
+            pi,
+            activation,
+            use_conv,
+            float(logit_scale),
+            centered,
+            device,
+            dtype,
         )
+        self._hidden: Tensor | None = None
+        """The reference path's batch mean of h, between ``_coefficients`` and ``_run``."""
 
     def _reset_affine(self) -> None:
         with torch.no_grad():
@@ -249,7 +352,18 @@ class ExemplarNorm2d(MixedNorm2d):
         self.ratio.fc2.bias.copy_(prior)
 
     def ratio_parameters(self) -> list[nn.Parameter]:
-        return list(self.ratio.parameters())
+        sample = {id(p) for p in self.sample_parameters()}
+        return [p for p in self.ratio.parameters() if id(p) not in sample]
+
+    def sample_parameters(self) -> list[nn.Parameter]:
+        """FC2's weight when the branch is centered: it sets only how samples differ from the
+        mean mixture, so it can learn faster than the rest (``optim.sample_lr_scale``)."""
+        return [self.ratio.fc2.weight] if self.centered else []
+
+    @property
+    def centered(self) -> bool:
+        """Whether FC2 reads h minus its running mean (``RatioBranch``)."""
+        return self.ratio.centered
 
     def ratio_step_factor(self) -> float:
         """s^2 pi K: a step on FC2's weights moves each sample's logits by lr |g| s^2 sum_j h_j^2,
@@ -269,9 +383,15 @@ class ExemplarNorm2d(MixedNorm2d):
 
     @staticmethod
     def prior_ratio_logits(read: Callable[[str], Tensor]) -> tuple[Tensor, bool]:
-        """FC2's bias: the logits exactly while FC2's weight is zero (a fresh conversion),
-        the branch's bias term otherwise."""
-        return read("ratio.fc2.bias"), not read("ratio.fc2.weight").any()
+        """FC2's bias (plus a centered branch's shift u): the logits exactly while FC2's weight
+        is zero (a fresh conversion), the branch's bias term otherwise (centered: the logits of
+        a sample whose h is the running mean)."""
+        bias = read("ratio.fc2.bias")
+        try:
+            bias = bias + read("ratio.logit_shift")
+        except Exception:  # the reader's own "no such tensor" (safetensors'): uncentered
+            pass
+        return bias, not read("ratio.fc2.weight").any()
 
     @property
     def logit_scale(self) -> float:
@@ -304,7 +424,7 @@ class ExemplarNorm2d(MixedNorm2d):
             branch.fc1.weight,
             branch.fc1.bias,
             branch.fc2.weight,
-            branch.fc2.bias,
+            branch.logit_bias(),
             self.frozen_stale(),
         )
 
@@ -326,7 +446,10 @@ class ExemplarNorm2d(MixedNorm2d):
             lam, h = saved[4], saved[5]
             fc2 = self.ratio.fc2
             logits = torch.addmm(
-                fc2.bias.to(h.dtype), h, fc2.weight.to(h.dtype).t(), alpha=self.logit_scale
+                self.ratio.logit_bias().to(h.dtype),
+                h,
+                fc2.weight.to(h.dtype).t(),
+                alpha=self.logit_scale,
             )
         saturated = h <= 0 if self.activation == "relu" else h.abs() > SATURATED
         return Branch(lam, logits, saturated)
@@ -342,12 +465,29 @@ class ExemplarNorm2d(MixedNorm2d):
         return (rms / ref if ref > 0 else rms).tolist()
 
     def _coefficients(self, stats: InstanceStats) -> tuple[Tensor, Tensor, Tensor | None]:
-        """A, B and the bn record of the autograd reference path (``fused_en(False)``)."""
-        a, b, record, _ = self._math(stats)
+        """A, B and the bn record of the autograd reference path (``fused_en(False)``); the
+        batch's mean of h is kept for ``_normalize``."""
+        a, b, record, saved = self._math(stats)
+        self._hidden = hidden_mean(saved, None, self.training)
         return a, b, record
 
     def _normalize(self, x: Tensor) -> tuple[Tensor, Tensor | None]:
-        """Y and the bn member's record, on the path ``runtime.choose`` picks."""
+        """Y and the bn member's record, on the path ``runtime.choose`` picks; in training a
+        centered branch's running mean of h follows the batch (the first batch sets it before
+        the math runs, so FC2's first step already sees centered h)."""
+        branch = self.ratio
+        if self.training and branch.centered and not branch.hidden_ready:
+            with torch.no_grad(), _float32_math(x):
+                _, _, _, saved = self._math(instance_stats(x))
+                branch.track_hidden(hidden_mean(saved, None, True))
+        y, record, hidden = self._run(x)
+        if hidden is not None and hidden.numel():
+            with torch.no_grad():
+                branch.track_hidden(hidden)
+        return y, record
+
+    def _run(self, x: Tensor) -> tuple[Tensor, Tensor | None, Tensor | None]:
+        """Y, the bn member's record and the batch's mean of h (training) on the chosen path."""
         with _float32_math(x):
             tensors = self.kernel_tensors()
             needs_grad = torch.is_grad_enabled() and (
@@ -355,14 +495,17 @@ class ExemplarNorm2d(MixedNorm2d):
             )
             path, kernel, triton = runtime.choose(x, self.training, needs_grad)
             if path == "reference":  # autograd over en_coefficients
-                return super()._normalize(x)
+                self._hidden = None
+                y, record = super()._normalize(x)
+                hidden, self._hidden = self._hidden, None
+                return y, record, hidden
             cfg = self.kernel_settings()
             if path == "inference":
-                return native.en_inference(kernel, x, cfg, tensors), None
+                return native.en_inference(kernel, x, cfg, tensors), None, None
             if path == "node":
                 return ExemplarNormFunction.apply(x, cfg, kernel, triton, *tensors)
-            y, record, _, _ = exemplar_norm(x, cfg, tensors, kernel, triton)
-            return y, record
+            y, record, saved, ran = exemplar_norm(x, cfg, tensors, kernel, triton)
+            return y, record, hidden_mean(saved, ran, self.training)
 
     def extra_repr(self) -> str:
         parts = [

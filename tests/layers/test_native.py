@@ -181,7 +181,8 @@ def assert_steps_agree(fast: tuple, plain: tuple, tol: float) -> None:
     torch.testing.assert_close(y1, y2, rtol=tol, atol=tol)
     torch.testing.assert_close(gx1, gx2, rtol=10 * tol, atol=tol)
     for g1, g2 in zip(gp1, gp2):  # sums in another order: tolerance scaled to the gradient
-        torch.testing.assert_close(g1, g2, rtol=10 * tol, atol=10 * tol * float(g2.abs().max()))
+        scale = max(float(g2.abs().max()), 1e-2)  # W sums h - c, near 0 at the centre: rounding
+        torch.testing.assert_close(g1, g2, rtol=10 * tol, atol=10 * tol * scale)
     for s1, s2 in zip(st1, st2):
         torch.testing.assert_close(s1, s2, rtol=1e-6, atol=1e-6)
 
@@ -236,9 +237,10 @@ def test_training_is_deterministic(module, monkeypatch) -> None:
     """Per-task gradient sums added in order: the same step twice is bit-identical."""
     torch.manual_seed(0)
     layer = randomized(64).train()
+    twin = copy.deepcopy(layer)  # a step moves the centred branch's centre: start both alike
     x = torch.randn(32, 64, 4, 4)
     first = train_step(layer, x, "auto", monkeypatch)
-    second = train_step(layer, x, "auto", monkeypatch)
+    second = train_step(twin, x, "auto", monkeypatch)
     assert torch.equal(first[1], second[1])
     assert all(torch.equal(a, b) for a, b in zip(first[2], second[2]))
 

@@ -18,15 +18,18 @@ from enorm_cli.layers import ExemplarNorm2d
 from enorm_cli.layers.exemplar_norm import default_logit_scale
 
 
-def converted_wide_layer(logit_scale: float | None, channels: int = 1280) -> ExemplarNorm2d:
-    """A BatchNorm with trained-looking statistics, converted as ``enorm convert`` does."""
+def converted_wide_layer(
+    logit_scale: float | None, channels: int = 1280, centered: bool = False
+) -> ExemplarNorm2d:
+    """A BatchNorm with trained-looking statistics, converted as ``enorm convert`` does (with the
+    paper's uncentered branch unless ``centered``)."""
     bn = nn.BatchNorm2d(channels)
     with torch.no_grad():
         bn.weight.uniform_(0.5, 1.5)
         bn.bias.normal_(0, 0.2)
         bn.running_mean.normal_(0, 0.5)
         bn.running_var.uniform_(0.5, 2.0)
-    settings = ENSettings(normalizers=("bn", "ln"), logit_scale=logit_scale)
+    settings = ENSettings(normalizers=("bn", "ln"), logit_scale=logit_scale, centered=centered)
     layer = build_norm(_bn(bn), settings)
     assert isinstance(layer, ExemplarNorm2d)
     return layer
@@ -65,3 +68,25 @@ def test_unscaled_branch_moves_ratio_logits_far_more_than_a_plain_logit() -> Non
 def test_default_branch_moves_ratio_logits_like_a_plain_logit() -> None:
     total, bias_part = step_logit_change(converted_wide_layer(None), lr=0.01)
     assert total < 4 * 2 * bias_part
+
+
+def test_centered_branch_moves_samples_apart_not_the_mean() -> None:
+    """Centered, a step on W moves the samples' logits apart and leaves their mean: where the
+    paper's branch moves the whole layer (above), the per-sample term can learn fast without
+    throwing the layer onto a normalizer."""
+
+    def step_on_w(centered: bool) -> torch.Tensor:
+        torch.manual_seed(0)
+        layer = converted_wide_layer(1.0, centered=centered)
+        x = torch.randn(8, layer.num_features, 1, 1) * 1.5 + 0.3
+        (layer(x).square().mean()).backward()
+        before = layer.branch(x).logits.detach()
+        with torch.no_grad():
+            layer.ratio.fc2.weight.sub_(0.01 * layer.ratio.fc2.weight.grad)
+        moved = layer.branch(x).logits.detach() - before
+        return moved[:, 0] - moved[:, 1]  # the bn-ln logit gap's move, per sample
+
+    paper, centered = step_on_w(False), step_on_w(True)
+    assert paper.mean().abs() > 0.5 * paper.abs().max()  # the whole layer moves
+    assert centered.abs().max() > 1e-5  # the samples move
+    assert centered.mean().abs() < 1e-2 * centered.abs().max()  # their mean does not
