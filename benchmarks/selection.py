@@ -245,11 +245,27 @@ def run(
     return out
 
 
+def per_sample_figures(run: dict[str, Any]) -> dict[str, float]:
+    """A run's per-sample reading from its layers: the largest spread over samples of the
+    per-image normalizers' ratio (in + ln; with [bn, in, ln] that is 1 - bn, so the bn ratio's
+    sd), and the gap between the groups of largest size, with its sign (negative: the shifted
+    images get less in + ln). Empty for a run without mixed layers."""
+    layers = [lay for lay in run.get("layers", []) if "bn" in lay["normalizers"]]
+    if not layers:
+        return {}
+    out = {
+        "largest_spread_in_ln": max(lay["std"][lay["normalizers"].index("bn")] for lay in layers)
+    }
+    if all("gap_in_ln" in lay for lay in layers):  # not in the first probes' records
+        out["largest_abs_gap_in_ln"] = max((lay["gap_in_ln"] for lay in layers), key=abs)
+    return out
+
+
 def summary(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Per (regime, variant): the mean over seeds and the lowest-highest run."""
     groups: dict[tuple[str, str], list[dict[str, Any]]] = {}
     for r in runs:
-        groups.setdefault((r["regime"], r["variant"]), []).append(r)
+        groups.setdefault((r["regime"], r["variant"]), []).append({**r, **per_sample_figures(r)})
     rows = []
     for (regime, variant), rs in sorted(groups.items()):
         row: dict[str, Any] = {"regime": regime, "variant": variant, "seeds": len(rs)}
@@ -259,6 +275,8 @@ def summary(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
             "best_auc_in",
             "best_auc_in_ln",
             "largest_gap_in_ln",
+            "largest_abs_gap_in_ln",
+            "largest_spread_in_ln",
         ):
             values = [r[key] for r in rs if r.get(key) is not None]
             if values:
@@ -271,8 +289,8 @@ def summary(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
 def table(runs: list[dict[str, Any]]) -> str:
     lines = [
         "| regime | variant | clean top-1 | shifted top-1 | best AUC (in) | best AUC (in+ln) "
-        "| largest gap (in+ln) |",
-        "|---|---|---|---|---|---|---|",
+        "| largest gap (in+ln) | largest sd over samples (in+ln) |",
+        "|---|---|---|---|---|---|---|---|",
     ]
 
     def cell(row: dict[str, Any], key: str, digits: int) -> str:
@@ -285,7 +303,8 @@ def table(runs: list[dict[str, Any]]) -> str:
         lines.append(
             f"| {row['regime']} | {row['variant']} | {cell(row, 'top1_clean', 2)} | "
             f"{cell(row, 'top1_shifted', 2)} | {cell(row, 'best_auc_in', 3)} | "
-            f"{cell(row, 'best_auc_in_ln', 3)} | {cell(row, 'largest_gap_in_ln', 4)} |"
+            f"{cell(row, 'best_auc_in_ln', 3)} | {cell(row, 'largest_abs_gap_in_ln', 4)} | "
+            f"{cell(row, 'largest_spread_in_ln', 4)} |"
         )
     return "\n".join(lines)
 

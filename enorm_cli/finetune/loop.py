@@ -224,7 +224,9 @@ class FinetuneRecipe:
         data, seed = self.recipe.data, self.recipe.train.seed
         train_loader = make_loader(self.train_split, data.batch_size, data.workers, True, seed)
         val_loader = make_loader(self.val_split, data.batch_size, data.workers, False, seed)
-        optimizer = build_optimizer(self.prepared.model, self.recipe)
+        optimizer = build_optimizer(
+            self.prepared.model, self.recipe, self.accelerator.num_processes
+        )
         if self.recipe.train.compile:
             # in place: the same module, state dict and names
             self.prepared.model.compile(backend=self.recipe.train.compile_backend)

@@ -39,23 +39,34 @@ def ratio_scale_of(module: MixedNorm2d, scale: Scale = "auto") -> float:
 
 SAMPLE_LR_MULTIPLE = 300.0
 """How much faster than the rest of the branch a centered branch's FC2 weight learns under SGD
-(``sample_scale_of``); picked on the selection benchmark (docs/selection.md)."""
+at a batch of ``SAMPLE_LR_BATCH`` or more (``sample_scale_of``); picked on the selection
+benchmark (docs/selection.md)."""
+SAMPLE_LR_BATCH = 64
+"""The batch (images per optimizer step, all processes) from which the multiple is whole."""
 
 
-def sample_scale_of(module: MixedNorm2d, scale: Scale = "auto", opt: str = "sgd") -> float:
+def sample_scale_of(
+    module: MixedNorm2d, scale: Scale = "auto", opt: str = "sgd", batch_size: int | None = None
+) -> float:
     """The lr factor of a centered EN branch's FC2 weight (``optim.sample_lr_scale``) under
-    optimizer ``opt``.
+    optimizer ``opt`` at ``batch_size`` images per optimizer step (all processes, all
+    accumulated micro-batches).
 
     That weight sets only how each sample's logits differ from the layer's mean mixture (the
     branch reads h minus its running mean), so a fast rate cannot throw a whole layer onto a
     normalizer the way the uncentered branch could (docs/stability.md). Under SGD its gradient
-    is a per-sample signal averaged over the batch, tiny next to the shared logits': "auto"
-    gives it ``SAMPLE_LR_MULTIPLE`` times the ratio lr. Optimizers that divide out the
-    gradient's scale (Adam, ...) move it at the ratio lr already: 1 times.
+    is an average over the batch of per-sample signals, tiny next to the shared logits': "auto"
+    gives it ``SAMPLE_LR_MULTIPLE`` times the ratio lr, scaled down linearly below
+    ``SAMPLE_LR_BATCH`` images, where that average is noisier (at batch 4 the whole multiple
+    cost 30 points of top-1). Without a batch size (a loop that does not say) and under
+    optimizers that divide out the gradient's scale (Adam, ...): the ratio lr.
     """
     if scale != "auto":
         return scale
-    return ratio_scale_of(module) * (SAMPLE_LR_MULTIPLE if gradient_scaled(opt) else 1.0)
+    ratio = ratio_scale_of(module)
+    if batch_size is None or not gradient_scaled(opt):
+        return ratio
+    return ratio * SAMPLE_LR_MULTIPLE * min(1.0, batch_size / SAMPLE_LR_BATCH)
 
 
 def affine_scale_of(module: MixedNorm2d, scale: Scale = "auto", opt: str = "sgd") -> float:
@@ -88,6 +99,7 @@ def param_groups(
     ratio_weight_decay: float = 0.0,
     affine_weight_decay: float = 0.0,
     sample_lr_scale: Scale = "auto",
+    batch_size: int | None = None,
 ) -> list[dict[str, Any]]:
     """Optimizer groups for a model with EN/SN layers, for any ``torch.optim`` optimizer.
 
@@ -96,7 +108,8 @@ def param_groups(
     (``MixedNorm2d.ratio_parameters``, ``sample_parameters`` and ``affine_parameters``; one
     group per resolved scale: "ratio", "ratio_1", "sample", "affine", ...), each scale read from
     its own layer (``ratio_scale_of``, ``sample_scale_of``, ``affine_scale_of``; ``opt`` names
-    the optimizer, whose kind decides the sample and affine scales). The per-sample weight
+    the optimizer, whose kind decides the sample and affine scales; ``batch_size``, the images
+    per optimizer step over all processes, sets the sample scale). The per-sample weight
     decays as the ratio parameters do. Each group carries its ``lr_multiple`` (what
     config.yaml records; timm's schedulers would apply a key named ``lr_scale`` a second time).
     Other 1-D parameters (biases, norm weights) get no weight decay, as timm does.
@@ -110,7 +123,7 @@ def param_groups(
     for module in model.modules():
         if isinstance(module, MixedNorm2d):
             ratio = ratio_scale_of(module, ratio_lr_scale)
-            sample = sample_scale_of(module, sample_lr_scale, opt)
+            sample = sample_scale_of(module, sample_lr_scale, opt, batch_size)
             affine = affine_scale_of(module, affine_lr_scale, opt)
             scale_of.update((id(p), ("ratio", ratio)) for p in module.ratio_parameters())
             scale_of.update((id(p), ("sample", sample)) for p in module.sample_parameters())
@@ -140,8 +153,11 @@ def param_groups(
     return [{"name": k, **g} for k, g in groups.items() if g["params"]]
 
 
-def recipe_param_groups(model: nn.Module, optim: OptimConfig) -> list[dict[str, Any]]:
-    """``param_groups`` with a recipe's optim section."""
+def recipe_param_groups(
+    model: nn.Module, optim: OptimConfig, batch_size: int | None = None
+) -> list[dict[str, Any]]:
+    """``param_groups`` with a recipe's optim section (``batch_size``: images per optimizer
+    step, all processes)."""
     return param_groups(
         model,
         optim.lr,
@@ -152,6 +168,7 @@ def recipe_param_groups(model: nn.Module, optim: OptimConfig) -> list[dict[str, 
         ratio_weight_decay=optim.ratio_weight_decay,
         affine_weight_decay=optim.affine_weight_decay,
         sample_lr_scale=optim.sample_lr_scale,
+        batch_size=batch_size,
     )
 
 
@@ -171,15 +188,18 @@ def network_lr(optimizer: torch.optim.Optimizer) -> float:
     return max(net or [g["lr"] for g in groups])
 
 
-def build_optimizer(model: nn.Module, recipe: Recipe) -> torch.optim.Optimizer:
+def build_optimizer(model: nn.Module, recipe: Recipe, processes: int = 1) -> torch.optim.Optimizer:
     """timm's ``create_optimizer_v2`` over ``param_groups`` (each layer's scales read from the
-    layer); a bad optim section is a user error."""
+    layer; the batch per optimizer step: the recipe's batch times ``processes`` times
+    ``train.grad_accum``); a bad optim section is a user error."""
     from timm.optim import create_optimizer_v2
 
     o = recipe.optim
     try:
         return create_optimizer_v2(
-            recipe_param_groups(model, o),
+            recipe_param_groups(
+                model, o, recipe.data.batch_size * processes * recipe.train.grad_accum
+            ),
             opt=o.name,
             lr=o.lr,
             weight_decay=o.weight_decay,

@@ -83,6 +83,38 @@ def test_ratio_lr_scale(overrides: list[str], lr: float) -> None:
     assert groups["ratio"]["lr_multiple"] == pytest.approx(lr / 0.1)
 
 
+@pytest.mark.parametrize(
+    ("overrides", "batch", "multiple"),
+    [
+        ([], 64, 300.0),  # SGD from 64 images per step: the whole multiple
+        ([], 256, 300.0),
+        ([], 8, 300.0 * 8 / 64),  # fewer: scaled down with the batch
+        ([], None, 1.0),  # a loop that does not say its batch: the ratio lr
+        (["optim.name=adamw"], 64, 1.0),  # adaptive: the ratio lr already moves it
+        (["optim.sample_lr_scale=5"], 8, 5.0),
+        (["model.en.ablation.centered=false"], 64, None),  # the paper's branch: no such group
+    ],
+)
+def test_sample_lr_scale(overrides: list[str], batch: int | None, multiple: float | None) -> None:
+    """A centered branch's FC2 weight has its own group ("sample") at ``sample_lr_scale``."""
+    recipe = load_recipe(
+        QUICK, ["model.name=test_resnet", "model.checkpoint=null", "optim.lr=0.1", *overrides]
+    )
+    model = prepare_model(recipe, 10).model
+    groups = {g["name"]: g for g in recipe_param_groups(model, recipe.optim, batch)}
+    layers = [m for m in model.modules() if isinstance(m, MixedNorm2d)]
+    if multiple is None:
+        assert "sample" not in groups
+        assert not any(m.sample_parameters() for m in layers)
+        return
+    assert groups["sample"]["lr_multiple"] == pytest.approx(multiple)
+    assert groups["sample"]["lr"] == pytest.approx(0.1 * multiple)
+    assert {id(p) for p in groups["sample"]["params"]} == {id(m.ratio.fc2.weight) for m in layers}
+    assert not {id(p) for p in groups["ratio"]["params"]} & {
+        id(p) for p in groups["sample"]["params"]
+    }
+
+
 def test_auto_ratio_scale_is_exactly_one_at_the_default_logit_scale() -> None:
     """Bit-identical to the recipes' former explicit ``ratio_lr_scale: 1.0``."""
     recipe = load_recipe(QUICK, ["model.checkpoint=null"])
