@@ -195,14 +195,10 @@ def exemplar_norm(
     return affine_apply(x, a, b), batch, saved, None
 
 
-def hidden_mean(
-    saved: tuple[Tensor | None, ...], kernel: Kernel | ModuleType | None, training: bool
-) -> Tensor | None:
+def hidden_mean(saved: tuple[Tensor | None, ...], kernel: Kernel | ModuleType | None) -> Tensor:
     """The batch's mean of the ratio branch's hidden units h (pi K), from what a forward saved
-    (the C++ kernel's layout where ``kernel`` ran, ``en_coefficients``' otherwise); None
-    outside training, where a centered branch's running mean stays."""
-    if not training:
-        return None
+    (the C++ kernel's layout where ``kernel`` ran, ``en_coefficients``' otherwise): what a
+    centered branch's running mean follows."""
     h = saved[6] if kernel is not None else saved[5]
     return h.detach().mean(0)
 
@@ -330,8 +326,8 @@ def coefficients_backward(
 
 
 class ExemplarNormFunction(torch.autograd.Function):
-    """y, the bn member's record (2 x C or empty), the batch's mean of h (pi K in training, else
-    empty) = EN(x), as one node with a hand-written
+    """y, the bn member's record (2 x C or empty), the batch's mean of h (pi K) = EN(x), as one
+    node with a hand-written
     backward: the C++ kernel's (``native``) where the forward ran on it (``runtime.choose``),
     the tensor ops' (``coefficients_backward``) otherwise. With ``cfg.synced`` the bn statistics
     and their gradient sums are all-reduced over the processes, as torch's SyncBatchNorm
@@ -353,8 +349,7 @@ class ExemplarNormFunction(torch.autograd.Function):
         params = (p.weight, p.bias, p.conv, p.fc1_w, p.fc1_b, p.fc2_w, p.fc2_b, p.stale)
         ctx.save_for_backward(x, *saved, *params)
         batch = batch if batch is not None else saved[0].new_empty(0)
-        hidden = hidden_mean(saved, kernel, cfg.training)
-        hidden = hidden if hidden is not None else saved[0].new_empty(0)
+        hidden = hidden_mean(saved, kernel)
         ctx.mark_non_differentiable(batch, hidden)
         return y, batch, hidden
 

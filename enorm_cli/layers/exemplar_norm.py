@@ -468,26 +468,31 @@ class ExemplarNorm2d(MixedNorm2d):
         """A, B and the bn record of the autograd reference path (``fused_en(False)``); the
         batch's mean of h is kept for ``_normalize``."""
         a, b, record, saved = self._math(stats)
-        self._hidden = hidden_mean(saved, None, self.training)
+        self._hidden = hidden_mean(saved, None)
         return a, b, record
 
     def _normalize(self, x: Tensor) -> tuple[Tensor, Tensor | None]:
-        """Y and the bn member's record, on the path ``runtime.choose`` picks; in training a
-        centered branch's running mean of h follows the batch (the first batch sets it before
-        the math runs, so FC2's first step already sees centered h)."""
+        """Y and the bn member's record, on the path ``runtime.choose`` picks. Where the branch
+        can learn (training, or eval mode under autograd with FC2 trainable: frozen-statistics
+        training, ``set_bn_stats(model, "running")``) a centered branch's running mean of h
+        follows the batch; the first such batch sets it before the math runs, so FC2's first
+        step already sees centered h."""
         branch = self.ratio
-        if self.training and branch.centered and not branch.hidden_ready:
+        learning = branch.centered and (
+            self.training or (torch.is_grad_enabled() and branch.fc2.weight.requires_grad)
+        )
+        if learning and not branch.hidden_ready:
             with torch.no_grad(), _float32_math(x):
                 _, _, _, saved = self._math(instance_stats(x))
-                branch.track_hidden(hidden_mean(saved, None, True))
+                branch.track_hidden(hidden_mean(saved, None))
         y, record, hidden = self._run(x)
-        if hidden is not None and hidden.numel():
-            with torch.no_grad():
-                branch.track_hidden(hidden)
+        if learning and hidden is not None:
+            branch.track_hidden(hidden)
         return y, record
 
     def _run(self, x: Tensor) -> tuple[Tensor, Tensor | None, Tensor | None]:
-        """Y, the bn member's record and the batch's mean of h (training) on the chosen path."""
+        """Y, the bn member's record and the batch's mean of h (None on the inference path)
+        on the chosen path."""
         with _float32_math(x):
             tensors = self.kernel_tensors()
             needs_grad = torch.is_grad_enabled() and (
@@ -505,7 +510,7 @@ class ExemplarNorm2d(MixedNorm2d):
             if path == "node":
                 return ExemplarNormFunction.apply(x, cfg, kernel, triton, *tensors)
             y, record, saved, ran = exemplar_norm(x, cfg, tensors, kernel, triton)
-            return y, record, hidden_mean(saved, ran, self.training)
+            return y, record, hidden_mean(saved, ran)
 
     def extra_repr(self) -> str:
         parts = [

@@ -510,3 +510,53 @@ def test_renorm_fast_path_equals_autograd_path(frozen: bool, en_backend: str) ->
     # 1 x 1 maps: in's variance is 0, so its A and B are 1/sqrt(eps) = 316 times larger and
     # cancel in A x + B; the paths round that differently
     assert_paths_agree(results, tol=1e-4 if frozen else 1e-5)
+
+
+def test_centered_branch_follows_the_mean_of_h_and_keeps_the_function() -> None:
+    """The first training batch sets the centre to its mean of h; each later one moves it and
+    the bias shift with it, so the layer computes the same function however many forwards
+    ran (the next gradient of FC2's weight is what changes)."""
+    torch.manual_seed(0)
+    layer = make_layer()
+    x = batch()
+    assert layer.centered and not layer.ratio.hidden_ready
+    first = layer(x)
+    saved = layer._math(instance_stats(x))[3]
+    torch.testing.assert_close(layer.ratio.hidden_mean, saved[5].mean(0))
+    centre = layer.ratio.hidden_mean.clone()
+    other = batch(shift=3.0)
+    layer(other)  # moves the centre towards another batch's mean
+    assert not torch.allclose(layer.ratio.hidden_mean, centre)
+    torch.testing.assert_close(layer(x), first, rtol=1e-5, atol=1e-5)
+    layer.eval()
+    with torch.no_grad():
+        before = layer.ratio.hidden_mean.clone()
+        layer(other)
+    assert torch.equal(layer.ratio.hidden_mean, before)  # inference leaves it
+
+
+def test_frozen_statistics_training_centres_the_branch_too() -> None:
+    """``bn_stats: running`` trains with the layers in eval mode: the centre follows there too,
+    or FC2's fast per-sample rate would act on uncentered h."""
+    layer = make_layer().eval()
+    x = batch()
+    y = layer(x)
+    assert layer.ratio.hidden_ready
+    y.sum().backward()
+    assert layer.ratio.fc2.weight.grad is not None
+
+
+def test_an_uncentered_state_loads_as_the_function_it_was() -> None:
+    """A state dict from before the centered branch (no ``ratio.hidden_mean``) makes the layer
+    uncentered: the same output, no per-sample group."""
+    torch.manual_seed(0)
+    old = make_layer(centered=False)
+    with torch.no_grad():
+        old.ratio.fc2.weight.normal_()
+    old.eval()
+    new = make_layer()
+    new.load_state_dict(old.state_dict())
+    new.eval()
+    x = batch()
+    assert not new.centered and not new.sample_parameters()
+    torch.testing.assert_close(new(x), old(x))
