@@ -15,7 +15,7 @@ from typing import Annotated, Any
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError
 
-from ..layers import check_activation, check_norm_layer, check_normalizers
+from ..layers import ExemplarNorm2d, check_activation, check_norm_layer, check_normalizers
 
 
 def _check_regex(pattern: str | None) -> str | None:
@@ -96,17 +96,9 @@ class ENSettings(BaseModel):
 TUNED_FIELDS = ("normalizers", "margin", "include", "exclude")
 """What a fine-tuning recipe tunes (``model.en``)."""
 
-ABLATION_FIELDS = (
-    "reduction",
-    "pi",
-    "activation",
-    "use_conv",
-    "shared_affine",
-    "logit_scale",
-    "centered",
-)
-"""The paper's ablation switches and the branch's logit scale: the architecture EN was
-published with (plus enorm's scale), grouped apart in a recipe (``model.en.ablation``)."""
+ABLATION_FIELDS: tuple[str, ...] = ExemplarNorm2d.options
+"""The paper's ablation switches and enorm's branch settings (logit scale, centering): EN's
+constructor options, the architecture, grouped apart in a recipe (``model.en.ablation``)."""
 
 
 def fields_of(names: tuple[str, ...]) -> dict[str, Any]:
