@@ -445,6 +445,7 @@ BLOCKS: dict[str, tuple[str, Callable[[dict[str, Any]], str]]] = {
     "kernel-training": ("kernel_training", kernel_training_table),
     "selection": ("selection", selection_table),
     "selection-probe": ("selection_probe", selection_table),
+    "selection-design": ("selection_design", selection_table),
 }
 """Results block name -> (record, renderer)."""
 
