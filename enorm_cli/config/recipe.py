@@ -223,8 +223,8 @@ class OptimConfig(Section):
     """Weight decay of the ratio parameters."""
     sample_lr_scale: Annotated[float, Field(gt=0)] | Literal["auto"] = "auto"
     """lr multiple of a centered EN branch's FC2 weight, the per-sample term. "auto": with SGD
-    300 times the ratio scale at 64 or more images per optimizer step (all processes), times
-    (batch / 64)^2 below; the ratio scale with adaptive optimizers
+    300 times the ratio scale at 64 or more images per optimizer step (all processes), the ratio
+    scale below (a noisier per-sample gradient) and with adaptive optimizers
     (``enorm_cli.finetune.optim.sample_scale_of``)."""
     affine_lr_scale: Annotated[float, Field(gt=0)] | Literal["auto"] = "auto"
     """lr multiple of the mixed layers' gammas and betas. "auto": 1 / lambda_src^2 for EN with
