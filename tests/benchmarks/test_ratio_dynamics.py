@@ -43,10 +43,14 @@ def last_layer_after(mobilenet_weights: Path, *extra: str) -> dict:
 def test_unscaled_branch_kills_the_last_layer_and_the_default_does_not(
     mobilenet_weights: Path,
 ) -> None:
-    # the code before the fix: no scale, and the ratio branch at the plain lr (``auto`` would
-    # divide it by pi K, the same protection by another way)
+    # the code before the fix: no scale, the ratio branch at the plain lr (``auto`` would
+    # divide it by pi K, the same protection by another way) and the paper's uncentered branch
+    # (centered, a step on W leaves the layer's mean mixture where it is)
     old = last_layer_after(
-        mobilenet_weights, "model.en.ablation.logit_scale=1.0", "optim.ratio_lr_scale=1.0"
+        mobilenet_weights,
+        "model.en.ablation.logit_scale=1.0",
+        "optim.ratio_lr_scale=1.0",
+        "model.en.ablation.centered=false",
     )
     assert old["ratios"][0] < 0.01  # bn ratio: saturated on ln
     new = last_layer_after(mobilenet_weights)
@@ -59,8 +63,8 @@ def test_gradient_clipping_keeps_the_last_layer_at_batch_4_and_a_high_lr(
     mobilenet_weights: Path,
 ) -> None:
     """The gain trap (docs/stability.md): at batch 4, lr 0.01 the new head's gradient norm climbs
-    to ~100 in 10 steps and, unclipped, the last layer escapes onto ln (gamma 0) by step ~20,
-    for good; the recipes' ``train.grad_clip: 5`` keeps it on bn."""
+    to ~100 in 10 steps and, unclipped, the paper's branch lets the last layer escape onto ln
+    (gamma 0) by step ~20, for good; the recipes' ``train.grad_clip: 5`` keeps it on bn."""
 
     def last(*extra: str) -> dict:
         overrides = [
@@ -77,7 +81,9 @@ def test_gradient_clipping_keeps_the_last_layer_at_batch_4_and_a_high_lr(
         assert max(r["grad_norm"] for r in out["records"]) > 20  # the blow-up, clipped or not
         return out["records"][-1]["layers"][LAST]
 
-    assert last("train.grad_clip=null")["ratios"][0] < 0.1  # flipped: its output is beta
+    # the paper's branch, unclipped: flipped, its output is beta (the centered branch's W no
+    # longer moves the layer's mean mixture, and this run no longer flips it)
+    assert last("train.grad_clip=null", "model.en.ablation.centered=false")["ratios"][0] < 0.1
     assert last()["ratios"][0] > 0.5
 
 
