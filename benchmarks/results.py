@@ -251,6 +251,18 @@ def quickstart_table(record: dict[str, Any]) -> str:
     )
 
 
+def quickstart_seeds_table(record: dict[str, Any]) -> str:
+    """The quickstart recipe over seeds: mean val top-1 (lowest-highest run)."""
+    runs = record["figures"]["runs"]
+    top1 = [r["top1"] for r in runs]
+    return (
+        "| recipe | val top-1, mean of seeds (lowest-highest) | seeds | val images |\n"
+        "|---|---|---|---|\n"
+        f"| quickstart (EN) | {sum(top1) / len(top1):.2f}% ({min(top1):.2f}-{max(top1):.2f}) "
+        f"| {len(runs)} | 10,000 |\n" + _source(record)
+    )
+
+
 def noisy_labels_table(record: dict[str, Any]) -> str:
     """Last-epoch and best-epoch top-1 per noise rate and normalizer (``noisy_labels.markdown``)."""
     noisy = _stability("noisy_labels")
@@ -440,6 +452,7 @@ BLOCKS: dict[str, tuple[str, Callable[[dict[str, Any]], str]]] = {
     "evidence-scratch": ("evidence_scratch", evidence_table),
     "evidence-finetune": ("evidence_finetune", evidence_table),
     "quickstart": ("quickstart", quickstart_table),
+    "quickstart-seeds": ("quickstart_seeds", quickstart_seeds_table),
     "compile-finetune": ("compile_finetune", compile_table),
     "layer-levers": ("layer_levers", layer_levers_table),
     "kernel-training": ("kernel_training", kernel_training_table),
