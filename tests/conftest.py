@@ -114,7 +114,14 @@ def finetuned(tmp_path_factory: pytest.TempPathFactory, image_classes: Path) -> 
     from enorm_cli.finetune.loop import finetune
 
     out = tmp_path_factory.mktemp("ft") / "run"
-    overrides = tiny_recipe(image_classes, out, "imagefolder", "model.en.normalizers=[bn,in,ln]")
+    # the per-sample term at its large-batch rate, so that 2 short epochs at batch 4 move it
+    overrides = tiny_recipe(
+        image_classes,
+        out,
+        "imagefolder",
+        "model.en.normalizers=[bn,in,ln]",
+        "optim.sample_lr_scale=300",
+    )
     recipe = load_recipe(QUICK, overrides)
     finetune(recipe, progress=False)
     return out / "best.safetensors"
