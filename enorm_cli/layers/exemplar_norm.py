@@ -155,12 +155,14 @@ class RatioBranch(nn.Module):
 
     def logit_bias(self) -> Tensor:
         """FC2's bias as the math takes it: b, or b + u - s W c when centered (so the math's
-        ``b + s W h`` is ``b + u + s W (h - c)``). c is copied: it moves in place after the
-        forward, and autograd keeps this product's inputs for the backward."""
+        ``b + s W h`` is ``b + u + s W (h - c)``). Under autograd c is copied: it moves in place
+        after the forward, and autograd keeps this product's inputs for the backward."""
         fc2 = self.fc2
         if not self.centered:
             return fc2.bias
-        c = self.hidden_mean.clone().to(fc2.weight.dtype)
+        c = self.hidden_mean.to(fc2.weight.dtype)
+        if torch.is_grad_enabled():
+            c = c.clone()
         shifted = fc2.bias + self.logit_shift.to(fc2.bias.dtype)
         return torch.addmv(shifted, fc2.weight, c, alpha=-self.logit_scale)
 
