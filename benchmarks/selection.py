@@ -41,19 +41,30 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "bn_frozen": {"norm": "bn", "bn_stats": "running"},
     "sn": {"norm": "sn"},
     "en": {"norm": "en"},
-    # the paper's uncentered branch (EN's default before the centered branch)
-    "en_paper": {"norm": "en", "en": {"ablation": {"centered": False}}},
+    # the start forced either way (EN's default, anchored "auto", anchors only untrained sources:
+    # from scratch, not fine-tuning)
+    "en_anchored": {"norm": "en", "en": {"ablation": {"anchored": True}}},
+    "en_unanchored": {"norm": "en", "en": {"ablation": {"anchored": False}}},
+    # the paper's uncentered branch with the paper-style start (EN's default before both)
+    "en_paper": {"norm": "en", "en": {"ablation": {"centered": False, "anchored": False}}},
     # experiments (design candidates; docs/selection.md, "What was tried")
-    "en_paper_rowlr": {"norm": "en", "en": {"ablation": {"centered": False}}, "rowlr": True},
+    "en_paper_rowlr": {
+        "norm": "en",
+        "en": {"ablation": {"centered": False, "anchored": False}},
+        "rowlr": True,
+    },
     "en_paper_ratio10": {
         "norm": "en",
-        "en": {"ablation": {"centered": False}},
+        "en": {"ablation": {"centered": False, "anchored": False}},
         "optim": {"ratio_lr_scale": 10.0},
     },
-    "en_paper_m0": {"norm": "en", "en": {"margin": 0.0, "ablation": {"centered": False}}},
+    "en_paper_m0": {
+        "norm": "en",
+        "en": {"margin": 0.0, "ablation": {"centered": False, "anchored": False}},
+    },
     "en_paper_w1000": {
         "norm": "en",
-        "en": {"ablation": {"centered": False}},
+        "en": {"ablation": {"centered": False, "anchored": False}},
         "optim": {"sample_lr_scale": 1000.0},
     },
     "en_sample1": {"norm": "en", "optim": {"sample_lr_scale": 1.0}},

@@ -28,7 +28,7 @@ from .fileio import atomic_path
 from .models import build_model
 from .version import __version__
 
-FORMAT_VERSION = 3
+FORMAT_VERSION = 4
 KEY = "enorm."
 
 
@@ -48,7 +48,18 @@ def _v2_to_v3(meta: dict[str, str]) -> dict[str, str]:
     return {**meta, KEY + "en_settings": json.dumps(settings, sort_keys=True)}
 
 
-MIGRATIONS: dict[int, Callable[[dict[str, str]], dict[str, str]]] = {1: _v1_to_v2, 2: _v2_to_v3}
+def _v3_to_v4(meta: dict[str, str]) -> dict[str, str]:
+    """Format 3 files were written before EN's anchored start: their layers mix with the
+    ratios alone (``anchored`` false; the state has no ``mix_offset``, which loads as 0)."""
+    settings = {"anchored": False, **json.loads(meta[KEY + "en_settings"])}
+    return {**meta, KEY + "en_settings": json.dumps(settings, sort_keys=True)}
+
+
+MIGRATIONS: dict[int, Callable[[dict[str, str]], dict[str, str]]] = {
+    1: _v1_to_v2,
+    2: _v2_to_v3,
+    3: _v3_to_v4,
+}
 """Format N -> N + 1, on the raw metadata."""
 
 

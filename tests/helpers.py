@@ -117,6 +117,18 @@ def randomize_norms(model: nn.Module, seed: int = 0) -> nn.Module:
     return model
 
 
+def anchor(layer: nn.Module, seed: int | None = None) -> nn.Module:
+    """Give an EN layer a mixing offset as an anchored conversion makes one (the first
+    normalizer's one-hot minus a softmax, so the mixing weights still sum to 1), drawn at
+    random so a path that drops the offset or uses it in place of lambda shows."""
+    g = None if seed is None else torch.Generator().manual_seed(seed)
+    k = layer.mix_offset.numel()
+    prior = torch.softmax(torch.randn(k, generator=g), 0)
+    with torch.no_grad():
+        layer.mix_offset.copy_(torch.eye(k)[0] - prior)
+    return layer
+
+
 def max_relative_delta(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a - b).abs().max() / a.abs().max().clamp_min(1e-12)).item()
 

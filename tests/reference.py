@@ -69,10 +69,11 @@ def en_reference(layer, x: Tensor, lam: Tensor | None = None) -> tuple[Tensor, T
         logits = layer.logit_scale * (h @ p["ratio.fc2.weight"].T) + bias
         lam = torch.softmax(logits, dim=1)
     lam = lam.double()
+    mix = lam + p["mix_offset"] if "mix_offset" in p else lam  # an anchored start's weights
     gamma = p["weight"].expand(len(layer.normalizers), -1)
     beta = p["bias"].expand(len(layer.normalizers), -1)
     y = sum(
-        lam[:, k].view(-1, 1, 1, 1)
+        mix[:, k].view(-1, 1, 1, 1)
         * (gamma[k].view(1, -1, 1, 1) * xhats[k] + beta[k].view(1, -1, 1, 1))
         for k in range(len(layer.normalizers))
     )

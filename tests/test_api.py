@@ -88,13 +88,14 @@ def test_nothing_to_convert_is_one_clear_error() -> None:
 
 
 def test_param_groups_read_each_layers_margin() -> None:
-    """Two parts converted with different margins get the affine lr each margin needs; a
-    layer built without a source has no source gain to restore (1)."""
+    """Two parts converted with different margins (paper-style start) get the affine lr each
+    margin needs; a layer built without a source, or anchored, has no source gain to restore
+    (1)."""
     model = nn.Sequential(
         nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.Conv2d(8, 8, 3), nn.BatchNorm2d(8)
     ).eval()
-    enorm_cli.convert_model(model, margin=2.0, include="^1$")
-    enorm_cli.convert_model(model, margin=0.5, include="^3$")
+    enorm_cli.convert_model(model, margin=2.0, include="^1$", anchored=False)
+    enorm_cli.convert_model(model, margin=0.5, include="^3$", anchored=False)
     model.append(enorm_cli.ExemplarNorm2d(8))
     groups = {g["name"]: g for g in enorm_cli.param_groups(model, lr=0.1, weight_decay=1e-4)}
 

@@ -146,6 +146,29 @@ def test_format_2_files_load_with_the_uncentered_branch_they_were_trained_with(
     assert layers and not any(m.centered or m.sample_parameters() for m in layers)
 
 
+def test_format_3_files_load_with_the_start_they_were_converted_with(tmp_path: Path) -> None:
+    """Format 3 files predate the anchored start: no ``mix_offset``, so their layers mix with
+    the ratios alone (offset 0) and their gain lives in the source row (its own lr rule)."""
+    out = tmp_path / "r.safetensors"
+    convert("test_resnet", out, ENSettings(anchored=False), pretrained=False)
+    settings = json.loads(safe_open(str(out), framework="pt").metadata()["enorm.en_settings"])
+    del settings["anchored"]
+    old = tmp_path / "v3.safetensors"
+    _rewrite_metadata(
+        out,
+        old,
+        drop_suffix="mix_offset",
+        **{"enorm.format_version": "3", "enorm.en_settings": json.dumps(settings)},
+    )
+    assert read_info(old).settings["anchored"] is False
+    layers = [m for m in load_model(old).modules() if isinstance(m, ExemplarNorm2d)]
+    assert layers and not any(m.anchored or m.mix_offset.any() for m in layers)
+    assert all(m.source_gain_share() < 1 for m in layers)
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(load_model(old).eval()(x), load_model(out).eval()(x))
+
+
 def test_format_1_files_migrate_and_newer_formats_are_refused(tmp_path: Path) -> None:
     """Format 1 files from before logit_scale existed had an unscaled FC2: they load as they
     were."""
@@ -172,7 +195,7 @@ def test_format_1_files_migrate_and_newer_formats_are_refused(tmp_path: Path) ->
     with torch.no_grad():  # a fresh conversion does not depend on s (FC2's weight is zero)
         x = torch.randn(2, 3, 64, 64)
         torch.testing.assert_close(model(x), result.model(x))
-    for version, match in (("4", "newer enorm.*upgrade enorm"), ("x", "damaged"), ("0", "unknown")):
+    for version, match in (("5", "newer enorm.*upgrade enorm"), ("x", "damaged"), ("0", "unknown")):
         bad = tmp_path / f"v{version}.safetensors"
         _rewrite_metadata(out, bad, **{"enorm.format_version": version})
         with pytest.raises(EnormError, match=match):

@@ -92,6 +92,13 @@ def convert(
     shared_affine: bool = typer.Option(
         False, "--shared-affine", help="One affine pair for all normalizers (ablation)."
     ),
+    anchored: str = typer.Option(
+        "auto",
+        "--anchored",
+        help="true: every normalizer starts with the source's gamma, mixing weights offset onto "
+        "the source; false: the paper-style start, other gammas 0; auto: true for untrained "
+        "sources (from scratch), false for trained ones.",
+    ),
     include: str | None = typer.Option(
         None, "--include", help="Convert only modules whose name matches."
     ),
@@ -135,6 +142,7 @@ def convert(
         margin=margin,
         layer=layer.strip().lower(),
         shared_affine=shared_affine,
+        anchored=anchored,
         logit_scale=logit_scale,
         include=include,
         exclude=exclude,

@@ -400,10 +400,12 @@ def resolve_autos(
     ratio_lr_scales: list[float],
     affine_lr_scales: list[float],
     sample_lr_scales: list[float] | None = None,
+    anchored: list[bool] | None = None,
 ) -> tuple[Recipe, list[str]]:
     """The recipe with each "auto" replaced by what it resolved to in this run, and one line per
     auto saying so: config.yaml repeats the run without the rules. A scale that resolved to
-    several values (layers with different K, from GroupNorm sources) stays "auto", listed."""
+    several values (layers with different K, from GroupNorm sources), or EN starts that differ
+    between layers (``anchored``: the distinct values), stay "auto", listed."""
     lines = []
     model, optim = recipe.model, recipe.optim
     en_update: dict[str, Any] = {}
@@ -425,6 +427,11 @@ def resolve_autos(
         if len(scales) == 1:
             optim_update[key] = scales[0]
         lines.append(f"optim.{key}: auto -> {', '.join(f'{v:.6g}' for v in scales)}")
+    if model.en.ablation.anchored == "auto" and anchored:
+        if len(anchored) == 1:
+            en_update["ablation"] = model.en.ablation.model_copy(update={"anchored": anchored[0]})
+        listed = ", ".join(str(a).lower() for a in anchored)
+        lines.append(f"model.en.ablation.anchored: auto -> {listed}")
     if en_update:
         model_update["en"] = model.en.model_copy(update=en_update)
     update = {

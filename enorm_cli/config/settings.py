@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError
 
@@ -63,15 +63,24 @@ class ENSettings(BaseModel):
     """EN's FC2 reads the hidden units minus their running mean (logits = b + s W (h - c)): b
     sets the mean mixture, W how samples differ from it, at its own lr
     (``optim.sample_lr_scale``). Off: the paper's branch."""
+    anchored: bool | Literal["auto"] = "auto"
+    """How EN starts from its source. true: every normalizer's gamma is the source's, and the
+    mixing weights are the ratios plus a fixed offset (the source normalizer's one-hot minus
+    the prior) that makes them one-hot on the source: exact, and every normalizer carries the
+    feature its ratio would choose. false: the paper-style exact start, the other normalizers'
+    gammas 0, which keeps a trained source's features in place. auto: true where the source is
+    untrained (training from scratch), false where it was trained (fine-tuning)."""
 
     @property
     def exact(self) -> bool:
-        """Whether converted layers start as exactly their source (EN with per-normalizer affines).
+        """Whether converted layers start as exactly their source: EN, anchored or with
+        per-normalizer affines.
 
-        SN's static ratios mix the normalizers' statistics, and one shared affine set
-        scales every normalizer alike: both start near, not at, the source function.
+        SN's static ratios mix the normalizers' statistics, and without the anchor one shared
+        affine set scales every normalizer alike: both start near, not at, the source function
+        ("auto" counts as without: it anchors only untrained sources).
         """
-        return self.layer == "en" and not self.shared_affine
+        return self.layer == "en" and (self.anchored is True or not self.shared_affine)
 
     def layer_options(self, options: tuple[str, ...]) -> dict[str, Any]:
         """The fields a layer class takes (its ``options``), as constructor arguments."""

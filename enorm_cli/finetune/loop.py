@@ -55,7 +55,7 @@ from ..fileio import refused, write_text_atomic
 from ..inspect.recorder import selection_scalars
 from ..layers.modes import set_bn_stats, set_sync_stats
 from .metrics_log import MetricsLog
-from .model import PreparedModel, prepare_model, sync_batchnorm
+from .model import PreparedModel, prepare_model, resolved_starts, sync_batchnorm
 from .optim import build_optimizer, build_scheduler, network_lr, resolved_scales
 from .precise_bn import recompute_running_stats
 from .preemption import Preempted, PreemptionGuard
@@ -147,6 +147,7 @@ class FinetuneRecipe:
             ratio_lr_scales=resolved_scales(self.optimizer, "ratio"),
             affine_lr_scales=resolved_scales(self.optimizer, "affine"),
             sample_lr_scales=resolved_scales(self.optimizer, "sample"),
+            anchored=resolved_starts(self.accelerator.unwrap_model(self.model)),
         )
         return dump_recipe(resolved, ["auto resolved in this run:", *lines] if lines else None)
 

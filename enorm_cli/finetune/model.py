@@ -135,3 +135,12 @@ def sync_batchnorm(model: nn.Module, device_type: str) -> nn.Module:
     from timm.layers import convert_sync_batchnorm
 
     return convert_sync_batchnorm(model)
+
+
+def resolved_starts(model: nn.Module) -> list[bool]:
+    """The starts EN layers took (``ExemplarNorm2d.anchored`` after conversion or load), each
+    once: what ``model.en.ablation.anchored: auto`` resolved to (config.yaml)."""
+    from ..layers import ExemplarNorm2d
+
+    starts = {m.anchored for m in model.modules() if isinstance(m, ExemplarNorm2d)}
+    return sorted(s for s in starts if isinstance(s, bool))

@@ -32,6 +32,7 @@ STATE_BUFFERS = (
     "frozen_state",
     "ratio.hidden_mean",
     "ratio.logit_shift",
+    "mix_offset",
 )
 """Every mixed layer's buffers: state, not parameters (what ``inspect`` leaves out of a
 layer's added parameters)."""

@@ -11,8 +11,9 @@ output (1 write), and in backward ``sum(dY X)``, ``sum(dY)`` and ``dX = A dY + a
 Notation (``docs/en-layer.md``): m, v are the per-(n, c) mean and variance of X; M, S
 (K x N x C) every normalizer's mean and variance broadcast to N x C; R = (S + eps)^-1/2;
 D = m - M; Xhat = D R; z the grouped conv of Xhat; lambda = softmax(FC2(act(FC1(z z^T))));
-A = sum_k lambda_k gamma_k R_k; B = lambda beta - sum_k lambda_k gamma_k R_k M_k. FC2 is
-``b + s W h`` with the layer's ``logit_scale`` s (``exemplar_norm.default_logit_scale``).
+A = sum_k w_k gamma_k R_k; B = w beta - sum_k w_k gamma_k R_k M_k with the mixing weights
+w = lambda + o (o: the layer's ``mix_offset``, 0 unless an anchored conversion set it). FC2
+is ``b + s W h`` with the layer's ``logit_scale`` s (``exemplar_norm.default_logit_scale``).
 
 The forward math is defined once, ``en_coefficients`` (the bn member from
 ``statistics.bn_member_stats``, the others from ``statistics.normalizer_stats``, the ratio
@@ -139,13 +140,22 @@ def en_coefficients(
         dev * rstd, p.conv, p.fc1_w, p.fc1_b, p.fc2_w, p.fc2_b, cfg.relu, cfg.logit_scale
     )
     lam = torch.softmax(logits, dim=1)  # N x K
+    mix = mixing_weights(lam, p.offset)
     gamma, beta = _to(p.weight, dt), _to(p.bias, dt)
-    mixed = lam.t().unsqueeze(-1) * gamma.unsqueeze(1)  # lambda_k gamma_k R_k, K x N x C
+    mixed = mix.t().unsqueeze(-1) * gamma.unsqueeze(1)  # w_k gamma_k R_k, K x N x C
     mixed = mixed.mul_(rstd) if inplace else mixed * rstd
     a = mixed.sum(0)
     mixed = mixed.mul_(big_m) if inplace else mixed * big_m
-    b = (beta.expand(n, c) if cfg.shared_affine else lam @ beta) - mixed.sum(0)
+    b = (beta.expand(n, c) if cfg.shared_affine else mix @ beta) - mixed.sum(0)
     return a, b, batch, (m, big_m, rstd, dev, lam, h, vv, zt, a, rd, samples)
+
+
+def mixing_weights(lam: Tensor, offset: Tensor | None) -> Tensor:
+    """w = lambda + o (N x K): what multiplies each normalizer's output. o is an anchored
+    conversion's e_src - prior (``ExemplarNorm2d.mix_offset``), so w starts one-hot on the
+    source normalizer while every gamma carries the source's; zero (None) for a fresh layer
+    and the paper's start, where w = lambda. Its sum is 1 either way."""
+    return lam if offset is None else lam + _to(offset, lam.dtype)
 
 
 Kernel = tuple[ModuleType, list[Any]]
@@ -255,23 +265,24 @@ def coefficients_backward(
     n, c = m.shape
     k = len(cfg.normalizers)
     gamma, beta = _to(p.weight, dt), _to(p.bias, dt)
-    lam_t = lam.t().unsqueeze(-1)  # K x N x 1
+    mix = mixing_weights(lam, p.offset)
+    mix_t = mix.t().unsqueeze(-1)  # K x N x 1
     scale = gamma.unsqueeze(1) * rstd
 
-    # A = sum_k lambda_k scale_k, B = lambda beta - sum_k lambda_k scale_k M_k.
+    # A = sum_k w_k scale_k, B = w beta - sum_k w_k scale_k M_k; w = lambda + o, dw/dlambda = 1.
     g_mixed = torch.addcmul(da, db, big_m, value=-1.0)  # K x N x C
     g_lam = (g_mixed * scale).sum(-1).t()  # N x K
     if cfg.shared_affine:
         g_beta = db.sum(0, keepdim=True)
     else:
         g_lam = g_lam + db @ beta.t()
-        g_beta = lam.t() @ db
-    g_scale = g_mixed * lam_t
+        g_beta = mix.t() @ db
+    g_scale = g_mixed * mix_t
     g_gamma = (g_scale * rstd).sum(1)
     if cfg.shared_affine:
         g_gamma = g_gamma.sum(0, keepdim=True)
     g_rstd = g_scale * gamma.unsqueeze(1)
-    g_big_m = (lam_t * scale).mul_(db).neg_()
+    g_big_m = (mix_t * scale).mul_(db).neg_()
 
     # lambda -> softmax -> FC2 -> act -> FC1 -> z z^T -> z.
     g_logits = lam * (g_lam - (lam * g_lam).sum(1, keepdim=True))
@@ -346,7 +357,7 @@ class ExemplarNormFunction(torch.autograd.Function):
         y, batch, saved, kernel = exemplar_norm(x, cfg, p, module, triton)
         ctx.cfg, ctx.kernel, ctx.saved_count = cfg, kernel, len(saved)
         ctx.triton = triton
-        params = (p.weight, p.bias, p.conv, p.fc1_w, p.fc1_b, p.fc2_w, p.fc2_b, p.stale)
+        params = (p.weight, p.bias, p.conv, p.fc1_w, p.fc1_b, p.fc2_w, p.fc2_b, p.stale, p.offset)
         ctx.save_for_backward(x, *saved, *params)
         batch = batch if batch is not None else saved[0].new_empty(0)
         hidden = hidden_mean(saved, kernel)
@@ -361,8 +372,8 @@ class ExemplarNormFunction(torch.autograd.Function):
         cfg: KernelSettings = ctx.cfg
         x, *rest = ctx.saved_tensors
         saved, params = rest[: ctx.saved_count], rest[ctx.saved_count :]
-        weight, bias, conv, fc1_w, fc1_b, fc2_w, fc2_b, stale = params
-        p = ENTensors(None, None, weight, bias, conv, fc1_w, fc1_b, fc2_w, fc2_b, stale)  # type: ignore[arg-type]
+        weight, bias, conv, fc1_w, fc1_b, fc2_w, fc2_b, stale, offset = params
+        p = ENTensors(None, None, weight, bias, conv, fc1_w, fc1_b, fc2_w, fc2_b, stale, offset)  # type: ignore[arg-type]
         bn_mean = bn_rstd = None
         if ctx.kernel is not None:
             module, args = ctx.kernel
@@ -422,4 +433,5 @@ class ExemplarNormFunction(torch.autograd.Function):
             cast(g_fc2_w, fc2_w),
             cast(g_fc2_b, fc2_b),
             None,  # the guard's verdict
+            None,  # the mixing offset (a buffer)
         )

@@ -41,6 +41,17 @@ def check_activation(activation: str) -> str:
     return activation
 
 
+ANCHORED: tuple[str, ...] = ("auto",)
+"""``anchored`` takes a bool or one of these."""
+
+
+def check_anchored(anchored: bool | str) -> bool | str:
+    """Validate ``anchored`` (True, False or "auto"); the one check, also for settings."""
+    if not isinstance(anchored, bool) and anchored not in ANCHORED:
+        raise ValueError(f"anchored must be true, false or auto, got {anchored!r}")
+    return anchored
+
+
 def default_logit_scale(num_normalizers: int, pi: int) -> float:
     """s = 1 / sqrt(pi K): FC2's data-dependent term is ``s W h``, its bias is not scaled.
 
@@ -255,6 +266,7 @@ class ExemplarNorm2d(MixedNorm2d):
         "shared_affine",
         "logit_scale",
         "centered",
+        "anchored",
     )
 
     def __init__(
@@ -271,6 +283,7 @@ class ExemplarNorm2d(MixedNorm2d):
         num_groups: int = 32,
         logit_scale: float | None = None,
         centered: bool = True,
+        anchored: bool | str = "auto",
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
     ) -> None:
@@ -282,7 +295,14 @@ class ExemplarNorm2d(MixedNorm2d):
         self.activation = check_activation(activation)
         self.use_conv = use_conv
         self.shared_affine = shared_affine
+        self.anchored = check_anchored(anchored)
+        """How a conversion starts the layer (``_start_as``): anchored (True), every gamma is the
+        source's and ``mix_offset`` makes the mixing weights one-hot; the paper-style start
+        (False), the other normalizers' gammas 0; "auto": anchored where the source is
+        untrained (``SourceNorm.untrained``). A conversion or a loaded state leaves the bool
+        it used."""
         k = len(self.normalizers)
+        self.register_buffer("mix_offset", torch.zeros(k, device=device, dtype=dtype))
         rows = 1 if shared_affine else k
         self.weight = nn.Parameter(torch.empty(rows, num_features, device=device, dtype=dtype))
         self.bias = nn.Parameter(torch.empty(rows, num_features, device=device, dtype=dtype))
@@ -316,6 +336,7 @@ class ExemplarNorm2d(MixedNorm2d):
         self.reset_running_stats()
         self._reset_affine()
         self.ratio.reset_parameters()
+        self.mix_offset.zero_()
 
     def _load_from_state_dict(
         self,
@@ -335,20 +356,33 @@ class ExemplarNorm2d(MixedNorm2d):
         key = prefix + "ratio._extra_state"
         if (version is None or version < 2) and key not in state_dict:
             state_dict[key] = self.ratio.get_extra_state()
+        # Layers from before the anchored start mixed with w = lambda: offset 0.
+        state_dict.setdefault(prefix + "mix_offset", torch.zeros_like(self.mix_offset))
         super()._load_from_state_dict(
             state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
         )
+        self.anchored = bool(self.mix_offset.any())
 
     def _start_as(self, src: SourceNorm, prior: Tensor, lam_src: float) -> None:
-        """gamma_src = gamma / lambda_src (all of gamma in row 0 when shared), other gammas 0,
-        every beta = beta, FC2's weight 0 and its bias the prior: lambda is constant at the
-        prior, so Y = gamma Xhat_src + beta (``docs/en-layer.md``)."""
+        """FC2's weight 0 and its bias the prior, so lambda is constant at the prior, and every
+        beta = beta. Anchored: every gamma = gamma and o = e_src - lambda, so the mixing
+        weights lambda + o are one-hot on the source; the paper-style start instead sets
+        gamma_src = gamma / lambda_src (all of gamma in row 0 when shared) and the other
+        gammas 0. Either way Y = gamma Xhat_src + beta (``docs/en-layer.md``)."""
         gamma = src.gamma().to(self.weight)
-        self.weight.zero_()
-        if self.shared_affine:
-            self.weight[0] = gamma
+        k = self.normalizers.index(src.normalizer)
+        if self.anchored == "auto":
+            self.anchored = src.untrained
+        self.mix_offset.zero_()
+        if self.anchored:
+            self.weight.copy_(gamma.expand_as(self.weight))
+            lam = torch.softmax(prior.double(), 0)
+            self.mix_offset.copy_(torch.eye(len(lam), dtype=lam.dtype)[k] - lam)
         else:
-            self.weight[self.normalizers.index(src.normalizer)] = gamma / lam_src
+            self.weight.zero_()
+            self.weight[0 if self.shared_affine else k] = (
+                gamma if self.shared_affine else gamma / lam_src
+            )
         self.bias.copy_(src.beta().to(self.bias).expand_as(self.bias))
         self.ratio.fc2.weight.zero_()
         self.ratio.fc2.bias.copy_(prior)
@@ -378,8 +412,8 @@ class ExemplarNorm2d(MixedNorm2d):
         row's gamma is gamma / lambda_src and enters the output times lambda_src, so its
         gradient is lambda_src times the source gamma's (each beta row's is lambda_k times).
         One shared affine row carries the whole gain, and a layer built without a source has
-        none: 1."""
-        if self.shared_affine or self.margin is None:
+        none: 1. Anchored, the source row holds gamma and its mixing weight starts at 1: 1."""
+        if self.shared_affine or self.margin is None or self.anchored is True:
             return 1.0
         return source_share(len(self.normalizers), self.margin)
 
@@ -428,6 +462,7 @@ class ExemplarNorm2d(MixedNorm2d):
             branch.fc2.weight,
             branch.logit_bias(),
             self.frozen_stale(),
+            self.mix_offset,
         )
 
     def _math(self, stats: InstanceStats) -> tuple[Tensor, Tensor, Tensor | None, tuple]:
@@ -530,6 +565,8 @@ class ExemplarNorm2d(MixedNorm2d):
             parts.append("use_conv=False")
         if self.shared_affine:
             parts.append("shared_affine=True")
+        if self.anchored != "auto":
+            parts.append(f"anchored={self.anchored}")
         if "gn" in self.normalizers:
             parts.append(f"num_groups={self.num_groups}")
         return ", ".join(parts)

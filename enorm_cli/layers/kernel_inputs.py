@@ -38,3 +38,5 @@ class ENTensors(NamedTuple):
     fc2_b: Tensor
     stale: Tensor | None = None
     """``renorm_frozen``'s guard has tripped: batch statistics (``MixedNorm2d.frozen_stale``)."""
+    offset: Tensor | None = None
+    """o (K): the mixing weights are lambda + o (``ExemplarNorm2d.mix_offset``); None: o = 0."""

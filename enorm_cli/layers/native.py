@@ -179,6 +179,7 @@ def layer_arguments(
         cfg.relu,
         cfg.logit_scale,
         cfg.shared_affine,
+        _as(p.offset, like),
     ]
 
 

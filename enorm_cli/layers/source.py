@@ -39,6 +39,18 @@ class SourceNorm:
             return {"device": ref.device, "dtype": ref.dtype}
         return {"device": ref.device}
 
+    @property
+    def untrained(self) -> bool:
+        """Whether the source still holds what a new layer is built with: a BatchNorm's running
+        mean 0 and variance 1 (it has seen no batch), or, without running statistics, gamma 1
+        (or 0: timm zero-initializes a residual's last) and beta 0. Then there is no trained
+        function for the replacement to keep the other normalizers out of (``anchored``)."""
+        if self.running_mean is not None and self.running_var is not None:
+            return bool((self.running_mean == 0).all() and (self.running_var == 1).all())
+        gamma, beta = self.gamma(), self.beta()
+        flat = bool((gamma == 1).all() or (gamma == 0).all())
+        return flat and bool((beta == 0).all())
+
     def gamma(self) -> Tensor:
         """The source's scale (ones without an affine)."""
         if self.weight is not None:

@@ -68,7 +68,8 @@ def test_exact_selects_and_layer_options() -> None:
     assert (
         ENSettings().exact
         and not ENSettings(layer="sn").exact
-        and not ENSettings(shared_affine=True).exact
+        and ENSettings(shared_affine=True, anchored=True).exact  # the anchor: one pair, exact
+        and not ENSettings(shared_affine=True).exact  # auto anchors only untrained sources
     )
     settings = ENSettings(include=r"^layer1\.", exclude="downsample", pi=7)
     assert settings.selects("layer1.0.bn1") and not settings.selects("layer1.0.downsample.1")

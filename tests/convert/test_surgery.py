@@ -146,7 +146,9 @@ def test_shared_module_is_converted_once_and_stays_shared() -> None:
 
 
 @pytest.mark.parametrize(
-    "settings", [ENSettings(layer="sn"), ENSettings(shared_affine=True)], ids=["sn", "shared"]
+    "settings",
+    [ENSettings(layer="sn"), ENSettings(shared_affine=True, anchored=False)],
+    ids=["sn", "shared"],
 )
 def test_sn_and_shared_affine_start_near_the_source(settings: ENSettings) -> None:
     """Not exact by design (mixed statistics), but the source normalizer dominates and all is

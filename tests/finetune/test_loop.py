@@ -197,7 +197,9 @@ def test_config_yaml_records_what_every_auto_resolved_to_and_repeats_the_run(
     assert config["model"]["bn_stats"] == "renorm_frozen"
     assert config["model"]["en"]["sync_stats"] is False
     assert config["optim"]["ratio_lr_scale"] == 1.0
-    assert config["optim"]["affine_lr_scale"] == pytest.approx(1 / LAMBDA_SRC**2)
+    assert "# model.en.ablation.anchored: auto -> true" in text  # a random-init source
+    assert config["model"]["en"]["ablation"]["anchored"] is True
+    assert config["optim"]["affine_lr_scale"] == 1.0  # anchored: the source row at weight 1
     assert "auto" not in yaml.safe_dump(config)
     again = tmp_path / "again"
     finetune(load_recipe(first / "config.yaml", [f"output_dir={again}"]), progress=False)
@@ -207,11 +209,13 @@ def test_config_yaml_records_what_every_auto_resolved_to_and_repeats_the_run(
 
 
 def test_a_checkpoints_margin_sets_the_affine_lr_scale(crops: Path, tmp_path: Path) -> None:
-    """Fine-tuning a margin-3 EN checkpoint from a recipe that does not name the margin:
-    ``affine_lr_scale: auto`` follows the file's margin, not the recipe default's."""
+    """Fine-tuning a margin-3 EN checkpoint (paper-style start) from a recipe that names
+    neither the margin nor the start: ``affine_lr_scale: auto`` follows the file's, not the
+    recipe defaults'."""
     first = tmp_path / "m3"
+    unanchored = ("model.en.margin=3.0", "model.en.ablation.anchored=false")
     finetune(
-        load_recipe(QUICK, tiny_recipe(crops, first, "imagefolder", "model.en.margin=3.0")),
+        load_recipe(QUICK, tiny_recipe(crops, first, "imagefolder", *unanchored)),
         progress=False,
     )
     again = tmp_path / "again"

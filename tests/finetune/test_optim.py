@@ -25,6 +25,7 @@ from enorm_cli.finetune.optim import (
 from enorm_cli.layers import MixedNorm2d
 
 LAMBDA_SRC = math.exp(2.0) / (math.exp(2.0) + 1)  # the quickstart's margin 2 over [bn, ln]
+UNANCHORED = ["model.en.ablation.anchored=false"]
 
 
 def groups_of(model: nn.Module, recipe: Recipe) -> list[dict]:
@@ -38,7 +39,7 @@ def test_param_groups_split_en_parts() -> None:
     prepared = prepare_model(recipe, 10)
     groups = {g["name"]: g for g in groups_of(prepared.model, recipe)}
     assert groups["ratio"]["lr"] == 0.05 and groups["ratio"]["weight_decay"] == 0.0
-    assert groups["affine"]["lr"] == pytest.approx(0.1 / LAMBDA_SRC**2)  # affine_lr_scale: auto
+    assert groups["affine"]["lr"] == pytest.approx(0.1)  # auto: anchored, the source row's gain
     assert groups["decay"]["weight_decay"] == 1e-4
     total = sum(p.numel() for g in groups.values() for p in g["params"])
     assert total == sum(p.numel() for p in prepared.model.parameters())
@@ -47,7 +48,10 @@ def test_param_groups_split_en_parts() -> None:
 @pytest.mark.parametrize(
     ("overrides", "lr"),
     [
-        (["optim.name=adamw"], 0.1 / LAMBDA_SRC),  # adaptive steps: the gradient's scale cancels
+        ([], 0.1),  # anchored: the source row holds gamma at mixing weight 1
+        (["optim.name=adamw"], 0.1),
+        (UNANCHORED, 0.1 / LAMBDA_SRC**2),  # gamma / lambda_src, entering times lambda_src
+        ([*UNANCHORED, "optim.name=adamw"], 0.1 / LAMBDA_SRC),  # adaptive: the scale cancels
         (["optim.affine_lr_scale=1"], 0.1),
         (["optim.affine_lr_scale=0.3"], 0.03),
         (["model.norm=sn"], 0.1),  # one affine pair: the gain's own gradient
@@ -127,15 +131,22 @@ def test_gradient_scaled_optimizers() -> None:
     assert not any(gradient_scaled(n) for n in ("adamw", "lion", "rmsproptf", "lamb"))
 
 
-@pytest.mark.parametrize(("scale", "gain_step"), [("auto", 1.0), ("1", LAMBDA_SRC**2)])
-def test_auto_scale_gives_the_source_gain_the_step_bn_takes(scale: str, gain_step: float) -> None:
+@pytest.mark.parametrize(
+    ("anchored", "scale", "gain_step"),
+    [(True, "auto", 1.0), (True, "1", 1.0), (False, "auto", 1.0), (False, "1", LAMBDA_SRC**2)],
+)
+def test_auto_scale_gives_the_source_gain_the_step_bn_takes(
+    anchored: bool, scale: str, gain_step: float
+) -> None:
     """Why ``affine_lr_scale: auto``: one SGD step on a converted EN layer moves its source gain
-    (lambda_src * gamma_src row) as far as the same step moves the BatchNorm's gamma; with
-    scale 1 it moves lambda_src^2 = 0.78 times as far, and EN learned slower than BN at low lrs."""
+    (mixing weight times the gamma_src row) as far as the same step moves the BatchNorm's gamma.
+    Anchored, the row is gamma at weight 1, so any scale 1 does that; from the paper-style start
+    (gamma / lambda_src at weight lambda_src) scale 1 moves it lambda_src^2 = 0.78 times as far,
+    and EN learned slower than BN at low lrs."""
     torch.manual_seed(0)
     bn_model = randomize_norms(nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8)))
     en_model = copy.deepcopy(bn_model)
-    replace_norms(en_model, ENSettings(normalizers=("bn", "ln"), margin=2.0))
+    replace_norms(en_model, ENSettings(normalizers=("bn", "ln"), margin=2.0, anchored=anchored))
     recipe = load_recipe(
         QUICK, ["model.checkpoint=null", "optim.lr=0.1", f"optim.affine_lr_scale={scale}"]
     )
@@ -144,7 +155,7 @@ def test_auto_scale_gives_the_source_gain_the_step_bn_takes(scale: str, gain_ste
     for model in (bn_model, en_model):
         layer = model[1]
         row = layer.normalizers.index("bn") if isinstance(layer, MixedNorm2d) else slice(None)
-        share = LAMBDA_SRC if isinstance(layer, MixedNorm2d) else 1.0
+        share = layer.source_gain_share() if isinstance(layer, MixedNorm2d) else 1.0
         gain = share * layer.weight.detach()[row].clone()  # the source gain the output sees
         groups = [g for g in groups_of(model, recipe) if g["name"] != "ratio"]
         optimizer = torch.optim.SGD(groups, lr=recipe.optim.lr)

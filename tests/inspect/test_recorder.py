@@ -56,8 +56,9 @@ def test_sn_ratios_are_static() -> None:
 
 
 def test_diagnostics_tell_a_fixed_mixture_from_a_choosing_layer() -> None:
-    """After a conversion: no spread over samples, inert gammas. With FC2's weight drawn: a
-    spread. With the hidden layer saturated: the same h, so the same mix, for every sample."""
+    """After a conversion: no spread over samples; every gamma the source's (anchored) or the
+    other normalizers' inert (the paper-style start). With FC2's weight drawn: a spread. With
+    the hidden layer saturated: the same h, so the same mix, for every sample."""
     import timm
 
     import enorm_cli
@@ -81,7 +82,13 @@ def test_diagnostics_tell_a_fixed_mixture_from_a_choosing_layer() -> None:
 
     recorder, r, rows = readout()
     assert all(row.spread == 0 and max(row.logit_std) < 1e-6 for row in rows)
-    assert all(row.gamma_rel[1:] == [0.0, 0.0] for row in rows)  # in, ln inert
+    # anchored: every normalizer carries the source's gamma (a residual's last may be 0)
+    assert all(row.gamma_rel in ([1.0, 1.0, 1.0], [0.0, 0.0, 0.0]) for row in rows)
+    assert any(row.gamma_rel == [1.0, 1.0, 1.0] for row in rows)
+    paper = enorm_cli.convert_model(timm.create_model("test_resnet"), anchored=False).eval()
+    with RatioRecorder(paper) as paper_recorder:
+        pass
+    assert all(g[1:] == [0.0, 0.0] for g in paper_recorder.gamma_sizes())  # in, ln inert
     assert all(row.saturated is not None and row.saturated < 0.5 for row in rows)
     with torch.no_grad():
         for m in layers:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers import assert_paths_agree, frozen_layer
+from helpers import anchor, assert_paths_agree, frozen_layer
 from reference import en_reference
 from torch import nn
 from torch.func import functional_call
@@ -39,6 +39,7 @@ def make_layer(num_features: int = 32, reduction: int = 4, **kwargs) -> Exemplar
             p.copy_(torch.randn_like(p) * (0.5 if name in ("weight", "bias") else 0.3))
             if name == "weight":
                 p.add_(1.0)
+        anchor(layer)
     return layer
 
 
@@ -560,3 +561,18 @@ def test_an_uncentered_state_loads_as_the_function_it_was() -> None:
     x = batch()
     assert not new.centered and not new.sample_parameters()
     torch.testing.assert_close(new(x), old(x))
+
+
+def test_a_state_from_before_the_anchored_start_loads_as_the_function_it_was() -> None:
+    """A state dict without ``mix_offset`` mixed with the ratios alone: it loads with offset 0
+    and the layer counts as not anchored (its gain stays in the source row)."""
+    old = make_layer(anchored=False)
+    with torch.no_grad():
+        old.mix_offset.zero_()
+    state = {k: v for k, v in old.state_dict().items() if k != "mix_offset"}
+    new = make_layer()
+    assert new.mix_offset.any()
+    new.load_state_dict(state)
+    assert not new.anchored and not new.mix_offset.any()
+    x = batch()
+    torch.testing.assert_close(new.eval()(x), old.eval()(x))

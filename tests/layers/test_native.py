@@ -7,7 +7,7 @@ import copy
 
 import pytest
 import torch
-from helpers import assert_moments_match_float64
+from helpers import anchor, assert_moments_match_float64
 
 from enorm_cli.layers import ExemplarNorm2d, native
 from enorm_cli.layers.statistics import FROZEN_STALE
@@ -26,6 +26,7 @@ def randomized(num_features: int, **kwargs) -> ExemplarNorm2d:
             p.add_(torch.randn_like(p) * 0.3)
         layer.running_mean.normal_()
         layer.running_var.uniform_(0.5, 2.0)
+        anchor(layer)
     return layer.eval()
 
 

@@ -121,3 +121,69 @@ def test_device_dtype_and_reset_parameters(name: str) -> None:
     layer.reset_parameters()
     for (key, a), b in zip(layer.state_dict().items(), fresh.state_dict().values()):
         assert torch.equal(a, b), key
+
+
+@pytest.mark.parametrize("shared", [False, True], ids=["per-normalizer", "shared-affine"])
+def test_anchored_start_is_exact_and_every_normalizer_carries_the_source_gain(
+    shared: bool,
+) -> None:
+    """Anchored: every gamma row is the source's and the mixing weights lambda + o are
+    one-hot on the source, so even one shared affine pair starts exact."""
+    src = _source()
+    layer = ExemplarNorm2d.from_source(
+        src, ("bn", "in", "ln"), margin=2.0, shared_affine=shared, anchored=True
+    )
+    assert layer.anchored is True
+    assert torch.equal(layer.weight, src.gamma().expand_as(layer.weight))
+    prior = torch.softmax(torch.tensor([2.0, 0.0, 0.0]), 0)
+    torch.testing.assert_close(layer.mix_offset, torch.tensor([1.0, 0.0, 0.0]) - prior)
+    assert layer.source_gain_share() == 1.0
+    bn = nn.BatchNorm2d(16).eval()
+    with torch.no_grad():
+        for name in ("weight", "bias", "running_mean", "running_var"):
+            getattr(bn, name).copy_(getattr(src, name))
+    x = torch.randn(4, 16, 5, 5)
+    torch.testing.assert_close(layer.eval()(x), bn(x), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("anchored", [True, False])
+def test_only_the_anchored_start_lets_the_ratios_tell_in_from_ln(anchored: bool) -> None:
+    """The paper-style start sets IN's and LN's gammas to 0: both output beta, so the loss
+    pulls their ratios alike, whatever the input. Anchored, each outputs its own normalized
+    feature from the first step, and the two ratios' gradients differ."""
+    torch.manual_seed(0)
+    layer = ExemplarNorm2d.from_source(_source(), ("bn", "in", "ln"), 2.0, anchored=anchored)
+    x = torch.randn(6, 16, 5, 5) * torch.rand(6, 1, 1, 1).add(0.5) + torch.randn(6, 16, 1, 1)
+    (layer(x) * torch.randn(6, 16, 5, 5)).sum().backward()
+    g_in, g_ln = layer.ratio.fc2.bias.grad[1:]
+    assert torch.isclose(g_in, g_ln, rtol=1e-4, atol=1e-6) != anchored
+
+
+def test_auto_anchors_untrained_sources_only() -> None:
+    """``anchored="auto"`` (the default): a source at its initial values (a model built for
+    training from scratch) has no trained function to keep and starts anchored; a trained one
+    starts paper-style, its features in place. GroupNorm, without running statistics, is judged
+    by its affine."""
+    trained = ExemplarNorm2d.from_source(_source(), ("bn", "in", "ln"), 2.0)
+    assert trained.anchored is False and not trained.mix_offset.any()
+    fresh_bn = nn.BatchNorm2d(16)
+    fresh = ExemplarNorm2d.from_source(
+        SourceNorm(
+            "bn",
+            16,
+            1e-5,
+            fresh_bn.weight,
+            fresh_bn.bias,
+            0.1,
+            fresh_bn.running_mean,
+            fresh_bn.running_var,
+        ),
+        ("bn", "in", "ln"),
+        2.0,
+    )
+    assert fresh.anchored is True and fresh.mix_offset.any()
+    for gamma, beta, untrained in ((1.0, 0.0, True), (0.0, 0.0, True), (1.0, 0.5, False)):
+        src = SourceNorm("gn", 16, 1e-5, torch.full((16,), gamma), torch.full((16,), beta))
+        assert src.untrained is untrained
+    with pytest.raises(ValueError, match="true, false or auto"):
+        ExemplarNorm2d(16, anchored="maybe")

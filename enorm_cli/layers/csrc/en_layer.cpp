@@ -228,6 +228,7 @@ struct Layer {
   const T* b1;
   const T* w2;  // K x hidden
   const T* b2;
+  const T* offset;  // K: the mixing weights are lambda + offset (nullptr: 0)
   int64_t channels, groups, hidden;
   T eps, logit_scale;
   bool relu, shared_affine;
@@ -235,6 +236,8 @@ struct Layer {
   int64_t k() const { return static_cast<int64_t>(codes.size()); }
   int64_t kk() const { return k() * k(); }
   int64_t zdim() const { return conv ? groups : channels; }
+  // w_k = lambda_k + o_k, what multiplies normalizer k's output (exemplar_function.mixing_weights).
+  T mix_weight(const T* lam, int64_t k) const { return offset ? lam[k] + offset[k] : lam[k]; }
 };
 
 // One sample's statistics and pre-normalized features (recomputed by the backward); its
@@ -296,8 +299,8 @@ void normalize(const Layer<T>& l, const T* mn, const T* vn, Sample<T>& s) {
 }
 
 // The ratio branch and the coefficients of a normalized sample: v = z z^T, h = act(FC1 v),
-// lambda = softmax(b2 + s W2 h), A = sum_k lambda_k gamma_k R_k and
-// B = lambda beta - sum_k lambda_k gamma_k R_k M_k (exemplar_function.en_coefficients's math,
+// lambda = softmax(b2 + s W2 h), w = lambda + o, A = sum_k w_k gamma_k R_k and
+// B = w beta - sum_k w_k gamma_k R_k M_k (exemplar_function.en_coefficients's math,
 // docs/en-layer.md) into vv, h, lam (K^2, hidden, K) and an, bn_out (C).
 template <typename T>
 void coefficients(const Layer<T>& l, const Sample<T>& s, T* vv, T* h, T* lam, T* an, T* bn_out) {
@@ -331,7 +334,7 @@ void coefficients(const Layer<T>& l, const Sample<T>& s, T* vv, T* h, T* lam, T*
     const T* bk = l.beta + (l.shared_affine ? 0 : k * c_count);
     const T* rk = s.rstd.data() + k * c_count;
     const T* mk = s.big_m.data() + k * c_count;
-    mix(c_count, lam[k], gk, bk, rk, mk, l.shared_affine, an, bn_out);
+    mix(c_count, l.mix_weight(lam, k), gk, bk, rk, mk, l.shared_affine, an, bn_out);
   }
 }
 
@@ -388,17 +391,18 @@ void sample_backward(const Layer<T>& l, const GradLayout& slot, const T* mn, con
   const int64_t per_group = c_count / l.groups;
   const T* dan = w.da.data();
   const T* dbn = w.db.data();
-  // A = sum_k lambda_k gamma_k R_k, B = lambda beta - sum_k lambda_k gamma_k R_k M_k.
+  // A = sum_k w_k gamma_k R_k, B = w beta - sum_k w_k gamma_k R_k M_k, w = lambda + o.
   for (int64_t k = 0; k < k_count; ++k) {
     const int64_t row = l.shared_affine ? 0 : k;
-    w.g_lam[k] = mix_backward(c_count, lam[k], dan, dbn, l.gamma + row * c_count,
+    const T wk = l.mix_weight(lam, k);
+    w.g_lam[k] = mix_backward(c_count, wk, dan, dbn, l.gamma + row * c_count,
                               s.rstd.data() + k * c_count, s.big_m.data() + k * c_count,
                               acc + slot.gamma + row * c_count,
                               w.g_big_s.data() + k * c_count,  // dL/dR for now
                               w.g_big_m.data() + k * c_count);
     if (!l.shared_affine) {
       w.g_lam[k] += dot(c_count, dbn, l.beta + k * c_count);
-      axpy(c_count, lam[k], dbn, acc + slot.beta + k * c_count);
+      axpy(c_count, wk, dbn, acc + slot.beta + k * c_count);
     }
   }
   if (l.shared_affine) add(c_count, dbn, acc + slot.beta);
@@ -502,6 +506,7 @@ struct LayerArgs {
   bool relu;
   double logit_scale;
   bool shared_affine;
+  at::Tensor offset;
 
   template <typename T>
   Layer<T> layer(int64_t channels) const {
@@ -520,6 +525,7 @@ struct LayerArgs {
     l.b1 = checked(b1).data_ptr<T>();
     l.w2 = checked(w2).data_ptr<T>();
     l.b2 = checked(b2).data_ptr<T>();
+    l.offset = offset.numel() ? checked(offset).data_ptr<T>() : nullptr;
     l.channels = channels;
     l.groups = groups;
     l.hidden = w2.size(1);
@@ -536,19 +542,20 @@ struct LayerArgs {
 LayerArgs layer_args(std::vector<int64_t> codes, int64_t gn_groups, at::Tensor bn_mean,
                      at::Tensor bn_var, at::Tensor gamma, at::Tensor beta, at::Tensor conv,
                      int64_t groups, at::Tensor w1t, at::Tensor b1, at::Tensor w2, at::Tensor b2,
-                     double eps, bool relu, double logit_scale, bool shared_affine) {
-  return {std::move(codes), gn_groups, bn_mean, bn_var, gamma, beta, conv, groups,
-          w1t, b1, w2, b2, eps, relu, logit_scale, shared_affine};
+                     double eps, bool relu, double logit_scale, bool shared_affine,
+                     at::Tensor offset) {
+  return {std::move(codes), gn_groups, bn_mean, bn_var, gamma, beta, conv, groups, w1t,
+          b1, w2, b2, eps, relu, logit_scale, shared_affine, offset};
 }
 
 #define EN_LAYER_PARAMS                                                                     \
   std::vector<int64_t> codes, int64_t gn_groups, at::Tensor bn_mean, at::Tensor bn_var,   \
       at::Tensor gamma, at::Tensor beta, at::Tensor conv, int64_t groups, at::Tensor w1t,   \
       at::Tensor b1, at::Tensor w2, at::Tensor b2, double eps, bool relu, double logit_scale, \
-      bool shared_affine
+      bool shared_affine, at::Tensor offset
 #define EN_LAYER_ARGS                                                                      \
   layer_args(codes, gn_groups, bn_mean, bn_var, gamma, beta, conv, groups, w1t, b1, w2, b2, \
-             eps, relu, logit_scale, shared_affine)
+             eps, relu, logit_scale, shared_affine, offset)
 
 }  // namespace
 
