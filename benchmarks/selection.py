@@ -71,9 +71,25 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "en_sample100": {"norm": "en", "optim": {"sample_lr_scale": 100.0}},
     "en_sample1000": {"norm": "en", "optim": {"sample_lr_scale": 1000.0}},
     "en_m0": {"norm": "en", "en": {"margin": 0.0}},
+    # the anchored start with faster per-sample terms or a uniform prior (fine-tuning)
+    "en_anchored_s1000": {
+        "norm": "en",
+        "en": {"ablation": {"anchored": True}},
+        "optim": {"sample_lr_scale": 1000.0},
+    },
+    "en_anchored_s3000": {
+        "norm": "en",
+        "en": {"ablation": {"anchored": True}},
+        "optim": {"sample_lr_scale": 3000.0},
+    },
+    "en_anchored_m0": {"norm": "en", "en": {"margin": 0.0, "ablation": {"anchored": True}}},
+    # the branch sees each sample's spread (``_spread_input``), anchored so that IN carries a
+    # feature to choose
+    "en_spread": {"norm": "en", "en": {"ablation": {"anchored": True}}, "spread": True},
 }
 """Each variant: ``model.norm``, and optionally ``bn_stats``, ``en`` (recipe keys under
-``model.en``), ``optim`` (recipe keys) and the experiment's switch ``rowlr``."""
+``model.en``), ``optim`` (recipe keys) and the experiments' switches ``rowlr`` and
+``spread``."""
 DEFAULT_VARIANTS = ("bn", "bn_frozen", "sn", "en")
 """What the benchmark compares; the others are design candidates, run by name."""
 REGIMES = ("finetune", "scratch")
@@ -157,6 +173,39 @@ def _row_lr(model: Any) -> None:
             m.weight.register_hook(lambda g, s=scale: g * s.to(g))
 
 
+def _spread_input() -> None:
+    """Experiment, for the rest of the process: IN's row of the ratio branch's input (the
+    pooled IN output, always 0) becomes the sample's log spread against the batch's,
+    log(sigma_in / sigma_bn) per channel, which a contrast change moves and the paper's
+    pooled input cannot show. On the autograd reference path: the C++ kernel and the fused
+    node's hand-written backward compute the paper's input."""
+    import torch
+
+    import enorm_cli
+    from enorm_cli.layers import exemplar_function as ef
+
+    stats, logits = ef.stacked_stats, ef.ratio_logits
+    seen: dict[str, Any] = {}
+
+    def stacked(cfg: Any, m: Any, v: Any, p: Any, count: int) -> Any:
+        out = stats(cfg, m, v, p, count)
+        seen.update(names=cfg.normalizers, eps=cfg.eps, var=out[1].clone())  # before rsqrt_
+        return out
+
+    def spread_logits(xhat: Any, *args: Any) -> Any:
+        names = seen["names"]
+        if "in" in names and "bn" in names:
+            i, b = names.index("in"), names.index("bn")
+            var = seen["var"] + seen["eps"]
+            row = 0.5 * (var[i].log() - var[b].log())
+            xhat = torch.cat([xhat[:i], row.unsqueeze(0), xhat[i + 1 :]])
+        return logits(xhat, *args)
+
+    ef.stacked_stats, ef.ratio_logits = stacked, spread_logits
+    os.environ["ENORM_NATIVE"] = "0"
+    enorm_cli.layers.set_fused_en(False)
+
+
 def auc(scores: Any, positive: Any) -> float:
     """Area under the ROC curve of ``scores`` for ``positive`` (Mann-Whitney, ties halved)."""
     import torch
@@ -194,6 +243,8 @@ def run(
     model = build(recipe, regime)
     if VARIANTS[variant].get("rowlr"):
         _row_lr(model)
+    if VARIANTS[variant].get("spread"):
+        _spread_input()
     bn_stats = resolve_bn_stats(recipe.model, batch)
     steps = len(train["y"]) // batch
     optimizer = build_optimizer(model, recipe)
