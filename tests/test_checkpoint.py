@@ -123,6 +123,21 @@ def _rewrite_metadata(
     save_file(tensors, str(dst), metadata=meta)
 
 
+def _older_format(
+    src: Path, dst: Path, version: int, setting: str, drop_suffix: str | tuple[str, ...]
+) -> None:
+    """A copy of ``src`` as format ``version`` wrote it: without the settings key and the
+    tensors that version did not have yet."""
+    settings = json.loads(safe_open(str(src), framework="pt").metadata()["enorm.en_settings"])
+    del settings[setting]
+    _rewrite_metadata(
+        src,
+        dst,
+        drop_suffix=drop_suffix,
+        **{"enorm.format_version": str(version), "enorm.en_settings": json.dumps(settings)},
+    )
+
+
 def test_format_2_files_load_with_the_uncentered_branch_they_were_trained_with(
     tmp_path: Path,
 ) -> None:
@@ -132,15 +147,8 @@ def test_format_2_files_load_with_the_uncentered_branch_they_were_trained_with(
     convert("test_resnet", out, ENSettings(), pretrained=False)
     current = load_model(out)
     assert all(m.centered for m in current.modules() if isinstance(m, ExemplarNorm2d))
-    settings = json.loads(safe_open(str(out), framework="pt").metadata()["enorm.en_settings"])
-    del settings["centered"]
     old = tmp_path / "v2.safetensors"
-    _rewrite_metadata(
-        out,
-        old,
-        drop_suffix=("ratio.hidden_mean", "ratio.logit_shift"),
-        **{"enorm.format_version": "2", "enorm.en_settings": json.dumps(settings)},
-    )
+    _older_format(out, old, 2, "centered", ("ratio.hidden_mean", "ratio.logit_shift"))
     assert read_info(old).settings["centered"] is False
     layers = [m for m in load_model(old).modules() if isinstance(m, ExemplarNorm2d)]
     assert layers and not any(m.centered or m.sample_parameters() for m in layers)
@@ -151,15 +159,8 @@ def test_format_3_files_load_with_the_start_they_were_converted_with(tmp_path: P
     the ratios alone (offset 0) and their gain lives in the source row (its own lr rule)."""
     out = tmp_path / "r.safetensors"
     convert("test_resnet", out, ENSettings(anchored=False), pretrained=False)
-    settings = json.loads(safe_open(str(out), framework="pt").metadata()["enorm.en_settings"])
-    del settings["anchored"]
     old = tmp_path / "v3.safetensors"
-    _rewrite_metadata(
-        out,
-        old,
-        drop_suffix="mix_offset",
-        **{"enorm.format_version": "3", "enorm.en_settings": json.dumps(settings)},
-    )
+    _older_format(out, old, 3, "anchored", "mix_offset")
     assert read_info(old).settings["anchored"] is False
     layers = [m for m in load_model(old).modules() if isinstance(m, ExemplarNorm2d)]
     assert layers and not any(m.anchored or m.mix_offset.any() for m in layers)

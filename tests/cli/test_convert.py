@@ -94,6 +94,22 @@ def test_table_output_and_force(tmp_path: Path) -> None:
     assert [p.name for p in tmp_path.iterdir()] == ["r.safetensors"]  # no temp files left
 
 
+def test_anchored_flag_sets_how_en_starts(tmp_path: Path) -> None:
+    """--anchored auto (the default) anchors a never-trained source; true/false force it."""
+    from enorm_cli.layers import ExemplarNorm2d
+
+    starts = {}
+    for flag in ("auto", "true", "false"):
+        out = tmp_path / f"{flag}.safetensors"
+        result = invoke(
+            "convert", "test_resnet", "--no-pretrained", "--anchored", flag, "--out", str(out)
+        )
+        assert result.exit_code == 0, result.stderr
+        layers = [m for m in load_model(out).modules() if isinstance(m, ExemplarNorm2d)]
+        starts[flag] = {m.anchored for m in layers}
+    assert starts == {"auto": {True}, "true": {True}, "false": {False}}
+
+
 def _bad_inputs(tmp: Path) -> list[tuple[list[str], str]]:
     (tmp / "garbage.pth").write_bytes(b"\x00garbage")
     torch.save([1, 2, 3], tmp / "list.pth")
@@ -120,6 +136,7 @@ def _bad_inputs(tmp: Path) -> list[tuple[list[str], str]]:
         ([*base, "--normalizers", "bn,xx", "--out", out], "--normalizers"),
         ([*base, "--reduction", "0", "--out", out], "--reduction"),
         ([*base, "--pi", "-3", "--out", out], "--pi"),
+        ([*base, "--anchored", "maybe", "--out", out], "--anchored"),
         ([*base, "--num-classes", "0", "--out", out], "--num-classes"),
         ([*base, "--include", "(", "--out", out], "--include"),
         ([*base, "--include", "nothing-matches", "--out", out], "no BatchNorm or GroupNorm"),
