@@ -459,6 +459,8 @@ BLOCKS: dict[str, tuple[str, Callable[[dict[str, Any]], str]]] = {
     "selection": ("selection", selection_table),
     "selection-probe": ("selection_probe", selection_table),
     "selection-design": ("selection_design", selection_table),
+    "selection-cells": ("selection_cells", selection_table),
+    "selection-anchor": ("selection_anchor", selection_table),
 }
 """Results block name -> (record, renderer)."""
 
