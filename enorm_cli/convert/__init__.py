@@ -69,6 +69,7 @@ def convert_model(
         converted = model
     if not report.converted:
         raise EnormError(nothing_to_convert(type(model).__name__, settings, report))
+    settings = report.settings_used(settings)
     remember(converted, settings, report)
     if source is not None:
         check = _verify(source, converted, settings, example_inputs, tolerance)

@@ -95,6 +95,7 @@ def convert(
     report = replace_norms(model, settings)
     if not report.converted:
         raise EnormError(nothing_to_convert(model_name, settings, report))
+    settings = report.settings_used(settings)
     verification = None
     if batch is not None:
         calibration = str(calib) if calib else "default smooth-noise batch"

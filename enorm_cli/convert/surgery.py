@@ -138,6 +138,16 @@ class ConversionReport:
     converted: list[ConvertedLayer] = field(default_factory=list)
     skipped: list[tuple[str, str, str]] = field(default_factory=list)
     """(module name, type, reason) of norm layers left as they are."""
+    starts: set[bool] = field(default_factory=set)
+    """How the EN layers started (``ExemplarNorm2d.anchored`` after ``from_source``)."""
+
+    def settings_used(self, settings: ENSettings) -> ENSettings:
+        """``settings`` with ``anchored: auto`` as the layers resolved it, when they all took
+        one start: what a checkpoint records, so that its settings say how its layers began
+        (and a recipe that names the resolved value agrees with the file)."""
+        if settings.anchored == "auto" and len(self.starts) == 1:
+            return settings.model_copy(update={"anchored": next(iter(self.starts))})
+        return settings
 
     def by_type(self) -> dict[str, int]:
         counts: dict[str, int] = {}
@@ -223,6 +233,8 @@ def replace_norms(model: nn.Module, settings: ENSettings) -> ConversionReport:
         if new is None:
             new = build_norm(policy[1](module), settings)
             replacements[id(module)] = new
+            if isinstance(getattr(new, "anchored", None), bool):
+                report.starts.add(new.anchored)
         parent_name, _, child = name.rpartition(".")
         if not name:
             raise EnormError("the model itself is a norm layer: convert a network, not one layer")

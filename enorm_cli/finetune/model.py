@@ -83,6 +83,7 @@ def prepare_model(recipe: Recipe, num_classes: int) -> PreparedModel:
             )
         converted = {c.name: c.source_type for c in report.converted}
         normalizers = {c.name: list(c.normalizers) for c in report.converted}
+        settings = report.settings_used(settings)
     return PreparedModel(
         model,
         name.full,

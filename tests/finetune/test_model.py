@@ -84,9 +84,15 @@ def test_a_checkpoint_keeps_its_settings_and_a_contradicting_recipe_is_refused(
     save_checkpoint(prepared.model, path, meta)
     assert prepare_model(recipe(f"model.name={path}"), 4).settings.margin == 3.0
     assert prepare_model(recipe(f"model.name={path}", "model.en.margin=3"), 4).settings.margin == 3
+    # the file records the start its layers took (auto resolved), so config.yaml's resolved
+    # value, given back, agrees with it
+    assert prepared.settings.anchored is True and read_info(path).settings["anchored"] is True
+    again = recipe(f"model.name={path}", "model.en.ablation.anchored=true")
+    assert prepare_model(again, 4).settings.anchored is True
     for extra, match in [
         ("model.en.margin=2.0", r"model\.en\.margin=2\.0 contradicts .*converted with 3\.0"),
         ("model.en.ablation.pi=10", r"model\.en\.ablation\.pi=10 contradicts .* 50: remove"),
+        ("model.en.ablation.anchored=false", r"anchored=False contradicts .* with True"),
         ("model.norm=sn", r"model\.norm=sn contradicts .* a model\.norm=en checkpoint"),
     ]:
         with pytest.raises(EnormError, match=match):
