@@ -22,6 +22,8 @@ gradient clip and schedule), from a minimal recipe: model, data, batch, lr, epoc
     python benchmarks/selection.py --seeds 0 1 2 --json selection.json --figure selection.png
     python benchmarks/selection.py --variants en --regimes finetune --seeds 0 --train 4000
     python benchmarks/selection.py --merge a.json b.json --json all.json --figure all.png
+    python benchmarks/selection.py --variants en --regimes scratch --save runs/selection
+    enorm inspect runs/selection/scratch-en-s0.safetensors --data fashion_mnist --shift contrast:5
 """
 
 from __future__ import annotations
@@ -228,9 +230,11 @@ def run(
     batch: int,
     lr: float,
     epochs: int,
+    save: Path | None = None,
 ) -> dict[str, Any]:
     """Train one model, then measure top-1 per group and, for EN/SN, every layer's AUC and
-    diagnostics."""
+    diagnostics; ``save``: a folder the EN/SN model is written to, as ``enorm inspect`` reads
+    it (``REGIME-VARIANT-sSEED.safetensors``)."""
     import torch
 
     import enorm_cli
@@ -266,6 +270,11 @@ def run(
             scheduler.step_update(step)
     seconds = time.perf_counter() - tick
     model.eval()
+    if save is not None and recipe.model.norm != "bn":
+        save.mkdir(parents=True, exist_ok=True)
+        path = save / f"{regime}-{variant}-s{seed}.safetensors"
+        data = {"input_size": [3, 32, 32], "mean": list(MEAN), "std": list(STD)}
+        enorm_cli.save_model(model, path, recipe.model.name, data_config=data, force=True)
     readouts, predictions = [], []
     with RatioRecorder(model) as recorder, torch.no_grad():
         for i in range(0, len(test["y"]), 256):
@@ -423,6 +432,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--lr", type=float, nargs=2, default=[0.01, 0.05], help="finetune, scratch")
     parser.add_argument("--json", type=Path)
     parser.add_argument("--figure", type=Path)
+    parser.add_argument("--save", type=Path, help="write each EN/SN model here (enorm inspect)")
     parser.add_argument("--merge", nargs="+", type=Path, help="join earlier --json files")
     args = parser.parse_args(argv)
 
@@ -440,7 +450,15 @@ def main(argv: list[str] | None = None) -> int:
                 i = REGIMES.index(regime)
                 for variant in args.variants:
                     result = run(
-                        regime, variant, seed, train, test, args.batch, args.lr[i], args.epochs[i]
+                        regime,
+                        variant,
+                        seed,
+                        train,
+                        test,
+                        args.batch,
+                        args.lr[i],
+                        args.epochs[i],
+                        args.save,
                     )
                     runs.append(result)
                     print(

@@ -35,7 +35,7 @@ def test_a_tiny_run_writes_its_record_and_figure(tmp_path: Path) -> None:
     out, figure = tmp_path / "s.json", tmp_path / "s.png"
     args = ["--variants", "bn", "en", "--regimes", "finetune", "scratch", "--train", "128"]
     args += ["--test", "64", "--epochs", "1", "1", "--json", str(out), "--figure", str(figure)]
-    assert selection.main(args) == 0
+    assert selection.main([*args, "--save", str(tmp_path / "models")]) == 0
     record = json.loads(out.read_text())
     assert {(r["regime"], r["variant"]) for r in record["runs"]} == {
         (g, v) for g in ("finetune", "scratch") for v in ("bn", "en")
@@ -44,3 +44,13 @@ def test_a_tiny_run_writes_its_record_and_figure(tmp_path: Path) -> None:
     assert len(en["layers"]) == 52 and 0 <= en["best_auc_in"] <= 1
     assert {"logit_std", "saturated", "gamma_rel", "gap_in_ln"} <= set(en["layers"][0])
     assert figure.stat().st_size > 0
+    from enorm_cli import ExemplarNorm2d, load_model
+
+    saved = sorted(p.name for p in (tmp_path / "models").iterdir())
+    assert saved == ["finetune-en-s0.safetensors", "scratch-en-s0.safetensors"]  # not BN
+    layers = [
+        m
+        for m in load_model(tmp_path / "models" / saved[1]).modules()
+        if isinstance(m, ExemplarNorm2d)
+    ]
+    assert len(layers) == 52 and all(m.anchored for m in layers)  # from scratch: anchored
