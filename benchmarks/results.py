@@ -434,6 +434,13 @@ def selection_table(record: dict[str, Any]) -> str:
     return table(record["figures"]["runs"]) + "\n" + _source(record)
 
 
+def selection_ceiling_table(record: dict[str, Any]) -> str:
+    """selection.py --ceiling: the AUC a detector reaches from each image's statistics."""
+    from selection import ceiling_table
+
+    return ceiling_table(record["figures"]["ceiling"]) + "\n" + _source(record)
+
+
 BLOCKS: dict[str, tuple[str, Callable[[dict[str, Any]], str]]] = {
     "stability-minimal": ("stability_minimal", stability_table),
     "stability-minimal-headline": ("stability_minimal", stability_headline),
@@ -461,6 +468,9 @@ BLOCKS: dict[str, tuple[str, Callable[[dict[str, Any]], str]]] = {
     "selection-design": ("selection_design", selection_table),
     "selection-cells": ("selection_cells", selection_table),
     "selection-anchor": ("selection_anchor", selection_table),
+    "selection-ceiling": ("selection_ceiling", selection_ceiling_table),
+    "selection-coded": ("selection_coded", selection_table),
+    "selection-mean-rate": ("selection_mean_rate", selection_table),
 }
 """Results block name -> (record, renderer)."""
 

@@ -29,10 +29,12 @@ gradient clip and schedule), from a minimal recipe: model, data, batch, lr, epoc
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import os
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -88,6 +90,19 @@ VARIANTS: dict[str, dict[str, Any]] = {
     # the branch sees each sample's spread (``_spread_input``), anchored so that IN carries a
     # feature to choose
     "en_spread": {"norm": "en", "en": {"ablation": {"anchored": True}}, "spread": True},
+    # the layer's mean mixture (FC2's bias, the whole branch but W) at a tenth of the lr, W at
+    # its default rate: the per-sample term moves first
+    "en_slowmean": {"norm": "en", "optim": {"ratio_lr_scale": 0.1, "sample_lr_scale": 300.0}},
+    "en_slowmean100": {
+        "norm": "en",
+        "optim": {"ratio_lr_scale": 0.01, "sample_lr_scale": 300.0},
+    },
+    "en_spread_slowmean": {
+        "norm": "en",
+        "en": {"ablation": {"anchored": True}},
+        "spread": True,
+        "optim": {"ratio_lr_scale": 0.1, "sample_lr_scale": 300.0},
+    },
 }
 """Each variant: ``model.norm``, and optionally ``bn_stats``, ``en`` (recipe keys under
 ``model.en``), ``optim`` (recipe keys) and the experiments' switches ``rowlr`` and
@@ -97,13 +112,27 @@ DEFAULT_VARIANTS = ("bn", "bn_frozen", "sn", "en")
 REGIMES = ("finetune", "scratch")
 CONTRAST, OFFSET = 3.0, 0.5
 """a in [1/3, 3] (log-uniform), b in [-0.5, 0.5]."""
+CODED_CONTRAST = 2.0
+"""The coded construction: the clean group's contrast is its class's, 2^(2 y / 9 - 1), in
+[1/2, 2]."""
+CONSTRUCTIONS = ("shift", "coded")
+"""``shift``: the clean group as Fashion-MNIST gives it (IN costs it nothing measurable, so
+the known answer is IN for the shifted images and either for the clean ones); ``coded``: the
+clean group's contrast carries its class, which IN throws away, so BN is right for it and IN
+for the shifted group."""
+STRONG_CONTRAST, STRONG_OFFSET = 1.5, 0.2
+"""A shift is strong when a is outside [1/1.5, 1.5] or |b| > 0.2 (86% of the shifted
+images): the rest are close to clean images, and no reading of a sample can tell them."""
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
 
-def shifted_split(train: bool, limit: int, seed: int = 0) -> dict[str, Any]:
+def shifted_split(
+    train: bool, limit: int, seed: int = 0, construction: str = "shift"
+) -> dict[str, Any]:
     """Fashion-MNIST images (N x 3 x 32 x 32, normalized), labels, and the shifted mask (every
     other index); the shift of each image is drawn from a generator fixed by the split, so
-    every run and variant sees the same images."""
+    every run and variant sees the same images. ``construction`` (``CONSTRUCTIONS``) says what
+    the clean group is."""
     import torch
     from torchvision.datasets import FashionMNIST
 
@@ -118,10 +147,82 @@ def shifted_split(train: bool, limit: int, seed: int = 0) -> dict[str, Any]:
     shifted = torch.arange(n) % 2 == 1
     a = torch.exp((torch.rand(n, generator=g) * 2 - 1) * math.log(CONTRAST))
     b = (torch.rand(n, generator=g) * 2 - 1) * OFFSET
-    a, b = torch.where(shifted, a, 1.0), torch.where(shifted, b, 0.0)
+    y = data.targets[index]
+    clean_a = torch.ones(n)
+    if construction == "coded":
+        clean_a = torch.exp(math.log(CODED_CONTRAST) * (2 * y.float() / 9 - 1))
+    a, b = torch.where(shifted, a, clean_a), torch.where(shifted, b, 0.0)
     x = x * a.view(-1, 1, 1, 1) + b.view(-1, 1, 1, 1)
     x = (x - torch.tensor(MEAN).view(1, 3, 1, 1)) / torch.tensor(STD).view(1, 3, 1, 1)
-    return {"x": x, "y": data.targets[index], "shifted": shifted, "a": a, "b": b}
+    return {"x": x, "y": y, "shifted": shifted, "a": a, "b": b, "construction": construction}
+
+
+def strong_shift(data: dict[str, Any]) -> Any:
+    """The shifted images whose shift is strong (``STRONG_CONTRAST``, ``STRONG_OFFSET``)."""
+    a, b = data["a"], data["b"]
+    strong = (a.log().abs() > math.log(STRONG_CONTRAST)) | (b.abs() > STRONG_OFFSET)
+    return data["shifted"] & strong
+
+
+def image_statistics(data: dict[str, Any]) -> Any:
+    """Per image: the mean and the log standard deviation of its pixels (N x 2), what instance
+    statistics see of a shift."""
+    import torch
+
+    x = data["x"][:, 0]
+    return torch.stack([x.mean((1, 2)), x.std((1, 2)).log()], 1)
+
+
+def detector_ceiling(
+    construction: str = "shift",
+    train: int = 8000,
+    test: int = 2000,
+    seed: int = 0,
+    steps: int = 2000,
+) -> dict[str, float]:
+    """How well any reading of a sample's statistics can tell shifted from clean images: the
+    test AUC of a small MLP trained for exactly that on each image's mean, its spread, or both
+    (``image_statistics``), and on the quadratic terms of both (what v = z z^T offers the
+    ratio branch). A branch that sees only the pooled mean (the paper's input: IN's row is 0,
+    BN's and LN's are the pooled mean against the batch's and the layer's) is bounded by the
+    first; the issue's AUC bars sit above it."""
+    import torch
+
+    torch.manual_seed(seed)
+    tr = shifted_split(True, train, construction=construction)
+    te = shifted_split(False, test, construction=construction)
+    a, b = image_statistics(tr), image_statistics(te)
+    mu, sd = a.mean(0), a.std(0)
+    a, b = (a - mu) / sd, (b - mu) / sd
+
+    def quadratic(f: Any) -> Any:
+        return torch.stack([f[:, 0] * f[:, 0], f[:, 0] * f[:, 1], f[:, 1] * f[:, 1]], 1)
+
+    inputs = {
+        "mean": (a[:, :1], b[:, :1]),
+        "spread": (a[:, 1:], b[:, 1:]),
+        "mean_and_spread": (a, b),
+        "quadratic_mean_and_spread": (quadratic(a), quadratic(b)),
+    }
+    strong = strong_shift(te)
+    keep = ~te["shifted"] | strong
+    out: dict[str, float] = {}
+    for name, (fa, fb) in inputs.items():
+        net = torch.nn.Sequential(
+            torch.nn.Linear(fa.shape[1], 32), torch.nn.Tanh(), torch.nn.Linear(32, 1)
+        )
+        optimizer = torch.optim.Adam(net.parameters(), 1e-2)
+        target = tr["shifted"].float()
+        for _ in range(steps):
+            loss = torch.nn.functional.binary_cross_entropy_with_logits(net(fa)[:, 0], target)
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+        with torch.no_grad():
+            score = net(fb)[:, 0]
+        out[name] = auc(score, te["shifted"])
+        out[name + "_strong"] = auc(score[keep], te["shifted"][keep])
+    return out
 
 
 def recipe_for(regime: str, variant: str, batch: int, lr: float, epochs: int) -> Any:
@@ -175,12 +276,13 @@ def _row_lr(model: Any) -> None:
             m.weight.register_hook(lambda g, s=scale: g * s.to(g))
 
 
-def _spread_input() -> None:
-    """Experiment, for the rest of the process: IN's row of the ratio branch's input (the
-    pooled IN output, always 0) becomes the sample's log spread against the batch's,
-    log(sigma_in / sigma_bn) per channel, which a contrast change moves and the paper's
-    pooled input cannot show. On the autograd reference path: the C++ kernel and the fused
-    node's hand-written backward compute the paper's input."""
+@contextlib.contextmanager
+def _spread_input() -> Iterator[None]:
+    """Experiment, inside the block: IN's row of the ratio branch's input (the pooled IN output,
+    always 0) becomes the sample's log spread against the batch's, log(sigma_in / sigma_bn) per
+    channel, which a contrast change moves and the paper's pooled input cannot show. On the
+    autograd reference path: the C++ kernel and the fused node's hand-written backward compute
+    the paper's input."""
     import torch
 
     import enorm_cli
@@ -203,9 +305,19 @@ def _spread_input() -> None:
             xhat = torch.cat([xhat[:i], row.unsqueeze(0), xhat[i + 1 :]])
         return logits(xhat, *args)
 
+    native, fused = os.environ.get("ENORM_NATIVE"), enorm_cli.layers.is_fused_en()
     ef.stacked_stats, ef.ratio_logits = stacked, spread_logits
     os.environ["ENORM_NATIVE"] = "0"
     enorm_cli.layers.set_fused_en(False)
+    try:
+        yield
+    finally:  # the next run of the process measures the layer as shipped
+        ef.stacked_stats, ef.ratio_logits = stats, logits
+        if native is None:
+            os.environ.pop("ENORM_NATIVE", None)
+        else:
+            os.environ["ENORM_NATIVE"] = native
+        enorm_cli.layers.set_fused_en(fused)
 
 
 def auc(scores: Any, positive: Any) -> float:
@@ -235,6 +347,22 @@ def run(
     """Train one model, then measure top-1 per group and, for EN/SN, every layer's AUC and
     diagnostics; ``save``: a folder the EN/SN model is written to, as ``enorm inspect`` reads
     it (``REGIME-VARIANT-sSEED.safetensors``)."""
+    spread = VARIANTS[variant].get("spread")
+    with _spread_input() if spread else contextlib.nullcontext():
+        return _run(regime, variant, seed, train, test, batch, lr, epochs, save)
+
+
+def _run(
+    regime: str,
+    variant: str,
+    seed: int,
+    train: dict[str, Any],
+    test: dict[str, Any],
+    batch: int,
+    lr: float,
+    epochs: int,
+    save: Path | None,
+) -> dict[str, Any]:
     import torch
 
     import enorm_cli
@@ -247,8 +375,6 @@ def run(
     model = build(recipe, regime)
     if VARIANTS[variant].get("rowlr"):
         _row_lr(model)
-    if VARIANTS[variant].get("spread"):
-        _spread_input()
     bn_stats = resolve_bn_stats(recipe.model, batch)
     steps = len(train["y"]) // batch
     optimizer = build_optimizer(model, recipe)
@@ -283,8 +409,10 @@ def run(
                 readouts.append(recorder.take_readout())
     correct = torch.cat(predictions) == test["y"]
     shifted = test["shifted"]
+    keep = ~shifted | strong_shift(test)  # clean and strongly shifted images
     out: dict[str, Any] = {
         "regime": regime,
+        "construction": test.get("construction", "shift"),
         "variant": variant,
         "seed": seed,
         "bn_stats": bn_stats,
@@ -304,16 +432,38 @@ def run(
                 **row.to_json(4),
                 "auc_in": auc(lam[:, norms.index("in")], shifted) if "in" in norms else None,
                 "auc_in_ln": auc(per_image, shifted),
+                # the strongly shifted images against the clean ones
+                "auc_in_ln_strong": auc(per_image[keep], shifted[keep]),
                 # how much more of the per-image normalizers the shifted images get, on average
                 "gap_in_ln": float(per_image[shifted].mean() - per_image[~shifted].mean()),
+                # what the choice follows: the share of its variance over samples that the
+                # class, and the group, explain
+                "class_share_in_ln": explained_share(per_image, test["y"]),
+                "group_share_in_ln": explained_share(per_image, shifted.long()),
             }
             out["layers"].append(layer)
         aucs = [lay["auc_in"] for lay in out["layers"] if lay["auc_in"] is not None]
         both = [lay["auc_in_ln"] for lay in out["layers"]]
         out["best_auc_in"] = max(aucs, default=None)
         out["best_auc_in_ln"] = max(both, default=None)
+        out["best_auc_in_ln_strong"] = max(lay["auc_in_ln_strong"] for lay in out["layers"])
         out["largest_gap_in_ln"] = max(lay["gap_in_ln"] for lay in out["layers"])
     return out
+
+
+def explained_share(values: Any, labels: Any) -> float | None:
+    """The share of ``values``' variance that ``labels`` explain (between-label variance over
+    total, eta squared); None where the values do not vary."""
+    import torch
+
+    values = values.double()
+    total = float(values.var(unbiased=False))
+    if total <= 1e-12 * max(float(values.abs().max()), 1e-30) ** 2:
+        return None
+    means = torch.zeros(int(labels.max()) + 1, dtype=values.dtype).index_add_(0, labels, values)
+    counts = torch.bincount(labels, minlength=len(means)).to(values.dtype)
+    fitted = (means / counts.clamp(min=1))[labels]
+    return float((fitted - values.mean()).square().mean()) / total
 
 
 def per_sample_figures(run: dict[str, Any]) -> dict[str, float]:
@@ -332,11 +482,17 @@ def per_sample_figures(run: dict[str, Any]) -> dict[str, float]:
     return out
 
 
+def label(run: dict[str, Any]) -> str:
+    """A run's regime, with its construction where that is not the plain shift."""
+    construction = run.get("construction", "shift")
+    return run["regime"] if construction == "shift" else f"{run['regime']}, {construction}"
+
+
 def summary(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Per (regime, variant): the mean over seeds and the lowest-highest run."""
     groups: dict[tuple[str, str], list[dict[str, Any]]] = {}
     for r in runs:
-        groups.setdefault((r["regime"], r["variant"]), []).append({**r, **per_sample_figures(r)})
+        groups.setdefault((label(r), r["variant"]), []).append({**r, **per_sample_figures(r)})
     rows = []
     for (regime, variant), rs in sorted(groups.items()):
         row: dict[str, Any] = {"regime": regime, "variant": variant, "seeds": len(rs)}
@@ -345,6 +501,7 @@ def summary(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
             "top1_shifted",
             "best_auc_in",
             "best_auc_in_ln",
+            "best_auc_in_ln_strong",
             "largest_gap_in_ln",
             "largest_abs_gap_in_ln",
             "largest_spread_in_ln",
@@ -360,8 +517,9 @@ def summary(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
 def table(runs: list[dict[str, Any]]) -> str:
     lines = [
         "| regime | variant | clean top-1 | shifted top-1 | best AUC (in) | best AUC (in+ln) "
-        "| largest gap (in+ln) | largest sd over samples (in+ln) |",
-        "|---|---|---|---|---|---|---|---|",
+        "| best AUC (in+ln), strong shifts | largest gap (in+ln) "
+        "| largest sd over samples (in+ln) |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
 
     def cell(row: dict[str, Any], key: str, digits: int) -> str:
@@ -374,7 +532,8 @@ def table(runs: list[dict[str, Any]]) -> str:
         lines.append(
             f"| {row['regime']} | {row['variant']} | {cell(row, 'top1_clean', 2)} | "
             f"{cell(row, 'top1_shifted', 2)} | {cell(row, 'best_auc_in', 3)} | "
-            f"{cell(row, 'best_auc_in_ln', 3)} | {cell(row, 'largest_abs_gap_in_ln', 4)} | "
+            f"{cell(row, 'best_auc_in_ln', 3)} | {cell(row, 'best_auc_in_ln_strong', 3)} | "
+            f"{cell(row, 'largest_abs_gap_in_ln', 4)} | "
             f"{cell(row, 'largest_spread_in_ln', 4)} |"
         )
     return "\n".join(lines)
@@ -389,10 +548,10 @@ def plot(runs: list[dict[str, Any]], path: Path) -> None:
 
     from enorm_cli.fileio import atomic_path
 
-    regimes = [r for r in REGIMES if any(x["regime"] == r for x in runs)]
+    regimes = sorted({label(r) for r in runs}, key=lambda g: (g not in REGIMES, g))
     fig, axes = plt.subplots(2, len(regimes), figsize=(6 * len(regimes), 7), squeeze=False)
     for col, regime in enumerate(regimes):
-        mine = [r for r in runs if r["regime"] == regime]
+        mine = [r for r in runs if label(r) == regime]
         ax = axes[0][col]
         for variant in sorted({r["variant"] for r in mine if r["layers"]}):
             rs = [r for r in mine if r["variant"] == variant]
@@ -434,8 +593,22 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--figure", type=Path)
     parser.add_argument("--save", type=Path, help="write each EN/SN model here (enorm inspect)")
     parser.add_argument("--merge", nargs="+", type=Path, help="join earlier --json files")
+    parser.add_argument("--construction", default="shift", choices=CONSTRUCTIONS)
+    parser.add_argument(
+        "--ceiling",
+        action="store_true",
+        help="instead of training: the AUC a detector reaches from each image's statistics",
+    )
     args = parser.parse_args(argv)
 
+    if args.ceiling:
+        rows = [
+            {"construction": c, **detector_ceiling(c, args.train, args.test)} for c in CONSTRUCTIONS
+        ]
+        print(ceiling_table(rows))
+        if args.json:
+            _write(args.json, [], args, ceiling=rows)
+        return 0
     runs: list[dict[str, Any]] = []
     if args.merge:
         for path in args.merge:
@@ -444,7 +617,8 @@ def main(argv: list[str] | None = None) -> int:
         import torch
 
         torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", torch.get_num_threads())))
-        train, test = shifted_split(True, args.train), shifted_split(False, args.test)
+        train = shifted_split(True, args.train, construction=args.construction)
+        test = shifted_split(False, args.test, construction=args.construction)
         for seed in args.seeds:
             for regime in args.regimes:
                 i = REGIMES.index(regime)
@@ -478,11 +652,25 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def _write(path: Path, runs: list[dict[str, Any]], args: argparse.Namespace) -> None:
+def ceiling_table(rows: list[dict[str, Any]]) -> str:
+    """The detector ceiling per construction: all shifted images, and the strong shifts."""
+    inputs = ("mean", "spread", "mean_and_spread", "quadratic_mean_and_spread")
+    lines = [
+        "| construction | " + " | ".join(i.replace("_", " ") for i in inputs) + " |",
+        "|---|" + "---|" * len(inputs),
+    ]
+    for row in rows:
+        cells = [f"{row[i]:.3f} ({row[i + '_strong']:.3f})" for i in inputs]
+        lines.append(f"| {row['construction']} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def _write(path: Path, runs: list[dict[str, Any]], args: argparse.Namespace, **extra: Any) -> None:
     from enorm_cli.fileio import write_text_atomic
 
     settings = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}
-    text = json.dumps({"settings": settings, "runs": runs, "summary": summary(runs)}, indent=1)
+    record = {"settings": settings, "runs": runs, "summary": summary(runs), **extra}
+    text = json.dumps(record, indent=1)
     write_text_atomic(path, text + "\n")
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -30,6 +31,57 @@ def test_half_of_the_images_are_shifted_the_same_way_every_time() -> None:
     assert a["x"].shape == (64, 3, 32, 32)
 
 
+def test_the_coded_construction_gives_the_clean_group_its_class_contrast() -> None:
+    plain = selection.shifted_split(False, 64)
+    coded = selection.shifted_split(False, 64, construction="coded")
+    clean = ~coded["shifted"]
+    expected = 2.0 ** (2 * coded["y"][clean].double() / 9 - 1)
+    assert torch.allclose(coded["a"][clean].double(), expected)
+    assert (coded["b"][clean] == 0).all()
+    # the shifted group is the same images, shifted the same way, in both constructions
+    assert torch.equal(plain["x"][~clean], coded["x"][~clean])
+
+
+def test_strong_shifts_leave_out_the_shifted_images_close_to_clean() -> None:
+    data = {
+        "a": torch.tensor([1.0, 1.0, 1.6, 1.2, 1.0]),
+        "b": torch.tensor([0.0, 0.0, 0.0, 0.1, 0.3]),
+        "shifted": torch.tensor([False, True, True, True, True]),
+    }
+    assert selection.strong_shift(data).tolist() == [False, False, True, False, True]
+
+
+def test_the_detector_ceiling_reads_each_input() -> None:
+    out = selection.detector_ceiling("shift", train=256, test=128, steps=300)
+    names = ("mean", "spread", "mean_and_spread", "quadratic_mean_and_spread")
+    assert set(out) == {n + s for n in names for s in ("", "_strong")}
+    assert all(0 <= v <= 1 for v in out.values())
+    # the mean and the spread together tell more than the spread alone
+    assert out["mean_and_spread"] > out["spread"]
+    table = selection.ceiling_table([{"construction": "shift", **out}])
+    assert table.count("\n") == 2 and "quadratic mean and spread" in table
+
+
+def test_explained_share_is_the_between_label_variance() -> None:
+    labels = torch.tensor([0, 0, 1, 1])
+    assert selection.explained_share(torch.tensor([0.0, 0.0, 1.0, 1.0]), labels) == 1.0
+    assert selection.explained_share(torch.tensor([0.0, 1.0, 0.0, 1.0]), labels) == 0.0
+    assert selection.explained_share(torch.tensor([0.5, 0.5, 0.5, 0.5]), labels) is None
+    share = selection.explained_share(torch.tensor([0.0, 0.2, 1.0, 1.0]), labels)
+    assert share is not None and 0.9 < share < 1.0
+
+
+def test_the_spread_input_is_undone_after_its_run() -> None:
+    from enorm_cli.layers import exemplar_function, is_fused_en
+
+    before = (exemplar_function.ratio_logits, is_fused_en(), os.environ.get("ENORM_NATIVE"))
+    with selection._spread_input():
+        assert exemplar_function.ratio_logits is not before[0] and not is_fused_en()
+        assert os.environ["ENORM_NATIVE"] == "0"
+    after = (exemplar_function.ratio_logits, is_fused_en(), os.environ.get("ENORM_NATIVE"))
+    assert after == before
+
+
 @pytest.mark.slow
 def test_a_tiny_run_writes_its_record_and_figure(tmp_path: Path) -> None:
     out, figure = tmp_path / "s.json", tmp_path / "s.png"
@@ -43,6 +95,7 @@ def test_a_tiny_run_writes_its_record_and_figure(tmp_path: Path) -> None:
     en = next(r for r in record["runs"] if r["variant"] == "en")
     assert len(en["layers"]) == 52 and 0 <= en["best_auc_in"] <= 1
     assert {"logit_std", "saturated", "gamma_rel", "gap_in_ln"} <= set(en["layers"][0])
+    assert {"auc_in_ln_strong", "class_share_in_ln", "group_share_in_ln"} <= set(en["layers"][0])
     assert figure.stat().st_size > 0
     from enorm_cli import ExemplarNorm2d, load_model
 
