@@ -435,7 +435,7 @@ def selection_table(record: dict[str, Any]) -> str:
 
 
 def selection_ceiling_table(record: dict[str, Any]) -> str:
-    """selection.py --ceiling: the AUC a detector reaches from each image's statistics."""
+    """selection.py --ceiling: the AUC of the ratio branch trained as a shift detector."""
     from selection import ceiling_table
 
     return ceiling_table(record["figures"]["ceiling"]) + "\n" + _source(record)
@@ -470,7 +470,8 @@ BLOCKS: dict[str, tuple[str, Callable[[dict[str, Any]], str]]] = {
     "selection-anchor": ("selection_anchor", selection_table),
     "selection-ceiling": ("selection_ceiling", selection_ceiling_table),
     "selection-coded": ("selection_coded", selection_table),
-    "selection-mean-rate": ("selection_mean_rate", selection_table),
+    "selection-routed": ("selection_routed", selection_table),
+    "selection-experiments": ("selection_experiments", selection_table),
 }
 """Results block name -> (record, renderer)."""
 

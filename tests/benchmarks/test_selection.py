@@ -51,15 +51,13 @@ def test_strong_shifts_leave_out_the_shifted_images_close_to_clean() -> None:
     assert selection.strong_shift(data).tolist() == [False, False, True, False, True]
 
 
-def test_the_detector_ceiling_reads_each_input() -> None:
-    out = selection.detector_ceiling("shift", train=256, test=128, steps=300)
-    names = ("mean", "spread", "mean_and_spread", "quadratic_mean_and_spread")
-    assert set(out) == {n + s for n in names for s in ("", "_strong")}
-    assert all(0 <= v <= 1 for v in out.values())
-    # the mean and the spread together tell more than the spread alone
-    assert out["mean_and_spread"] > out["spread"]
+def test_the_detector_ceiling_trains_the_branch_alone() -> None:
+    out = selection.detector_ceiling("shift", train=256, test=128, steps=60)
+    assert set(out) == {s + t for s in ("scratch", "finetune") for t in ("", "_strong")}
+    # even a few steps on a few images tell the groups apart better than chance
+    assert all(0.6 < v <= 1 for v in out.values())
     table = selection.ceiling_table([{"construction": "shift", **out}])
-    assert table.count("\n") == 2 and "quadratic mean and spread" in table
+    assert table.count("\n") == 2 and "ImageNet first conv" in table
 
 
 def test_explained_share_is_the_between_label_variance() -> None:
