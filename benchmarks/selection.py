@@ -362,6 +362,11 @@ def auc(scores: Any, positive: Any) -> float:
     return float(greater + 0.5 * ties) if torch.isfinite(scores).all() else float("nan")
 
 
+def variant_context(variant: str) -> contextlib.AbstractContextManager:
+    """What a variant's run happens inside: the spread input's hooks, or nothing."""
+    return _spread_input() if VARIANTS[variant].get("spread") else contextlib.nullcontext()
+
+
 def run(
     regime: str,
     variant: str,
@@ -375,23 +380,8 @@ def run(
 ) -> dict[str, Any]:
     """Train one model, then measure top-1 per group and, for EN/SN, every layer's AUC and
     diagnostics; ``save``: a folder the EN/SN model is written to, as ``enorm inspect`` reads
-    it (``REGIME-VARIANT-sSEED.safetensors``)."""
-    spread = VARIANTS[variant].get("spread")
-    with _spread_input() if spread else contextlib.nullcontext():
-        return _run(regime, variant, seed, train, test, batch, lr, epochs, save)
-
-
-def _run(
-    regime: str,
-    variant: str,
-    seed: int,
-    train: dict[str, Any],
-    test: dict[str, Any],
-    batch: int,
-    lr: float,
-    epochs: int,
-    save: Path | None,
-) -> dict[str, Any]:
+    it (``REGIME-VARIANT-sSEED.safetensors``). A variant with the spread input runs inside
+    ``_spread_input`` (``variant_context``)."""
     import torch
 
     import enorm_cli
@@ -661,17 +651,18 @@ def main(argv: list[str] | None = None) -> int:
             for regime in args.regimes:
                 i = REGIMES.index(regime)
                 for variant in args.variants:
-                    result = run(
-                        regime,
-                        variant,
-                        seed,
-                        train,
-                        test,
-                        args.batch,
-                        args.lr[i],
-                        args.epochs[i],
-                        args.save,
-                    )
+                    with variant_context(variant):
+                        result = run(
+                            regime,
+                            variant,
+                            seed,
+                            train,
+                            test,
+                            args.batch,
+                            args.lr[i],
+                            args.epochs[i],
+                            args.save,
+                        )
                     runs.append(result)
                     print(
                         f"{regime} {variant} seed {seed}: clean {result['top1_clean']:.2f} "
