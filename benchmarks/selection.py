@@ -5,7 +5,9 @@ a per-image intensity change x -> a x + b (a log-uniform in [1/A, A], b uniform 
 on [0, 1] pixels, before the usual mean/std normalization). After the first convolution
 instance statistics undo such a change (up to the zero padding at the borders); batch
 statistics cannot, so a layer that chooses should give the shifted images more IN (or LN)
-than the clean ones.
+than the clean ones. The coded construction (``--construction coded``) gives each clean image
+its class's contrast, which instance statistics throw away: BN is then right for the clean
+group and IN for the shifted one.
 
 Measured per variant (BN, frozen-statistics BN, SN, EN and EN designs): top-1 on the clean
 and on the shifted test images, and per EN layer the AUC with which the per-sample IN ratio
@@ -23,6 +25,8 @@ gradient clip and schedule), from a minimal recipe: model, data, batch, lr, epoc
     python benchmarks/selection.py --variants en --regimes finetune --seeds 0 --train 4000
     python benchmarks/selection.py --merge a.json b.json --json all.json --figure all.png
     python benchmarks/selection.py --variants en --regimes scratch --save runs/selection
+    python benchmarks/selection.py --construction coded --variants en bn sn bn_routed_first
+    python benchmarks/selection.py --ceiling --json ceiling.json
     enorm inspect runs/selection/scratch-en-s0.safetensors --data fashion_mnist --shift contrast:5
 """
 
@@ -93,11 +97,6 @@ VARIANTS: dict[str, dict[str, Any]] = {
     # the layer's mean mixture (FC2's bias, the whole branch but W) at a tenth of the lr, W at
     # its default rate: the per-sample term moves first
     "en_slowmean": {"norm": "en", "optim": {"ratio_lr_scale": 0.1, "sample_lr_scale": 300.0}},
-    # references, not EN: BatchNorm with the first norm layer (where the shift lives) replaced by
-    # InstanceNorm for every image, or routed by the known group (IN for the shifted images, BN
-    # for the clean): what choosing by group is worth, and so what the loss asks of a branch
-    "bn_in_first": {"norm": "bn", "route": "in"},
-    "bn_routed_first": {"norm": "bn", "route": "group"},
     "en_slowmean100": {
         "norm": "en",
         "optim": {"ratio_lr_scale": 0.01, "sample_lr_scale": 300.0},
@@ -108,10 +107,15 @@ VARIANTS: dict[str, dict[str, Any]] = {
         "spread": True,
         "optim": {"ratio_lr_scale": 0.1, "sample_lr_scale": 300.0},
     },
+    # references, not EN: BatchNorm with the first norm layer (where the shift lives) replaced by
+    # InstanceNorm for every image, or routed by the known group (IN for the shifted images, BN
+    # for the clean): what choosing by group is worth, and so what the loss asks of a branch
+    "bn_in_first": {"norm": "bn", "route": "in"},
+    "bn_routed_first": {"norm": "bn", "route": "group"},
 }
 """Each variant: ``model.norm``, and optionally ``bn_stats``, ``en`` (recipe keys under
-``model.en``), ``optim`` (recipe keys) and the experiments' switches ``rowlr`` and
-``spread``."""
+``model.en``), ``optim`` (recipe keys), the experiments' switches ``rowlr`` and ``spread``,
+and the references' ``route``."""
 DEFAULT_VARIANTS = ("bn", "bn_frozen", "sn", "en")
 """What the benchmark compares; the others are design candidates, run by name."""
 REGIMES = ("finetune", "scratch")
@@ -264,32 +268,30 @@ def build(recipe: Any, regime: str) -> Any:
     return model
 
 
-class RoutedNorm:
-    """The first norm layer of a reference run: its BatchNorm, or an InstanceNorm with the same
-    affine, per image (``route``: "in" for all, "group" for the shifted images of ``mask``)."""
+def _route_first_norm(model: Any, route: str) -> Any:
+    """A reference run's first norm layer: per image its BatchNorm, or an InstanceNorm with the
+    same affine (``route``: "in" for every image, "group" for the images the module's ``mask``
+    marks, which the loop sets before each forward); returns the module."""
+    import torch
 
-    @staticmethod
-    def install(model: Any, route: str) -> Any:
-        import torch
+    bn = model.features[0][1]
 
-        bn = model.features[0][1]
+    class Routed(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.bn, self.route = bn, route
+            self.mask: Any = None
 
-        class Routed(torch.nn.Module):
-            def __init__(self) -> None:
-                super().__init__()
-                self.bn, self.route = bn, route
-                self.mask: Any = None
+        def forward(self, x: Any) -> Any:
+            xin = torch.nn.functional.instance_norm(x, eps=self.bn.eps)
+            xin = xin * self.bn.weight.view(1, -1, 1, 1) + self.bn.bias.view(1, -1, 1, 1)
+            if self.route == "in":
+                return xin
+            keep = self.mask.view(-1, 1, 1, 1).to(x.device)
+            return torch.where(keep, xin, self.bn(x))
 
-            def forward(self, x: Any) -> Any:
-                xin = torch.nn.functional.instance_norm(x, eps=self.bn.eps)
-                xin = xin * self.bn.weight.view(1, -1, 1, 1) + self.bn.bias.view(1, -1, 1, 1)
-                if self.route == "in":
-                    return xin
-                keep = self.mask.view(-1, 1, 1, 1).to(x.device)
-                return torch.where(keep, xin, self.bn(x))
-
-        model.features[0][1] = routed = Routed()
-        return routed
+    model.features[0][1] = routed = Routed()
+    return routed
 
 
 def _row_lr(model: Any) -> None:
@@ -394,11 +396,8 @@ def run(
     model = build(recipe, regime)
     if VARIANTS[variant].get("rowlr"):
         _row_lr(model)
-    routed = (
-        RoutedNorm.install(model, VARIANTS[variant]["route"])
-        if "route" in VARIANTS[variant]
-        else None
-    )
+    route = VARIANTS[variant].get("route")
+    routed = _route_first_norm(model, route) if route else None
     bn_stats = resolve_bn_stats(recipe.model, batch)
     steps = len(train["y"]) // batch
     optimizer = build_optimizer(model, recipe)
