@@ -107,6 +107,10 @@ VARIANTS: dict[str, dict[str, Any]] = {
         "spread": True,
         "optim": {"ratio_lr_scale": 0.1, "sample_lr_scale": 300.0},
     },
+    # the branch's hidden layer (FC1 and the conv) learns with FC2's weight, at the sample lr:
+    # at the ratio lr, and with a gradient that passes through W (0 at the start), it stays
+    # near its random start
+    "en_fasthidden": {"norm": "en", "fasthidden": True},
     # references, not EN: BatchNorm with the first norm layer (where the shift lives) replaced by
     # InstanceNorm for every image, or routed by the known group (IN for the shifted images, BN
     # for the clean): what choosing by group is worth, and so what the loss asks of a branch
@@ -364,9 +368,84 @@ def auc(scores: Any, positive: Any) -> float:
     return float(greater + 0.5 * ties) if torch.isfinite(scores).all() else float("nan")
 
 
+@contextlib.contextmanager
+def _fast_hidden() -> Iterator[None]:
+    """Experiment, inside the block: a centered EN branch's FC1 and conv join FC2's weight in
+    the per-sample group (``sample_parameters``, ``optim.sample_lr_scale``)."""
+    from enorm_cli import ExemplarNorm2d
+
+    shipped = ExemplarNorm2d.sample_parameters
+
+    def sample_parameters(self: Any) -> list[Any]:
+        extra = [*self.ratio.fc1.parameters()]
+        if self.ratio.conv is not None:
+            extra += [*self.ratio.conv.parameters()]
+        return shipped(self) + extra if self.centered else shipped(self)
+
+    ExemplarNorm2d.sample_parameters = sample_parameters  # type: ignore[method-assign]
+    try:
+        yield
+    finally:
+        ExemplarNorm2d.sample_parameters = shipped  # type: ignore[method-assign]
+
+
+def loss_preference(model: Any, data: dict[str, Any], limit: int = 1024) -> list[Any]:
+    """What the loss asks of each EN layer, per sample: <dL/dY, Y_bn> - <dL/dY, Y_in>, with
+    Y_k = gamma_k xhat_k + beta_k each normalizer's own output (above 0: moving a sample's
+    mixing weight from BN to IN would lower its loss), in evaluation mode (BN's running
+    statistics) on the first ``limit`` images; one N-vector per EN layer, in module order. It
+    does not depend on the ratios the layer has now: a branch trained on the loss can only
+    separate what this separates."""
+    import torch
+
+    from enorm_cli import ExemplarNorm2d
+
+    layers = [m for m in model.modules() if isinstance(m, ExemplarNorm2d)]
+    seen: dict[int, tuple[Any, Any]] = {}
+    hooks = [
+        m.register_forward_hook(lambda mod, args, out: seen.update({id(mod): (args[0], out)}))
+        for m in layers
+    ]
+    rows: list[list[Any]] = [[] for _ in layers]
+    try:
+        for i in range(0, min(limit, len(data["y"])), 256):
+            end = min(i + 256, limit)
+            with torch.enable_grad():
+                out = model(data["x"][i:end])
+                loss = torch.nn.functional.cross_entropy(out, data["y"][i:end], reduction="sum")
+                outputs = [seen[id(m)][1] for m in layers]
+                grads = torch.autograd.grad(loss, outputs)
+            with torch.no_grad():
+                for row, m, g in zip(rows, layers, grads, strict=True):
+                    x = seen[id(m)][0].double()
+                    own = {
+                        "bn": (x - m.running_mean.double().view(1, -1, 1, 1))
+                        / (m.running_var.double().view(1, -1, 1, 1) + m.eps).sqrt(),
+                        "in": (x - x.mean((2, 3), keepdim=True))
+                        / (x.var((2, 3), unbiased=False, keepdim=True) + m.eps).sqrt(),
+                    }
+                    k = {n: m.normalizers.index(n) for n in own}
+                    gain = {n: m.weight[k[n]].double().view(1, -1, 1, 1) for n in own}
+                    shift = {n: m.bias[k[n]].double().view(1, -1, 1, 1) for n in own}
+                    asked = {
+                        n: (g.double() * (gain[n] * own[n] + shift[n])).sum((1, 2, 3)) for n in own
+                    }
+                    row.append(asked["bn"] - asked["in"])
+    finally:
+        for h in hooks:
+            h.remove()
+    return [torch.cat(row) for row in rows]
+
+
 def variant_context(variant: str) -> contextlib.AbstractContextManager:
-    """What a variant's run happens inside: the spread input's hooks, or nothing."""
-    return _spread_input() if VARIANTS[variant].get("spread") else contextlib.nullcontext()
+    """What a variant's run happens inside: an experiment's hooks, or nothing."""
+    spec = VARIANTS[variant]
+    stack = contextlib.ExitStack()
+    if spec.get("spread"):
+        stack.enter_context(_spread_input())
+    if spec.get("fasthidden"):
+        stack.enter_context(_fast_hidden())
+    return stack
 
 
 def run(
@@ -448,6 +527,8 @@ def run(
         "train_seconds": round(seconds, 1),
         "layers": [],
     }
+    has_en = any(isinstance(m, enorm_cli.ExemplarNorm2d) for m in model.modules())
+    preference = loss_preference(model, test) if has_en else []
     if readouts:
         r = Readout.cat(readouts)
         rows = layer_ratios(recorder.names, recorder.normalizers, *r, recorder.gamma_sizes())
@@ -468,6 +549,12 @@ def run(
                 "class_share_in_ln": explained_share(per_image, test["y"]),
                 "group_share_in_ln": explained_share(per_image, shifted.long()),
             }
+            if preference:
+                asked, n = preference[i], len(preference[i])
+                layer["loss_pref_auc"] = auc(asked, shifted[:n])
+                layer["loss_pref_gap"] = float(
+                    asked[shifted[:n]].mean() - asked[~shifted[:n]].mean()
+                )
             out["layers"].append(layer)
         aucs = [lay["auc_in"] for lay in out["layers"] if lay["auc_in"] is not None]
         both = [lay["auc_in_ln"] for lay in out["layers"]]
@@ -475,6 +562,8 @@ def run(
         out["best_auc_in_ln"] = max(both, default=None)
         out["best_auc_in_ln_strong"] = max(lay["auc_in_ln_strong"] for lay in out["layers"])
         out["largest_gap_in_ln"] = max(lay["gap_in_ln"] for lay in out["layers"])
+        if preference:
+            out["best_loss_pref_auc"] = max(lay["loss_pref_auc"] for lay in out["layers"])
     return out
 
 

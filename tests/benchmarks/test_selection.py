@@ -80,6 +80,31 @@ def test_the_spread_input_is_undone_after_its_run() -> None:
     assert after == before
 
 
+def test_loss_preference_is_the_loss_change_of_moving_weight_from_bn_to_in() -> None:
+    from enorm_cli import ExemplarNorm2d
+
+    torch.manual_seed(0)
+    layer = ExemplarNorm2d(4, ("bn", "in", "ln"))
+    with torch.no_grad():
+        layer.weight.normal_()
+        layer.bias.normal_()
+    model = torch.nn.Sequential(layer, torch.nn.Flatten(), torch.nn.Linear(4 * 25, 3))
+    model(torch.randn(16, 4, 5, 5) * 3 + 1)  # running statistics, the branch's hidden mean
+    model.eval()
+    data = {"x": torch.randn(6, 4, 5, 5) * 2, "y": torch.tensor([0, 1, 2, 0, 1, 2])}
+    (asked,) = selection.loss_preference(model, data)
+
+    def losses() -> torch.Tensor:
+        with torch.no_grad():
+            return torch.nn.functional.cross_entropy(model(data["x"]), data["y"], reduction="none")
+
+    step, before = 1e-4, losses()
+    layer.mix_offset[1] += step  # w = lambda + offset: IN's weight up, BN's down
+    layer.mix_offset[0] -= step
+    assert asked.abs().max() > 0.05  # the layer matters to the loss
+    assert torch.allclose(asked.float(), (before - losses()) / step, rtol=1e-2, atol=1e-3)
+
+
 @pytest.mark.slow
 def test_a_tiny_run_writes_its_record_and_figure(tmp_path: Path) -> None:
     out, figure = tmp_path / "s.json", tmp_path / "s.png"
@@ -94,6 +119,7 @@ def test_a_tiny_run_writes_its_record_and_figure(tmp_path: Path) -> None:
     assert len(en["layers"]) == 52 and 0 <= en["best_auc_in"] <= 1
     assert {"logit_std", "saturated", "gamma_rel", "gap_in_ln"} <= set(en["layers"][0])
     assert {"auc_in_ln_strong", "class_share_in_ln", "group_share_in_ln"} <= set(en["layers"][0])
+    assert {"loss_pref_auc", "loss_pref_gap"} <= set(en["layers"][0])
     assert figure.stat().st_size > 0
     from enorm_cli import ExemplarNorm2d, load_model
 
