@@ -441,6 +441,13 @@ def selection_ceiling_table(record: dict[str, Any]) -> str:
     return ceiling_table(record["figures"]["ceiling"]) + "\n" + _source(record)
 
 
+def selection_preference_table(record: dict[str, Any]) -> str:
+    """selection.py: what the loss asks of each layer per sample, against what EN chose."""
+    from selection import preference_table
+
+    return preference_table(record["figures"]["runs"]) + "\n" + _source(record)
+
+
 BLOCKS: dict[str, tuple[str, Callable[[dict[str, Any]], str]]] = {
     "stability-minimal": ("stability_minimal", stability_table),
     "stability-minimal-headline": ("stability_minimal", stability_headline),
@@ -472,6 +479,7 @@ BLOCKS: dict[str, tuple[str, Callable[[dict[str, Any]], str]]] = {
     "selection-coded": ("selection_coded", selection_table),
     "selection-routed": ("selection_routed", selection_table),
     "selection-experiments": ("selection_experiments", selection_table),
+    "selection-preference": ("selection_preference", selection_preference_table),
 }
 """Results block name -> (record, renderer)."""
 

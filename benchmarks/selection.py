@@ -552,9 +552,11 @@ def run(
             if preference:
                 asked, n = preference[i], len(preference[i])
                 layer["loss_pref_auc"] = auc(asked, shifted[:n])
-                layer["loss_pref_gap"] = float(
-                    asked[shifted[:n]].mean() - asked[~shifted[:n]].mean()
-                )
+                pos, neg = asked[shifted[:n]], asked[~shifted[:n]]
+                layer["loss_pref_gap"] = float(pos.mean() - neg.mean())
+                # the gap in standard errors: whether the loss asks it on average
+                se = (pos.var() / len(pos) + neg.var() / len(neg)).sqrt()
+                layer["loss_pref_t"] = float((pos.mean() - neg.mean()) / se)
             out["layers"].append(layer)
         aucs = [lay["auc_in"] for lay in out["layers"] if lay["auc_in"] is not None]
         both = [lay["auc_in_ln"] for lay in out["layers"]]
@@ -564,6 +566,9 @@ def run(
         out["largest_gap_in_ln"] = max(lay["gap_in_ln"] for lay in out["layers"])
         if preference:
             out["best_loss_pref_auc"] = max(lay["loss_pref_auc"] for lay in out["layers"])
+            t = [lay["loss_pref_t"] for lay in out["layers"]]
+            out["largest_loss_pref_t"] = max(t, key=abs)
+            out["first_loss_pref_t"] = t[0]
     return out
 
 
@@ -621,6 +626,9 @@ def summary(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
             "largest_gap_in_ln",
             "largest_abs_gap_in_ln",
             "largest_spread_in_ln",
+            "best_loss_pref_auc",
+            "largest_loss_pref_t",
+            "first_loss_pref_t",
         ):
             values = [r[key] for r in rs if r.get(key) is not None]
             if values:
@@ -628,6 +636,33 @@ def summary(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
                 row[key + "_range"] = [min(values), max(values)]
         rows.append(row)
     return rows
+
+
+def preference_table(runs: list[dict[str, Any]]) -> str:
+    """What the loss asks against what EN chose (runs with ``loss_preference``): per regime and
+    variant, the best AUC of the ratios and of the loss's per-sample preference, the largest
+    group gap of that preference in standard errors and the first layer's."""
+    lines = [
+        "| regime | variant | clean top-1 | shifted top-1 | best AUC of the ratios (in+ln) "
+        "| best AUC of the loss's preference | largest gap of the preference (t) "
+        "| first layer's gap (t) |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for row in summary(runs):
+        if "best_loss_pref_auc" not in row:
+            continue
+
+        def cell(key: str, digits: int) -> str:
+            lo, hi = row[key + "_range"]
+            return f"{row[key]:.{digits}f} ({lo:.{digits}f}-{hi:.{digits}f})"
+
+        lines.append(
+            f"| {row['regime']} | {row['variant']} | {cell('top1_clean', 2)} | "
+            f"{cell('top1_shifted', 2)} | {cell('best_auc_in_ln', 3)} | "
+            f"{cell('best_loss_pref_auc', 3)} | {cell('largest_loss_pref_t', 1)} | "
+            f"{cell('first_loss_pref_t', 1)} |"
+        )
+    return "\n".join(lines)
 
 
 def table(runs: list[dict[str, Any]]) -> str:

@@ -105,6 +105,17 @@ def test_loss_preference_is_the_loss_change_of_moving_weight_from_bn_to_in() -> 
     assert torch.allclose(asked.float(), (before - losses()) / step, rtol=1e-2, atol=1e-3)
 
 
+def test_the_preference_table_reads_runs_that_carry_it() -> None:
+    run = {"regime": "scratch", "variant": "en", "seed": 0, "top1_clean": 80.0}
+    run |= {"top1_shifted": 70.0, "best_auc_in_ln": 0.8, "layers": []}
+    with_it = {**run, "best_loss_pref_auc": 0.55, "largest_loss_pref_t": -3.0}
+    table = selection.preference_table(
+        [run | {"variant": "sn"}, with_it | {"first_loss_pref_t": 2}]
+    )
+    assert table.count("\n") == 2  # the header, and the EN run alone
+    assert "| scratch | en | 80.00 (80.00-80.00) |" in table and "| -3.0 (-3.0--3.0) |" in table
+
+
 @pytest.mark.slow
 def test_a_tiny_run_writes_its_record_and_figure(tmp_path: Path) -> None:
     out, figure = tmp_path / "s.json", tmp_path / "s.png"
@@ -119,7 +130,7 @@ def test_a_tiny_run_writes_its_record_and_figure(tmp_path: Path) -> None:
     assert len(en["layers"]) == 52 and 0 <= en["best_auc_in"] <= 1
     assert {"logit_std", "saturated", "gamma_rel", "gap_in_ln"} <= set(en["layers"][0])
     assert {"auc_in_ln_strong", "class_share_in_ln", "group_share_in_ln"} <= set(en["layers"][0])
-    assert {"loss_pref_auc", "loss_pref_gap"} <= set(en["layers"][0])
+    assert {"loss_pref_auc", "loss_pref_gap", "loss_pref_t"} <= set(en["layers"][0])
     assert figure.stat().st_size > 0
     from enorm_cli import ExemplarNorm2d, load_model
 
