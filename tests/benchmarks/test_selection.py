@@ -53,7 +53,8 @@ def test_strong_shifts_leave_out_the_shifted_images_close_to_clean() -> None:
 
 def test_the_detector_ceiling_trains_the_branch_alone() -> None:
     out = selection.detector_ceiling("shift", train=256, test=128, steps=60)
-    assert set(out) == {s + t for s in ("scratch", "finetune") for t in ("", "_strong")}
+    starts = ("scratch", "scratch_readout", "finetune")
+    assert set(out) == {s + t for s in starts for t in ("", "_strong")}
     # even a few steps on a few images tell the groups apart better than chance
     assert all(0.6 < v <= 1 for v in out.values())
     table = selection.ceiling_table([{"construction": "shift", **out}])
