@@ -111,6 +111,12 @@ VARIANTS: dict[str, dict[str, Any]] = {
     # at the ratio lr, and with a gradient that passes through W (0 at the start), it stays
     # near its random start
     "en_fasthidden": {"norm": "en", "fasthidden": True},
+    # the mean mixture (every ratio parameter but FC2's weight) held for the first epoch, so the
+    # layers after an anchored layer learn from its source normalizer's output (BN's) while the
+    # per-sample term may already move samples apart
+    "en_warm": {"norm": "en", "warm_epochs": 1},
+    "en_warm_fasthidden": {"norm": "en", "warm_epochs": 1, "fasthidden": True},
+    "en_warm2": {"norm": "en", "warm_epochs": 2},
     # references, not EN: BatchNorm with the first norm layer (where the shift lives) replaced by
     # InstanceNorm for every image, or routed by the known group (IN for the shifted images, BN
     # for the clean): what choosing by group is worth, and so what the loss asks of a branch
@@ -118,8 +124,8 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "bn_routed_first": {"norm": "bn", "route": "group"},
 }
 """Each variant: ``model.norm``, and optionally ``bn_stats``, ``en`` (recipe keys under
-``model.en``), ``optim`` (recipe keys), the experiments' switches ``rowlr`` and ``spread``,
-and the references' ``route``."""
+``model.en``), ``optim`` (recipe keys), the experiments' switches ``rowlr``, ``spread``,
+``fasthidden`` and ``warm_epochs``, and the references' ``route``."""
 DEFAULT_VARIANTS = ("bn", "bn_frozen", "sn", "en")
 """What the benchmark compares; the others are design candidates, run by name."""
 REGIMES = ("finetune", "scratch")
@@ -487,7 +493,13 @@ def run(
     scheduler = build_scheduler(optimizer, recipe, steps)
     g = torch.Generator().manual_seed(seed)
     tick, step = time.perf_counter(), 0
-    for _ in range(epochs):
+    held = [
+        p
+        for m in model.modules()
+        if isinstance(m, enorm_cli.ExemplarNorm2d)
+        for p in m.ratio_parameters()
+    ]
+    for epoch in range(epochs):
         order = torch.randperm(len(train["y"]), generator=g)
         enorm_cli.set_bn_stats(model, bn_stats)
         for i in range(steps):
@@ -497,6 +509,9 @@ def run(
             loss = torch.nn.functional.cross_entropy(model(train["x"][idx]), train["y"][idx])
             optimizer.zero_grad()
             loss.backward()
+            if epoch < VARIANTS[variant].get("warm_epochs", 0):
+                for p in held:
+                    p.grad = None
             if recipe.train.grad_clip:
                 torch.nn.utils.clip_grad_norm_(model.parameters(), recipe.train.grad_clip)
             optimizer.step()
