@@ -447,6 +447,26 @@ def loss_preference(model: Any, data: dict[str, Any], limit: int = 1024) -> list
     return [torch.cat(row) for row in rows]
 
 
+def group_t(values: Any, positive: Any) -> float:
+    """The gap between the groups' means of ``values`` in standard errors (Welch's t)."""
+    pos, neg = values[positive], values[~positive]
+    se = (pos.var() / len(pos) + neg.var() / len(neg)).sqrt()
+    return float((pos.mean() - neg.mean()) / se)
+
+
+def preference_probe(model: Any, test: dict[str, Any], limit: int = 512) -> dict[str, Any]:
+    """What the loss asks of a model in training: per EN layer the group gap of
+    ``loss_preference`` in standard errors, and the largest with its layer's index. Read on a
+    copy in evaluation mode, so that the reading does not move the branch's running mean of h
+    in the model being trained."""
+    import copy
+
+    asked = loss_preference(copy.deepcopy(model).eval(), test, limit)
+    t = [group_t(a, test["shifted"][: len(a)]) for a in asked]
+    largest = max(range(len(t)), key=lambda i: abs(t[i]))
+    return {"t": [round(v, 2) for v in t], "largest_t": t[largest], "largest_layer": largest}
+
+
 def variant_context(variant: str) -> contextlib.AbstractContextManager:
     """What a variant's run happens inside: an experiment's hooks, or nothing."""
     spec = VARIANTS[variant]
@@ -468,11 +488,13 @@ def run(
     lr: float,
     epochs: int,
     save: Path | None = None,
+    probe_every: int = 0,
 ) -> dict[str, Any]:
     """Train one model, then measure top-1 per group and, for EN/SN, every layer's AUC and
     diagnostics; ``save``: a folder the EN/SN model is written to, as ``enorm inspect`` reads
-    it (``REGIME-VARIANT-sSEED.safetensors``). A variant with the spread input runs inside
-    ``_spread_input`` (``variant_context``)."""
+    it (``REGIME-VARIANT-sSEED.safetensors``); ``probe_every``: read what the loss asks
+    (``preference_probe``) every so many steps of training, into ``preference_trace``. An
+    experiment's hooks wrap the call (``variant_context``)."""
     import torch
 
     import enorm_cli
@@ -499,6 +521,8 @@ def run(
         if isinstance(m, enorm_cli.ExemplarNorm2d)
         for p in m.ratio_parameters()
     ]
+    has_en = any(isinstance(m, enorm_cli.ExemplarNorm2d) for m in model.modules())
+    trace: list[dict[str, Any]] = []
     for epoch in range(epochs):
         order = torch.randperm(len(train["y"]), generator=g)
         enorm_cli.set_bn_stats(model, bn_stats)
@@ -517,6 +541,8 @@ def run(
             optimizer.step()
             step += 1
             scheduler.step_update(step)
+            if has_en and probe_every and step % probe_every == 0:
+                trace.append({"step": step, **preference_probe(model, test)})
     seconds = time.perf_counter() - tick
     model.eval()
     if save is not None and recipe.model.norm != "bn":
@@ -544,9 +570,9 @@ def run(
         "top1_clean": 100.0 * float(correct[~shifted].double().mean()),
         "top1_shifted": 100.0 * float(correct[shifted].double().mean()),
         "train_seconds": round(seconds, 1),
+        "preference_trace": trace,
         "layers": [],
     }
-    has_en = any(isinstance(m, enorm_cli.ExemplarNorm2d) for m in model.modules())
     preference = loss_preference(model, test) if has_en else []
     if readouts:
         r = Readout.cat(readouts)
@@ -571,11 +597,11 @@ def run(
             if preference:
                 asked, n = preference[i], len(preference[i])
                 layer["loss_pref_auc"] = auc(asked, shifted[:n])
-                pos, neg = asked[shifted[:n]], asked[~shifted[:n]]
-                layer["loss_pref_gap"] = float(pos.mean() - neg.mean())
+                layer["loss_pref_gap"] = float(
+                    asked[shifted[:n]].mean() - asked[~shifted[:n]].mean()
+                )
                 # the gap in standard errors: whether the loss asks it on average
-                se = (pos.var() / len(pos) + neg.var() / len(neg)).sqrt()
-                layer["loss_pref_t"] = float((pos.mean() - neg.mean()) / se)
+                layer["loss_pref_t"] = group_t(asked, shifted[:n])
             out["layers"].append(layer)
         aucs = [lay["auc_in"] for lay in out["layers"] if lay["auc_in"] is not None]
         both = [lay["auc_in_ln"] for lay in out["layers"]]
@@ -765,6 +791,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--merge", nargs="+", type=Path, help="join earlier --json files")
     parser.add_argument("--construction", default="shift", choices=CONSTRUCTIONS)
     parser.add_argument(
+        "--probe-every", type=int, default=0, help="read what the loss asks every N steps"
+    )
+    parser.add_argument(
         "--ceiling",
         action="store_true",
         help="instead of training: the AUC a detector reaches from each image's statistics",
@@ -804,6 +833,7 @@ def main(argv: list[str] | None = None) -> int:
                             args.lr[i],
                             args.epochs[i],
                             args.save,
+                            args.probe_every,
                         )
                     runs.append(result)
                     print(
