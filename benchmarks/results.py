@@ -448,6 +448,13 @@ def selection_preference_table(record: dict[str, Any]) -> str:
     return preference_table(record["figures"]["runs"]) + "\n" + _source(record)
 
 
+def selection_trace_table(record: dict[str, Any]) -> str:
+    """selection.py --probe-every: what the loss asked of each layer during training."""
+    from selection import trace_table
+
+    return trace_table(record["figures"]["runs"]) + "\n" + _source(record)
+
+
 BLOCKS: dict[str, tuple[str, Callable[[dict[str, Any]], str]]] = {
     "stability-minimal": ("stability_minimal", stability_table),
     "stability-minimal-headline": ("stability_minimal", stability_headline),
@@ -480,6 +487,7 @@ BLOCKS: dict[str, tuple[str, Callable[[dict[str, Any]], str]]] = {
     "selection-routed": ("selection_routed", selection_table),
     "selection-experiments": ("selection_experiments", selection_table),
     "selection-preference": ("selection_preference", selection_preference_table),
+    "selection-trace": ("selection_trace", selection_trace_table),
 }
 """Results block name -> (record, renderer)."""
 

@@ -710,6 +710,27 @@ def preference_table(runs: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+def trace_table(runs: list[dict[str, Any]]) -> str:
+    """What the loss asked during training (runs with ``preference_trace``): per probe, the
+    first layer's group gap of the preference in standard errors, the largest with its layer,
+    and how many layers' exceed 3."""
+    lines = [
+        "| regime | variant | seed | step | first layer (t) | largest (t) | its layer "
+        "| layers above 3 |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for r in runs:
+        names = [lay["name"] for lay in r["layers"]]
+        for probe in r.get("preference_trace", []):
+            t = probe["t"]
+            lines.append(
+                f"| {label(r)} | {r['variant']} | {r['seed']} | {probe['step']} | {t[0]:.1f} | "
+                f"{probe['largest_t']:.1f} | `{names[probe['largest_layer']]}` | "
+                f"{sum(abs(v) > 3 for v in t)} of {len(t)} |"
+            )
+    return "\n".join(lines)
+
+
 def table(runs: list[dict[str, Any]]) -> str:
     lines = [
         "| regime | variant | clean top-1 | shifted top-1 | best AUC (in) | best AUC (in+ln) "

@@ -81,7 +81,9 @@ def test_the_spread_input_is_undone_after_its_run() -> None:
     assert after == before
 
 
-def test_loss_preference_is_the_loss_change_of_moving_weight_from_bn_to_in() -> None:
+def _one_layer_model() -> tuple[torch.nn.Module, dict[str, torch.Tensor]]:
+    """An EN layer with random affines under a linear head, after one training batch, and six
+    images (three shifted)."""
     from enorm_cli import ExemplarNorm2d
 
     torch.manual_seed(0)
@@ -91,8 +93,14 @@ def test_loss_preference_is_the_loss_change_of_moving_weight_from_bn_to_in() -> 
         layer.bias.normal_()
     model = torch.nn.Sequential(layer, torch.nn.Flatten(), torch.nn.Linear(4 * 25, 3))
     model(torch.randn(16, 4, 5, 5) * 3 + 1)  # running statistics, the branch's hidden mean
-    model.eval()
     data = {"x": torch.randn(6, 4, 5, 5) * 2, "y": torch.tensor([0, 1, 2, 0, 1, 2])}
+    return model, data | {"shifted": torch.arange(6) % 2 == 1}
+
+
+def test_loss_preference_is_the_loss_change_of_moving_weight_from_bn_to_in() -> None:
+    model, data = _one_layer_model()
+    layer = model[0]
+    model.eval()
     (asked,) = selection.loss_preference(model, data)
 
     def losses() -> torch.Tensor:
@@ -117,6 +125,34 @@ def test_the_preference_table_reads_runs_that_carry_it() -> None:
     assert "| scratch | en | 80.00 (80.00-80.00) |" in table and "| -3.0 (-3.0--3.0) |" in table
 
 
+def test_the_probe_reads_a_copy_and_leaves_the_model_as_it_was() -> None:
+    model, data = _one_layer_model()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    probe = selection.preference_probe(model, data)
+    assert model.training  # not switched to evaluation mode
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
+    model.eval()
+    (asked,) = selection.loss_preference(model, data)
+    assert probe["largest_layer"] == 0 and len(probe["t"]) == 1
+    assert probe["largest_t"] == pytest.approx(selection.group_t(asked, data["shifted"]))
+
+
+def test_the_trace_table_has_a_row_per_probe() -> None:
+    layers = [{"name": "a"}, {"name": "b"}]
+    trace = [{"step": 25, "t": [1.0, -4.0], "largest_t": -4.0, "largest_layer": 1}]
+    run = {"regime": "scratch", "variant": "en", "seed": 0, "layers": layers}
+    table = selection.trace_table([run | {"preference_trace": trace}, run])
+    assert table.splitlines()[2] == "| scratch | en | 0 | 25 | 1.0 | -4.0 | `b` | 1 of 2 |"
+    assert table.count("\n") == 2
+
+
+def test_group_t_is_the_gap_in_standard_errors() -> None:
+    values = torch.tensor([1.0, 3.0, 5.0, 7.0])
+    positive = torch.tensor([False, False, True, True])
+    # means 2 and 6, variances 2 and 2: se = sqrt(2/2 + 2/2)
+    assert selection.group_t(values, positive) == pytest.approx(4 / 2**0.5)
+
+
 @pytest.mark.slow
 def test_a_tiny_run_writes_its_record_and_figure(tmp_path: Path) -> None:
     out, figure = tmp_path / "s.json", tmp_path / "s.png"
@@ -132,6 +168,7 @@ def test_a_tiny_run_writes_its_record_and_figure(tmp_path: Path) -> None:
     assert {"logit_std", "saturated", "gamma_rel", "gap_in_ln"} <= set(en["layers"][0])
     assert {"auc_in_ln_strong", "class_share_in_ln", "group_share_in_ln"} <= set(en["layers"][0])
     assert {"loss_pref_auc", "loss_pref_gap", "loss_pref_t"} <= set(en["layers"][0])
+    assert en["preference_trace"] == []  # read only with --probe-every
     assert figure.stat().st_size > 0
     from enorm_cli import ExemplarNorm2d, load_model
 
