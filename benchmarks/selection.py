@@ -405,11 +405,15 @@ def loss_preference(model: Any, data: dict[str, Any], limit: int = 1024) -> list
     mixing weight from BN to IN would lower its loss), in evaluation mode (BN's running
     statistics) on the first ``limit`` images; one N-vector per EN layer, in module order. It
     does not depend on the ratios the layer has now: a branch trained on the loss can only
-    separate what this separates."""
+    separate what this separates. Read on a copy: under autograd a centered branch would move
+    its running mean of h, and the model may still be training."""
+    import copy
+
     import torch
 
     from enorm_cli import ExemplarNorm2d
 
+    model = copy.deepcopy(model).eval()
     layers = [m for m in model.modules() if isinstance(m, ExemplarNorm2d)]
     seen: dict[int, tuple[Any, Any]] = {}
     hooks = [
@@ -456,12 +460,9 @@ def group_t(values: Any, positive: Any) -> float:
 
 def preference_probe(model: Any, test: dict[str, Any], limit: int = 512) -> dict[str, Any]:
     """What the loss asks of a model in training: per EN layer the group gap of
-    ``loss_preference`` in standard errors, and the largest with its layer's index. Read on a
-    copy in evaluation mode, so that the reading does not move the branch's running mean of h
-    in the model being trained."""
-    import copy
-
-    asked = loss_preference(copy.deepcopy(model).eval(), test, limit)
+    ``loss_preference`` (which reads a copy) in standard errors, and the largest with its
+    layer's index."""
+    asked = loss_preference(model, test, limit)
     t = [group_t(a, test["shifted"][: len(a)]) for a in asked]
     largest = max(range(len(t)), key=lambda i: abs(t[i]))
     return {"t": [round(v, 2) for v in t], "largest_t": t[largest], "largest_layer": largest}
