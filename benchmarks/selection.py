@@ -37,6 +37,7 @@ import contextlib
 import json
 import math
 import os
+import re
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -117,6 +118,9 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "en_warm": {"norm": "en", "warm_epochs": 1},
     "en_warm_fasthidden": {"norm": "en", "warm_epochs": 1, "fasthidden": True},
     "en_warm2": {"norm": "en", "warm_epochs": 2},
+    # a quarter of an epoch, and the first epoch for the early layers only (features.0-4)
+    "en_warm_quarter": {"norm": "en", "warm_epochs": 0.25},
+    "en_warm_early": {"norm": "en", "warm_epochs": 1, "warm_layers": r"^features\.[0-4]\."},
     # references, not EN: BatchNorm with the first norm layer (where the shift lives) replaced by
     # InstanceNorm for every image, or routed by the known group (IN for the shifted images, BN
     # for the clean): what choosing by group is worth, and so what the loss asks of a branch
@@ -125,7 +129,7 @@ VARIANTS: dict[str, dict[str, Any]] = {
 }
 """Each variant: ``model.norm``, and optionally ``bn_stats``, ``en`` (recipe keys under
 ``model.en``), ``optim`` (recipe keys), the experiments' switches ``rowlr``, ``spread``,
-``fasthidden`` and ``warm_epochs``, and the references' ``route``."""
+``fasthidden``, ``warm_epochs`` and ``warm_layers``, and the references' ``route``."""
 DEFAULT_VARIANTS = ("bn", "bn_frozen", "sn", "en")
 """What the benchmark compares; the others are design candidates, run by name."""
 REGIMES = ("finetune", "scratch")
@@ -516,15 +520,17 @@ def run(
     scheduler = build_scheduler(optimizer, recipe, steps)
     g = torch.Generator().manual_seed(seed)
     tick, step = time.perf_counter(), 0
+    spec = VARIANTS[variant]
+    hold_steps = round(spec.get("warm_epochs", 0) * steps)
     held = [
         p
-        for m in model.modules()
-        if isinstance(m, enorm_cli.ExemplarNorm2d)
+        for name, m in model.named_modules()
+        if isinstance(m, enorm_cli.ExemplarNorm2d) and re.search(spec.get("warm_layers", ""), name)
         for p in m.ratio_parameters()
     ]
     has_en = any(isinstance(m, enorm_cli.ExemplarNorm2d) for m in model.modules())
     trace: list[dict[str, Any]] = []
-    for epoch in range(epochs):
+    for _ in range(epochs):
         order = torch.randperm(len(train["y"]), generator=g)
         enorm_cli.set_bn_stats(model, bn_stats)
         for i in range(steps):
@@ -534,7 +540,7 @@ def run(
             loss = torch.nn.functional.cross_entropy(model(train["x"][idx]), train["y"][idx])
             optimizer.zero_grad()
             loss.backward()
-            if epoch < VARIANTS[variant].get("warm_epochs", 0):
+            if step < hold_steps:  # steps taken so far: the first hold_steps are held
                 for p in held:
                     p.grad = None
             if recipe.train.grad_clip:
