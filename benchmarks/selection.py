@@ -118,8 +118,11 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "en_warm": {"norm": "en", "warm_epochs": 1},
     "en_warm_fasthidden": {"norm": "en", "warm_epochs": 1, "fasthidden": True},
     "en_warm2": {"norm": "en", "warm_epochs": 2},
-    # a quarter of an epoch, and the first epoch for the early layers only (features.0-4)
+    # an eighth, a quarter and half of an epoch, and the first epoch for the early layers only
+    # (features.0-4)
+    "en_warm_eighth": {"norm": "en", "warm_epochs": 0.125},
     "en_warm_quarter": {"norm": "en", "warm_epochs": 0.25},
+    "en_warm_half": {"norm": "en", "warm_epochs": 0.5},
     "en_warm_early": {"norm": "en", "warm_epochs": 1, "warm_layers": r"^features\.[0-4]\."},
     # references, not EN: BatchNorm with the first norm layer (where the shift lives) replaced by
     # InstanceNorm for every image, or routed by the known group (IN for the shifted images, BN
