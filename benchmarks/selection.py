@@ -419,6 +419,7 @@ def loss_preference(model: Any, data: dict[str, Any], limit: int = 1024) -> list
     import torch
 
     from enorm_cli import ExemplarNorm2d
+    from enorm_cli.layers.statistics import instance_stats
 
     model = copy.deepcopy(model).eval()
     layers = [m for m in model.modules() if isinstance(m, ExemplarNorm2d)]
@@ -439,11 +440,12 @@ def loss_preference(model: Any, data: dict[str, Any], limit: int = 1024) -> list
             with torch.no_grad():
                 for row, m, g in zip(rows, layers, grads, strict=True):
                     x = seen[id(m)][0].double()
+                    inst = instance_stats(x)  # the layer's own IN statistics
                     own = {
                         "bn": (x - m.running_mean.double().view(1, -1, 1, 1))
                         / (m.running_var.double().view(1, -1, 1, 1) + m.eps).sqrt(),
-                        "in": (x - x.mean((2, 3), keepdim=True))
-                        / (x.var((2, 3), unbiased=False, keepdim=True) + m.eps).sqrt(),
+                        "in": (x - inst.mean[..., None, None])
+                        / (inst.var[..., None, None] + m.eps).sqrt(),
                     }
                     k = {n: m.normalizers.index(n) for n in own}
                     gain = {n: m.weight[k[n]].double().view(1, -1, 1, 1) for n in own}
@@ -475,15 +477,16 @@ def preference_probe(model: Any, test: dict[str, Any], limit: int = 512) -> dict
     return {"t": [round(v, 2) for v in t], "largest_t": t[largest], "largest_layer": largest}
 
 
-def variant_context(variant: str) -> contextlib.AbstractContextManager:
+@contextlib.contextmanager
+def variant_context(variant: str) -> Iterator[None]:
     """What a variant's run happens inside: an experiment's hooks, or nothing."""
     spec = VARIANTS[variant]
-    stack = contextlib.ExitStack()
-    if spec.get("spread"):
-        stack.enter_context(_spread_input())
-    if spec.get("fasthidden"):
-        stack.enter_context(_fast_hidden())
-    return stack
+    with contextlib.ExitStack() as stack:
+        if spec.get("spread"):
+            stack.enter_context(_spread_input())
+        if spec.get("fasthidden"):
+            stack.enter_context(_fast_hidden())
+        yield
 
 
 def run(
@@ -693,6 +696,14 @@ def summary(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return rows
 
 
+def _cell(row: dict[str, Any], key: str, digits: int) -> str:
+    """A summary row's mean with its lowest-highest run, or "-" where no run has the key."""
+    if key not in row:
+        return "-"
+    lo, hi = row[key + "_range"]
+    return f"{row[key]:.{digits}f} ({lo:.{digits}f}-{hi:.{digits}f})"
+
+
 def preference_table(runs: list[dict[str, Any]]) -> str:
     """What the loss asks against what EN chose (runs with ``loss_preference``): per regime and
     variant, the best AUC of the ratios and of the loss's per-sample preference, the largest
@@ -706,16 +717,11 @@ def preference_table(runs: list[dict[str, Any]]) -> str:
     for row in summary(runs):
         if "best_loss_pref_auc" not in row:
             continue
-
-        def cell(key: str, digits: int) -> str:
-            lo, hi = row[key + "_range"]
-            return f"{row[key]:.{digits}f} ({lo:.{digits}f}-{hi:.{digits}f})"
-
         lines.append(
-            f"| {row['regime']} | {row['variant']} | {cell('top1_clean', 2)} | "
-            f"{cell('top1_shifted', 2)} | {cell('best_auc_in_ln', 3)} | "
-            f"{cell('best_loss_pref_auc', 3)} | {cell('largest_loss_pref_t', 1)} | "
-            f"{cell('first_loss_pref_t', 1)} |"
+            f"| {row['regime']} | {row['variant']} | {_cell(row, 'top1_clean', 2)} | "
+            f"{_cell(row, 'top1_shifted', 2)} | {_cell(row, 'best_auc_in_ln', 3)} | "
+            f"{_cell(row, 'best_loss_pref_auc', 3)} | {_cell(row, 'largest_loss_pref_t', 1)} | "
+            f"{_cell(row, 'first_loss_pref_t', 1)} |"
         )
     return "\n".join(lines)
 
@@ -749,19 +755,13 @@ def table(runs: list[dict[str, Any]]) -> str:
         "|---|---|---|---|---|---|---|---|---|",
     ]
 
-    def cell(row: dict[str, Any], key: str, digits: int) -> str:
-        if key not in row:
-            return "-"
-        lo, hi = row[key + "_range"]
-        return f"{row[key]:.{digits}f} ({lo:.{digits}f}-{hi:.{digits}f})"
-
     for row in summary(runs):
         lines.append(
-            f"| {row['regime']} | {row['variant']} | {cell(row, 'top1_clean', 2)} | "
-            f"{cell(row, 'top1_shifted', 2)} | {cell(row, 'best_auc_in', 3)} | "
-            f"{cell(row, 'best_auc_in_ln', 3)} | {cell(row, 'best_auc_in_ln_strong', 3)} | "
-            f"{cell(row, 'largest_abs_gap_in_ln', 4)} | "
-            f"{cell(row, 'largest_spread_in_ln', 4)} |"
+            f"| {row['regime']} | {row['variant']} | {_cell(row, 'top1_clean', 2)} | "
+            f"{_cell(row, 'top1_shifted', 2)} | {_cell(row, 'best_auc_in', 3)} | "
+            f"{_cell(row, 'best_auc_in_ln', 3)} | {_cell(row, 'best_auc_in_ln_strong', 3)} | "
+            f"{_cell(row, 'largest_abs_gap_in_ln', 4)} | "
+            f"{_cell(row, 'largest_spread_in_ln', 4)} |"
         )
     return "\n".join(lines)
 
@@ -827,7 +827,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--ceiling",
         action="store_true",
-        help="instead of training: the AUC a detector reaches from each image's statistics",
+        help="instead of training: the AUC of the ratio branch trained as a shift detector",
     )
     args = parser.parse_args(argv)
 
