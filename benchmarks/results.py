@@ -441,6 +441,13 @@ def selection_ceiling_table(record: dict[str, Any]) -> str:
     return ceiling_table(record["figures"]["ceiling"]) + "\n" + _source(record)
 
 
+def selection_budget_table(record: dict[str, Any]) -> str:
+    """selection.py --ceiling-budget: the branch trained as a detector, as a run trains it."""
+    from selection import budget_table
+
+    return budget_table(record["figures"]["budget"]) + "\n" + _source(record)
+
+
 def selection_preference_table(record: dict[str, Any]) -> str:
     """selection.py: what the loss asks of each layer per sample, against what EN chose."""
     from selection import preference_table
@@ -483,6 +490,7 @@ BLOCKS: dict[str, tuple[str, Callable[[dict[str, Any]], str]]] = {
     "selection-cells": ("selection_cells", selection_table),
     "selection-anchor": ("selection_anchor", selection_table),
     "selection-ceiling": ("selection_ceiling", selection_ceiling_table),
+    "selection-budget": ("selection_budget", selection_budget_table),
     "selection-coded": ("selection_coded", selection_table),
     "selection-routed": ("selection_routed", selection_table),
     "selection-experiments": ("selection_experiments", selection_table),

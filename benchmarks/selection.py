@@ -27,6 +27,7 @@ gradient clip and schedule), from a minimal recipe: model, data, batch, lr, epoc
     python benchmarks/selection.py --variants en --regimes scratch --save runs/selection
     python benchmarks/selection.py --construction coded --variants en bn sn bn_routed_first
     python benchmarks/selection.py --ceiling --json ceiling.json
+    python benchmarks/selection.py --ceiling --ceiling-budget 125 250 500 1000 --train 4000
     enorm inspect runs/selection/scratch-en-s0.safetensors --data fashion_mnist --shift contrast:5
 """
 
@@ -136,6 +137,10 @@ VARIANTS: dict[str, dict[str, Any]] = {
 DEFAULT_VARIANTS = ("bn", "bn_frozen", "sn", "en")
 """What the benchmark compares; the others are design candidates, run by name."""
 REGIMES = ("finetune", "scratch")
+EPOCHS = (2, 4)
+"""Epochs per regime (``--epochs``'s default); the budget ceiling's schedule has as many."""
+LRS = (0.01, 0.05)
+"""The lr per regime (``--lr``'s default)."""
 CONTRAST, OFFSET = 3.0, 0.5
 """a in [1/3, 3] (log-uniform), b in [-0.5, 0.5]."""
 CODED_CONTRAST = 2.0
@@ -197,6 +202,8 @@ def detector_ceiling(
     seed: int = 0,
     steps: int = 3000,
     batch: int = 64,
+    budget: str | None = None,
+    lr: float = 0.05,
 ) -> dict[str, float]:
     """Whether the ratio branch can tell shifted from clean images at all: a fresh EN layer
     (the defaults) on the first EN layer's input (MobileNetV2's first convolution, random as
@@ -205,18 +212,25 @@ def detector_ceiling(
     predicts the group; the test AUC of that score, over all shifted images and over the
     strong shifts; and, from the random convolution, FC2 alone trained on the hidden layer's
     random start (``scratch_readout``). High: the branch's input and capacity suffice, and what
-    a trained model shows is what its loss asked of the branch."""
+    a trained model shows is what its loss asked of the branch.
+
+    ``budget`` (a regime): that regime's first convolution only, the branch trained as a run
+    of the regime trains it (the recipe's optimizer groups at ``lr``, its schedule over
+    ``steps`` and its gradient clip): the most a run of that many steps could show if its loss
+    asked for nothing but the group."""
     import torch
     from torchvision.models import mobilenet_v2
 
     from enorm_cli import ExemplarNorm2d
     from enorm_cli.cache import assets_dir
+    from enorm_cli.finetune.optim import build_optimizer, build_scheduler
 
     tr = shifted_split(True, train, construction=construction)
     te = shifted_split(False, test, construction=construction)
     keep = ~te["shifted"] | strong_shift(te)
     out: dict[str, float] = {}
-    for start, trained in (("scratch", "branch"), ("scratch", "readout"), ("finetune", "branch")):
+    starts = [("scratch", "branch"), ("scratch", "readout"), ("finetune", "branch")]
+    for start, trained in [(budget, "branch")] if budget else starts:
         torch.manual_seed(seed)
         net = mobilenet_v2()
         if start == "finetune":
@@ -233,16 +247,28 @@ def detector_ceiling(
 
         # "readout": FC2 alone, the hidden layer left at its random start
         params = layer.ratio.parameters() if trained == "branch" else layer.ratio.fc2.parameters()
-        optimizer = torch.optim.Adam(params, 3e-3)
+        scheduler, clip = None, None
+        if budget:
+            epochs = EPOCHS[REGIMES.index(budget)]
+            recipe = recipe_for(budget, "en", batch, lr, epochs)
+            optimizer = build_optimizer(layer, recipe)
+            scheduler = build_scheduler(optimizer, recipe, max(steps // epochs, 1))
+            clip = recipe.train.grad_clip
+        else:
+            optimizer = torch.optim.Adam(params, 3e-3)
         g = torch.Generator().manual_seed(seed)
-        for _ in range(steps):
+        for step in range(steps):
             idx = torch.randint(len(x_tr), (batch,), generator=g)
             loss = torch.nn.functional.binary_cross_entropy_with_logits(
                 in_over_bn(x_tr[idx]), tr["shifted"][idx].float()
             )
             optimizer.zero_grad()
             loss.backward()
+            if clip:
+                torch.nn.utils.clip_grad_norm_(layer.parameters(), clip)
             optimizer.step()
+            if scheduler is not None:
+                scheduler.step_update(step + 1)
         with torch.no_grad():
             score = torch.cat([in_over_bn(x_te[i : i + batch]) for i in range(0, len(x_te), batch)])
         name = start if trained == "branch" else f"{start}_{trained}"
@@ -813,9 +839,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seeds", nargs="+", type=int, default=[0])
     parser.add_argument("--train", type=int, default=8000, help="training images")
     parser.add_argument("--test", type=int, default=2000, help="test images")
-    parser.add_argument("--epochs", type=int, nargs=2, default=[2, 4], help="finetune, scratch")
+    parser.add_argument(
+        "--epochs", type=int, nargs=2, default=list(EPOCHS), help="finetune, scratch"
+    )
     parser.add_argument("--batch", type=int, default=64)
-    parser.add_argument("--lr", type=float, nargs=2, default=[0.01, 0.05], help="finetune, scratch")
+    parser.add_argument("--lr", type=float, nargs=2, default=list(LRS), help="finetune, scratch")
     parser.add_argument("--json", type=Path)
     parser.add_argument("--figure", type=Path)
     parser.add_argument("--save", type=Path, help="write each EN/SN model here (enorm inspect)")
@@ -829,8 +857,28 @@ def main(argv: list[str] | None = None) -> int:
         action="store_true",
         help="instead of training: the AUC of the ratio branch trained as a shift detector",
     )
+    parser.add_argument(
+        "--ceiling-budget",
+        nargs="+",
+        type=int,
+        metavar="STEPS",
+        help="with --ceiling: the branch trained as a run trains it, for each number of steps",
+    )
     args = parser.parse_args(argv)
 
+    if args.ceiling and args.ceiling_budget:
+        rows = []
+        for c in CONSTRUCTIONS:
+            for regime in args.regimes:
+                lr = args.lr[REGIMES.index(regime)]
+                for n in args.ceiling_budget:
+                    out = detector_ceiling(c, args.train, args.test, steps=n, budget=regime, lr=lr)
+                    rows.append({"construction": c, "regime": regime, "steps": n, **out})
+                    print(budget_table(rows[-1:]).splitlines()[-1], flush=True)
+        print(budget_table(rows))
+        if args.json:
+            _write(args.json, [], args, budget=rows)
+        return 0
     if args.ceiling:
         rows = [
             {"construction": c, **detector_ceiling(c, args.train, args.test)} for c in CONSTRUCTIONS
@@ -896,6 +944,19 @@ def ceiling_table(rows: list[dict[str, Any]]) -> str:
     for row in rows:
         cells = [f"{row[i]:.3f} ({row[i + '_strong']:.3f})" for i in starts]
         lines.append(f"| {row['construction']} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def budget_table(rows: list[dict[str, Any]]) -> str:
+    """The branch trained as a run trains it, per construction, regime and number of steps:
+    AUC over all shifted images (over the strong shifts)."""
+    lines = ["| construction | regime | steps | AUC (strong shifts) |", "|---|---|---|---|"]
+    for row in rows:
+        r = row["regime"]
+        lines.append(
+            f"| {row['construction']} | {r} | {row['steps']} | "
+            f"{row[r]:.3f} ({row[r + '_strong']:.3f}) |"
+        )
     return "\n".join(lines)
 
 

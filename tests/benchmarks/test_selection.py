@@ -61,6 +61,15 @@ def test_the_detector_ceiling_trains_the_branch_alone() -> None:
     assert table.count("\n") == 2 and "ImageNet first conv" in table
 
 
+def test_the_budget_ceiling_trains_the_branch_as_a_run_does() -> None:
+    out = selection.detector_ceiling("shift", train=256, test=128, steps=40, budget="scratch")
+    # the regime's convolution only, trained with the recipe's groups, schedule and clip
+    assert set(out) == {"scratch", "scratch_strong"}
+    assert all(0.6 < v <= 1 for v in out.values())
+    row = {"construction": "shift", "regime": "scratch", "steps": 40, **out}
+    assert selection.budget_table([row]).splitlines()[-1].startswith("| shift | scratch | 40 | ")
+
+
 def test_explained_share_is_the_between_label_variance() -> None:
     labels = torch.tensor([0, 0, 1, 1])
     assert selection.explained_share(torch.tensor([0.0, 0.0, 1.0, 1.0]), labels) == 1.0
