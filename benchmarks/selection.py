@@ -125,6 +125,22 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "en_warm_quarter": {"norm": "en", "warm_epochs": 0.25},
     "en_warm_half": {"norm": "en", "warm_epochs": 0.5},
     "en_warm_early": {"norm": "en", "warm_epochs": 1, "warm_layers": r"^features\.[0-4]\."},
+    # the anchored start released: the mixing offset that makes a converted layer exactly its
+    # source shrinks linearly to 0 over the first epoch (or quarter), so every layer ends at
+    # its ratios (the prior: 10% IN, 10% LN, each with the source's gamma) and the network
+    # adapts to it as it goes; exact until the first step, as SN's start is not
+    "en_release": {"norm": "en", "en": {"ablation": {"anchored": True}}, "release_epochs": 1},
+    "en_release_quarter": {
+        "norm": "en",
+        "en": {"ablation": {"anchored": True}},
+        "release_epochs": 0.25,
+    },
+    # Gaussian noise of this sd on every sample's ratio logits in training forwards
+    "en_noise1": {"norm": "en", "logit_noise": 1.0},
+    "en_noise2": {"norm": "en", "logit_noise": 2.0},
+    "en_noise05": {"norm": "en", "logit_noise": 0.5},
+    # annealed: from 1 down to 0 over the first two epochs
+    "en_noise1_anneal": {"norm": "en", "logit_noise": 1.0, "noise_epochs": 2},
     # references, not EN: BatchNorm with the first norm layer (where the shift lives) replaced by
     # InstanceNorm for every image, or routed by the known group (IN for the shifted images, BN
     # for the clean): what choosing by group is worth, and so what the loss asks of a branch
@@ -133,7 +149,8 @@ VARIANTS: dict[str, dict[str, Any]] = {
 }
 """Each variant: ``model.norm``, and optionally ``bn_stats``, ``en`` (recipe keys under
 ``model.en``), ``optim`` (recipe keys), the experiments' switches ``rowlr``, ``spread``,
-``fasthidden``, ``warm_epochs`` and ``warm_layers``, and the references' ``route``."""
+``fasthidden``, ``warm_epochs``, ``warm_layers``, ``release_epochs``, ``logit_noise`` and
+``noise_epochs``, and the references' ``route``."""
 DEFAULT_VARIANTS = ("bn", "bn_frozen", "sn", "en")
 """What the benchmark compares; the others are design candidates, run by name."""
 REGIMES = ("finetune", "scratch")
@@ -363,7 +380,6 @@ def _spread_input() -> Iterator[None]:
     the paper's input."""
     import torch
 
-    import enorm_cli
     from enorm_cli.layers import exemplar_function as ef
 
     stats, logits = ef.stacked_stats, ef.ratio_logits
@@ -383,19 +399,63 @@ def _spread_input() -> Iterator[None]:
             xhat = torch.cat([xhat[:i], row.unsqueeze(0), xhat[i + 1 :]])
         return logits(xhat, *args)
 
-    native, fused = os.environ.get("ENORM_NATIVE"), enorm_cli.layers.is_fused_en()
     ef.stacked_stats, ef.ratio_logits = stacked, spread_logits
+    try:
+        with _reference_path():
+            yield
+    finally:  # the next run of the process measures the layer as shipped
+        ef.stacked_stats, ef.ratio_logits = stats, logits
+
+
+@contextlib.contextmanager
+def _reference_path() -> Iterator[None]:
+    """Inside the block EN runs on the autograd reference path, where a patched
+    ``exemplar_function`` takes effect: the C++ kernel and the fused node's hand-written
+    backward compute the layer as shipped."""
+    import enorm_cli
+
+    native, fused = os.environ.get("ENORM_NATIVE"), enorm_cli.layers.is_fused_en()
     os.environ["ENORM_NATIVE"] = "0"
     enorm_cli.layers.set_fused_en(False)
     try:
         yield
-    finally:  # the next run of the process measures the layer as shipped
-        ef.stacked_stats, ef.ratio_logits = stats, logits
+    finally:
         if native is None:
             os.environ.pop("ENORM_NATIVE", None)
         else:
             os.environ["ENORM_NATIVE"] = native
         enorm_cli.layers.set_fused_en(fused)
+
+
+NOISE = {"sigma": 0.0}
+"""The logit noise of a training forward (``_noisy_logits``): 0 outside one."""
+
+
+@contextlib.contextmanager
+def _noisy_logits() -> Iterator[None]:
+    """Experiment, inside the block: in a training forward (``NOISE["sigma"]`` > 0, set by
+    ``run`` around it) every sample's ratio logits get their own Gaussian noise, so that the
+    layers after an EN layer see each image under more than one normalizer and the loss can
+    tell which one it gains from (exploration, as in noisy gating); evaluation and the loss
+    preference read the ratios without it."""
+    import torch
+
+    from enorm_cli.layers import exemplar_function as ef
+
+    logits = ef.ratio_logits
+
+    def noisy(*args: Any) -> Any:
+        out = logits(*args)
+        if not NOISE["sigma"]:
+            return out
+        return (out[0] + NOISE["sigma"] * torch.randn_like(out[0]), *out[1:])
+
+    ef.ratio_logits = noisy
+    try:
+        with _reference_path():
+            yield
+    finally:
+        ef.ratio_logits = logits
 
 
 def auc(scores: Any, positive: Any) -> float:
@@ -512,6 +572,8 @@ def variant_context(variant: str) -> Iterator[None]:
             stack.enter_context(_spread_input())
         if spec.get("fasthidden"):
             stack.enter_context(_fast_hidden())
+        if spec.get("logit_noise"):
+            stack.enter_context(_noisy_logits())
         yield
 
 
@@ -561,6 +623,13 @@ def run(
         for p in m.ratio_parameters()
     ]
     has_en = any(isinstance(m, enorm_cli.ExemplarNorm2d) for m in model.modules())
+    release_steps = round(spec.get("release_epochs", 0) * steps)
+    noise_steps = round(spec.get("noise_epochs", 0) * steps)
+    offsets = [
+        (m.mix_offset, m.mix_offset.clone())
+        for m in model.modules()
+        if isinstance(m, enorm_cli.ExemplarNorm2d) and release_steps
+    ]
     trace: list[dict[str, Any]] = []
     for _ in range(epochs):
         order = torch.randperm(len(train["y"]), generator=g)
@@ -569,7 +638,14 @@ def run(
             idx = order[i * batch : (i + 1) * batch]
             if routed is not None:
                 routed.mask = train["shifted"][idx]
-            loss = torch.nn.functional.cross_entropy(model(train["x"][idx]), train["y"][idx])
+            NOISE["sigma"] = spec.get("logit_noise", 0.0)
+            if noise_steps:  # annealed: down to 0 over the first noise_steps steps
+                NOISE["sigma"] *= max(0.0, 1.0 - step / noise_steps)
+            try:
+                out = model(train["x"][idx])
+            finally:
+                NOISE["sigma"] = 0.0
+            loss = torch.nn.functional.cross_entropy(out, train["y"][idx])
             optimizer.zero_grad()
             loss.backward()
             if step < hold_steps:  # steps taken so far: the first hold_steps are held
@@ -579,6 +655,8 @@ def run(
                 torch.nn.utils.clip_grad_norm_(model.parameters(), recipe.train.grad_clip)
             optimizer.step()
             step += 1
+            for offset, start in offsets:
+                offset.copy_(start * max(0.0, 1.0 - step / release_steps))
             scheduler.step_update(step)
             if has_en and probe_every and step % probe_every == 0:
                 trace.append({"step": step, **preference_probe(model, test)})

@@ -189,3 +189,31 @@ def test_a_tiny_run_writes_its_record_and_figure(tmp_path: Path) -> None:
         if isinstance(m, ExemplarNorm2d)
     ]
     assert len(layers) == 52 and all(m.anchored for m in layers)  # from scratch: anchored
+
+
+def test_a_released_anchor_ends_at_the_ratios(tmp_path: Path) -> None:
+    from safetensors.torch import load_file
+
+    args = ["--variants", "en_release", "--regimes", "scratch", "--train", "128", "--test", "64"]
+    assert selection.main([*args, "--epochs", "1", "1", "--save", str(tmp_path)]) == 0
+    state = load_file(tmp_path / "scratch-en_release-s0.safetensors")
+    offsets = [v for k, v in state.items() if k.endswith("mix_offset")]
+    # anchored at conversion (the offset makes the mixing one-hot), released after one epoch
+    assert len(offsets) == 52 and all((o == 0).all() for o in offsets)
+
+
+def test_logit_noise_reaches_training_forwards_only() -> None:
+    from enorm_cli import ExemplarNorm2d
+
+    layer, x = ExemplarNorm2d(8, ("bn", "in", "ln")), torch.randn(4, 8, 5, 5)
+    shipped = layer.ratios(x)
+    with selection._noisy_logits():
+        assert torch.equal(layer.ratios(x), shipped)  # no training forward: no noise
+        selection.NOISE["sigma"] = 1.0
+        try:
+            noisy = layer.ratios(x)
+        finally:
+            selection.NOISE["sigma"] = 0.0
+    assert (noisy - shipped).abs().max() > 0.01
+    assert torch.allclose(noisy.sum(1), torch.ones(4))
+    assert torch.equal(layer.ratios(x), shipped)  # undone after the block
