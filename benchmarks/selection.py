@@ -125,6 +125,11 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "en_warm_quarter": {"norm": "en", "warm_epochs": 0.25},
     "en_warm_half": {"norm": "en", "warm_epochs": 0.5},
     "en_warm_early": {"norm": "en", "warm_epochs": 1, "warm_layers": r"^features\.[0-4]\."},
+    # held for the whole run (4 epochs from scratch): in the first layer only, where the shift
+    # lives, or everywhere; a held layer's mean stays at its source, so only the per-sample term
+    # can give an image another normalizer
+    "en_hold_first": {"norm": "en", "warm_epochs": 4, "warm_layers": r"^features\.0\."},
+    "en_hold_all": {"norm": "en", "warm_epochs": 4},
     # the anchored start released: the mixing offset that makes a converted layer exactly its
     # source shrinks linearly to 0 over the first epoch (or quarter), so every layer ends at
     # its ratios (the prior: 10% IN, 10% LN, each with the source's gamma) and the network
@@ -135,6 +140,8 @@ VARIANTS: dict[str, dict[str, Any]] = {
         "en": {"ablation": {"anchored": True}},
         "release_epochs": 0.25,
     },
+    # control for the hooks: EN as shipped on the autograd reference path they patch
+    "en_reference": {"norm": "en", "reference_path": True},
     # Gaussian noise of this sd on every sample's ratio logits in training forwards
     "en_noise1": {"norm": "en", "logit_noise": 1.0},
     "en_noise2": {"norm": "en", "logit_noise": 2.0},
@@ -150,7 +157,7 @@ VARIANTS: dict[str, dict[str, Any]] = {
 """Each variant: ``model.norm``, and optionally ``bn_stats``, ``en`` (recipe keys under
 ``model.en``), ``optim`` (recipe keys), the experiments' switches ``rowlr``, ``spread``,
 ``fasthidden``, ``warm_epochs``, ``warm_layers``, ``release_epochs``, ``logit_noise`` and
-``noise_epochs``, and the references' ``route``."""
+``noise_epochs``, ``reference_path``, and the references' ``route``."""
 DEFAULT_VARIANTS = ("bn", "bn_frozen", "sn", "en")
 """What the benchmark compares; the others are design candidates, run by name."""
 REGIMES = ("finetune", "scratch")
@@ -412,11 +419,11 @@ def _reference_path() -> Iterator[None]:
     """Inside the block EN runs on the autograd reference path, where a patched
     ``exemplar_function`` takes effect: the C++ kernel and the fused node's hand-written
     backward compute the layer as shipped."""
-    import enorm_cli
+    from enorm_cli import layers
 
-    native, fused = os.environ.get("ENORM_NATIVE"), enorm_cli.layers.is_fused_en()
+    native, fused = os.environ.get("ENORM_NATIVE"), layers.is_fused_en()
     os.environ["ENORM_NATIVE"] = "0"
-    enorm_cli.layers.set_fused_en(False)
+    layers.set_fused_en(False)
     try:
         yield
     finally:
@@ -424,7 +431,7 @@ def _reference_path() -> Iterator[None]:
             os.environ.pop("ENORM_NATIVE", None)
         else:
             os.environ["ENORM_NATIVE"] = native
-        enorm_cli.layers.set_fused_en(fused)
+        layers.set_fused_en(fused)
 
 
 NOISE = {"sigma": 0.0}
@@ -574,6 +581,8 @@ def variant_context(variant: str) -> Iterator[None]:
             stack.enter_context(_fast_hidden())
         if spec.get("logit_noise"):
             stack.enter_context(_noisy_logits())
+        if spec.get("reference_path"):
+            stack.enter_context(_reference_path())
         yield
 
 

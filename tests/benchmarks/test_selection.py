@@ -191,6 +191,7 @@ def test_a_tiny_run_writes_its_record_and_figure(tmp_path: Path) -> None:
     assert len(layers) == 52 and all(m.anchored for m in layers)  # from scratch: anchored
 
 
+@pytest.mark.slow
 def test_a_released_anchor_ends_at_the_ratios(tmp_path: Path) -> None:
     from safetensors.torch import load_file
 
@@ -217,3 +218,20 @@ def test_logit_noise_reaches_training_forwards_only() -> None:
     assert (noisy - shipped).abs().max() > 0.01
     assert torch.allclose(noisy.sum(1), torch.ones(4))
     assert torch.equal(layer.ratios(x), shipped)  # undone after the block
+
+
+@pytest.mark.slow
+def test_the_reference_path_is_entered_in_a_fresh_process() -> None:
+    import subprocess
+
+    code = (
+        "import os, selection\n"
+        "with selection._reference_path():\n"
+        "    from enorm_cli import layers\n"
+        "    assert os.environ['ENORM_NATIVE'] == '0' and not layers.is_fused_en()\n"
+        "assert layers.is_fused_en() and 'ENORM_NATIVE' not in os.environ\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "ENORM_NATIVE"}
+    env["PYTHONPATH"] = str(ROOT / "benchmarks")
+    # the first thing a fresh process does, before anything else has imported enorm_cli.layers
+    subprocess.run([sys.executable, "-c", code], check=True, env=env, cwd=ROOT)
