@@ -492,6 +492,7 @@ BLOCKS: dict[str, tuple[str, Callable[[dict[str, Any]], str]]] = {
     "selection-ceiling": ("selection_ceiling", selection_ceiling_table),
     "selection-budget": ("selection_budget", selection_budget_table),
     "selection-coded": ("selection_coded", selection_table),
+    "selection-long": ("selection_long", selection_table),
     "selection-routed": ("selection_routed", selection_table),
     "selection-experiments": ("selection_experiments", selection_table),
     "selection-preference": ("selection_preference", selection_preference_table),
