@@ -517,10 +517,14 @@ def loss_preference(model: Any, data: dict[str, Any], limit: int = 1024) -> list
     model = copy.deepcopy(model).eval()
     layers = [m for m in model.modules() if isinstance(m, ExemplarNorm2d)]
     seen: dict[int, tuple[Any, Any]] = {}
-    hooks = [
-        m.register_forward_hook(lambda mod, args, out: seen.update({id(mod): (args[0], out)}))
-        for m in layers
-    ]
+
+    def keep(mod: Any, args: Any, out: Any) -> Any:
+        seen[id(mod)] = (args[0], out)
+        # the layers after it get a copy: an in-place activation (MobileNetV2's ReLU6) on out
+        # itself would make out's gradient the activation's output gradient, not Y's
+        return out.clone()
+
+    hooks = [m.register_forward_hook(keep) for m in layers]
     rows: list[list[Any]] = [[] for _ in layers]
     try:
         for i in range(0, min(limit, len(data["y"])), 256):
@@ -551,6 +555,41 @@ def loss_preference(model: Any, data: dict[str, Any], limit: int = 1024) -> list
         for h in hooks:
             h.remove()
     return [torch.cat(row) for row in rows]
+
+
+def routed_preference(model: Any, routed: Any, data: dict[str, Any], limit: int = 1024) -> Any:
+    """``loss_preference`` at a reference's first norm layer (``_route_first_norm``): per
+    sample, <dL/dY, Y_bn> - <dL/dY, Y_in> with BN's running statistics and IN's own, both with
+    that layer's affine, the model run as it was trained (routed by group, or IN for every
+    image). What the loss asks of a first layer once the layers after it have learned behind a
+    routed one (above 0: more IN would lower the image's loss)."""
+    import torch
+
+    model.eval()
+    seen: dict[str, Any] = {}
+
+    def keep(mod: Any, args: Any, out: Any) -> Any:
+        seen.update(x=args[0], y=out)
+        return out.clone()  # the in-place ReLU6 after it would change what y's gradient means
+
+    hook = routed.register_forward_hook(keep)
+    rows = []
+    try:
+        for i in range(0, min(limit, len(data["y"])), 256):
+            end = min(i + 256, limit)
+            routed.mask = data["shifted"][i:end]
+            with torch.enable_grad():
+                out = model(data["x"][i:end])
+                loss = torch.nn.functional.cross_entropy(out, data["y"][i:end], reduction="sum")
+                (g,) = torch.autograd.grad(loss, seen["y"])
+            with torch.no_grad():
+                bn, x = routed.bn, seen["x"]
+                y_in = torch.nn.functional.instance_norm(x, eps=bn.eps)
+                y_in = y_in * bn.weight.view(1, -1, 1, 1) + bn.bias.view(1, -1, 1, 1)
+                rows.append((g.double() * (bn(x) - y_in).double()).sum((1, 2, 3)))
+    finally:
+        hook.remove()
+    return torch.cat(rows)
 
 
 def group_t(values: Any, positive: Any) -> float:
@@ -700,6 +739,11 @@ def run(
         "layers": [],
     }
     preference = loss_preference(model, test) if has_en else []
+    if routed is not None:
+        asked = routed_preference(model, routed, test)
+        n = len(asked)
+        out["first_loss_pref_auc"] = auc(asked, shifted[:n])
+        out["first_loss_pref_t"] = group_t(asked, shifted[:n])
     if readouts:
         r = Readout.cat(readouts)
         rows = layer_ratios(recorder.names, recorder.normalizers, *r, recorder.gamma_sizes())
@@ -740,6 +784,7 @@ def run(
             t = [lay["loss_pref_t"] for lay in out["layers"]]
             out["largest_loss_pref_t"] = max(t, key=abs)
             out["first_loss_pref_t"] = t[0]
+            out["first_loss_pref_auc"] = out["layers"][0]["loss_pref_auc"]
     return out
 
 
@@ -799,6 +844,7 @@ def summary(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
             "largest_spread_in_ln",
             "best_loss_pref_auc",
             "largest_loss_pref_t",
+            "first_loss_pref_auc",
             "first_loss_pref_t",
         ):
             values = [r[key] for r in rs if r.get(key) is not None]
@@ -834,6 +880,26 @@ def preference_table(runs: list[dict[str, Any]]) -> str:
             f"| {row['regime']} | {row['variant']} | {_cell(row, 'top1_clean', 2)} | "
             f"{_cell(row, 'top1_shifted', 2)} | {_cell(row, 'best_auc_in_ln', 3)} | "
             f"{_cell(row, 'best_loss_pref_auc', 3)} | {_cell(row, 'largest_loss_pref_t', 1)} | "
+            f"{_cell(row, 'first_loss_pref_t', 1)} |"
+        )
+    return "\n".join(lines)
+
+
+def first_preference_table(runs: list[dict[str, Any]]) -> str:
+    """What the loss asks of the first norm layer at the end of training, per regime and
+    variant: EN's first layer, or a reference's (``routed_preference``); the AUC of the
+    preference and its groups' gap in standard errors."""
+    lines = [
+        "| regime | variant | clean top-1 | shifted top-1 | first layer: AUC of the loss's "
+        "preference | first layer: its gap (t) |",
+        "|---|---|---|---|---|---|",
+    ]
+    for row in summary(runs):
+        if "first_loss_pref_auc" not in row:
+            continue
+        lines.append(
+            f"| {row['regime']} | {row['variant']} | {_cell(row, 'top1_clean', 2)} | "
+            f"{_cell(row, 'top1_shifted', 2)} | {_cell(row, 'first_loss_pref_auc', 3)} | "
             f"{_cell(row, 'first_loss_pref_t', 1)} |"
         )
     return "\n".join(lines)
@@ -1012,6 +1078,8 @@ def main(argv: list[str] | None = None) -> int:
                     if args.json:
                         _write(args.json, runs, args)
     print(table(runs))
+    if any("first_loss_pref_auc" in r for r in runs):
+        print(first_preference_table(runs))
     if args.json:
         _write(args.json, runs, args)
     if args.figure:

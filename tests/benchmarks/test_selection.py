@@ -6,6 +6,7 @@ import json
 import os
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -91,8 +92,8 @@ def test_the_spread_input_is_undone_after_its_run() -> None:
 
 
 def _one_layer_model() -> tuple[torch.nn.Module, dict[str, torch.Tensor]]:
-    """An EN layer with random affines under a linear head, after one training batch, and six
-    images (three shifted)."""
+    """An EN layer with random affines and MobileNetV2's in-place ReLU6 under a linear head,
+    after one training batch, and six images (three shifted)."""
     from enorm_cli import ExemplarNorm2d
 
     torch.manual_seed(0)
@@ -100,7 +101,9 @@ def _one_layer_model() -> tuple[torch.nn.Module, dict[str, torch.Tensor]]:
     with torch.no_grad():
         layer.weight.normal_()
         layer.bias.normal_()
-    model = torch.nn.Sequential(layer, torch.nn.Flatten(), torch.nn.Linear(4 * 25, 3))
+    model = torch.nn.Sequential(
+        layer, torch.nn.ReLU6(inplace=True), torch.nn.Flatten(), torch.nn.Linear(4 * 25, 3)
+    )
     model(torch.randn(16, 4, 5, 5) * 3 + 1)  # running statistics, the branch's hidden mean
     data = {"x": torch.randn(6, 4, 5, 5) * 2, "y": torch.tensor([0, 1, 2, 0, 1, 2])}
     return model, data | {"shifted": torch.arange(6) % 2 == 1}
@@ -121,6 +124,41 @@ def test_loss_preference_is_the_loss_change_of_moving_weight_from_bn_to_in() -> 
     layer.mix_offset[0] -= step
     assert asked.abs().max() > 0.05  # the layer matters to the loss
     assert torch.allclose(asked.float(), (before - losses()) / step, rtol=1e-2, atol=1e-3)
+
+
+def test_routed_preference_is_the_loss_change_of_moving_the_first_layer_to_in() -> None:
+    recipe = selection.recipe_for("scratch", "bn", 8, 0.05, 1)
+    torch.manual_seed(0)
+    model = selection.build(recipe, "scratch")
+    routed = selection._route_first_norm(model, "group")
+    data = selection.shifted_split(False, 8, construction="coded")
+    # in double precision, so that a finite difference can read a random network's small effect
+    model, data["x"] = model.double(), data["x"].double()
+    routed.mask = data["shifted"]
+    model.train()
+    with torch.no_grad():  # running statistics of these images, so that eval mode is sane
+        for _ in range(20):
+            model(data["x"])
+    asked = selection.routed_preference(model, routed, data)
+    step = 1e-4
+
+    def losses(move: float) -> torch.Tensor:
+        def hook(mod: Any, args: Any, out: Any) -> Any:  # Y + step (Y_in - Y_bn)
+            x, bn = args[0], mod.bn
+            y_in = torch.nn.functional.instance_norm(x, eps=bn.eps)
+            y_in = y_in * bn.weight.view(1, -1, 1, 1) + bn.bias.view(1, -1, 1, 1)
+            return out + move * (y_in - bn(x))
+
+        handle = routed.register_forward_hook(hook)
+        routed.mask = data["shifted"]
+        with torch.no_grad():
+            out = model(data["x"])
+        handle.remove()
+        return torch.nn.functional.cross_entropy(out, data["y"], reduction="none")
+
+    assert asked.abs().max() > 0  # the layer matters to the loss
+    expected = (losses(0.0) - losses(step)) / step
+    assert torch.allclose(asked, expected, rtol=1e-2, atol=1e-2 * float(asked.abs().max()))
 
 
 def test_the_preference_table_reads_runs_that_carry_it() -> None:
