@@ -592,6 +592,31 @@ def routed_preference(model: Any, routed: Any, data: dict[str, Any], limit: int 
     return torch.cat(rows)
 
 
+def routed_full_preference(model: Any, routed: Any, data: dict[str, Any], limit: int = 1024) -> Any:
+    """Per sample, the loss with a reference's first norm layer BN for every image minus the
+    loss with it IN for every image, the layers after it as trained: what a whole switch of
+    that layer gains each image (above 0: IN lowers the image's loss), where
+    ``routed_preference`` reads a small move."""
+    import torch
+
+    model.eval()
+    rows, route = [], routed.route
+    routed.route = "group"  # the mask decides, also for the IN-first reference
+    try:
+        with torch.no_grad():
+            for i in range(0, min(limit, len(data["y"])), 256):
+                end = min(i + 256, limit)
+                x, y = data["x"][i:end], data["y"][i:end]
+                loss = {}
+                for name, mask in (("bn", False), ("in", True)):
+                    routed.mask = torch.full((len(y),), mask)
+                    loss[name] = torch.nn.functional.cross_entropy(model(x), y, reduction="none")
+                rows.append((loss["bn"] - loss["in"]).double())
+    finally:
+        routed.route = route
+    return torch.cat(rows)
+
+
 def group_t(values: Any, positive: Any) -> float:
     """The gap between the groups' means of ``values`` in standard errors (Welch's t)."""
     pos, neg = values[positive], values[~positive]
@@ -744,6 +769,9 @@ def run(
         n = len(asked)
         out["first_loss_pref_auc"] = auc(asked, shifted[:n])
         out["first_loss_pref_t"] = group_t(asked, shifted[:n])
+        switched = routed_full_preference(model, routed, test)
+        out["first_switch_pref_auc"] = auc(switched, shifted[:n])
+        out["first_switch_pref_t"] = group_t(switched, shifted[:n])
     if readouts:
         r = Readout.cat(readouts)
         rows = layer_ratios(recorder.names, recorder.normalizers, *r, recorder.gamma_sizes())
@@ -846,6 +874,8 @@ def summary(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
             "largest_loss_pref_t",
             "first_loss_pref_auc",
             "first_loss_pref_t",
+            "first_switch_pref_auc",
+            "first_switch_pref_t",
         ):
             values = [r[key] for r in rs if r.get(key) is not None]
             if values:
@@ -880,7 +910,8 @@ def preference_table(runs: list[dict[str, Any]]) -> str:
             f"| {row['regime']} | {row['variant']} | {_cell(row, 'top1_clean', 2)} | "
             f"{_cell(row, 'top1_shifted', 2)} | {_cell(row, 'best_auc_in_ln', 3)} | "
             f"{_cell(row, 'best_loss_pref_auc', 3)} | {_cell(row, 'largest_loss_pref_t', 1)} | "
-            f"{_cell(row, 'first_loss_pref_t', 1)} |"
+            f"{_cell(row, 'first_loss_pref_t', 1)} | {_cell(row, 'first_switch_pref_auc', 3)} | "
+            f"{_cell(row, 'first_switch_pref_t', 1)} |"
         )
     return "\n".join(lines)
 
@@ -888,11 +919,12 @@ def preference_table(runs: list[dict[str, Any]]) -> str:
 def first_preference_table(runs: list[dict[str, Any]]) -> str:
     """What the loss asks of the first norm layer at the end of training, per regime and
     variant: EN's first layer, or a reference's (``routed_preference``); the AUC of the
-    preference and its groups' gap in standard errors."""
+    preference and its groups' gap in standard errors; for a reference also those of a whole
+    switch of the layer (``routed_full_preference``)."""
     lines = [
         "| regime | variant | clean top-1 | shifted top-1 | first layer: AUC of the loss's "
-        "preference | first layer: its gap (t) |",
-        "|---|---|---|---|---|---|",
+        "preference | first layer: its gap (t) | a whole switch: AUC | a whole switch: gap (t) |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for row in summary(runs):
         if "first_loss_pref_auc" not in row:
@@ -900,7 +932,8 @@ def first_preference_table(runs: list[dict[str, Any]]) -> str:
         lines.append(
             f"| {row['regime']} | {row['variant']} | {_cell(row, 'top1_clean', 2)} | "
             f"{_cell(row, 'top1_shifted', 2)} | {_cell(row, 'first_loss_pref_auc', 3)} | "
-            f"{_cell(row, 'first_loss_pref_t', 1)} |"
+            f"{_cell(row, 'first_loss_pref_t', 1)} | {_cell(row, 'first_switch_pref_auc', 3)} | "
+            f"{_cell(row, 'first_switch_pref_t', 1)} |"
         )
     return "\n".join(lines)
 

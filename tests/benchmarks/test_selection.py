@@ -126,19 +126,26 @@ def test_loss_preference_is_the_loss_change_of_moving_weight_from_bn_to_in() -> 
     assert torch.allclose(asked.float(), (before - losses()) / step, rtol=1e-2, atol=1e-3)
 
 
-def test_routed_preference_is_the_loss_change_of_moving_the_first_layer_to_in() -> None:
+def _reference(route: str) -> tuple[torch.nn.Module, Any, dict[str, Any]]:
+    """A random BatchNorm MobileNetV2 with its first norm layer routed (``route``), in double
+    precision, so that differences can read a random network's small effects, with running
+    statistics of its eight coded images."""
     recipe = selection.recipe_for("scratch", "bn", 8, 0.05, 1)
     torch.manual_seed(0)
     model = selection.build(recipe, "scratch")
-    routed = selection._route_first_norm(model, "group")
+    routed = selection._route_first_norm(model, route)
     data = selection.shifted_split(False, 8, construction="coded")
-    # in double precision, so that a finite difference can read a random network's small effect
     model, data["x"] = model.double(), data["x"].double()
     routed.mask = data["shifted"]
     model.train()
-    with torch.no_grad():  # running statistics of these images, so that eval mode is sane
+    with torch.no_grad():
         for _ in range(20):
             model(data["x"])
+    return model, routed, data
+
+
+def test_routed_preference_is_the_loss_change_of_moving_the_first_layer_to_in() -> None:
+    model, routed, data = _reference("group")
     asked = selection.routed_preference(model, routed, data)
     step = 1e-4
 
@@ -273,3 +280,15 @@ def test_the_reference_path_is_entered_in_a_fresh_process() -> None:
     env["PYTHONPATH"] = str(ROOT / "benchmarks")
     # the first thing a fresh process does, before anything else has imported enorm_cli.layers
     subprocess.run([sys.executable, "-c", code], check=True, env=env, cwd=ROOT)
+
+
+def test_a_whole_switch_compares_the_first_layer_as_bn_and_as_in() -> None:
+    model, routed, data = _reference("in")
+    switched = selection.routed_full_preference(model, routed, data)
+    assert routed.route == "in"  # the reference is left as it was
+    with torch.no_grad():
+        as_in = torch.nn.functional.cross_entropy(model(data["x"]), data["y"], reduction="none")
+        routed.route, routed.mask = "group", torch.zeros(8, dtype=torch.bool)
+        as_bn = torch.nn.functional.cross_entropy(model(data["x"]), data["y"], reduction="none")
+    assert torch.allclose(switched, as_bn - as_in)
+    assert switched.abs().max() > 0
