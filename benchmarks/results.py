@@ -455,6 +455,13 @@ def selection_preference_table(record: dict[str, Any]) -> str:
     return preference_table(record["figures"]["runs"]) + "\n" + _source(record)
 
 
+def selection_first_preference_table(record: dict[str, Any]) -> str:
+    """selection.py: what the loss asks of the first norm layer, EN's or a routed reference's."""
+    from selection import first_preference_table
+
+    return first_preference_table(record["figures"]["runs"]) + "\n" + _source(record)
+
+
 def selection_trace_table(record: dict[str, Any]) -> str:
     """selection.py --probe-every: what the loss asked of each layer during training."""
     from selection import trace_table
@@ -496,6 +503,7 @@ BLOCKS: dict[str, tuple[str, Callable[[dict[str, Any]], str]]] = {
     "selection-routed": ("selection_routed", selection_table),
     "selection-experiments": ("selection_experiments", selection_table),
     "selection-preference": ("selection_preference", selection_preference_table),
+    "selection-first-preference": ("selection_preference", selection_first_preference_table),
     "selection-trace": ("selection_trace", selection_trace_table),
 }
 """Results block name -> (record, renderer)."""
