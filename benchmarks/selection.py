@@ -910,8 +910,7 @@ def preference_table(runs: list[dict[str, Any]]) -> str:
             f"| {row['regime']} | {row['variant']} | {_cell(row, 'top1_clean', 2)} | "
             f"{_cell(row, 'top1_shifted', 2)} | {_cell(row, 'best_auc_in_ln', 3)} | "
             f"{_cell(row, 'best_loss_pref_auc', 3)} | {_cell(row, 'largest_loss_pref_t', 1)} | "
-            f"{_cell(row, 'first_loss_pref_t', 1)} | {_cell(row, 'first_switch_pref_auc', 3)} | "
-            f"{_cell(row, 'first_switch_pref_t', 1)} |"
+            f"{_cell(row, 'first_loss_pref_t', 1)} |"
         )
     return "\n".join(lines)
 

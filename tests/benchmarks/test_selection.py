@@ -177,6 +177,19 @@ def test_the_preference_table_reads_runs_that_carry_it() -> None:
     )
     assert table.count("\n") == 2  # the header, and the EN run alone
     assert "| scratch | en | 80.00 (80.00-80.00) |" in table and "| -3.0 (-3.0--3.0) |" in table
+    assert len({line.count("|") for line in table.splitlines()}) == 1  # a cell per column
+
+
+def test_the_first_layer_table_reads_en_and_the_references() -> None:
+    run = {"regime": "scratch", "seed": 0, "top1_clean": 80.0, "top1_shifted": 70.0}
+    en = run | {"variant": "en", "first_loss_pref_auc": 0.52, "first_loss_pref_t": 0.4}
+    routed = run | {"variant": "bn_routed_first", "first_loss_pref_auc": 0.5}
+    routed |= {"first_loss_pref_t": -1.0, "first_switch_pref_auc": 0.8, "first_switch_pref_t": 17}
+    table = selection.first_preference_table([en, routed, run | {"variant": "bn"}])
+    lines = table.splitlines()
+    assert len(lines) == 4 and len({line.count("|") for line in lines}) == 1
+    assert lines[2].endswith("| 0.800 (0.800-0.800) | 17.0 (17.0-17.0) |")
+    assert lines[3].startswith("| scratch | en |") and lines[3].endswith("| - | - |")
 
 
 def test_the_probe_reads_a_copy_and_leaves_the_model_as_it_was() -> None:
