@@ -617,6 +617,49 @@ def routed_full_preference(model: Any, routed: Any, data: dict[str, Any], limit:
     return torch.cat(rows)
 
 
+def en_switch_preference(model: Any, data: dict[str, Any], limit: int = 1024) -> Any:
+    """``routed_full_preference`` at EN's first layer: per sample, the loss with that layer's
+    output its BN normalizer's alone minus with it IN's alone (each ``Y_k = gamma_k xhat_k +
+    beta_k``, BN's running statistics; the other layers as trained), read on a copy in
+    evaluation mode. Above 0: a whole switch to IN lowers the image's loss."""
+    import copy
+
+    import torch
+
+    from enorm_cli import ExemplarNorm2d
+    from enorm_cli.layers.statistics import instance_stats
+
+    model = copy.deepcopy(model).eval()
+    m = next(m for m in model.modules() if isinstance(m, ExemplarNorm2d))
+    use: dict[str, str] = {}
+
+    def own(mod: Any, args: Any, out: Any) -> Any:
+        x, k = args[0], m.normalizers.index(use["name"])
+        if use["name"] == "bn":
+            mean, var = m.running_mean.view(1, -1, 1, 1), m.running_var.view(1, -1, 1, 1)
+        else:
+            inst = instance_stats(x)
+            mean, var = inst.mean[..., None, None], inst.var[..., None, None]
+        xhat = (x - mean) / (var + m.eps).sqrt()
+        return m.weight[k].view(1, -1, 1, 1) * xhat + m.bias[k].view(1, -1, 1, 1)
+
+    hook = m.register_forward_hook(own)
+    rows = []
+    try:
+        with torch.no_grad():
+            for i in range(0, min(limit, len(data["y"])), 256):
+                end = min(i + 256, limit)
+                x, y = data["x"][i:end], data["y"][i:end]
+                loss = {}
+                for name in ("bn", "in"):
+                    use["name"] = name
+                    loss[name] = torch.nn.functional.cross_entropy(model(x), y, reduction="none")
+                rows.append((loss["bn"] - loss["in"]).double())
+    finally:
+        hook.remove()
+    return torch.cat(rows)
+
+
 def group_t(values: Any, positive: Any) -> float:
     """The gap between the groups' means of ``values`` in standard errors (Welch's t)."""
     pos, neg = values[positive], values[~positive]
@@ -813,6 +856,9 @@ def run(
             out["largest_loss_pref_t"] = max(t, key=abs)
             out["first_loss_pref_t"] = t[0]
             out["first_loss_pref_auc"] = out["layers"][0]["loss_pref_auc"]
+            switched = en_switch_preference(model, test)
+            out["first_switch_pref_auc"] = auc(switched, shifted[: len(switched)])
+            out["first_switch_pref_t"] = group_t(switched, shifted[: len(switched)])
     return out
 
 
@@ -918,8 +964,8 @@ def preference_table(runs: list[dict[str, Any]]) -> str:
 def first_preference_table(runs: list[dict[str, Any]]) -> str:
     """What the loss asks of the first norm layer at the end of training, per regime and
     variant: EN's first layer, or a reference's (``routed_preference``); the AUC of the
-    preference and its groups' gap in standard errors; for a reference also those of a whole
-    switch of the layer (``routed_full_preference``)."""
+    preference and its groups' gap in standard errors, and those of a whole switch of the
+    layer (``routed_full_preference``, ``en_switch_preference``)."""
     lines = [
         "| regime | variant | clean top-1 | shifted top-1 | first layer: AUC of the loss's "
         "preference | first layer: its gap (t) | a whole switch: AUC | a whole switch: gap (t) |",

@@ -305,3 +305,24 @@ def test_a_whole_switch_compares_the_first_layer_as_bn_and_as_in() -> None:
         as_bn = torch.nn.functional.cross_entropy(model(data["x"]), data["y"], reduction="none")
     assert torch.allclose(switched, as_bn - as_in)
     assert switched.abs().max() > 0
+
+
+def test_an_en_switch_compares_the_first_layer_as_its_bn_and_as_its_in() -> None:
+    model, data = _one_layer_model()
+    layer = model[0]
+    model.eval()
+    switched = selection.en_switch_preference(model, data)
+    x = data["x"]
+    rm, rv = layer.running_mean.view(1, -1, 1, 1), layer.running_var.view(1, -1, 1, 1)
+    im, iv = x.mean((2, 3), keepdim=True), x.var((2, 3), unbiased=False, keepdim=True)
+    w, b = (t.view(3, 1, -1, 1, 1) for t in (layer.weight, layer.bias))
+    with torch.no_grad():
+        head = model[1:]
+        as_bn = head(w[0] * (x - rm) / (rv + layer.eps).sqrt() + b[0])
+        as_in = head(w[1] * (x - im) / (iv + layer.eps).sqrt() + b[1])
+        losses = [
+            torch.nn.functional.cross_entropy(o, data["y"], reduction="none")
+            for o in (as_bn, as_in)
+        ]
+    assert torch.allclose(switched.float(), losses[0] - losses[1], atol=1e-5)
+    assert switched.abs().max() > 0.01
