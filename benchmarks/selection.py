@@ -40,7 +40,7 @@ import math
 import os
 import re
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -512,7 +512,6 @@ def loss_preference(model: Any, data: dict[str, Any], limit: int = 1024) -> list
     import torch
 
     from enorm_cli import ExemplarNorm2d
-    from enorm_cli.layers.statistics import instance_stats
 
     model = copy.deepcopy(model).eval()
     layers = [m for m in model.modules() if isinstance(m, ExemplarNorm2d)]
@@ -537,20 +536,8 @@ def loss_preference(model: Any, data: dict[str, Any], limit: int = 1024) -> list
             with torch.no_grad():
                 for row, m, g in zip(rows, layers, grads, strict=True):
                     x = seen[id(m)][0].double()
-                    inst = instance_stats(x)  # the layer's own IN statistics
-                    own = {
-                        "bn": (x - m.running_mean.double().view(1, -1, 1, 1))
-                        / (m.running_var.double().view(1, -1, 1, 1) + m.eps).sqrt(),
-                        "in": (x - inst.mean[..., None, None])
-                        / (inst.var[..., None, None] + m.eps).sqrt(),
-                    }
-                    k = {n: m.normalizers.index(n) for n in own}
-                    gain = {n: m.weight[k[n]].double().view(1, -1, 1, 1) for n in own}
-                    shift = {n: m.bias[k[n]].double().view(1, -1, 1, 1) for n in own}
-                    asked = {
-                        n: (g.double() * (gain[n] * own[n] + shift[n])).sum((1, 2, 3)) for n in own
-                    }
-                    row.append(asked["bn"] - asked["in"])
+                    y_bn, y_in = (_own_output(m, x, n) for n in ("bn", "in"))
+                    row.append((g.double() * (y_bn - y_in)).sum((1, 2, 3)))
     finally:
         for h in hooks:
             h.remove()
@@ -592,6 +579,26 @@ def routed_preference(model: Any, routed: Any, data: dict[str, Any], limit: int 
     return torch.cat(rows)
 
 
+def _switch_losses(
+    model: Any, data: dict[str, Any], limit: int, use: Callable[[str, int], None]
+) -> Any:
+    """Per sample, the loss with a first layer BN minus with it IN, ``use(name, n)`` setting
+    that layer up for a batch of n images, in evaluation mode without gradients."""
+    import torch
+
+    rows = []
+    with torch.no_grad():
+        for i in range(0, min(limit, len(data["y"])), 256):
+            end = min(i + 256, limit)
+            x, y = data["x"][i:end], data["y"][i:end]
+            loss = {}
+            for name in ("bn", "in"):
+                use(name, len(y))
+                loss[name] = torch.nn.functional.cross_entropy(model(x), y, reduction="none")
+            rows.append((loss["bn"] - loss["in"]).double())
+    return torch.cat(rows)
+
+
 def routed_full_preference(model: Any, routed: Any, data: dict[str, Any], limit: int = 1024) -> Any:
     """Per sample, the loss with a reference's first norm layer BN for every image minus the
     loss with it IN for every image, the layers after it as trained: what a whole switch of
@@ -599,65 +606,54 @@ def routed_full_preference(model: Any, routed: Any, data: dict[str, Any], limit:
     ``routed_preference`` reads a small move."""
     import torch
 
+    def use(name: str, n: int) -> None:
+        routed.mask = torch.full((n,), name == "in")
+
     model.eval()
-    rows, route = [], routed.route
+    route = routed.route
     routed.route = "group"  # the mask decides, also for the IN-first reference
     try:
-        with torch.no_grad():
-            for i in range(0, min(limit, len(data["y"])), 256):
-                end = min(i + 256, limit)
-                x, y = data["x"][i:end], data["y"][i:end]
-                loss = {}
-                for name, mask in (("bn", False), ("in", True)):
-                    routed.mask = torch.full((len(y),), mask)
-                    loss[name] = torch.nn.functional.cross_entropy(model(x), y, reduction="none")
-                rows.append((loss["bn"] - loss["in"]).double())
+        return _switch_losses(model, data, limit, use)
     finally:
         routed.route = route
-    return torch.cat(rows)
+
+
+def _own_output(m: Any, x: Any, name: str) -> Any:
+    """An EN layer's normalizer ``name`` ("bn": running statistics, "in": the sample's own)
+    alone with its affine, gamma_k xhat_k + beta_k, in x's dtype."""
+    from enorm_cli.layers.statistics import instance_stats
+
+    if name == "bn":
+        mean, var = m.running_mean.view(1, -1, 1, 1), m.running_var.view(1, -1, 1, 1)
+    else:
+        inst = instance_stats(x)
+        mean, var = inst.mean[..., None, None], inst.var[..., None, None]
+    k = m.normalizers.index(name)
+    gain, shift = m.weight[k].view(1, -1, 1, 1), m.bias[k].view(1, -1, 1, 1)
+    return gain.to(x) * (x - mean.to(x)) / (var.to(x) + m.eps).sqrt() + shift.to(x)
 
 
 def en_switch_preference(model: Any, data: dict[str, Any], limit: int = 1024) -> Any:
     """``routed_full_preference`` at EN's first layer: per sample, the loss with that layer's
-    output its BN normalizer's alone minus with it IN's alone (each ``Y_k = gamma_k xhat_k +
-    beta_k``, BN's running statistics; the other layers as trained), read on a copy in
-    evaluation mode. Above 0: a whole switch to IN lowers the image's loss."""
+    output its BN normalizer's alone minus with it IN's alone (``_own_output``; the other
+    layers as trained), read on a copy in evaluation mode. Above 0: a whole switch to IN
+    lowers the image's loss."""
     import copy
 
-    import torch
-
     from enorm_cli import ExemplarNorm2d
-    from enorm_cli.layers.statistics import instance_stats
 
     model = copy.deepcopy(model).eval()
     m = next(m for m in model.modules() if isinstance(m, ExemplarNorm2d))
-    use: dict[str, str] = {}
+    chosen = {"name": "bn"}
 
-    def own(mod: Any, args: Any, out: Any) -> Any:
-        x, k = args[0], m.normalizers.index(use["name"])
-        if use["name"] == "bn":
-            mean, var = m.running_mean.view(1, -1, 1, 1), m.running_var.view(1, -1, 1, 1)
-        else:
-            inst = instance_stats(x)
-            mean, var = inst.mean[..., None, None], inst.var[..., None, None]
-        xhat = (x - mean) / (var + m.eps).sqrt()
-        return m.weight[k].view(1, -1, 1, 1) * xhat + m.bias[k].view(1, -1, 1, 1)
+    def use(name: str, n: int) -> None:
+        chosen["name"] = name
 
-    hook = m.register_forward_hook(own)
-    rows = []
+    hook = m.register_forward_hook(lambda mod, args, out: _own_output(m, args[0], chosen["name"]))
     try:
-        with torch.no_grad():
-            for i in range(0, min(limit, len(data["y"])), 256):
-                end = min(i + 256, limit)
-                x, y = data["x"][i:end], data["y"][i:end]
-                loss = {}
-                for name in ("bn", "in"):
-                    use["name"] = name
-                    loss[name] = torch.nn.functional.cross_entropy(model(x), y, reduction="none")
-                rows.append((loss["bn"] - loss["in"]).double())
+        return _switch_losses(model, data, limit, use)
     finally:
         hook.remove()
-    return torch.cat(rows)
 
 
 def group_t(values: Any, positive: Any) -> float:
