@@ -427,46 +427,18 @@ def layer_levers_table(record: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n" + _source(record)
 
 
-def selection_table(record: dict[str, Any]) -> str:
-    """benchmarks/selection.py: top-1 per group and how well EN's ratios tell the groups apart."""
-    from selection import table
+def _selection(table: str, figures: str = "runs") -> Callable[[dict[str, Any]], str]:
+    """A renderer for a selection.py record: its ``table`` function (``table``: top-1 per group
+    and the ratios' AUC; ``ceiling_table``, ``budget_table``: the branch trained as a detector;
+    ``preference_table``, ``first_preference_table``, ``trace_table``: what the loss asks) over
+    the record's ``figures`` entry, then the record's source line."""
 
-    return table(record["figures"]["runs"]) + "\n" + _source(record)
+    def render(record: dict[str, Any]) -> str:
+        import selection
 
+        return getattr(selection, table)(record["figures"][figures]) + "\n" + _source(record)
 
-def selection_ceiling_table(record: dict[str, Any]) -> str:
-    """selection.py --ceiling: the AUC of the ratio branch trained as a shift detector."""
-    from selection import ceiling_table
-
-    return ceiling_table(record["figures"]["ceiling"]) + "\n" + _source(record)
-
-
-def selection_budget_table(record: dict[str, Any]) -> str:
-    """selection.py --ceiling-budget: the branch trained as a detector, as a run trains it."""
-    from selection import budget_table
-
-    return budget_table(record["figures"]["budget"]) + "\n" + _source(record)
-
-
-def selection_preference_table(record: dict[str, Any]) -> str:
-    """selection.py: what the loss asks of each layer per sample, against what EN chose."""
-    from selection import preference_table
-
-    return preference_table(record["figures"]["runs"]) + "\n" + _source(record)
-
-
-def selection_first_preference_table(record: dict[str, Any]) -> str:
-    """selection.py: what the loss asks of the first norm layer, EN's or a routed reference's."""
-    from selection import first_preference_table
-
-    return first_preference_table(record["figures"]["runs"]) + "\n" + _source(record)
-
-
-def selection_trace_table(record: dict[str, Any]) -> str:
-    """selection.py --probe-every: what the loss asked of each layer during training."""
-    from selection import trace_table
-
-    return trace_table(record["figures"]["runs"]) + "\n" + _source(record)
+    return render
 
 
 BLOCKS: dict[str, tuple[str, Callable[[dict[str, Any]], str]]] = {
@@ -491,20 +463,20 @@ BLOCKS: dict[str, tuple[str, Callable[[dict[str, Any]], str]]] = {
     "compile-finetune": ("compile_finetune", compile_table),
     "layer-levers": ("layer_levers", layer_levers_table),
     "kernel-training": ("kernel_training", kernel_training_table),
-    "selection": ("selection", selection_table),
-    "selection-probe": ("selection_probe", selection_table),
-    "selection-design": ("selection_design", selection_table),
-    "selection-cells": ("selection_cells", selection_table),
-    "selection-anchor": ("selection_anchor", selection_table),
-    "selection-ceiling": ("selection_ceiling", selection_ceiling_table),
-    "selection-budget": ("selection_budget", selection_budget_table),
-    "selection-coded": ("selection_coded", selection_table),
-    "selection-long": ("selection_long", selection_table),
-    "selection-routed": ("selection_routed", selection_table),
-    "selection-experiments": ("selection_experiments", selection_table),
-    "selection-preference": ("selection_preference", selection_preference_table),
-    "selection-first-preference": ("selection_preference", selection_first_preference_table),
-    "selection-trace": ("selection_trace", selection_trace_table),
+    "selection": ("selection", _selection("table")),
+    "selection-probe": ("selection_probe", _selection("table")),
+    "selection-design": ("selection_design", _selection("table")),
+    "selection-cells": ("selection_cells", _selection("table")),
+    "selection-anchor": ("selection_anchor", _selection("table")),
+    "selection-ceiling": ("selection_ceiling", _selection("ceiling_table", "ceiling")),
+    "selection-budget": ("selection_budget", _selection("budget_table", "budget")),
+    "selection-coded": ("selection_coded", _selection("table")),
+    "selection-long": ("selection_long", _selection("table")),
+    "selection-routed": ("selection_routed", _selection("table")),
+    "selection-experiments": ("selection_experiments", _selection("table")),
+    "selection-preference": ("selection_preference", _selection("preference_table")),
+    "selection-first-preference": ("selection_preference", _selection("first_preference_table")),
+    "selection-trace": ("selection_trace", _selection("trace_table")),
 }
 """Results block name -> (record, renderer)."""
 

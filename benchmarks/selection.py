@@ -353,9 +353,13 @@ def _route_first_norm(model: Any, route: str) -> Any:
             self.bn, self.route = bn, route
             self.mask: Any = None
 
-        def forward(self, x: Any) -> Any:
+        def instance(self, x: Any) -> Any:
+            """InstanceNorm with the BN layer's affine."""
             xin = torch.nn.functional.instance_norm(x, eps=self.bn.eps)
-            xin = xin * self.bn.weight.view(1, -1, 1, 1) + self.bn.bias.view(1, -1, 1, 1)
+            return xin * self.bn.weight.view(1, -1, 1, 1) + self.bn.bias.view(1, -1, 1, 1)
+
+        def forward(self, x: Any) -> Any:
+            xin = self.instance(x)
             if self.route == "in":
                 return xin
             keep = self.mask.view(-1, 1, 1, 1).to(x.device)
@@ -418,20 +422,19 @@ def _spread_input() -> Iterator[None]:
 def _reference_path() -> Iterator[None]:
     """Inside the block EN runs on the autograd reference path, where a patched
     ``exemplar_function`` takes effect: the C++ kernel and the fused node's hand-written
-    backward compute the layer as shipped."""
+    backward compute the layer as shipped (``fused_en``, and ``ENORM_NATIVE=0``)."""
     from enorm_cli import layers
 
-    native, fused = os.environ.get("ENORM_NATIVE"), layers.is_fused_en()
+    native = os.environ.get("ENORM_NATIVE")
     os.environ["ENORM_NATIVE"] = "0"
-    layers.set_fused_en(False)
     try:
-        yield
+        with layers.fused_en(False):
+            yield
     finally:
         if native is None:
             os.environ.pop("ENORM_NATIVE", None)
         else:
             os.environ["ENORM_NATIVE"] = native
-        layers.set_fused_en(fused)
 
 
 NOISE = {"sigma": 0.0}
@@ -499,6 +502,48 @@ def _fast_hidden() -> Iterator[None]:
         ExemplarNorm2d.sample_parameters = shipped  # type: ignore[method-assign]
 
 
+def _small_move(
+    model: Any,
+    modules: list[Any],
+    own: Callable[[Any, Any], tuple[Any, Any]],
+    data: dict[str, Any],
+    limit: int,
+    setup: Callable[[int, int], None] | None = None,
+) -> list[Any]:
+    """Per module and sample, <dL/dY, Y_bn> - <dL/dY, Y_in> on the first ``limit`` images,
+    dL/dY the gradient at the module's output, ``own(module, x)`` its (Y_bn, Y_in) from its
+    input; ``setup(i, end)`` prepares each batch. The layers after a module get a copy of its
+    output: an in-place activation (MobileNetV2's ReLU6) on the output itself would make its
+    gradient the activation's output gradient, not Y's."""
+    import torch
+
+    seen: dict[int, tuple[Any, Any]] = {}
+
+    def keep(mod: Any, args: Any, out: Any) -> Any:
+        seen[id(mod)] = (args[0], out)
+        return out.clone()
+
+    hooks = [m.register_forward_hook(keep) for m in modules]
+    rows: list[list[Any]] = [[] for _ in modules]
+    try:
+        for i in range(0, min(limit, len(data["y"])), 256):
+            end = min(i + 256, limit)
+            if setup is not None:
+                setup(i, end)
+            with torch.enable_grad():
+                out = model(data["x"][i:end])
+                loss = torch.nn.functional.cross_entropy(out, data["y"][i:end], reduction="sum")
+                grads = torch.autograd.grad(loss, [seen[id(m)][1] for m in modules])
+            with torch.no_grad():
+                for row, m, g in zip(rows, modules, grads, strict=True):
+                    y_bn, y_in = own(m, seen[id(m)][0])
+                    row.append((g.double() * (y_bn - y_in)).sum((1, 2, 3)))
+    finally:
+        for h in hooks:
+            h.remove()
+    return [torch.cat(row) for row in rows]
+
+
 def loss_preference(model: Any, data: dict[str, Any], limit: int = 1024) -> list[Any]:
     """What the loss asks of each EN layer, per sample: <dL/dY, Y_bn> - <dL/dY, Y_in>, with
     Y_k = gamma_k xhat_k + beta_k each normalizer's own output (above 0: moving a sample's
@@ -509,39 +554,15 @@ def loss_preference(model: Any, data: dict[str, Any], limit: int = 1024) -> list
     its running mean of h, and the model may still be training."""
     import copy
 
-    import torch
-
     from enorm_cli import ExemplarNorm2d
 
     model = copy.deepcopy(model).eval()
     layers = [m for m in model.modules() if isinstance(m, ExemplarNorm2d)]
-    seen: dict[int, tuple[Any, Any]] = {}
 
-    def keep(mod: Any, args: Any, out: Any) -> Any:
-        seen[id(mod)] = (args[0], out)
-        # the layers after it get a copy: an in-place activation (MobileNetV2's ReLU6) on out
-        # itself would make out's gradient the activation's output gradient, not Y's
-        return out.clone()
+    def own(m: Any, x: Any) -> tuple[Any, Any]:
+        return _own_output(m, x.double(), "bn"), _own_output(m, x.double(), "in")
 
-    hooks = [m.register_forward_hook(keep) for m in layers]
-    rows: list[list[Any]] = [[] for _ in layers]
-    try:
-        for i in range(0, min(limit, len(data["y"])), 256):
-            end = min(i + 256, limit)
-            with torch.enable_grad():
-                out = model(data["x"][i:end])
-                loss = torch.nn.functional.cross_entropy(out, data["y"][i:end], reduction="sum")
-                outputs = [seen[id(m)][1] for m in layers]
-                grads = torch.autograd.grad(loss, outputs)
-            with torch.no_grad():
-                for row, m, g in zip(rows, layers, grads, strict=True):
-                    x = seen[id(m)][0].double()
-                    y_bn, y_in = (_own_output(m, x, n) for n in ("bn", "in"))
-                    row.append((g.double() * (y_bn - y_in)).sum((1, 2, 3)))
-    finally:
-        for h in hooks:
-            h.remove()
-    return [torch.cat(row) for row in rows]
+    return _small_move(model, layers, own, data, limit)
 
 
 def routed_preference(model: Any, routed: Any, data: dict[str, Any], limit: int = 1024) -> Any:
@@ -550,33 +571,15 @@ def routed_preference(model: Any, routed: Any, data: dict[str, Any], limit: int 
     that layer's affine, the model run as it was trained (routed by group, or IN for every
     image). What the loss asks of a first layer once the layers after it have learned behind a
     routed one (above 0: more IN would lower the image's loss)."""
-    import torch
+
+    def setup(i: int, end: int) -> None:
+        routed.mask = data["shifted"][i:end]
+
+    def own(m: Any, x: Any) -> tuple[Any, Any]:
+        return m.bn(x), m.instance(x)
 
     model.eval()
-    seen: dict[str, Any] = {}
-
-    def keep(mod: Any, args: Any, out: Any) -> Any:
-        seen.update(x=args[0], y=out)
-        return out.clone()  # the in-place ReLU6 after it would change what y's gradient means
-
-    hook = routed.register_forward_hook(keep)
-    rows = []
-    try:
-        for i in range(0, min(limit, len(data["y"])), 256):
-            end = min(i + 256, limit)
-            routed.mask = data["shifted"][i:end]
-            with torch.enable_grad():
-                out = model(data["x"][i:end])
-                loss = torch.nn.functional.cross_entropy(out, data["y"][i:end], reduction="sum")
-                (g,) = torch.autograd.grad(loss, seen["y"])
-            with torch.no_grad():
-                bn, x = routed.bn, seen["x"]
-                y_in = torch.nn.functional.instance_norm(x, eps=bn.eps)
-                y_in = y_in * bn.weight.view(1, -1, 1, 1) + bn.bias.view(1, -1, 1, 1)
-                rows.append((g.double() * (bn(x) - y_in).double()).sum((1, 2, 3)))
-    finally:
-        hook.remove()
-    return torch.cat(rows)
+    return _small_move(model, [routed], own, data, limit, setup)[0]
 
 
 def _switch_losses(
@@ -935,26 +938,36 @@ def _cell(row: dict[str, Any], key: str, digits: int) -> str:
     return f"{row[key]:.{digits}f} ({lo:.{digits}f}-{hi:.{digits}f})"
 
 
+def _summary_table(
+    runs: list[dict[str, Any]], columns: list[tuple[str, str, int]], needs: str | None = None
+) -> str:
+    """A markdown table of ``summary`` rows, regime and variant first, then one column per
+    (title, key, digits) as ``_cell`` writes it; ``needs``: only the rows with that key."""
+    titles = ["regime", "variant", *(title for title, _, _ in columns)]
+    lines = ["| " + " | ".join(titles) + " |", "|" + "---|" * len(titles)]
+    for row in summary(runs):
+        if needs is None or needs in row:
+            cells = [row["regime"], row["variant"], *(_cell(row, k, d) for _, k, d in columns)]
+            lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+TOP1 = [("clean top-1", "top1_clean", 2), ("shifted top-1", "top1_shifted", 2)]
+"""The first columns of every summary table."""
+
+
 def preference_table(runs: list[dict[str, Any]]) -> str:
     """What the loss asks against what EN chose (runs with ``loss_preference``): per regime and
     variant, the best AUC of the ratios and of the loss's per-sample preference, the largest
     group gap of that preference in standard errors and the first layer's."""
-    lines = [
-        "| regime | variant | clean top-1 | shifted top-1 | best AUC of the ratios (in+ln) "
-        "| best AUC of the loss's preference | largest gap of the preference (t) "
-        "| first layer's gap (t) |",
-        "|---|---|---|---|---|---|---|---|",
+    columns = [
+        *TOP1,
+        ("best AUC of the ratios (in+ln)", "best_auc_in_ln", 3),
+        ("best AUC of the loss's preference", "best_loss_pref_auc", 3),
+        ("largest gap of the preference (t)", "largest_loss_pref_t", 1),
+        ("first layer's gap (t)", "first_loss_pref_t", 1),
     ]
-    for row in summary(runs):
-        if "best_loss_pref_auc" not in row:
-            continue
-        lines.append(
-            f"| {row['regime']} | {row['variant']} | {_cell(row, 'top1_clean', 2)} | "
-            f"{_cell(row, 'top1_shifted', 2)} | {_cell(row, 'best_auc_in_ln', 3)} | "
-            f"{_cell(row, 'best_loss_pref_auc', 3)} | {_cell(row, 'largest_loss_pref_t', 1)} | "
-            f"{_cell(row, 'first_loss_pref_t', 1)} |"
-        )
-    return "\n".join(lines)
+    return _summary_table(runs, columns, needs="best_loss_pref_auc")
 
 
 def first_preference_table(runs: list[dict[str, Any]]) -> str:
@@ -962,21 +975,14 @@ def first_preference_table(runs: list[dict[str, Any]]) -> str:
     variant: EN's first layer, or a reference's (``routed_preference``); the AUC of the
     preference and its groups' gap in standard errors, and those of a whole switch of the
     layer (``routed_full_preference``, ``en_switch_preference``)."""
-    lines = [
-        "| regime | variant | clean top-1 | shifted top-1 | first layer: AUC of the loss's "
-        "preference | first layer: its gap (t) | a whole switch: AUC | a whole switch: gap (t) |",
-        "|---|---|---|---|---|---|---|---|",
+    columns = [
+        *TOP1,
+        ("first layer: AUC of the loss's preference", "first_loss_pref_auc", 3),
+        ("first layer: its gap (t)", "first_loss_pref_t", 1),
+        ("a whole switch: AUC", "first_switch_pref_auc", 3),
+        ("a whole switch: gap (t)", "first_switch_pref_t", 1),
     ]
-    for row in summary(runs):
-        if "first_loss_pref_auc" not in row:
-            continue
-        lines.append(
-            f"| {row['regime']} | {row['variant']} | {_cell(row, 'top1_clean', 2)} | "
-            f"{_cell(row, 'top1_shifted', 2)} | {_cell(row, 'first_loss_pref_auc', 3)} | "
-            f"{_cell(row, 'first_loss_pref_t', 1)} | {_cell(row, 'first_switch_pref_auc', 3)} | "
-            f"{_cell(row, 'first_switch_pref_t', 1)} |"
-        )
-    return "\n".join(lines)
+    return _summary_table(runs, columns, needs="first_loss_pref_auc")
 
 
 def trace_table(runs: list[dict[str, Any]]) -> str:
@@ -1001,22 +1007,15 @@ def trace_table(runs: list[dict[str, Any]]) -> str:
 
 
 def table(runs: list[dict[str, Any]]) -> str:
-    lines = [
-        "| regime | variant | clean top-1 | shifted top-1 | best AUC (in) | best AUC (in+ln) "
-        "| best AUC (in+ln), strong shifts | largest gap (in+ln) "
-        "| largest sd over samples (in+ln) |",
-        "|---|---|---|---|---|---|---|---|---|",
+    columns = [
+        *TOP1,
+        ("best AUC (in)", "best_auc_in", 3),
+        ("best AUC (in+ln)", "best_auc_in_ln", 3),
+        ("best AUC (in+ln), strong shifts", "best_auc_in_ln_strong", 3),
+        ("largest gap (in+ln)", "largest_abs_gap_in_ln", 4),
+        ("largest sd over samples (in+ln)", "largest_spread_in_ln", 4),
     ]
-
-    for row in summary(runs):
-        lines.append(
-            f"| {row['regime']} | {row['variant']} | {_cell(row, 'top1_clean', 2)} | "
-            f"{_cell(row, 'top1_shifted', 2)} | {_cell(row, 'best_auc_in', 3)} | "
-            f"{_cell(row, 'best_auc_in_ln', 3)} | {_cell(row, 'best_auc_in_ln_strong', 3)} | "
-            f"{_cell(row, 'largest_abs_gap_in_ln', 4)} | "
-            f"{_cell(row, 'largest_spread_in_ln', 4)} |"
-        )
-    return "\n".join(lines)
+    return _summary_table(runs, columns)
 
 
 def plot(runs: list[dict[str, Any]], path: Path) -> None:
