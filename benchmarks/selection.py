@@ -148,6 +148,11 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "en_noise05": {"norm": "en", "logit_noise": 0.5},
     # annealed: from 1 down to 0 over the first two epochs
     "en_noise1_anneal": {"norm": "en", "logit_noise": 1.0, "noise_epochs": 2},
+    # every training sample runs one EN layer, drawn uniformly, on one normalizer, drawn
+    # uniformly; its loss against the mixture's is the ratio branch's reward (score function,
+    # ``explore_step``), this many times the loss's weight
+    "en_explore": {"norm": "en", "explore": 1.0},
+    "en_explore10": {"norm": "en", "explore": 10.0},
     # references, not EN: BatchNorm with the first norm layer (where the shift lives) replaced by
     # InstanceNorm for every image, or routed by the known group (IN for the shifted images, BN
     # for the clean): what choosing by group is worth, and so what the loss asks of a branch
@@ -157,7 +162,7 @@ VARIANTS: dict[str, dict[str, Any]] = {
 """Each variant: ``model.norm``, and optionally ``bn_stats``, ``en`` (recipe keys under
 ``model.en``), ``optim`` (recipe keys), the experiments' switches ``rowlr``, ``spread``,
 ``fasthidden``, ``warm_epochs``, ``warm_layers``, ``release_epochs``, ``logit_noise`` and
-``noise_epochs``, ``reference_path``, and the references' ``route``."""
+``noise_epochs``, ``reference_path``, ``explore``, and the references' ``route``."""
 DEFAULT_VARIANTS = ("bn", "bn_frozen", "sn", "en")
 """What the benchmark compares; the others are design candidates, run by name."""
 REGIMES = ("finetune", "scratch")
@@ -468,6 +473,94 @@ def _noisy_logits() -> Iterator[None]:
         ef.ratio_logits = logits
 
 
+EXPLORE: dict[str, Any] = {"layer": None, "choice": None, "calls": 0, "taken": []}
+"""A training forward's exploration (``_explored_mixing``): per sample the EN layer (index in
+module order, -1: none) whose mixture it replaces by one normalizer, and which; ``taken``
+collects each explored layer's (lambda, rows, choice). ``layer`` is None outside one."""
+
+
+@contextlib.contextmanager
+def _explored_mixing() -> Iterator[None]:
+    """Experiment, inside the block: in a training forward that ``EXPLORE`` sets up, each sample
+    runs one EN layer on a single normalizer (a whole switch) instead of its mixture, so that
+    the layers after it learn to read every normalizer's output and the loss tells what the
+    switch is worth to that image (``explore_step``); evaluation, the recorder and the loss
+    preference read the mixture."""
+    import torch
+
+    from enorm_cli.layers import exemplar_function as ef
+
+    mixing = ef.mixing_weights
+
+    def explored(lam: Any, offset: Any) -> Any:
+        w = mixing(lam, offset)
+        if EXPLORE["layer"] is None:
+            return w
+        j = EXPLORE["calls"]
+        EXPLORE["calls"] += 1
+        rows = EXPLORE["layer"].to(w.device) == j
+        if not bool(rows.any()):
+            return w
+        choice = EXPLORE["choice"].to(w.device)
+        EXPLORE["taken"].append((lam, rows, choice))
+        hard = torch.nn.functional.one_hot(choice, w.shape[1]).to(w)
+        return torch.where(rows.view(-1, 1), hard, w)
+
+    ef.mixing_weights = explored
+    try:
+        with _reference_path():
+            yield
+    finally:
+        ef.mixing_weights = mixing
+        EXPLORE.update(layer=None, choice=None, calls=0, taken=[])
+
+
+def explore_step(
+    model: Any, x: Any, y: Any, layers: int, normalizers: int, weight: float, g: Any
+) -> Any:
+    """The training loss of an explored step (inside ``_explored_mixing``): every sample switches
+    one EN layer, drawn uniformly, to one normalizer, drawn uniformly. Its advantage is its loss
+    so minus its loss under the mixture (a forward without gradients, with the same dropout and
+    the running statistics put back); the ratio branch gets ``weight`` x the advantage x
+    log lambda of the normalizer it ran, per layer scaled as if every sample had explored every
+    layer: a worse switch pushes that normalizer's ratio down, a better one up. The score
+    function sees the whole switch, which the loss's gradient does not (docs/selection.md)."""
+    import torch
+
+    n = len(y)
+    layer = torch.randint(layers, (n,), generator=g)
+    choice = torch.randint(normalizers, (n,), generator=g)
+    buffers = [b.clone() for b in model.buffers()]
+    rng = torch.get_rng_state()
+    with torch.no_grad():
+        base = torch.nn.functional.cross_entropy(model(x), y, reduction="none")
+    for b, saved in zip(model.buffers(), buffers, strict=True):
+        b.copy_(saved)
+    torch.set_rng_state(rng)
+    EXPLORE.update(layer=layer, choice=choice, calls=0, taken=[])
+    try:
+        per_sample = torch.nn.functional.cross_entropy(model(x), y, reduction="none")
+        taken = EXPLORE["taken"]
+    finally:
+        EXPLORE.update(layer=None, choice=None, calls=0, taken=[])
+    advantage = per_sample.detach() - base
+    score = sum(
+        (advantage[rows] * lam[rows, choice[rows]].clamp_min(1e-12).log()).sum()
+        for lam, rows, choice in taken
+    )
+    loss = per_sample.mean()
+    if not taken:
+        return loss
+    # lambda lives in each layer's inner graph (``fused_affine``), which the loss's backward
+    # walks once: the score's gradient is taken now and joins the loss as <p, g>, whose
+    # gradient is g. It reaches the layers' parameters only, not the layers before them.
+    params = [p for p in model.parameters() if p.requires_grad]
+    grads = torch.autograd.grad(
+        weight * score * layers / n, params, retain_graph=True, allow_unused=True
+    )
+    return loss + sum((p * g).sum() for p, g in zip(params, grads, strict=True) if g is not None)
+
+
 def auc(scores: Any, positive: Any) -> float:
     """Area under the ROC curve of ``scores`` for ``positive`` (Mann-Whitney, ties halved)."""
     import torch
@@ -689,6 +782,8 @@ def variant_context(variant: str) -> Iterator[None]:
             stack.enter_context(_noisy_logits())
         if spec.get("reference_path"):
             stack.enter_context(_reference_path())
+        if spec.get("explore"):
+            stack.enter_context(_explored_mixing())
         yield
 
 
@@ -737,7 +832,10 @@ def run(
         if isinstance(m, enorm_cli.ExemplarNorm2d) and re.search(spec.get("warm_layers", ""), name)
         for p in m.ratio_parameters()
     ]
-    has_en = any(isinstance(m, enorm_cli.ExemplarNorm2d) for m in model.modules())
+    en_layers = [m for m in model.modules() if isinstance(m, enorm_cli.ExemplarNorm2d)]
+    has_en = bool(en_layers)
+    # (layers, normalizers) of an explored run (``explore_step``), else empty
+    explored = (len(en_layers), len(en_layers[0].normalizers)) if spec.get("explore") else ()
     release_steps = round(spec.get("release_epochs", 0) * steps)
     noise_steps = round(spec.get("noise_epochs", 0) * steps)
     offsets = [
@@ -757,10 +855,15 @@ def run(
             if noise_steps:  # annealed: down to 0 over the first noise_steps steps
                 NOISE["sigma"] *= max(0.0, 1.0 - step / noise_steps)
             try:
-                out = model(train["x"][idx])
+                if explored:
+                    loss = explore_step(
+                        model, train["x"][idx], train["y"][idx], *explored, spec["explore"], g
+                    )
+                else:
+                    out = model(train["x"][idx])
+                    loss = torch.nn.functional.cross_entropy(out, train["y"][idx])
             finally:
                 NOISE["sigma"] = 0.0
-            loss = torch.nn.functional.cross_entropy(out, train["y"][idx])
             optimizer.zero_grad()
             loss.backward()
             if step < hold_steps:  # steps taken so far: the first hold_steps are held
