@@ -152,7 +152,11 @@ VARIANTS: dict[str, dict[str, Any]] = {
     # uniformly; its loss against the mixture's is the ratio branch's reward (score function,
     # ``explore_step``), this many times the loss's weight
     "en_explore": {"norm": "en", "explore": 1.0},
-    "en_explore10": {"norm": "en", "explore": 10.0},
+    "en_explore01": {"norm": "en", "explore": 0.1},
+    # the advantage not centered (each layer's ratios collapse onto one normalizer), and the
+    # exploration alone (no reward): what the switches cost top-1
+    "en_explore_raw": {"norm": "en", "explore": 1.0, "explore_centered": False},
+    "en_explore0": {"norm": "en", "explore": 0.0},
     # references, not EN: BatchNorm with the first norm layer (where the shift lives) replaced by
     # InstanceNorm for every image, or routed by the known group (IN for the shifted images, BN
     # for the clean): what choosing by group is worth, and so what the loss asks of a branch
@@ -476,7 +480,7 @@ def _noisy_logits() -> Iterator[None]:
 EXPLORE: dict[str, Any] = {"layer": None, "choice": None, "calls": 0, "taken": []}
 """A training forward's exploration (``_explored_mixing``): per sample the EN layer (index in
 module order, -1: none) whose mixture it replaces by one normalizer, and which; ``taken``
-collects each explored layer's (lambda, rows, choice). ``layer`` is None outside one."""
+collects each explored layer's (index, lambda, rows, choice). ``layer`` is None outside one."""
 
 
 @contextlib.contextmanager
@@ -502,7 +506,7 @@ def _explored_mixing() -> Iterator[None]:
         if not bool(rows.any()):
             return w
         choice = EXPLORE["choice"].to(w.device)
-        EXPLORE["taken"].append((lam, rows, choice))
+        EXPLORE["taken"].append((j, lam, rows, choice))
         hard = torch.nn.functional.one_hot(choice, w.shape[1]).to(w)
         return torch.where(rows.view(-1, 1), hard, w)
 
@@ -516,18 +520,29 @@ def _explored_mixing() -> Iterator[None]:
 
 
 def explore_step(
-    model: Any, x: Any, y: Any, layers: int, normalizers: int, weight: float, g: Any
+    model: Any,
+    x: Any,
+    y: Any,
+    baseline: Any,
+    weight: float,
+    g: Any,
+    centered: bool = True,
 ) -> Any:
     """The training loss of an explored step (inside ``_explored_mixing``): every sample switches
     one EN layer, drawn uniformly, to one normalizer, drawn uniformly. Its advantage is its loss
     so minus its loss under the mixture (a forward without gradients, with the same dropout and
     the running statistics put back); the ratio branch gets ``weight`` x the advantage x
     log lambda of the normalizer it ran, per layer scaled as if every sample had explored every
-    layer: a worse switch pushes that normalizer's ratio down, a better one up. The score
-    function sees the whole switch, which the loss's gradient does not (docs/selection.md)."""
+    layer: a worse switch pushes that normalizer's ratio down for that image, a better one up.
+    The score function sees the whole switch, which the loss's gradient does not
+    (docs/selection.md). ``baseline``: layers x normalizers (float64, NaN where unseen), the
+    running mean (momentum 0.9) of each switch's advantage, updated in place; ``centered``
+    subtracts it from the advantage first: then only how an image's switch compares with other
+    images' moves its ratios, not the layer's mean mixture, which the loss's gradient sets."""
     import torch
 
     n = len(y)
+    layers, normalizers = baseline.shape
     layer = torch.randint(layers, (n,), generator=g)
     choice = torch.randint(normalizers, (n,), generator=g)
     buffers = [b.clone() for b in model.buffers()]
@@ -543,11 +558,18 @@ def explore_step(
         taken = EXPLORE["taken"]
     finally:
         EXPLORE.update(layer=None, choice=None, calls=0, taken=[])
-    advantage = per_sample.detach() - base
-    score = sum(
-        (advantage[rows] * lam[rows, choice[rows]].clamp_min(1e-12).log()).sum()
-        for lam, rows, choice in taken
-    )
+    advantage = (per_sample.detach() - base).double()
+    score = 0.0
+    for j, lam, rows, choice in taken:
+        k, gain = choice[rows], advantage[rows]
+        if centered:
+            seen = baseline[j, k]
+            gain = gain - torch.where(seen.isnan(), gain, seen)
+            for c in k.unique():
+                mean = advantage[rows][k == c].mean()
+                old = baseline[j, c]
+                baseline[j, c] = mean if old.isnan() else 0.9 * old + 0.1 * mean
+        score = score + (gain.to(lam) * lam[rows, k].clamp_min(1e-12).log()).sum()
     loss = per_sample.mean()
     if not taken:
         return loss
@@ -834,8 +856,12 @@ def run(
     ]
     en_layers = [m for m in model.modules() if isinstance(m, enorm_cli.ExemplarNorm2d)]
     has_en = bool(en_layers)
-    # (layers, normalizers) of an explored run (``explore_step``), else empty
-    explored = (len(en_layers), len(en_layers[0].normalizers)) if spec.get("explore") else ()
+    # an explored run's running mean advantage per layer and normalizer (``explore_step``)
+    explored = (
+        torch.full((len(en_layers), len(en_layers[0].normalizers)), math.nan, dtype=torch.float64)
+        if "explore" in spec
+        else None
+    )
     release_steps = round(spec.get("release_epochs", 0) * steps)
     noise_steps = round(spec.get("noise_epochs", 0) * steps)
     offsets = [
@@ -855,9 +881,15 @@ def run(
             if noise_steps:  # annealed: down to 0 over the first noise_steps steps
                 NOISE["sigma"] *= max(0.0, 1.0 - step / noise_steps)
             try:
-                if explored:
+                if explored is not None:
                     loss = explore_step(
-                        model, train["x"][idx], train["y"][idx], *explored, spec["explore"], g
+                        model,
+                        train["x"][idx],
+                        train["y"][idx],
+                        explored,
+                        spec["explore"],
+                        g,
+                        spec.get("explore_centered", True),
                     )
                 else:
                     out = model(train["x"][idx])

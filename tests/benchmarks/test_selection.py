@@ -326,3 +326,74 @@ def test_an_en_switch_compares_the_first_layer_as_its_bn_and_as_its_in() -> None
         ]
     assert torch.allclose(switched.float(), losses[0] - losses[1], atol=1e-5)
     assert switched.abs().max() > 0.01
+
+
+def _hard_losses(model: torch.nn.Module, data: dict[str, Any], choice: torch.Tensor) -> Any:
+    """Per sample, the loss of ``_one_layer_model`` in training mode with its EN layer replaced
+    by one normalizer per sample (0: BN on the batch, 1: IN, 2: LN), each with its affine."""
+    layer, x = model[0], data["x"]
+    dims = {0: (0, 2, 3), 1: (2, 3), 2: (1, 2, 3)}
+    outs = []
+    for k, d in dims.items():
+        mean, var = x.mean(d, keepdim=True), x.var(d, unbiased=False, keepdim=True)
+        w, b = layer.weight[k].view(1, -1, 1, 1), layer.bias[k].view(1, -1, 1, 1)
+        outs.append(w * (x - mean) / (var + layer.eps).sqrt() + b)
+    y = torch.stack(outs)[choice, torch.arange(len(choice))]
+    return torch.nn.functional.cross_entropy(model[1:](y), data["y"], reduction="none")
+
+
+def test_an_explored_step_switches_one_normalizer_in_and_rewards_it() -> None:
+    model, data = _one_layer_model()
+    layer, (x, y) = model[0], (data["x"], data["y"])
+    model.train()
+    # the generator draws each sample's layer (one here: all 0), then its normalizer
+    g = torch.Generator().manual_seed(0)
+    torch.randint(1, (6,), generator=g)
+    choice = torch.randint(3, (6,), generator=g)
+    assert len(set(choice.tolist())) > 1
+    start = [b.clone() for b in model.buffers()]
+
+    def step(
+        weight: float, baseline: torch.Tensor, centered: bool = False
+    ) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor]]:
+        for b, saved in zip(model.buffers(), start, strict=True):
+            b.copy_(saved)
+        g = torch.Generator().manual_seed(0)
+        with selection._explored_mixing():
+            loss = selection.explore_step(model, x, y, baseline, weight, g, centered)
+        (grad,) = torch.autograd.grad(loss, layer.ratio.fc2.bias)
+        return loss, grad, [b.clone() for b in model.buffers()]
+
+    unseen = torch.full((1, 3), float("nan"), dtype=torch.float64)
+    loss, plain, after = step(0.0, unseen.clone())
+    _, scored, _ = step(2.0, unseen.clone())
+    running = torch.tensor([[0.3, -0.2, 0.1]], dtype=torch.float64)
+    _, centered, _ = step(2.0, running, centered=True)
+    assert selection.EXPLORE["layer"] is None  # reset after the block
+    for b, saved in zip(model.buffers(), start, strict=True):
+        b.copy_(saved)
+    hard = _hard_losses(model, data, choice)
+    assert torch.allclose(loss, hard.mean(), atol=1e-5)
+    # the running statistics move once, as after the explored forward alone
+    with selection._explored_mixing():
+        selection.EXPLORE.update(layer=torch.zeros(6, dtype=torch.long), choice=choice)
+        model(x)
+    assert all(torch.equal(a, b) for a, b in zip(after, model.buffers(), strict=True))
+    # the score: weight x the advantage (explored loss - the mixture's) x grad log lambda_k
+    for b, saved in zip(model.buffers(), start, strict=True):
+        b.copy_(saved)
+    with torch.no_grad():
+        advantage = hard - torch.nn.functional.cross_entropy(model(x), y, reduction="none")
+    lam = layer.ratios(x)
+    score = (advantage * lam[torch.arange(6), choice].log()).sum() * 2.0 / 6
+    (expected,) = torch.autograd.grad(score, layer.ratio.fc2.bias, retain_graph=True)
+    assert advantage.abs().max() > 0.01 and expected.abs().max() > 1e-4
+    assert torch.allclose(scored - plain, expected, atol=1e-5)
+    # centered: each switch's advantage less its running mean, which then takes the batch's in
+    start_mean = torch.tensor([0.3, -0.2, 0.1])
+    gain = advantage - start_mean[choice]
+    score = (gain * lam[torch.arange(6), choice].log()).sum() * 2.0 / 6
+    (expected,) = torch.autograd.grad(score, layer.ratio.fc2.bias)
+    assert torch.allclose(centered - plain, expected, atol=1e-5)
+    means = torch.stack([advantage[choice == k].mean() for k in range(3)]).double()
+    assert torch.allclose(running[0], 0.9 * start_mean.double() + 0.1 * means, atol=1e-6)
