@@ -157,6 +157,18 @@ VARIANTS: dict[str, dict[str, Any]] = {
     # exploration alone (no reward): what the switches cost top-1
     "en_explore_raw": {"norm": "en", "explore": 1.0, "explore_centered": False},
     "en_explore0": {"norm": "en", "explore": 0.0},
+    # exploration alone, as a layer could do it by itself: each layer switches each sample with
+    # this probability (2%: about one layer per sample in MobileNetV2's 52; 5%), and the
+    # switched samples' mixture gradient kept (straight through)
+    "en_explore0_straight": {"norm": "en", "explore": 0.0, "explore_straight": True},
+    "en_switch02": {"norm": "en", "explore": 0.0, "explore_rate": 0.02},
+    "en_switch05": {"norm": "en", "explore": 0.0, "explore_rate": 0.05},
+    "en_switch02_straight": {
+        "norm": "en",
+        "explore": 0.0,
+        "explore_rate": 0.02,
+        "explore_straight": True,
+    },
     # references, not EN: BatchNorm with the first norm layer (where the shift lives) replaced by
     # InstanceNorm for every image, or routed by the known group (IN for the shifted images, BN
     # for the clean): what choosing by group is worth, and so what the loss asks of a branch
@@ -166,7 +178,8 @@ VARIANTS: dict[str, dict[str, Any]] = {
 """Each variant: ``model.norm``, and optionally ``bn_stats``, ``en`` (recipe keys under
 ``model.en``), ``optim`` (recipe keys), the experiments' switches ``rowlr``, ``spread``,
 ``fasthidden``, ``warm_epochs``, ``warm_layers``, ``release_epochs``, ``logit_noise`` and
-``noise_epochs``, ``reference_path``, ``explore``, and the references' ``route``."""
+``noise_epochs``, ``reference_path``, ``explore`` (the reward's weight), ``explore_centered``,
+``explore_rate``, ``explore_straight``, and the references' ``route``."""
 DEFAULT_VARIANTS = ("bn", "bn_frozen", "sn", "en")
 """What the benchmark compares; the others are design candidates, run by name."""
 REGIMES = ("finetune", "scratch")
@@ -477,19 +490,21 @@ def _noisy_logits() -> Iterator[None]:
         ef.ratio_logits = logits
 
 
-EXPLORE: dict[str, Any] = {"layer": None, "choice": None, "calls": 0, "taken": []}
-"""A training forward's exploration (``_explored_mixing``): per sample the EN layer (index in
-module order, -1: none) whose mixture it replaces by one normalizer, and which; ``taken``
-collects each explored layer's (index, lambda, rows, choice). ``layer`` is None outside one."""
+EXPLORE: dict[str, Any] = {"mask": None, "choice": None, "straight": False, "calls": 0, "taken": []}
+"""A training forward's exploration (``_explored_mixing``): ``mask`` (N x layers) marks the EN
+layers (in module order) where a sample runs on one normalizer instead of its mixture,
+``choice`` (N x layers) which one; ``straight``: the branch still gets the mixture's gradient
+there (straight through); ``taken`` collects each explored layer's (index, lambda, rows,
+choice). ``mask`` is None outside one."""
 
 
 @contextlib.contextmanager
 def _explored_mixing() -> Iterator[None]:
-    """Experiment, inside the block: in a training forward that ``EXPLORE`` sets up, each sample
-    runs one EN layer on a single normalizer (a whole switch) instead of its mixture, so that
-    the layers after it learn to read every normalizer's output and the loss tells what the
-    switch is worth to that image (``explore_step``); evaluation, the recorder and the loss
-    preference read the mixture."""
+    """Experiment, inside the block: in a training forward that ``EXPLORE`` sets up, a sample runs
+    an EN layer on a single normalizer (a whole switch) instead of its mixture, so that the
+    layers after it learn to read every normalizer's output and the loss tells what the switch
+    is worth to that image (``explore_step``); evaluation, the recorder and the loss preference
+    read the mixture."""
     import torch
 
     from enorm_cli.layers import exemplar_function as ef
@@ -498,16 +513,18 @@ def _explored_mixing() -> Iterator[None]:
 
     def explored(lam: Any, offset: Any) -> Any:
         w = mixing(lam, offset)
-        if EXPLORE["layer"] is None:
+        if EXPLORE["mask"] is None:
             return w
         j = EXPLORE["calls"]
         EXPLORE["calls"] += 1
-        rows = EXPLORE["layer"].to(w.device) == j
+        rows = EXPLORE["mask"][:, j].to(w.device)
         if not bool(rows.any()):
             return w
-        choice = EXPLORE["choice"].to(w.device)
+        choice = EXPLORE["choice"][:, j].to(w.device)
         EXPLORE["taken"].append((j, lam, rows, choice))
         hard = torch.nn.functional.one_hot(choice, w.shape[1]).to(w)
+        if EXPLORE["straight"]:  # the switch's value, the mixture's gradient
+            hard = hard + w - w.detach()
         return torch.where(rows.view(-1, 1), hard, w)
 
     ef.mixing_weights = explored
@@ -516,7 +533,7 @@ def _explored_mixing() -> Iterator[None]:
             yield
     finally:
         ef.mixing_weights = mixing
-        EXPLORE.update(layer=None, choice=None, calls=0, taken=[])
+        EXPLORE.update(mask=None, choice=None, straight=False, calls=0, taken=[])
 
 
 def explore_step(
@@ -527,37 +544,53 @@ def explore_step(
     weight: float,
     g: Any,
     centered: bool = True,
+    rate: float | None = None,
+    straight: bool = False,
 ) -> Any:
     """The training loss of an explored step (inside ``_explored_mixing``): every sample switches
-    one EN layer, drawn uniformly, to one normalizer, drawn uniformly. Its advantage is its loss
-    so minus its loss under the mixture (a forward without gradients, with the same dropout and
-    the running statistics put back); the ratio branch gets ``weight`` x the advantage x
-    log lambda of the normalizer it ran, per layer scaled as if every sample had explored every
-    layer: a worse switch pushes that normalizer's ratio down for that image, a better one up.
-    The score function sees the whole switch, which the loss's gradient does not
-    (docs/selection.md). ``baseline``: layers x normalizers (float64, NaN where unseen), the
-    running mean (momentum 0.9) of each switch's advantage, updated in place; ``centered``
-    subtracts it from the advantage first: then only how an image's switch compares with other
-    images' moves its ratios, not the layer's mean mixture, which the loss's gradient sets."""
+    one EN layer, drawn uniformly, to one normalizer, drawn uniformly (``rate``: each layer
+    independently with that probability). Without a reward (``weight`` 0) that is all: the
+    layers after a switch learn to read every normalizer's output, and the branch learns from
+    the loss's gradient as it does without exploration (but not at a switched sample, unless
+    ``straight``). With one, a switch's advantage is its loss so minus its loss under the
+    mixture (a forward without gradients, with the same dropout and the running statistics put
+    back); the ratio branch gets ``weight`` x the advantage x log lambda of the normalizer it
+    ran, per layer scaled as if every sample had explored every layer: a worse switch pushes
+    that normalizer's ratio down for that image, a better one up. The score function sees the
+    whole switch, which the loss's gradient does not (docs/selection.md). ``baseline``: layers x
+    normalizers (float64, NaN where unseen), the running mean (momentum 0.9) of each switch's
+    advantage, updated in place; ``centered`` subtracts it from the advantage first: then only
+    how an image's switch compares with other images' moves its ratios, not the layer's mean
+    mixture, which the loss's gradient sets."""
     import torch
 
     n = len(y)
     layers, normalizers = baseline.shape
-    layer = torch.randint(layers, (n,), generator=g)
-    choice = torch.randint(normalizers, (n,), generator=g)
-    buffers = [b.clone() for b in model.buffers()]
-    rng = torch.get_rng_state()
-    with torch.no_grad():
-        base = torch.nn.functional.cross_entropy(model(x), y, reduction="none")
-    for b, saved in zip(model.buffers(), buffers, strict=True):
-        b.copy_(saved)
-    torch.set_rng_state(rng)
-    EXPLORE.update(layer=layer, choice=choice, calls=0, taken=[])
+    if rate is None:
+        layer = torch.randint(layers, (n,), generator=g)
+        mask = layer.view(-1, 1) == torch.arange(layers)
+        choice = torch.randint(normalizers, (n,), generator=g).view(-1, 1).expand(n, layers)
+    else:
+        mask = torch.rand((n, layers), generator=g) < rate
+        choice = torch.randint(normalizers, (n, layers), generator=g)
+    base = None
+    if weight:
+        buffers = [b.clone() for b in model.buffers()]
+        rng = torch.get_rng_state()
+        with torch.no_grad():
+            base = torch.nn.functional.cross_entropy(model(x), y, reduction="none")
+        for b, saved in zip(model.buffers(), buffers, strict=True):
+            b.copy_(saved)
+        torch.set_rng_state(rng)
+    EXPLORE.update(mask=mask, choice=choice, straight=straight, calls=0, taken=[])
     try:
         per_sample = torch.nn.functional.cross_entropy(model(x), y, reduction="none")
         taken = EXPLORE["taken"]
     finally:
-        EXPLORE.update(layer=None, choice=None, calls=0, taken=[])
+        EXPLORE.update(mask=None, choice=None, straight=False, calls=0, taken=[])
+    loss = per_sample.mean()
+    if base is None or not taken:
+        return loss
     advantage = (per_sample.detach() - base).double()
     score = 0.0
     for j, lam, rows, choice in taken:
@@ -570,9 +603,6 @@ def explore_step(
                 old = baseline[j, c]
                 baseline[j, c] = mean if old.isnan() else 0.9 * old + 0.1 * mean
         score = score + (gain.to(lam) * lam[rows, k].clamp_min(1e-12).log()).sum()
-    loss = per_sample.mean()
-    if not taken:
-        return loss
     # lambda lives in each layer's inner graph (``fused_affine``), which the loss's backward
     # walks once: the score's gradient is taken now and joins the loss as <p, g>, whose
     # gradient is g. It reaches the layers' parameters only, not the layers before them.
@@ -890,6 +920,8 @@ def run(
                         spec["explore"],
                         g,
                         spec.get("explore_centered", True),
+                        spec.get("explore_rate"),
+                        spec.get("explore_straight", False),
                     )
                 else:
                     out = model(train["x"][idx])

@@ -365,18 +365,18 @@ def test_an_explored_step_switches_one_normalizer_in_and_rewards_it() -> None:
         return loss, grad, [b.clone() for b in model.buffers()]
 
     unseen = torch.full((1, 3), float("nan"), dtype=torch.float64)
-    loss, plain, after = step(0.0, unseen.clone())
-    _, scored, _ = step(2.0, unseen.clone())
+    loss, plain, _ = step(0.0, unseen.clone())
+    _, scored, after = step(2.0, unseen.clone())
     running = torch.tensor([[0.3, -0.2, 0.1]], dtype=torch.float64)
     _, centered, _ = step(2.0, running, centered=True)
-    assert selection.EXPLORE["layer"] is None  # reset after the block
+    assert selection.EXPLORE["mask"] is None  # reset after the block
     for b, saved in zip(model.buffers(), start, strict=True):
         b.copy_(saved)
     hard = _hard_losses(model, data, choice)
     assert torch.allclose(loss, hard.mean(), atol=1e-5)
     # the running statistics move once, as after the explored forward alone
     with selection._explored_mixing():
-        selection.EXPLORE.update(layer=torch.zeros(6, dtype=torch.long), choice=choice)
+        selection.EXPLORE.update(mask=torch.ones(6, 1, dtype=torch.bool), choice=choice.view(6, 1))
         model(x)
     assert all(torch.equal(a, b) for a, b in zip(after, model.buffers(), strict=True))
     # the score: weight x the advantage (explored loss - the mixture's) x grad log lambda_k
@@ -397,3 +397,18 @@ def test_an_explored_step_switches_one_normalizer_in_and_rewards_it() -> None:
     assert torch.allclose(centered - plain, expected, atol=1e-5)
     means = torch.stack([advantage[choice == k].mean() for k in range(3)]).double()
     assert torch.allclose(running[0], 0.9 * start_mean.double() + 0.1 * means, atol=1e-6)
+
+
+def test_a_switched_sample_gives_the_branch_a_gradient_only_straight_through() -> None:
+    model, data = _one_layer_model()
+    layer, (x, y) = model[0], (data["x"], data["y"])
+    model.train()
+    unseen = torch.full((1, 3), float("nan"), dtype=torch.float64)
+    grads = []
+    for straight in (False, True):
+        g = torch.Generator().manual_seed(0)
+        with selection._explored_mixing():  # rate 1: every sample switches the one layer
+            loss = selection.explore_step(model, x, y, unseen, 0.0, g, rate=1.0, straight=straight)
+        grads.append(torch.autograd.grad(loss, layer.ratio.fc2.bias, allow_unused=True)[0])
+    assert grads[0] is None or torch.equal(grads[0], torch.zeros(3))
+    assert grads[1].abs().max() > 1e-4
