@@ -153,6 +153,8 @@ VARIANTS: dict[str, dict[str, Any]] = {
     # ``explore_step``), this many times the loss's weight
     "en_explore": {"norm": "en", "explore": 1.0},
     "en_explore01": {"norm": "en", "explore": 0.1},
+    # at 1/52, a switched sample's score weighs what its loss does (plain REINFORCE)
+    "en_explore002": {"norm": "en", "explore": 0.02},
     # the advantage not centered (each layer's ratios collapse onto one normalizer), and the
     # exploration alone (no reward): what the switches cost top-1
     "en_explore_raw": {"norm": "en", "explore": 1.0, "explore_centered": False},
