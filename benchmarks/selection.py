@@ -836,7 +836,7 @@ def variant_context(variant: str) -> Iterator[None]:
             stack.enter_context(_noisy_logits())
         if spec.get("reference_path"):
             stack.enter_context(_reference_path())
-        if spec.get("explore"):
+        if "explore" in spec:  # also without a reward (0): the switches alone
             stack.enter_context(_explored_mixing())
         yield
 
@@ -877,6 +877,8 @@ def run(
     optimizer = build_optimizer(model, recipe)
     scheduler = build_scheduler(optimizer, recipe, steps)
     g = torch.Generator().manual_seed(seed)
+    # an explored run's switches draw from their own generator: its data order is EN's
+    switches = torch.Generator().manual_seed(seed + 1000)
     tick, step = time.perf_counter(), 0
     spec = VARIANTS[variant]
     hold_steps = round(spec.get("warm_epochs", 0) * steps)
@@ -920,7 +922,7 @@ def run(
                         train["y"][idx],
                         explored,
                         spec["explore"],
-                        g,
+                        switches,
                         spec.get("explore_centered", True),
                         spec.get("explore_rate"),
                         spec.get("explore_straight", False),

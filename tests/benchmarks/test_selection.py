@@ -412,3 +412,13 @@ def test_a_switched_sample_gives_the_branch_a_gradient_only_straight_through() -
         grads.append(torch.autograd.grad(loss, layer.ratio.fc2.bias, allow_unused=True)[0])
     assert grads[0] is None or torch.equal(grads[0], torch.zeros(3))
     assert grads[1].abs().max() > 1e-4
+
+
+@pytest.mark.parametrize("variant", ["en_explore", "en_explore0", "en_switch02"])
+def test_every_explored_variant_runs_inside_the_switches(variant: str) -> None:
+    from enorm_cli.layers import exemplar_function as ef
+
+    shipped = ef.mixing_weights
+    with selection.variant_context(variant):
+        assert ef.mixing_weights is not shipped
+    assert ef.mixing_weights is shipped
