@@ -492,11 +492,12 @@ def _noisy_logits() -> Iterator[None]:
         ef.ratio_logits = logits
 
 
-EXPLORE: dict[str, Any] = {"mask": None, "choice": None, "straight": False, "calls": 0, "taken": []}
+EXPLORE: dict[str, Any] = {"mask": None, "choice": None, "straight": False, "layer": 0, "taken": []}
 """A training forward's exploration (``_explored_mixing``): ``mask`` (N x layers) marks the EN
 layers (in module order) where a sample runs on one normalizer instead of its mixture,
 ``choice`` (N x layers) which one; ``straight``: the branch still gets the mixture's gradient
-there (straight through); ``taken`` collects each explored layer's (index, lambda, rows,
+there (straight through); ``layer``: the index of the EN layer running now (set by a hook);
+``taken`` collects each explored layer's (index, lambda, rows,
 choice). ``mask`` is None outside one."""
 
 
@@ -515,10 +516,10 @@ def _explored_mixing() -> Iterator[None]:
 
     def explored(lam: Any, offset: Any) -> Any:
         w = mixing(lam, offset)
-        if EXPLORE["mask"] is None:
+        # the layer's training forward, not a centered branch's first read of its hidden mean
+        if EXPLORE["mask"] is None or not torch.is_grad_enabled():
             return w
-        j = EXPLORE["calls"]
-        EXPLORE["calls"] += 1
+        j = EXPLORE["layer"]
         rows = EXPLORE["mask"][:, j].to(w.device)
         if not bool(rows.any()):
             return w
@@ -535,7 +536,7 @@ def _explored_mixing() -> Iterator[None]:
             yield
     finally:
         ef.mixing_weights = mixing
-        EXPLORE.update(mask=None, choice=None, straight=False, calls=0, taken=[])
+        EXPLORE.update(mask=None, choice=None, straight=False, layer=0, taken=[])
 
 
 def explore_step(
@@ -566,6 +567,8 @@ def explore_step(
     mixture, which the loss's gradient sets."""
     import torch
 
+    from enorm_cli import ExemplarNorm2d
+
     n = len(y)
     layers, normalizers = baseline.shape
     if rate is None:
@@ -584,12 +587,18 @@ def explore_step(
         for b, saved in zip(model.buffers(), buffers, strict=True):
             b.copy_(saved)
         torch.set_rng_state(rng)
-    EXPLORE.update(mask=mask, choice=choice, straight=straight, calls=0, taken=[])
+    EXPLORE.update(mask=mask, choice=choice, straight=straight, layer=0, taken=[])
+    hooks = [
+        m.register_forward_pre_hook(lambda mod, args, j=j: EXPLORE.update(layer=j))
+        for j, m in enumerate(m for m in model.modules() if isinstance(m, ExemplarNorm2d))
+    ]
     try:
         per_sample = torch.nn.functional.cross_entropy(model(x), y, reduction="none")
         taken = EXPLORE["taken"]
     finally:
-        EXPLORE.update(mask=None, choice=None, straight=False, calls=0, taken=[])
+        EXPLORE.update(mask=None, choice=None, straight=False, layer=0, taken=[])
+        for h in hooks:
+            h.remove()
     loss = per_sample.mean()
     if base is None or not taken:
         return loss

@@ -422,3 +422,25 @@ def test_every_explored_variant_runs_inside_the_switches(variant: str) -> None:
     with selection.variant_context(variant):
         assert ef.mixing_weights is not shipped
     assert ef.mixing_weights is shipped
+
+
+def test_the_switches_find_their_layer_on_a_fresh_model() -> None:
+    from enorm_cli import ExemplarNorm2d
+
+    torch.manual_seed(0)
+    layers = [ExemplarNorm2d(4), ExemplarNorm2d(4)]
+    model = torch.nn.Sequential(*layers, torch.nn.Flatten(), torch.nn.Linear(4 * 25, 3))
+    x, y = torch.randn(6, 4, 5, 5), torch.tensor([0, 1, 2, 0, 1, 2])
+    unseen = torch.full((2, 3), float("nan"), dtype=torch.float64)
+    g = torch.Generator().manual_seed(0)
+    # a fresh centered branch first reads its hidden mean without gradients (no reward: no
+    # forward before this one has read it): not a switch
+    with selection._explored_mixing():
+        loss = selection.explore_step(model, x, y, unseen, 0.0, g, rate=1.0)
+    grads = torch.autograd.grad(loss, [m.ratio.fc2.bias for m in layers], allow_unused=True)
+    # every sample switched in both layers: no mixture gradient reaches either branch
+    assert all(g is None or torch.equal(g, torch.zeros(3)) for g in grads)
+    with selection._explored_mixing():
+        loss = selection.explore_step(model, x, y, unseen, 0.0, g, rate=0.0)
+    grads = torch.autograd.grad(loss, [m.ratio.fc2.bias for m in layers])
+    assert all(g.abs().max() > 1e-6 for g in grads)
