@@ -1198,6 +1198,38 @@ def table(runs: list[dict[str, Any]]) -> str:
     return _summary_table(runs, columns)
 
 
+ROUTES = 0.25
+"""A run routes by group where some layer gives the shifted images at least this much more
+IN + LN, on average, than the clean ones (``gap_in_ln``): a choice, not a ranking of small
+differences (an AUC alone can be high on those)."""
+
+
+def routing_table(runs: list[dict[str, Any]]) -> str:
+    """Per (regime, variant): how many runs route by group (``ROUTES``), with the best AUC
+    (in + ln) of those that do and of those that do not."""
+    groups: dict[tuple[str, str], list[dict[str, Any]]] = {}
+    for r in runs:
+        if r.get("layers"):
+            groups.setdefault((label(r), r["variant"]), []).append(r)
+
+    def mean_auc(rs: list[dict[str, Any]]) -> str:
+        return f"{sum(r['best_auc_in_ln'] for r in rs) / len(rs):.3f}" if rs else "-"
+
+    lines = [
+        f"| regime | variant | runs routing (gap >= {ROUTES}) | best AUC, routing | "
+        "best AUC, not routing |",
+        "|---|---|---|---|---|",
+    ]
+    for (regime, variant), rs in sorted(groups.items()):
+        routing = [r for r in rs if max(lay["gap_in_ln"] for lay in r["layers"]) >= ROUTES]
+        rest = [r for r in rs if r not in routing]
+        lines.append(
+            f"| {regime} | {variant} | {len(routing)} of {len(rs)} | {mean_auc(routing)} | "
+            f"{mean_auc(rest)} |"
+        )
+    return "\n".join(lines)
+
+
 def plot(runs: list[dict[str, Any]], path: Path) -> None:
     """Per regime: every EN variant's per-layer AUC (mean over seeds), and top-1 per group."""
     import matplotlib

@@ -444,3 +444,16 @@ def test_the_switches_find_their_layer_on_a_fresh_model() -> None:
         loss = selection.explore_step(model, x, y, unseen, 0.0, g, rate=0.0)
     grads = torch.autograd.grad(loss, [m.ratio.fc2.bias for m in layers])
     assert all(g.abs().max() > 1e-6 for g in grads)
+
+
+def test_the_routing_table_counts_runs_with_a_group_gap() -> None:
+    def run(seed: int, gap: float, auc: float) -> dict[str, Any]:
+        layers = [{"gap_in_ln": 0.01}, {"gap_in_ln": gap}]
+        return {"regime": "scratch", "variant": "en", "seed": seed, "layers": layers} | {
+            "best_auc_in_ln": auc
+        }
+
+    runs = [run(0, 0.3, 0.9), run(1, 0.1, 0.7), run(2, -0.4, 0.6), run(3, 0.25, 0.8)]
+    row = selection.routing_table(runs).splitlines()[-1]
+    # a negative gap (less IN + LN for the shifted images) is not routing by group
+    assert row == "| scratch | en | 2 of 4 | 0.850 | 0.650 |"
