@@ -159,6 +159,11 @@ VARIANTS: dict[str, dict[str, Any]] = {
     # exploration alone (no reward): what the switches cost top-1
     "en_explore_raw": {"norm": "en", "explore": 1.0, "explore_centered": False},
     "en_explore0": {"norm": "en", "explore": 0.0},
+    # each image's loss under every normalizer of one layer (paired, not sampled), its
+    # expectation under the ratios the branch's signal (``paired_step``), at a tenth and at
+    # the weight of ``en_explore``
+    "en_pair": {"norm": "en", "explore": 0.1, "paired": True},
+    "en_pair1": {"norm": "en", "explore": 1.0, "paired": True},
     # exploration alone, as a layer could do it by itself: each layer switches each sample with
     # this probability (2%: about one layer per sample in MobileNetV2's 52; 5%), and the
     # switched samples' mixture gradient kept (straight through)
@@ -181,7 +186,7 @@ VARIANTS: dict[str, dict[str, Any]] = {
 ``model.en``), ``optim`` (recipe keys), the experiments' switches ``rowlr``, ``spread``,
 ``fasthidden``, ``warm_epochs``, ``warm_layers``, ``release_epochs``, ``logit_noise`` and
 ``noise_epochs``, ``reference_path``, ``explore`` (the reward's weight), ``explore_centered``,
-``explore_rate``, ``explore_straight``, and the references' ``route``."""
+``explore_rate``, ``explore_straight``, ``paired``, and the references' ``route``."""
 DEFAULT_VARIANTS = ("bn", "bn_frozen", "sn", "en")
 """What the benchmark compares; the others are design candidates, run by name."""
 REGIMES = ("finetune", "scratch")
@@ -492,11 +497,19 @@ def _noisy_logits() -> Iterator[None]:
         ef.ratio_logits = logits
 
 
-EXPLORE: dict[str, Any] = {"mask": None, "choice": None, "straight": False, "layer": 0, "taken": []}
+EXPLORE: dict[str, Any] = {
+    "mask": None,
+    "choice": None,
+    "straight": False,
+    "record": False,
+    "layer": 0,
+    "taken": [],
+}
 """A training forward's exploration (``_explored_mixing``): ``mask`` (N x layers) marks the EN
 layers (in module order) where a sample runs on one normalizer instead of its mixture,
 ``choice`` (N x layers) which one; ``straight``: the branch still gets the mixture's gradient
-there (straight through); ``layer``: the index of the EN layer running now (set by a hook);
+there (straight through); ``record``: no switch, the marked layers' lambda only read (into
+``taken``); ``layer``: the index of the EN layer running now (set by a hook);
 ``taken`` collects each explored layer's (index, lambda, rows,
 choice). ``mask`` is None outside one."""
 
@@ -516,15 +529,18 @@ def _explored_mixing() -> Iterator[None]:
 
     def explored(lam: Any, offset: Any) -> Any:
         w = mixing(lam, offset)
-        # the layer's training forward, not a centered branch's first read of its hidden mean
-        if EXPLORE["mask"] is None or not torch.is_grad_enabled():
+        if EXPLORE["mask"] is None:
             return w
         j = EXPLORE["layer"]
         rows = EXPLORE["mask"][:, j].to(w.device)
         if not bool(rows.any()):
             return w
         choice = EXPLORE["choice"][:, j].to(w.device)
-        EXPLORE["taken"].append((j, lam, rows, choice))
+        # a forward with gradients, not a centered branch's first read of its hidden mean
+        if torch.is_grad_enabled():
+            EXPLORE["taken"].append((j, lam, rows, choice))
+        if EXPLORE["record"]:  # the mixture itself, its lambda read
+            return w
         hard = torch.nn.functional.one_hot(choice, w.shape[1]).to(w)
         if EXPLORE["straight"]:  # the switch's value, the mixture's gradient
             hard = hard + w - w.detach()
@@ -536,7 +552,7 @@ def _explored_mixing() -> Iterator[None]:
             yield
     finally:
         ef.mixing_weights = mixing
-        EXPLORE.update(mask=None, choice=None, straight=False, layer=0, taken=[])
+        EXPLORE.update(mask=None, choice=None, straight=False, record=False, layer=0, taken=[])
 
 
 def explore_step(
@@ -567,8 +583,6 @@ def explore_step(
     mixture, which the loss's gradient sets."""
     import torch
 
-    from enorm_cli import ExemplarNorm2d
-
     n = len(y)
     layers, normalizers = baseline.shape
     if rate is None:
@@ -578,27 +592,11 @@ def explore_step(
     else:
         mask = torch.rand((n, layers), generator=g) < rate
         choice = torch.randint(normalizers, (n, layers), generator=g)
-    base = None
-    if weight:
-        buffers = [b.clone() for b in model.buffers()]
-        rng = torch.get_rng_state()
-        with torch.no_grad():
-            base = torch.nn.functional.cross_entropy(model(x), y, reduction="none")
-        for b, saved in zip(model.buffers(), buffers, strict=True):
-            b.copy_(saved)
-        torch.set_rng_state(rng)
-    EXPLORE.update(mask=mask, choice=choice, straight=straight, layer=0, taken=[])
-    hooks = [
-        m.register_forward_pre_hook(lambda mod, args, j=j: EXPLORE.update(layer=j))
-        for j, m in enumerate(m for m in model.modules() if isinstance(m, ExemplarNorm2d))
-    ]
-    try:
+    base = _losses_without_a_trace(model, x, y) if weight else None
+    with _switched(model, mask, choice) as taken:
+        EXPLORE["straight"] = straight
         per_sample = torch.nn.functional.cross_entropy(model(x), y, reduction="none")
-        taken = EXPLORE["taken"]
-    finally:
-        EXPLORE.update(mask=None, choice=None, straight=False, layer=0, taken=[])
-        for h in hooks:
-            h.remove()
+        taken = list(taken)
     loss = per_sample.mean()
     if base is None or not taken:
         return loss
@@ -614,14 +612,90 @@ def explore_step(
                 old = baseline[j, c]
                 baseline[j, c] = mean if old.isnan() else 0.9 * old + 0.1 * mean
         score = score + (gain.to(lam) * lam[rows, k].clamp_min(1e-12).log()).sum()
-    # lambda lives in each layer's inner graph (``fused_affine``), which the loss's backward
-    # walks once: the score's gradient is taken now and joins the loss as <p, g>, whose
-    # gradient is g. It reaches the layers' parameters only, not the layers before them.
+    return loss + _branch_term(model, weight * score * layers / n)
+
+
+@contextlib.contextmanager
+def _switched(model: Any, mask: Any, choice: Any, record: bool = False) -> Iterator[list[Any]]:
+    """Inside the block a forward of ``model`` runs ``EXPLORE``'s switches (``mask``, ``choice``:
+    N x layers; ``record``: read lambda, switch nothing); yields the list of what it took."""
+    from enorm_cli import ExemplarNorm2d
+
+    EXPLORE.update(mask=mask, choice=choice, record=record, layer=0, taken=[])
+    layers = [m for m in model.modules() if isinstance(m, ExemplarNorm2d)]
+    hooks = [
+        m.register_forward_pre_hook(lambda mod, args, j=j: EXPLORE.update(layer=j))
+        for j, m in enumerate(layers)
+    ]
+    try:
+        yield EXPLORE["taken"]
+    finally:
+        EXPLORE.update(mask=None, choice=None, straight=False, record=False, layer=0, taken=[])
+        for h in hooks:
+            h.remove()
+
+
+def _losses_without_a_trace(model: Any, x: Any, y: Any) -> Any:
+    """Per-sample losses of a training-mode forward without gradients that leaves no trace: the
+    running statistics (and a centered branch's hidden mean) put back, the random state (the
+    dropout's masks) as before it, so the next forward draws the same."""
+    import torch
+
+    buffers = [b.clone() for b in model.buffers()]
+    rng = torch.get_rng_state()
+    with torch.no_grad():
+        out = torch.nn.functional.cross_entropy(model(x), y, reduction="none")
+    for b, saved in zip(model.buffers(), buffers, strict=True):
+        b.copy_(saved)
+    torch.set_rng_state(rng)
+    return out
+
+
+def paired_step(model: Any, x: Any, y: Any, baseline: Any, weight: float, g: Any) -> Any:
+    """The training loss of a paired step (inside ``_explored_mixing``): each image gets one EN
+    layer, drawn uniformly, and its loss with that layer run on each normalizer alone, every
+    other layer as it is (K forwards without gradients, no sampling): L_ik, what each whole
+    switch is worth to it. The training forward is the mixture's; the branch of the image's
+    layer gets ``weight`` x the gradient of sum_k lambda_k (L_ik - b_k), b the running mean
+    (momentum 0.9) of L_ik over images per layer and normalizer (``baseline``, updated in
+    place), scaled as if every image had been read at every layer: the expected loss of a
+    whole switch drawn from its ratios, less what every image would gain from it, so that only
+    how an image's switches compare with other images' moves its ratios."""
+    import torch
+
+    n = len(y)
+    layers, normalizers = baseline.shape
+    layer = torch.randint(layers, (n,), generator=g)
+    mask = layer.view(-1, 1) == torch.arange(layers)
+    losses = []
+    for k in range(normalizers):
+        with _switched(model, mask, torch.full((n, layers), k)):
+            losses.append(_losses_without_a_trace(model, x, y))
+    switch = torch.stack(losses, 1).double()  # N x K
+    with _switched(model, mask, torch.zeros(n, layers, dtype=torch.long), record=True) as taken:
+        loss = torch.nn.functional.cross_entropy(model(x), y)
+    surrogate = 0.0
+    for j, lam, rows, _ in taken:
+        seen = baseline[j]
+        rel = switch[rows] - torch.where(seen.isnan(), switch[rows].mean(0), seen)
+        mean = switch[rows].mean(0)
+        baseline[j] = torch.where(seen.isnan(), mean, 0.9 * seen + 0.1 * mean)
+        surrogate = surrogate + (lam[rows] * rel.to(lam)).sum()
+    if not taken or not weight:
+        return loss
+    return loss + _branch_term(model, weight * surrogate * layers / n)
+
+
+def _branch_term(model: Any, term: Any) -> Any:
+    """A term whose gradient is ``term``'s with respect to the EN layers' parameters. lambda
+    lives in each layer's inner graph (``fused_affine``), which the loss's backward walks
+    once: the gradient is taken now and joins the loss as <p, g>, whose gradient is g. It
+    reaches the layers' parameters only, not the layers before them."""
+    import torch
+
     params = [p for p in model.parameters() if p.requires_grad]
-    grads = torch.autograd.grad(
-        weight * score * layers / n, params, retain_graph=True, allow_unused=True
-    )
-    return loss + sum((p * g).sum() for p, g in zip(params, grads, strict=True) if g is not None)
+    grads = torch.autograd.grad(term, params, retain_graph=True, allow_unused=True)
+    return sum((p * g).sum() for p, g in zip(params, grads, strict=True) if g is not None)
 
 
 def auc(scores: Any, positive: Any) -> float:
@@ -924,7 +998,11 @@ def run(
             if noise_steps:  # annealed: down to 0 over the first noise_steps steps
                 NOISE["sigma"] *= max(0.0, 1.0 - step / noise_steps)
             try:
-                if explored is not None:
+                if explored is not None and spec.get("paired"):
+                    loss = paired_step(
+                        model, train["x"][idx], train["y"][idx], explored, spec["explore"], switches
+                    )
+                elif explored is not None:
                     loss = explore_step(
                         model,
                         train["x"][idx],

@@ -457,3 +457,36 @@ def test_the_routing_table_counts_runs_with_a_group_gap() -> None:
     row = selection.routing_table(runs).splitlines()[-1]
     # a negative gap (less IN + LN for the shifted images) is not routing by group
     assert row == "| scratch | en | 2 of 4 | 0.850 | 0.650 |"
+
+
+def test_a_paired_step_reads_every_normalizer_and_trains_on_the_mixture() -> None:
+    model, data = _one_layer_model()
+    layer, (x, y) = model[0], (data["x"], data["y"])
+    with torch.no_grad():  # images' ratios apart, as after some training
+        layer.ratio.fc2.weight.normal_()
+    model.train()
+    start = [b.clone() for b in model.buffers()]
+    grads, losses = [], []
+    for weight in (0.0, 0.5):
+        for b, saved in zip(model.buffers(), start, strict=True):
+            b.copy_(saved)
+        baseline = torch.full((1, 3), float("nan"), dtype=torch.float64)
+        g = torch.Generator().manual_seed(0)
+        with selection._explored_mixing():
+            loss = selection.paired_step(model, x, y, baseline, weight, g)
+        losses.append(loss)
+        grads.append(torch.autograd.grad(loss, layer.ratio.fc2.weight)[0])
+    for b, saved in zip(model.buffers(), start, strict=True):
+        b.copy_(saved)
+    with torch.no_grad():
+        assert torch.allclose(losses[0], torch.nn.functional.cross_entropy(model(x), y))
+    for b, saved in zip(model.buffers(), start, strict=True):
+        b.copy_(saved)
+    # each image alone under each normalizer, the mixture elsewhere (one layer here: all of it)
+    switch = torch.stack([_hard_losses(model, data, torch.full((6,), k)) for k in range(3)], 1)
+    assert torch.allclose(baseline[0].float(), switch.mean(0), atol=1e-5)  # the first mean
+    rel = (switch - switch.mean(0)).detach()
+    lam = layer.ratios(x)
+    (expected,) = torch.autograd.grad((lam * rel).sum() * 0.5 / 6, layer.ratio.fc2.weight)
+    assert expected.abs().max() > 1e-5
+    assert torch.allclose(grads[1] - grads[0], expected, rtol=1e-3, atol=1e-8)
