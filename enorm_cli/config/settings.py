@@ -13,9 +13,10 @@ import re
 from collections.abc import Callable
 from typing import Annotated, Any, Literal
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError
+from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, ValidationError
 
 from ..layers import ExemplarNorm2d, check_activation, check_norm_layer, check_normalizers
+from ..layers.exemplar_norm import check_anchored
 
 
 def _check_regex(pattern: str | None) -> str | None:
@@ -28,6 +29,14 @@ def _check_regex(pattern: str | None) -> str | None:
 
 
 Regex = Annotated[str | None, AfterValidator(_check_regex)]
+
+
+def _check_anchored(value: Any) -> Any:
+    """The layer's check (``check_anchored``), with "true" and "false" read as the flag and a
+    quoted YAML value give them."""
+    if isinstance(value, str) and value.strip().lower() in ("true", "false"):
+        value = value.strip().lower() == "true"
+    return check_anchored(value)
 
 
 class ENSettings(BaseModel):
@@ -63,7 +72,7 @@ class ENSettings(BaseModel):
     """EN's FC2 reads the hidden units minus their running mean (logits = b + s W (h - c)): b
     sets the mean mixture, W how samples differ from it, at its own lr
     (``optim.sample_lr_scale``). Off: the paper's branch."""
-    anchored: bool | Literal["auto"] = "auto"
+    anchored: Annotated[bool | Literal["auto"], BeforeValidator(_check_anchored)] = "auto"
     """How EN starts from its source. true: every normalizer's gamma is the source's, and the
     mixing weights are the ratios plus a fixed offset (the source normalizer's one-hot minus
     the prior) that makes them one-hot on the source: exact, and every normalizer carries the
@@ -127,7 +136,7 @@ def validation_line(exc: ValidationError, name: Callable[[str], str]) -> str:
         msg = err["msg"].removeprefix("Value error, ")
         if err["type"] == "extra_forbidden":
             msg = "unknown key (remove it or check its spelling)"
-        elif "input" in err and not isinstance(err["input"], dict):
-            msg += f" (got {err['input']!r})"
+        elif "input" in err and not isinstance(err["input"], dict) and "got " not in msg:
+            msg += f" (got {err['input']!r})"  # unless the check already named it
         parts.append(f"{name(loc)}: {msg}")
     return "; ".join(parts)

@@ -75,3 +75,13 @@ def test_exact_selects_and_layer_options() -> None:
     assert settings.selects("layer1.0.bn1") and not settings.selects("layer1.0.downsample.1")
     assert not settings.selects("layer2.0.bn1")
     assert settings.layer_options(("pi", "reduction")) == {"pi": 7, "reduction": 16}
+
+
+def test_anchored_takes_the_layers_check_in_one_line() -> None:
+    assert ENSettings(anchored="TRUE").anchored is True  # as a flag or a quoted YAML value
+    assert ENSettings(anchored="false").anchored is False
+    assert ENSettings(anchored="auto").anchored == "auto"
+    with pytest.raises(ValidationError) as info:
+        ENSettings(anchored="maybe")
+    line = validation_line(info.value, lambda loc: loc)
+    assert line == "anchored: anchored must be true, false or auto, got 'maybe'"
