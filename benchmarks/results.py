@@ -472,6 +472,7 @@ BLOCKS: dict[str, tuple[str, Callable[[dict[str, Any]], str]]] = {
     "selection-budget": ("selection_budget", _selection("budget_table", "budget")),
     "selection-coded": ("selection_coded", _selection("table")),
     "selection-long": ("selection_long", _selection("table")),
+    "selection-long-routing": ("selection_long", _selection("routing_table")),
     "selection-spread": ("selection_spread", _selection("table")),
     "selection-spread-routing": ("selection_spread", _selection("routing_table")),
     "selection-explore": ("selection_explore", _selection("table")),
