@@ -160,22 +160,9 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "en_explore_raw": {"norm": "en", "explore": 1.0, "explore_centered": False},
     "en_explore0": {"norm": "en", "explore": 0.0},
     # each image's loss under every normalizer of one layer (paired, not sampled), its
-    # expectation under the ratios the branch's signal (``paired_step``), at a tenth and at
-    # the weight of ``en_explore``
+    # expectation under the ratios the branch's signal (``paired_step``), at a tenth of the
+    # weight of ``en_explore``
     "en_pair": {"norm": "en", "explore": 0.1, "paired": True},
-    "en_pair1": {"norm": "en", "explore": 1.0, "paired": True},
-    # exploration alone, as a layer could do it by itself: each layer switches each sample with
-    # this probability (2%: about one layer per sample in MobileNetV2's 52; 5%), and the
-    # switched samples' mixture gradient kept (straight through)
-    "en_explore0_straight": {"norm": "en", "explore": 0.0, "explore_straight": True},
-    "en_switch02": {"norm": "en", "explore": 0.0, "explore_rate": 0.02},
-    "en_switch05": {"norm": "en", "explore": 0.0, "explore_rate": 0.05},
-    "en_switch02_straight": {
-        "norm": "en",
-        "explore": 0.0,
-        "explore_rate": 0.02,
-        "explore_straight": True,
-    },
     # references, not EN: BatchNorm with the first norm layer (where the shift lives) replaced by
     # InstanceNorm for every image, or routed by the known group (IN for the shifted images, BN
     # for the clean): what choosing by group is worth, and so what the loss asks of a branch
@@ -186,7 +173,7 @@ VARIANTS: dict[str, dict[str, Any]] = {
 ``model.en``), ``optim`` (recipe keys), the experiments' switches ``rowlr``, ``spread``,
 ``fasthidden``, ``warm_epochs``, ``warm_layers``, ``release_epochs``, ``logit_noise`` and
 ``noise_epochs``, ``reference_path``, ``explore`` (the reward's weight), ``explore_centered``,
-``explore_rate``, ``explore_straight``, ``paired``, and the references' ``route``."""
+``paired``, and the references' ``route``."""
 DEFAULT_VARIANTS = ("bn", "bn_frozen", "sn", "en")
 """What the benchmark compares; the others are design candidates, run by name."""
 REGIMES = ("finetune", "scratch")
@@ -497,21 +484,13 @@ def _noisy_logits() -> Iterator[None]:
         ef.ratio_logits = logits
 
 
-EXPLORE: dict[str, Any] = {
-    "mask": None,
-    "choice": None,
-    "straight": False,
-    "record": False,
-    "layer": 0,
-    "taken": [],
-}
+EXPLORE: dict[str, Any] = {"mask": None, "choice": None, "record": False, "layer": 0, "taken": []}
 """A training forward's exploration (``_explored_mixing``): ``mask`` (N x layers) marks the EN
 layers (in module order) where a sample runs on one normalizer instead of its mixture,
-``choice`` (N x layers) which one; ``straight``: the branch still gets the mixture's gradient
-there (straight through); ``record``: no switch, the marked layers' lambda only read (into
-``taken``); ``layer``: the index of the EN layer running now (set by a hook);
-``taken`` collects each explored layer's (index, lambda, rows,
-choice). ``mask`` is None outside one."""
+``choice`` (N x layers) which one; ``record``: no switch, the marked layers' lambda only read;
+``layer``: the index of the EN layer running now (set by a hook); ``taken`` collects each
+marked layer's (index, lambda, rows, choice) in a forward with gradients. ``mask`` is None
+outside one."""
 
 
 @contextlib.contextmanager
@@ -542,8 +521,6 @@ def _explored_mixing() -> Iterator[None]:
         if EXPLORE["record"]:  # the mixture itself, its lambda read
             return w
         hard = torch.nn.functional.one_hot(choice, w.shape[1]).to(w)
-        if EXPLORE["straight"]:  # the switch's value, the mixture's gradient
-            hard = hard + w - w.detach()
         return torch.where(rows.view(-1, 1), hard, w)
 
     ef.mixing_weights = explored
@@ -552,7 +529,7 @@ def _explored_mixing() -> Iterator[None]:
             yield
     finally:
         ef.mixing_weights = mixing
-        EXPLORE.update(mask=None, choice=None, straight=False, record=False, layer=0, taken=[])
+        EXPLORE.update(mask=None, choice=None, record=False, layer=0, taken=[])
 
 
 def explore_step(
@@ -563,38 +540,30 @@ def explore_step(
     weight: float,
     g: Any,
     centered: bool = True,
-    rate: float | None = None,
-    straight: bool = False,
 ) -> Any:
     """The training loss of an explored step (inside ``_explored_mixing``): every sample switches
-    one EN layer, drawn uniformly, to one normalizer, drawn uniformly (``rate``: each layer
-    independently with that probability). Without a reward (``weight`` 0) that is all: the
-    layers after a switch learn to read every normalizer's output, and the branch learns from
-    the loss's gradient as it does without exploration (but not at a switched sample, unless
-    ``straight``). With one, a switch's advantage is its loss so minus its loss under the
-    mixture (a forward without gradients, with the same dropout and the running statistics put
-    back); the ratio branch gets ``weight`` x the advantage x log lambda of the normalizer it
-    ran, per layer scaled as if every sample had explored every layer: a worse switch pushes
-    that normalizer's ratio down for that image, a better one up. The score function sees the
-    whole switch, which the loss's gradient does not (docs/selection.md). ``baseline``: layers x
-    normalizers (float64, NaN where unseen), the running mean (momentum 0.9) of each switch's
-    advantage, updated in place; ``centered`` subtracts it from the advantage first: then only
-    how an image's switch compares with other images' moves its ratios, not the layer's mean
-    mixture, which the loss's gradient sets."""
+    one EN layer, drawn uniformly, to one normalizer, drawn uniformly. Without a reward
+    (``weight`` 0) that is all: the layers after a switch learn to read every normalizer's
+    output, and the branch learns from the loss's gradient as it does without exploration (not
+    at a switched sample, whose mixture is not used). With one, a switch's advantage is its
+    loss so minus its loss under the mixture (a forward without gradients, with the same
+    dropout and the running statistics put back); the ratio branch gets ``weight`` x the
+    advantage x log lambda of the normalizer it ran, per layer scaled as if every sample had
+    explored every layer: a worse switch pushes that normalizer's ratio down for that image, a
+    better one up. The score function sees the whole switch, which the loss's gradient does not
+    (docs/selection.md). ``baseline``: layers x normalizers (float64, NaN where unseen), the
+    running mean (momentum 0.9) of each switch's advantage, updated in place; ``centered``
+    subtracts it from the advantage first: then only how an image's switch compares with other
+    images' moves its ratios, not the layer's mean mixture, which the loss's gradient sets."""
     import torch
 
     n = len(y)
     layers, normalizers = baseline.shape
-    if rate is None:
-        layer = torch.randint(layers, (n,), generator=g)
-        mask = layer.view(-1, 1) == torch.arange(layers)
-        choice = torch.randint(normalizers, (n,), generator=g).view(-1, 1).expand(n, layers)
-    else:
-        mask = torch.rand((n, layers), generator=g) < rate
-        choice = torch.randint(normalizers, (n, layers), generator=g)
+    layer = torch.randint(layers, (n,), generator=g)
+    mask = layer.view(-1, 1) == torch.arange(layers)
+    choice = torch.randint(normalizers, (n,), generator=g).view(-1, 1).expand(n, layers)
     base = _losses_without_a_trace(model, x, y) if weight else None
     with _switched(model, mask, choice) as taken:
-        EXPLORE["straight"] = straight
         per_sample = torch.nn.functional.cross_entropy(model(x), y, reduction="none")
         taken = list(taken)
     loss = per_sample.mean()
@@ -630,7 +599,7 @@ def _switched(model: Any, mask: Any, choice: Any, record: bool = False) -> Itera
     try:
         yield EXPLORE["taken"]
     finally:
-        EXPLORE.update(mask=None, choice=None, straight=False, record=False, layer=0, taken=[])
+        EXPLORE.update(mask=None, choice=None, record=False, layer=0, taken=[])
         for h in hooks:
             h.remove()
 
@@ -1011,8 +980,6 @@ def run(
                         spec["explore"],
                         switches,
                         spec.get("explore_centered", True),
-                        spec.get("explore_rate"),
-                        spec.get("explore_straight", False),
                     )
                 else:
                     out = model(train["x"][idx])
