@@ -32,8 +32,8 @@ Regex = Annotated[str | None, AfterValidator(_check_regex)]
 
 
 def _check_anchored(value: Any) -> Any:
-    """The layer's check (``check_anchored``), with "true" and "false" read as the flag and a
-    quoted YAML value give them."""
+    """The layer's check (``check_anchored``); the strings "true" and "false" (a CLI flag, a
+    quoted YAML value) read as bools."""
     if isinstance(value, str) and value.strip().lower() in ("true", "false"):
         value = value.strip().lower() == "true"
     return check_anchored(value)
