@@ -328,6 +328,12 @@ def test_an_en_switch_compares_the_first_layer_as_its_bn_and_as_its_in() -> None
     assert switched.abs().max() > 0.01
 
 
+def _put_back(model: torch.nn.Module, buffers: list[torch.Tensor]) -> None:
+    """The model's buffers (running statistics, the branch's hidden mean) as they were."""
+    for b, saved in zip(model.buffers(), buffers, strict=True):
+        b.copy_(saved)
+
+
 def _hard_losses(model: torch.nn.Module, data: dict[str, Any], choice: torch.Tensor) -> Any:
     """Per sample, the loss of ``_one_layer_model`` in training mode with its EN layer replaced
     by one normalizer per sample (0: BN on the batch, 1: IN, 2: LN), each with its affine."""
@@ -356,8 +362,7 @@ def test_an_explored_step_switches_one_normalizer_in_and_rewards_it() -> None:
     def step(
         weight: float, baseline: torch.Tensor, centered: bool = False
     ) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor]]:
-        for b, saved in zip(model.buffers(), start, strict=True):
-            b.copy_(saved)
+        _put_back(model, start)
         g = torch.Generator().manual_seed(0)
         with selection._explored_mixing():
             loss = selection.explore_step(model, x, y, baseline, weight, g, centered)
@@ -370,8 +375,7 @@ def test_an_explored_step_switches_one_normalizer_in_and_rewards_it() -> None:
     running = torch.tensor([[0.3, -0.2, 0.1]], dtype=torch.float64)
     _, centered, _ = step(2.0, running, centered=True)
     assert selection.EXPLORE["mask"] is None  # reset after the block
-    for b, saved in zip(model.buffers(), start, strict=True):
-        b.copy_(saved)
+    _put_back(model, start)
     hard = _hard_losses(model, data, choice)
     assert torch.allclose(loss, hard.mean(), atol=1e-5)
     # the running statistics move once, as after the explored forward alone
@@ -380,8 +384,7 @@ def test_an_explored_step_switches_one_normalizer_in_and_rewards_it() -> None:
         model(x)
     assert all(torch.equal(a, b) for a, b in zip(after, model.buffers(), strict=True))
     # the score: weight x the advantage (explored loss - the mixture's) x grad log lambda_k
-    for b, saved in zip(model.buffers(), start, strict=True):
-        b.copy_(saved)
+    _put_back(model, start)
     with torch.no_grad():
         advantage = hard - torch.nn.functional.cross_entropy(model(x), y, reduction="none")
     lam = layer.ratios(x)
@@ -449,20 +452,17 @@ def test_a_paired_step_reads_every_normalizer_and_trains_on_the_mixture() -> Non
     start = [b.clone() for b in model.buffers()]
     grads, losses = [], []
     for weight in (0.0, 0.5):
-        for b, saved in zip(model.buffers(), start, strict=True):
-            b.copy_(saved)
+        _put_back(model, start)
         baseline = torch.full((1, 3), float("nan"), dtype=torch.float64)
         g = torch.Generator().manual_seed(0)
         with selection._explored_mixing():
             loss = selection.paired_step(model, x, y, baseline, weight, g)
         losses.append(loss)
         grads.append(torch.autograd.grad(loss, layer.ratio.fc2.weight)[0])
-    for b, saved in zip(model.buffers(), start, strict=True):
-        b.copy_(saved)
+    _put_back(model, start)
     with torch.no_grad():
         assert torch.allclose(losses[0], torch.nn.functional.cross_entropy(model(x), y))
-    for b, saved in zip(model.buffers(), start, strict=True):
-        b.copy_(saved)
+    _put_back(model, start)
     # each image alone under each normalizer, the mixture elsewhere (one layer here: all of it)
     switch = torch.stack([_hard_losses(model, data, torch.full((6,), k)) for k in range(3)], 1)
     assert torch.allclose(baseline[0].float(), switch.mean(0), atol=1e-5)  # the first mean
