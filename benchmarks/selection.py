@@ -865,14 +865,46 @@ def group_t(values: Any, positive: Any) -> float:
     return float((pos.mean() - neg.mean()) / se)
 
 
+def group_gaps(model: Any, test: dict[str, Any], limit: int = 512) -> list[float]:
+    """Per EN layer, how much more IN + LN the shifted images get than the clean ones
+    (``gap_in_ln``) on the first ``limit`` test images, read in evaluation mode on a copy: when
+    in training a run starts to route, and where."""
+    import copy
+
+    import torch
+
+    from enorm_cli.inspect.recorder import RatioRecorder
+
+    model = copy.deepcopy(model).eval()
+    shifted = test["shifted"][:limit]
+    with RatioRecorder(model) as recorder, torch.no_grad():
+        model(test["x"][:limit])
+        lam = recorder.take_readout().ratios
+    gaps = []
+    for i, norms in enumerate(recorder.normalizers):
+        per_image = sum(lam[:, i, norms.index(n)] for n in ("in", "ln") if n in norms)
+        gaps.append(float(per_image[shifted].mean() - per_image[~shifted].mean()))
+    return gaps
+
+
 def preference_probe(model: Any, test: dict[str, Any], limit: int = 512) -> dict[str, Any]:
     """What the loss asks of a model in training: per EN layer the group gap of
     ``loss_preference`` (which reads a copy) in standard errors, and the largest with its
-    layer's index."""
+    layer's index; and what the ratios give the groups (``group_gaps``), the largest gap with
+    its layer's index."""
     asked = loss_preference(model, test, limit)
     t = [group_t(a, test["shifted"][: len(a)]) for a in asked]
     largest = max(range(len(t)), key=lambda i: abs(t[i]))
-    return {"t": [round(v, 2) for v in t], "largest_t": t[largest], "largest_layer": largest}
+    gaps = group_gaps(model, test, limit)
+    widest = max(range(len(gaps)), key=lambda i: gaps[i])
+    return {
+        "t": [round(v, 2) for v in t],
+        "largest_t": t[largest],
+        "largest_layer": largest,
+        "gaps": [round(v, 6) for v in gaps],
+        "largest_gap": gaps[widest],
+        "largest_gap_layer": widest,
+    }
 
 
 @contextlib.contextmanager

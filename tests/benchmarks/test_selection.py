@@ -194,6 +194,8 @@ def test_the_first_layer_table_reads_en_and_the_references() -> None:
 
 def test_the_probe_reads_a_copy_and_leaves_the_model_as_it_was() -> None:
     model, data = _one_layer_model()
+    with torch.no_grad():  # images' ratios apart, as after some training
+        model[0].ratio.fc2.weight.normal_()
     before = {k: v.clone() for k, v in model.state_dict().items()}
     probe = selection.preference_probe(model, data)
     assert model.training  # not switched to evaluation mode
@@ -202,6 +204,14 @@ def test_the_probe_reads_a_copy_and_leaves_the_model_as_it_was() -> None:
     (asked,) = selection.loss_preference(model, data)
     assert probe["largest_layer"] == 0 and len(probe["t"]) == 1
     assert probe["largest_t"] == pytest.approx(selection.group_t(asked, data["shifted"]))
+    # the ratios' gap between the groups, in evaluation mode
+    with torch.no_grad():
+        lam = model[0].ratios(data["x"])
+    per_image = lam[:, 1] + lam[:, 2]
+    gap = float(per_image[data["shifted"]].mean() - per_image[~data["shifted"]].mean())
+    assert abs(gap) > 1e-6 and probe["gaps"] == [pytest.approx(gap, rel=1e-2)]
+    assert probe["largest_gap"] == pytest.approx(gap, rel=1e-2)
+    assert probe["largest_gap_layer"] == 0
 
 
 def test_the_trace_table_has_a_row_per_probe() -> None:
