@@ -482,6 +482,7 @@ BLOCKS: dict[str, tuple[str, Callable[[dict[str, Any]], str]]] = {
     "selection-preference": ("selection_preference", _selection("preference_table")),
     "selection-first-preference": ("selection_preference", _selection("first_preference_table")),
     "selection-trace": ("selection_trace", _selection("trace_table")),
+    "selection-gap-trace": ("selection_gap_trace", _selection("gap_trace_table")),
 }
 """Results block name -> (record, renderer)."""
 

@@ -1263,6 +1263,35 @@ def trace_table(runs: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+def gap_trace_table(runs: list[dict[str, Any]]) -> str:
+    """When and where a run starts to route (runs whose probes read ``group_gaps``): per seed, a
+    row per probe with the largest gap between the groups' IN + LN and its layer, and the
+    first layer's gap (where the shift lives), ending with the run's own reading on all test
+    images."""
+    lines = [
+        "| regime | variant | seed | step | largest gap (in+ln) | its layer | first layer's gap |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for r in runs:
+        names = [lay["name"] for lay in r["layers"]]
+        rows = [
+            (str(p["step"]), p["largest_gap"], p["largest_gap_layer"], p["gaps"][0])
+            for p in r.get("preference_trace", [])
+            if "gaps" in p
+        ]
+        if not rows:
+            continue
+        gaps = [lay["gap_in_ln"] for lay in r["layers"]]
+        widest = max(range(len(gaps)), key=lambda i: gaps[i])
+        rows.append(("end, all test images", gaps[widest], widest, gaps[0]))
+        for step, gap, layer, first in rows:
+            lines.append(
+                f"| {label(r)} | {r['variant']} | {r['seed']} | {step} | {gap:.3f} | "
+                f"`{names[layer]}` | {first:.3f} |"
+            )
+    return "\n".join(lines)
+
+
 def table(runs: list[dict[str, Any]]) -> str:
     columns = [
         *TOP1,

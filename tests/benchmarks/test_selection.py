@@ -481,3 +481,15 @@ def test_a_paired_step_reads_every_normalizer_and_trains_on_the_mixture() -> Non
     (expected,) = torch.autograd.grad((lam * rel).sum() * 0.5 / 6, layer.ratio.fc2.weight)
     assert expected.abs().max() > 1e-5
     assert torch.allclose(grads[1] - grads[0], expected, rtol=1e-3, atol=1e-8)
+
+
+def test_the_gap_trace_has_a_row_per_probe_and_the_end() -> None:
+    layers = [{"name": "a", "gap_in_ln": 0.02}, {"name": "b", "gap_in_ln": 0.4}]
+    trace = [{"step": 25, "gaps": [0.01, 0.0], "largest_gap": 0.01, "largest_gap_layer": 0}]
+    run = {"regime": "scratch", "variant": "en", "seed": 3, "layers": layers}
+    lines = selection.gap_trace_table([run | {"preference_trace": trace}]).splitlines()
+    assert lines[2:] == [
+        "| scratch | en | 3 | 25 | 0.010 | `a` | 0.010 |",
+        "| scratch | en | 3 | end, all test images | 0.400 | `b` | 0.020 |",
+    ]
+    assert len(selection.gap_trace_table([run]).splitlines()) == 2  # no probes: no rows
