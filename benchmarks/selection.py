@@ -565,7 +565,6 @@ def explore_step(
     base = _losses_without_a_trace(model, x, y) if weight else None
     with _switched(model, mask, choice) as taken:
         per_sample = torch.nn.functional.cross_entropy(model(x), y, reduction="none")
-        taken = list(taken)
     loss = per_sample.mean()
     if base is None or not taken:
         return loss
@@ -577,11 +576,16 @@ def explore_step(
             seen = baseline[j, k]
             gain = gain - torch.where(seen.isnan(), gain, seen)
             for c in k.unique():
-                mean = advantage[rows][k == c].mean()
-                old = baseline[j, c]
-                baseline[j, c] = mean if old.isnan() else 0.9 * old + 0.1 * mean
+                baseline[j, c] = _follow(baseline[j, c], advantage[rows][k == c].mean())
         score = score + (gain.to(lam) * lam[rows, k].clamp_min(1e-12).log()).sum()
     return loss + _branch_term(model, weight * score * layers / n)
+
+
+def _follow(running: Any, new: Any) -> Any:
+    """A running mean (momentum 0.9) after ``new``; ``new`` itself where it was unseen (NaN)."""
+    import torch
+
+    return torch.where(running.isnan(), new, 0.9 * running + 0.1 * new)
 
 
 @contextlib.contextmanager
@@ -645,10 +649,9 @@ def paired_step(model: Any, x: Any, y: Any, baseline: Any, weight: float, g: Any
         loss = torch.nn.functional.cross_entropy(model(x), y)
     surrogate = 0.0
     for j, lam, rows, _ in taken:
-        seen = baseline[j]
-        rel = switch[rows] - torch.where(seen.isnan(), switch[rows].mean(0), seen)
         mean = switch[rows].mean(0)
-        baseline[j] = torch.where(seen.isnan(), mean, 0.9 * seen + 0.1 * mean)
+        rel = switch[rows] - torch.where(baseline[j].isnan(), mean, baseline[j])
+        baseline[j] = _follow(baseline[j], mean)
         surrogate = surrogate + (lam[rows] * rel.to(lam)).sum()
     if not taken or not weight:
         return loss
@@ -880,11 +883,19 @@ def group_gaps(model: Any, test: dict[str, Any], limit: int = 512) -> list[float
     with RatioRecorder(model) as recorder, torch.no_grad():
         model(test["x"][:limit])
         lam = recorder.take_readout().ratios
-    gaps = []
-    for i, norms in enumerate(recorder.normalizers):
-        per_image = sum(lam[:, i, norms.index(n)] for n in ("in", "ln") if n in norms)
-        gaps.append(float(per_image[shifted].mean() - per_image[~shifted].mean()))
-    return gaps
+    return [
+        group_gap(in_ln(lam[:, i], norms), shifted) for i, norms in enumerate(recorder.normalizers)
+    ]
+
+
+def in_ln(lam: Any, normalizers: Any) -> Any:
+    """Per image, a layer's ratios (N x K) on the per-image normalizers: IN + LN."""
+    return sum(lam[:, normalizers.index(n)] for n in ("in", "ln") if n in normalizers)
+
+
+def group_gap(values: Any, shifted: Any) -> float:
+    """How much more of ``values`` the shifted images get than the clean ones, on average."""
+    return float(values[shifted].mean() - values[~shifted].mean())
 
 
 def preference_probe(model: Any, test: dict[str, Any], limit: int = 512) -> dict[str, Any]:
@@ -1077,7 +1088,7 @@ def run(
         for i, row in enumerate(rows):
             norms = row.normalizers
             lam = r.ratios[:, i, : len(norms)]
-            per_image = sum(lam[:, norms.index(n)] for n in ("in", "ln") if n in norms)
+            per_image = in_ln(lam, norms)
             layer = {
                 **row.to_json(4),
                 "auc_in": auc(lam[:, norms.index("in")], shifted) if "in" in norms else None,
@@ -1085,7 +1096,7 @@ def run(
                 # the strongly shifted images against the clean ones
                 "auc_in_ln_strong": auc(per_image[keep], shifted[keep]),
                 # how much more of the per-image normalizers the shifted images get, on average
-                "gap_in_ln": float(per_image[shifted].mean() - per_image[~shifted].mean()),
+                "gap_in_ln": group_gap(per_image, shifted),
                 # what the choice follows: the share of its variance over samples that the
                 # class, and the group, explain
                 "class_share_in_ln": explained_share(per_image, test["y"]),
