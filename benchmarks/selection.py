@@ -125,6 +125,9 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "en_warm_quarter": {"norm": "en", "warm_epochs": 0.25},
     "en_warm_half": {"norm": "en", "warm_epochs": 0.5},
     "en_warm_early": {"norm": "en", "warm_epochs": 1, "warm_layers": r"^features\.[0-4]\."},
+    # the first layer alone held for the first epoch: where runs that do not route send every
+    # image to IN early on, while the layers after it are still forming
+    "en_warm_first": {"norm": "en", "warm_epochs": 1, "warm_layers": r"^features\.0\."},
     # held for the whole run (4 epochs from scratch): in the first layer only, where the shift
     # lives, or everywhere; a held layer's mean stays at its source, so only the per-sample term
     # can give an image another normalizer
@@ -1321,9 +1324,40 @@ IN + LN, on average, than the clean ones (``gap_in_ln``): a choice, not a rankin
 differences (an AUC alone can be high on those)."""
 
 
+def share_interval(k: int, n: int, z: float = 1.96) -> tuple[float, float]:
+    """Wilson's 95% interval for a share of k runs in n: with 5 or 10 runs a share is a
+    coarse reading, and the interval says how coarse."""
+    if n == 0:
+        return 0.0, 1.0
+    p, zz = k / n, z * z
+    centre = (p + zz / (2 * n)) / (1 + zz / n)
+    half = z * math.sqrt(p * (1 - p) / n + zz / (4 * n * n)) / (1 + zz / n)
+    return max(0.0, centre - half), min(1.0, centre + half)
+
+
+def fisher_p(k1: int, n1: int, k2: int, n2: int) -> float:
+    """Two-sided Fisher exact test that two shares of runs (k1 of n1, k2 of n2) are the same:
+    the probability, with the margins fixed, of a table no more likely than the one seen."""
+    total, hits = n1 + n2, k1 + k2
+
+    def chance(a: int) -> float:
+        return math.comb(n1, a) * math.comb(n2, hits - a) / math.comb(total, hits)
+
+    seen = chance(k1)
+    tables = range(max(0, hits - n2), min(n1, hits) + 1)
+    return min(1.0, sum(chance(a) for a in tables if chance(a) <= seen * (1 + 1e-9)))
+
+
+def routes(run: dict[str, Any]) -> bool:
+    """Whether some layer of the run routes by group (``ROUTES``)."""
+    return max(lay["gap_in_ln"] for lay in run["layers"]) >= ROUTES
+
+
 def routing_table(runs: list[dict[str, Any]]) -> str:
-    """Per (regime, variant): how many runs route by group (``ROUTES``), with the best AUC
-    (in + ln) of those that do and of those that do not."""
+    """Per (regime, variant): how many runs route by group (``ROUTES``), Wilson's 95% interval
+    for that share, Fisher's exact p against EN as shipped in the same regime (``en``, or
+    ``en_reference`` for the variants that patch the reference path, where the record has
+    it), and the best AUC (in + ln) of the runs that route and of those that do not."""
     groups: dict[tuple[str, str], list[dict[str, Any]]] = {}
     for r in runs:
         if r.get("layers"):
@@ -1332,16 +1366,29 @@ def routing_table(runs: list[dict[str, Any]]) -> str:
     def mean_auc(rs: list[dict[str, Any]]) -> str:
         return f"{sum(r['best_auc_in_ln'] for r in rs) / len(rs):.3f}" if rs else "-"
 
+    def against_en(regime: str, variant: str, k: int, n: int) -> str:
+        spec = VARIANTS.get(variant, {})
+        on_reference = spec.get("reference_path") or "explore" in spec
+        # the same path where the record has it: the paths differ only in rounding
+        bases = ("en_reference", "en") if on_reference else ("en", "en_reference")
+        base = next((b for b in bases if (regime, b) in groups), None)
+        if variant in ("en", "en_reference") or base is None:
+            return "-"
+        rs = groups[(regime, base)]
+        return f"{fisher_p(k, n, sum(map(routes, rs)), len(rs)):.2f}"
+
     lines = [
-        f"| regime | variant | runs routing (gap >= {ROUTES}) | best AUC, routing | "
-        "best AUC, not routing |",
-        "|---|---|---|---|---|",
+        f"| regime | variant | runs routing (gap >= {ROUTES}) | 95% interval | "
+        "against EN (Fisher p) | best AUC, routing | best AUC, not routing |",
+        "|---|---|---|---|---|---|---|",
     ]
     for (regime, variant), rs in sorted(groups.items()):
-        routing = [r for r in rs if max(lay["gap_in_ln"] for lay in r["layers"]) >= ROUTES]
+        routing = [r for r in rs if routes(r)]
         rest = [r for r in rs if r not in routing]
+        lo, hi = share_interval(len(routing), len(rs))
         lines.append(
-            f"| {regime} | {variant} | {len(routing)} of {len(rs)} | {mean_auc(routing)} | "
+            f"| {regime} | {variant} | {len(routing)} of {len(rs)} | {lo:.2f}-{hi:.2f} | "
+            f"{against_en(regime, variant, len(routing), len(rs))} | {mean_auc(routing)} | "
             f"{mean_auc(rest)} |"
         )
     return "\n".join(lines)

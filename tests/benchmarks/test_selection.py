@@ -441,16 +441,26 @@ def test_the_switches_find_their_layer_on_a_fresh_model() -> None:
 
 
 def test_the_routing_table_counts_runs_with_a_group_gap() -> None:
-    def run(seed: int, gap: float, auc: float) -> dict[str, Any]:
+    def run(variant: str, seed: int, gap: float, auc: float) -> dict[str, Any]:
         layers = [{"gap_in_ln": 0.01}, {"gap_in_ln": gap}]
-        return {"regime": "scratch", "variant": "en", "seed": seed, "layers": layers} | {
+        return {"regime": "scratch", "variant": variant, "seed": seed, "layers": layers} | {
             "best_auc_in_ln": auc
         }
 
-    runs = [run(0, 0.3, 0.9), run(1, 0.1, 0.7), run(2, -0.4, 0.6), run(3, 0.25, 0.8)]
-    row = selection.routing_table(runs).splitlines()[-1]
-    # a negative gap (less IN + LN for the shifted images) is not routing by group
-    assert row == "| scratch | en | 2 of 4 | 0.850 | 0.650 |"
+    runs = [run("en", 0, 0.3, 0.9), run("en", 1, 0.1, 0.7), run("en", 2, -0.4, 0.6)]
+    runs += [run("en", 3, 0.25, 0.8)] + [run("en_warm_quarter", s, 0.5, 0.9) for s in range(3)]
+    en, warm = selection.routing_table(runs).splitlines()[-2:]
+    # a negative gap (less IN + LN for the shifted images) is not routing by group; Wilson's
+    # interval for 2 of 4 is 0.15-0.85, and Fisher's p for 3 of 3 against 2 of 4 is 9/21
+    assert en == "| scratch | en | 2 of 4 | 0.15-0.85 | - | 0.850 | 0.650 |"
+    assert warm == "| scratch | en_warm_quarter | 3 of 3 | 0.44-1.00 | 0.43 | 0.900 | - |"
+
+
+def test_the_share_interval_and_the_exact_test_match_their_textbook_values() -> None:
+    # Wilson: 0 of 10 gives 0-0.278; Fisher: 1 of 10 against 9 of 10, p = 0.0011
+    assert selection.share_interval(0, 10) == pytest.approx((0.0, 0.2775), abs=1e-4)
+    assert selection.fisher_p(1, 10, 9, 10) == pytest.approx(0.001093, abs=1e-6)
+    assert selection.fisher_p(5, 10, 5, 10) == pytest.approx(1.0)
 
 
 def test_a_paired_step_reads_every_normalizer_and_trains_on_the_mixture() -> None:
