@@ -477,6 +477,8 @@ BLOCKS: dict[str, tuple[str, Callable[[dict[str, Any]], str]]] = {
     "selection-spread-routing": ("selection_spread", _selection("routing_table")),
     "selection-explore": ("selection_explore", _selection("table")),
     "selection-explore-routing": ("selection_explore", _selection("routing_table")),
+    "selection-routing": ("selection_routing", _selection("table")),
+    "selection-routing-share": ("selection_routing", _selection("routing_table")),
     "selection-routed": ("selection_routed", _selection("table")),
     "selection-experiments": ("selection_experiments", _selection("table")),
     "selection-preference": ("selection_preference", _selection("preference_table")),
