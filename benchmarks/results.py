@@ -103,7 +103,16 @@ def _source(record: dict[str, Any]) -> str:
     )
 
 
-VARIANT_ORDER = ("bn", "bn_frozen", "sn", "en", "en_batch", "en_renorm_frozen")
+VARIANT_ORDER = (
+    "bn",
+    "bn_frozen",
+    "sn",
+    "en",
+    "en_batch",
+    "en_renorm_frozen",
+    "en_sample10",
+    "en_ratio10",
+)
 
 
 def _variants(runs: list[dict[str, Any]]) -> list[str]:
@@ -445,6 +454,7 @@ BLOCKS: dict[str, tuple[str, Callable[[dict[str, Any]], str]]] = {
     "stability-minimal": ("stability_minimal", stability_table),
     "stability-minimal-headline": ("stability_minimal", stability_headline),
     "stability-quickstart": ("stability_quickstart", stability_table),
+    "stability-adamw": ("stability_adamw", stability_table),
     "small-batch": ("small_batch", small_batch_table),
     "small-batch-sizes": ("small_batch_sizes", small_batch_sizes_table),
     "convert-seeds": ("convert_seeds", convert_table),
@@ -467,6 +477,7 @@ BLOCKS: dict[str, tuple[str, Callable[[dict[str, Any]], str]]] = {
     "selection-probe": ("selection_probe", _selection("table")),
     "selection-design": ("selection_design", _selection("table")),
     "selection-cells": ("selection_cells", _selection("table")),
+    "selection-adamw": ("selection_adamw", _selection("table")),
     "selection-anchor": ("selection_anchor", _selection("table")),
     "selection-ceiling": ("selection_ceiling", _selection("ceiling_table", "ceiling")),
     "selection-budget": ("selection_budget", _selection("budget_table", "budget")),

@@ -167,11 +167,18 @@ VARIANTS: dict[str, dict[str, Any]] = {
     # weight of ``en_explore``
     "en_pair": {"norm": "en", "explore": 0.1, "paired": True},
     # AdamW (the lr from --lr): under optimizers that divide out the gradient's scale the
-    # per-sample weight learns at the ratio lr ("auto"), or at 10 times it
+    # per-sample weight learns at the ratio lr ("auto"), or at 10 or 30 times it
     "bn_adamw": {"norm": "bn", "bn_stats": "batch", "optim": {"name": "adamw"}},
     "sn_adamw": {"norm": "sn", "optim": {"name": "adamw"}},
     "en_adamw": {"norm": "en", "optim": {"name": "adamw"}},
     "en_adamw_s10": {"norm": "en", "optim": {"name": "adamw", "sample_lr_scale": 10.0}},
+    "en_adamw_s30": {"norm": "en", "optim": {"name": "adamw", "sample_lr_scale": 30.0}},
+    # the whole branch (the mean mixture and the per-sample weight) at 10 times the lr, as BIN
+    # gives its gates
+    "en_adamw_r10": {
+        "norm": "en",
+        "optim": {"name": "adamw", "ratio_lr_scale": 10.0, "sample_lr_scale": 10.0},
+    },
     # references, not EN: BatchNorm with the first norm layer (where the shift lives) replaced by
     # InstanceNorm for every image, or routed by the known group (IN for the shifted images, BN
     # for the clean): what choosing by group is worth, and so what the loss asks of a branch

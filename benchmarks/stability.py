@@ -53,6 +53,11 @@ VARIANTS: dict[str, list[str]] = {
     "en_batch": ["model.norm=en", "model.bn_stats=batch"],  # EN, bn member on batch statistics
     # EN with auto's small-batch mode at any batch
     "en_renorm_frozen": ["model.norm=en", "model.bn_stats=renorm_frozen"],
+    # EN with its per-sample weight at 10 times the lr (with an adaptive optimizer, whose
+    # "auto" gives it the ratio lr)
+    "en_sample10": ["model.norm=en", "optim.sample_lr_scale=10"],
+    # and the whole ratio branch at 10 times the lr (BIN's policy for its gates)
+    "en_ratio10": ["model.norm=en", "optim.ratio_lr_scale=10", "optim.sample_lr_scale=10"],
 }
 
 DEFAULT_VARIANTS = ("bn", "bn_frozen", "sn", "en")

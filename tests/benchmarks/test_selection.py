@@ -503,3 +503,14 @@ def test_the_gap_trace_has_a_row_per_probe_and_the_end() -> None:
         "| scratch | en | 3 | end, all test images | 0.400 | `b` | 0.020 |",
     ]
     assert len(selection.gap_trace_table([run]).splitlines()) == 2  # no probes: no rows
+
+
+@pytest.mark.parametrize("variant", sorted(selection.VARIANTS))
+def test_every_variant_is_a_valid_minimal_recipe(variant: str) -> None:
+    """A variant's recipe keys go through the schema (a misspelt key fails here, not after a
+    run's first minutes), with its optimizer where it names one."""
+    recipe = selection.recipe_for("scratch", variant, 64, 0.002, 1)
+    spec = selection.VARIANTS[variant]
+    assert recipe.model.norm == spec["norm"]
+    assert recipe.optim.name == spec.get("optim", {}).get("name", "sgd")
+    assert recipe.optim.lr == 0.002
