@@ -70,3 +70,15 @@ def test_the_heat_map_title_counts_runs_per_cell_not_seeds_overall() -> None:
     five_at_8 = three + [run(v, 8, s) for v in ("bn", "en") for s in range(5)]
     assert stability.seeds_label(five_at_8) == ", mean of 3-5 seeds per cell"
     assert stability.seeds_label([run("bn", 4, 0)]) == ""
+
+
+@pytest.mark.parametrize("variant", sorted(stability.VARIANTS))
+def test_every_variant_loads_on_the_minimal_recipe_with_adamw(variant: str) -> None:
+    """A variant's overrides go through the schema, beside the grid's extra overrides (the
+    AdamW grid's ``optim.name=adamw``), and keep the norm they name."""
+    from enorm_cli.config.recipe import load_recipe
+
+    overrides = ["optim.name=adamw", *stability.VARIANTS[variant]]
+    recipe = load_recipe(ROOT / "benchmarks" / "recipes" / "minimal.yaml", overrides)
+    assert recipe.optim.name == "adamw"
+    assert f"model.norm={recipe.model.norm}" in stability.VARIANTS[variant]
