@@ -1357,8 +1357,8 @@ def fisher_p(k1: int, n1: int, k2: int, n2: int) -> float:
         return math.comb(n1, a) * math.comb(n2, hits - a) / math.comb(total, hits)
 
     seen = chance(k1)
-    tables = range(max(0, hits - n2), min(n1, hits) + 1)
-    return min(1.0, sum(chance(a) for a in tables if chance(a) <= seen * (1 + 1e-9)))
+    tables = [chance(a) for a in range(max(0, hits - n2), min(n1, hits) + 1)]
+    return min(1.0, sum(p for p in tables if p <= seen * (1 + 1e-9)))
 
 
 def routes(run: dict[str, Any]) -> bool:
