@@ -110,6 +110,7 @@ VARIANT_ORDER = (
     "en",
     "en_batch",
     "en_renorm_frozen",
+    "en_r1",
     "en_sample10",
     "en_ratio10",
 )

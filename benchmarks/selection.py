@@ -166,18 +166,43 @@ VARIANTS: dict[str, dict[str, Any]] = {
     # expectation under the ratios the branch's signal (``paired_step``), at a tenth of the
     # weight of ``en_explore``
     "en_pair": {"norm": "en", "explore": 0.1, "paired": True},
-    # AdamW (the lr from --lr): under optimizers that divide out the gradient's scale the
-    # per-sample weight learns at the ratio lr ("auto"), or at 10 or 30 times it
+    # AdamW (the lr from --lr): EN as shipped (``en_adamw``: its logits at 10 times the lr, the
+    # hidden layer at the lr), and with the ratio branch at the lr and the per-sample weight at
+    # 10 or 30 times it
     "bn_adamw": {"norm": "bn", "bn_stats": "batch", "optim": {"name": "adamw"}},
     "sn_adamw": {"norm": "sn", "optim": {"name": "adamw"}},
     "en_adamw": {"norm": "en", "optim": {"name": "adamw"}},
-    "en_adamw_s10": {"norm": "en", "optim": {"name": "adamw", "sample_lr_scale": 10.0}},
-    "en_adamw_s30": {"norm": "en", "optim": {"name": "adamw", "sample_lr_scale": 30.0}},
+    "en_adamw_s10": {
+        "norm": "en",
+        "optim": {"name": "adamw", "ratio_lr_scale": 1.0, "sample_lr_scale": 10.0},
+    },
+    "en_adamw_s30": {
+        "norm": "en",
+        "optim": {"name": "adamw", "ratio_lr_scale": 1.0, "sample_lr_scale": 30.0},
+    },
     # the whole branch (the mean mixture and the per-sample weight) at 10 times the lr, as BIN
     # gives its gates
     "en_adamw_r10": {
         "norm": "en",
         "optim": {"name": "adamw", "ratio_lr_scale": 10.0, "sample_lr_scale": 10.0},
+    },
+    # the logits (FC2: the mean mixture and the per-sample weight) at 10 times the lr, the hidden
+    # layer (the conv and FC1) at the lr: ``en_adamw`` since ``optim.hidden_lr_scale``
+    # (``ratio_lr_scale: auto`` is 10 with adaptive optimizers), spelled out; at 10 times (r10)
+    # an Adam step of 0.05 (lr 0.005) grows FC1 until tanh saturates
+    "en_adamw_f10": {
+        "norm": "en",
+        "optim": {
+            "name": "adamw",
+            "ratio_lr_scale": 10.0,
+            "sample_lr_scale": 10.0,
+            "hidden_lr_scale": 1.0,
+        },
+    },
+    # ``en_adamw`` before that: the whole branch at the lr
+    "en_adamw_r1": {
+        "norm": "en",
+        "optim": {"name": "adamw", "ratio_lr_scale": 1.0, "sample_lr_scale": 1.0},
     },
     # references, not EN: BatchNorm with the first norm layer (where the shift lives) replaced by
     # InstanceNorm for every image, or routed by the known group (IN for the shifted images, BN
@@ -997,7 +1022,7 @@ def run(
         p
         for name, m in model.named_modules()
         if isinstance(m, enorm_cli.ExemplarNorm2d) and re.search(spec.get("warm_layers", ""), name)
-        for p in m.ratio_parameters()
+        for p in [*m.ratio_parameters(), *m.hidden_parameters()]
     ]
     en_layers = [m for m in model.modules() if isinstance(m, enorm_cli.ExemplarNorm2d)]
     has_en = bool(en_layers)
@@ -1173,7 +1198,19 @@ def per_sample_figures(run: dict[str, Any]) -> dict[str, float]:
     }
     if all("gap_in_ln" in lay for lay in layers):  # not in the first probes' records
         out["largest_abs_gap_in_ln"] = max((lay["gap_in_ln"] for lay in layers), key=abs)
+    out["layers_spreading"] = sum(
+        lay["std"][lay["normalizers"].index("bn")] > SPREADS for lay in layers
+    )
+    if all(lay.get("saturated") is not None for lay in layers):
+        out["saturated_share"] = sum(lay["saturated"] for lay in layers) / len(layers)
+    if "in" in layers[0]["normalizers"]:
+        out["first_in"] = layers[0]["mean"][layers[0]["normalizers"].index("in")]
     return out
+
+
+SPREADS = 0.01
+"""A layer's ratios differ between samples where the sd over samples of its in + ln ratio is
+above this (``layers_spreading``); below, the layer is a fixed mixture to two decimals."""
 
 
 def label(run: dict[str, Any]) -> str:
@@ -1191,6 +1228,9 @@ def summary(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
     for (regime, variant), rs in sorted(groups.items()):
         row: dict[str, Any] = {"regime": regime, "variant": variant, "seeds": len(rs)}
         for key in (
+            "layers_spreading",
+            "saturated_share",
+            "first_in",
             "top1_clean",
             "top1_shifted",
             "best_auc_in",
@@ -1329,6 +1369,20 @@ def table(runs: list[dict[str, Any]]) -> str:
         ("largest sd over samples (in+ln)", "largest_spread_in_ln", 4),
     ]
     return _summary_table(runs, columns)
+
+
+def branch_table(runs: list[dict[str, Any]]) -> str:
+    """Per (regime, variant) of mixed layers: top-1, how many layers' ratios differ between
+    samples (``SPREADS``), the share of the branch's hidden units saturated (mean over layers:
+    a branch whose units all saturate gives every sample the same h) and the first layer's
+    mean IN ratio (where the shift lives)."""
+    columns = [
+        *TOP1,
+        ("layers whose ratios spread", "layers_spreading", 1),
+        ("hidden units saturated", "saturated_share", 2),
+        ("first layer's IN ratio", "first_in", 2),
+    ]
+    return _summary_table(runs, columns, needs="layers_spreading")
 
 
 ROUTES = 0.25

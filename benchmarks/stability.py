@@ -53,10 +53,16 @@ VARIANTS: dict[str, list[str]] = {
     "en_batch": ["model.norm=en", "model.bn_stats=batch"],  # EN, bn member on batch statistics
     # EN with auto's small-batch mode at any batch
     "en_renorm_frozen": ["model.norm=en", "model.bn_stats=renorm_frozen"],
-    # EN with its per-sample weight at 10 times the lr (with an adaptive optimizer, whose
-    # "auto" gives it the ratio lr)
-    "en_sample10": ["model.norm=en", "optim.sample_lr_scale=10"],
-    # and the whole ratio branch at 10 times the lr (BIN's policy for its gates)
+    # with an adaptive optimizer: the whole ratio branch at the lr (what "auto" resolved to
+    # before the logits got ten times it), the per-sample weight alone at 10 times the lr, and
+    # the whole branch at 10 times (BIN's policy for its gates; "auto" keeps the hidden layer at
+    # the lr)
+    "en_r1": ["model.norm=en", "optim.ratio_lr_scale=1", "optim.sample_lr_scale=1"],
+    "en_sample10": [
+        "model.norm=en",
+        "optim.ratio_lr_scale=1",
+        "optim.sample_lr_scale=10",
+    ],
     "en_ratio10": ["model.norm=en", "optim.ratio_lr_scale=10", "optim.sample_lr_scale=10"],
 }
 

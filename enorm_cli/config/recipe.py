@@ -215,10 +215,11 @@ class OptimConfig(Section):
     momentum: float = Field(0.9, ge=0)
     """SGD momentum (where the optimizer has one)."""
     ratio_lr_scale: Annotated[float, Field(gt=0)] | Literal["auto"] = "auto"
-    """lr multiple of EN's ratio branch and SN's ratio logits. "auto": 1 / (s^2 pi K) for EN, with
-    s its logit scale (1 at the default s = 1 / sqrt(pi K): one step moves a sample's ratio
-    logits no further than a plain logit's, as SN's move), 1 for SN
-    (``enorm_cli.finetune.optim.ratio_scale_of``)."""
+    """lr multiple of EN's ratio logits (FC2's bias) and SN's ratio logits. "auto": 1 / (s^2 pi K)
+    for EN, with s its logit scale (1 at the default s = 1 / sqrt(pi K): one step moves a
+    sample's ratio logits no further than a plain logit's, as SN's move), 10 times that with
+    adaptive optimizers (Adam, ...), where a step moves every parameter by about the lr; 1 for
+    SN (``enorm_cli.finetune.optim.ratio_scale_of``)."""
     ratio_weight_decay: float = Field(0.0, ge=0)
     """Weight decay of the ratio parameters."""
     sample_lr_scale: Annotated[float, Field(gt=0)] | Literal["auto"] = "auto"
@@ -226,6 +227,10 @@ class OptimConfig(Section):
     300 times the ratio scale at 64 or more images per optimizer step (all processes), the ratio
     scale below (a noisier per-sample gradient) and with adaptive optimizers
     (``enorm_cli.finetune.optim.sample_scale_of``)."""
+    hidden_lr_scale: Annotated[float, Field(gt=0)] | Literal["auto"] = "auto"
+    """lr multiple of EN's hidden layer (the branch's conv and FC1). "auto": ``ratio_lr_scale``
+    as SGD resolves it, with any optimizer: faster, adaptive optimizers saturate its tanh
+    (``enorm_cli.finetune.optim.hidden_scale_of``)."""
     affine_lr_scale: Annotated[float, Field(gt=0)] | Literal["auto"] = "auto"
     """lr multiple of the mixed layers' gammas and betas. "auto": 1 / lambda_src^2 for EN with
     SGD (1 / lambda_src with adaptive optimizers, 1 for SN), so the source's gain learns at the
@@ -401,6 +406,7 @@ def resolve_autos(
     affine_lr_scales: list[float],
     sample_lr_scales: list[float] | None = None,
     anchored: list[bool] | None = None,
+    hidden_lr_scales: list[float] | None = None,
 ) -> tuple[Recipe, list[str]]:
     """The recipe with each "auto" replaced by what it resolved to in this run, and one line per
     auto saying so: config.yaml repeats the run without the rules. A scale that resolved to
@@ -420,6 +426,7 @@ def resolve_autos(
     for key, scales in (
         ("ratio_lr_scale", ratio_lr_scales),
         ("sample_lr_scale", sample_lr_scales or []),
+        ("hidden_lr_scale", hidden_lr_scales or []),
         ("affine_lr_scale", affine_lr_scales),
     ):
         if getattr(optim, key) != "auto" or not scales:

@@ -147,6 +147,7 @@ class FinetuneRecipe:
             ratio_lr_scales=resolved_scales(self.optimizer, "ratio"),
             affine_lr_scales=resolved_scales(self.optimizer, "affine"),
             sample_lr_scales=resolved_scales(self.optimizer, "sample"),
+            hidden_lr_scales=resolved_scales(self.optimizer, "hidden"),
             anchored=resolved_starts(self.accelerator.unwrap_model(self.model)),
         )
         return dump_recipe(resolved, ["auto resolved in this run:", *lines] if lines else None)

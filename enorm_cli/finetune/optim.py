@@ -9,7 +9,7 @@ from torch import nn
 
 from ..config.recipe import OptimConfig, Recipe
 from ..errors import EnormError
-from ..layers import MixedNorm2d
+from ..layers import ExemplarNorm2d, MixedNorm2d
 
 
 def gradient_scaled(opt_name: str) -> bool:
@@ -23,18 +23,47 @@ Scale = float | Literal["auto"]
 """An lr multiple, or "auto" (the layer's own, ``ratio_lr_scale``/``affine_lr_scale``)."""
 
 
-def ratio_scale_of(module: MixedNorm2d, scale: Scale = "auto") -> float:
-    """The lr factor of a mixed layer's ratio parameters (``optim.ratio_lr_scale``).
+ADAPTIVE_LOGIT_MULTIPLE = 10.0
+"""How much faster than the network EN's logits (FC2: the mean mixture and the per-sample
+weight) learn under optimizers that divide out the gradient's scale (Adam, Lion, ...), as BIN
+gives its gates (``ratio_scale_of``)."""
+
+
+def ratio_scale_of(module: MixedNorm2d, scale: Scale = "auto", opt: str = "sgd") -> float:
+    """The lr factor of a mixed layer's ratio parameters (``optim.ratio_lr_scale``) under
+    optimizer ``opt``.
 
     "auto" divides out how much further one step moves a sample's ratio logits than a plain
     logit (``MixedNorm2d.ratio_step_factor``: s^2 pi K for EN's branch, 1 for SN's logits),
     so EN's ratios are exactly as mobile as SN's under the network's lr, whatever the logit
     scale a layer was built with (1 at the default scale; 0.01 for a K=2, pi=50 checkpoint
-    from before the scale, which trained at s = 1).
+    from before the scale, which trained at s = 1). Under optimizers that divide out the
+    gradient's scale, EN's logits get ``ADAPTIVE_LOGIT_MULTIPLE`` on top: there a step moves
+    each parameter by about the lr whatever its gradient, and EN starts as its source (every
+    other normalizer enters only once its logits or its gamma move), so at AdamW's usual lrs
+    its mixture stayed at the start for a whole run while SN, which starts mixed, did not
+    (docs/selection.md, "Under AdamW"). SN's logits keep the lr.
     """
     if scale != "auto":
         return scale
-    return 1.0 / module.ratio_step_factor()
+    base = 1.0 / module.ratio_step_factor()
+    if isinstance(module, ExemplarNorm2d) and not gradient_scaled(opt):
+        return base * ADAPTIVE_LOGIT_MULTIPLE
+    return base
+
+
+def hidden_scale_of(module: MixedNorm2d, scale: Scale = "auto", ratio: Scale = "auto") -> float:
+    """The lr factor of EN's hidden layer, the conv and FC1 (``optim.hidden_lr_scale``).
+
+    "auto": the ratio scale as SGD resolves it (``ratio``: ``optim.ratio_lr_scale``, so a
+    recipe that sets that scale sets it for the whole branch), under any optimizer. The
+    hidden units are features of the input, not logits: at ten times AdamW's lr 0.005 FC1's
+    weights grew until tanh saturated, and only 10-16 of 52 layers kept their ratios apart
+    over samples, against 31-38 at the lr (docs/stability.md, "Under AdamW").
+    """
+    if scale != "auto":
+        return scale
+    return ratio_scale_of(module, ratio, "sgd")
 
 
 SAMPLE_LR_MULTIPLE = 300.0
@@ -61,11 +90,12 @@ def sample_scale_of(
     where that average is noisier, the ratio lr: on the minimal recipe a multiple of 19 cost 30
     points of top-1 at batch 4 (lr 0.01) and 20 at batch 16 (lr 0.05), a multiple of 1 nothing
     (docs/stability.md). Without a batch size (a loop that does not say) and under optimizers
-    that divide out the gradient's scale (Adam, ...): the ratio lr too.
+    that divide out the gradient's scale (Adam, ...): the ratio lr too (which is then
+    ``ADAPTIVE_LOGIT_MULTIPLE`` times the SGD one).
     """
     if scale != "auto":
         return scale
-    ratio = ratio_scale_of(module)
+    ratio = ratio_scale_of(module, "auto", opt)
     if batch_size is None or not gradient_scaled(opt):
         return ratio
     return ratio * (SAMPLE_LR_MULTIPLE if batch_size >= SAMPLE_LR_BATCH else 1.0)
@@ -102,33 +132,38 @@ def param_groups(
     affine_weight_decay: float = 0.0,
     sample_lr_scale: Scale = "auto",
     batch_size: int | None = None,
+    hidden_lr_scale: Scale = "auto",
 ) -> list[dict[str, Any]]:
     """Optimizer groups for a model with EN/SN layers, for any ``torch.optim`` optimizer.
 
-    The mixed layers' ratio parameters (EN's branch, SN's ratio logits), a centered EN branch's
-    per-sample weight and the affines get their own lr and decay
-    (``MixedNorm2d.ratio_parameters``, ``sample_parameters`` and ``affine_parameters``; one
-    group per resolved scale: "ratio", "ratio_1", "sample", "affine", ...), each scale read from
-    its own layer (``ratio_scale_of``, ``sample_scale_of``, ``affine_scale_of``; ``opt`` names
-    the optimizer, whose kind decides the sample and affine scales; ``batch_size``, the images
-    per optimizer step over all processes, sets the sample scale). The per-sample weight
-    decays as the ratio parameters do. Each group carries its ``lr_multiple`` (what
+    The mixed layers' ratio parameters (EN's FC2 bias, SN's ratio logits), a centered EN
+    branch's per-sample weight, EN's hidden layer and the affines get their own lr and decay
+    (``MixedNorm2d.ratio_parameters``, ``sample_parameters``, ``hidden_parameters`` and
+    ``affine_parameters``; one group per resolved scale: "ratio", "ratio_1", "sample",
+    "hidden", "affine", ...), each scale read from its own layer (``ratio_scale_of``,
+    ``sample_scale_of``, ``hidden_scale_of``, ``affine_scale_of``; ``opt`` names the optimizer,
+    whose kind decides the ratio, sample and affine scales; ``batch_size``, the images per
+    optimizer step over all processes, sets the sample scale). The per-sample weight and the
+    hidden layer decay as the ratio parameters do. Each group carries its ``lr_multiple`` (what
     config.yaml records; timm's schedulers would apply a key named ``lr_scale`` a second time).
     Other 1-D parameters (biases, norm weights) get no weight decay, as timm does.
     """
     decays = {
         "ratio": ratio_weight_decay,
         "sample": ratio_weight_decay,
+        "hidden": ratio_weight_decay,
         "affine": affine_weight_decay,
     }
     scale_of: dict[int, tuple[str, float]] = {}
     for module in model.modules():
         if isinstance(module, MixedNorm2d):
-            ratio = ratio_scale_of(module, ratio_lr_scale)
+            ratio = ratio_scale_of(module, ratio_lr_scale, opt)
             sample = sample_scale_of(module, sample_lr_scale, opt, batch_size)
+            hidden = hidden_scale_of(module, hidden_lr_scale, ratio_lr_scale)
             affine = affine_scale_of(module, affine_lr_scale, opt)
             scale_of.update((id(p), ("ratio", ratio)) for p in module.ratio_parameters())
             scale_of.update((id(p), ("sample", sample)) for p in module.sample_parameters())
+            scale_of.update((id(p), ("hidden", hidden)) for p in module.hidden_parameters())
             scale_of.update((id(p), ("affine", affine)) for p in module.affine_parameters())
     groups: dict[str, dict[str, Any]] = {}
     names: dict[tuple[str, float], str] = {}
@@ -171,12 +206,13 @@ def recipe_param_groups(
         affine_weight_decay=optim.affine_weight_decay,
         sample_lr_scale=optim.sample_lr_scale,
         batch_size=batch_size,
+        hidden_lr_scale=optim.hidden_lr_scale,
     )
 
 
 def resolved_scales(optimizer: torch.optim.Optimizer, kind: str) -> list[float]:
-    """The distinct lr scales the optimizer's ``kind`` groups ("ratio", "sample", "affine") run
-    at."""
+    """The distinct lr scales the optimizer's ``kind`` groups ("ratio", "sample", "hidden",
+    "affine") run at."""
     return sorted(
         {g["lr_multiple"] for g in optimizer.param_groups if g.get("name", "").startswith(kind)}
     )

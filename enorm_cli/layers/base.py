@@ -72,10 +72,10 @@ class MixedNorm2d(nn.Module):
 
     The interface every mixed layer has (and the only thing surgery, training and
     inspection ask of one): ``from_source`` (the replacement of a source layer, starting
-    as it), ``ratio_parameters``, ``sample_parameters`` and ``affine_parameters`` (optimizer
-    groups),
-    ``prior_ratio_logits`` (the input-independent ratios, read from a checkpoint without
-    building the layer), ``ratios(x)``, and torch's ``reset_parameters``/``reset_running_stats``.
+    as it), ``ratio_parameters``, ``sample_parameters``, ``hidden_parameters`` and
+    ``affine_parameters`` (optimizer groups), ``prior_ratio_logits`` (the input-independent
+    ratios, read from a checkpoint without building the layer), ``ratios(x)``, and torch's
+    ``reset_parameters``/``reset_running_stats``.
     Layers are picked by name in ``registry.py``.
     """
 
@@ -179,6 +179,11 @@ class MixedNorm2d(nn.Module):
     def sample_parameters(self) -> list[nn.Parameter]:
         """What sets only how samples' ratios differ from the layer's mean mixture (a centered
         EN branch's FC2 weight): their own optimizer group. None by default."""
+        return []
+
+    def hidden_parameters(self) -> list[nn.Parameter]:
+        """The ratio branch's hidden layer (EN's conv and FC1): features of the input that the
+        logits read, their own optimizer group (``optim.hidden_lr_scale``). None by default."""
         return []
 
     def affine_parameters(self) -> list[nn.Parameter]:

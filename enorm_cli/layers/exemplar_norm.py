@@ -388,8 +388,17 @@ class ExemplarNorm2d(MixedNorm2d):
         self.ratio.fc2.bias.copy_(prior)
 
     def ratio_parameters(self) -> list[nn.Parameter]:
-        sample = {id(p) for p in self.sample_parameters()}
-        return [p for p in self.ratio.parameters() if id(p) not in sample]
+        """FC2's bias (with its weight when the branch is uncentered): the logits' own terms."""
+        other = {id(p) for p in [*self.sample_parameters(), *self.hidden_parameters()]}
+        return [p for p in self.ratio.parameters() if id(p) not in other]
+
+    def hidden_parameters(self) -> list[nn.Parameter]:
+        """The conv and FC1: the hidden units FC2 reads. Under optimizers that step each
+        parameter by about the lr they keep the network's rate while the logits learn faster
+        (``optim.hidden_lr_scale``): ten times as fast, an Adam step of FC1 grows its weights
+        until tanh saturates (docs/stability.md, "Under AdamW")."""
+        parts = (self.ratio.conv, self.ratio.fc1)
+        return [p for part in parts if part is not None for p in part.parameters()]
 
     def sample_parameters(self) -> list[nn.Parameter]:
         """FC2's weight when the branch is centered: it sets only how samples differ from the

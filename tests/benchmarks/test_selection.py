@@ -456,6 +456,32 @@ def test_the_routing_table_counts_runs_with_a_group_gap() -> None:
     assert warm == "| scratch | en_warm_quarter | 3 of 3 | 0.44-1.00 | 0.43 | 0.900 | - |"
 
 
+def test_the_branch_table_counts_layers_whose_ratios_spread() -> None:
+    def layer(bn_sd: float, saturated: float, in_mean: float) -> dict[str, Any]:
+        return {
+            "normalizers": ["bn", "in", "ln"],
+            "std": [bn_sd, 0.5, 0.5],  # in + ln's sd is bn's: the others do not count
+            "mean": [0.8, in_mean, 0.2 - in_mean],
+            "saturated": saturated,
+        }
+
+    def run(seed: int, layers: list[dict[str, Any]]) -> dict[str, Any]:
+        top1 = {"top1_clean": 80.0 + seed, "top1_shifted": 70.0}
+        return {"regime": "scratch", "variant": "en", "seed": seed, "layers": layers} | top1
+
+    runs = [
+        run(0, [layer(0.2, 0.1, 0.5), layer(0.005, 0.3, 0.1), layer(0.02, 0.2, 0.1)]),
+        run(1, [layer(0.001, 0.9, 0.1), layer(0.5, 0.9, 0.1), layer(0.0, 0.9, 0.1)]),
+        run(0, []) | {"variant": "bn"},
+    ]
+    lines = selection.branch_table(runs).splitlines()
+    assert len(lines) == 3  # BatchNorm has no branch: no row
+    assert lines[2] == (
+        "| scratch | en | 80.50 (80.00-81.00) | 70.00 (70.00-70.00) | 1.5 (1.0-2.0) "
+        "| 0.55 (0.20-0.90) | 0.30 (0.10-0.50) |"
+    )
+
+
 def test_the_share_interval_and_the_exact_test_match_their_textbook_values() -> None:
     # Wilson: 0 of 10 gives 0-0.278; Fisher: 1 of 10 against 9 of 10, p = 0.0011
     assert selection.share_interval(0, 10) == pytest.approx((0.0, 0.2775), abs=1e-4)

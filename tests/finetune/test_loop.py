@@ -197,6 +197,7 @@ def test_config_yaml_records_what_every_auto_resolved_to_and_repeats_the_run(
     assert config["model"]["bn_stats"] == "renorm_frozen"
     assert config["model"]["en"]["sync_stats"] is False
     assert config["optim"]["ratio_lr_scale"] == 1.0
+    assert config["optim"]["hidden_lr_scale"] == 1.0
     assert "# model.en.ablation.anchored: auto -> true" in text  # a random-init source
     assert config["model"]["en"]["ablation"]["anchored"] is True
     assert config["optim"]["affine_lr_scale"] == 1.0  # anchored: the source row at weight 1

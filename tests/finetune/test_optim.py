@@ -74,11 +74,17 @@ def test_affine_lr_scale(overrides: list[str], lr: float) -> None:
         (["model.en.ablation.logit_scale=1.0", "model.en.ablation.pi=10"], 0.1 / 20),
         (["model.norm=sn"], 0.1),  # plain logits
         (["optim.ratio_lr_scale=0.5"], 0.05),
+        (["optim.name=adamw"], 1.0),  # adaptive: EN's logits at ADAPTIVE_LOGIT_MULTIPLE
+        (["optim.name=lion"], 1.0),
+        (["optim.name=adamw", "model.en.ablation.logit_scale=1.0"], 1.0 / 100),
+        (["optim.name=adamw", "model.norm=sn"], 0.1),  # SN starts mixed: its logits keep the lr
+        (["optim.name=adamw", "optim.ratio_lr_scale=0.5"], 0.05),
     ],
 )
 def test_ratio_lr_scale(overrides: list[str], lr: float) -> None:
     """``ratio_lr_scale: auto`` divides out ``ratio_step_factor`` (s^2 pi K), so the ratio
-    logits move as far per step whatever the branch's logit scale."""
+    logits move as far per step whatever the branch's logit scale; with adaptive optimizers
+    EN's move ten times as far."""
     recipe = load_recipe(
         QUICK, ["model.name=test_resnet", "model.checkpoint=null", "optim.lr=0.1", *overrides]
     )
@@ -94,7 +100,8 @@ def test_ratio_lr_scale(overrides: list[str], lr: float) -> None:
         ([], 256, 300.0),
         ([], 63, 1.0),  # fewer: the ratio lr
         ([], None, 1.0),  # a loop that does not say its batch: the ratio lr
-        (["optim.name=adamw"], 64, 1.0),  # adaptive: the ratio lr already moves it
+        (["optim.name=adamw"], 64, 10.0),  # adaptive: the ratio lr, ten times the network's
+        (["optim.name=adamw"], 8, 10.0),
         (["optim.sample_lr_scale=5"], 8, 5.0),
         (["model.en.ablation.centered=false"], 64, None),  # the paper's branch: no such group
     ],
@@ -117,6 +124,57 @@ def test_sample_lr_scale(overrides: list[str], batch: int | None, multiple: floa
     assert not {id(p) for p in groups["ratio"]["params"]} & {
         id(p) for p in groups["sample"]["params"]
     }
+
+
+@pytest.mark.parametrize(
+    ("overrides", "multiple"),
+    [
+        ([], 1.0),  # SGD: the ratio scale, as when the hidden layer was in the ratio group
+        (["optim.name=adamw"], 1.0),  # adaptive: the network's lr while the logits get 10x
+        (["model.en.ablation.logit_scale=1.0", "model.en.ablation.pi=10"], 1 / 20),
+        (["optim.ratio_lr_scale=0.5"], 0.5),  # a set ratio scale sets the whole branch's
+        (["optim.name=adamw", "optim.ratio_lr_scale=10"], 10.0),
+        (["optim.name=adamw", "optim.hidden_lr_scale=2"], 2.0),
+    ],
+)
+def test_hidden_lr_scale(overrides: list[str], multiple: float) -> None:
+    """EN's conv and FC1 have their own group ("hidden"), disjoint from the logits' groups."""
+    recipe = load_recipe(
+        QUICK, ["model.name=test_resnet", "model.checkpoint=null", "optim.lr=0.1", *overrides]
+    )
+    model = prepare_model(recipe, 10).model
+    groups = {g["name"]: g for g in recipe_param_groups(model, recipe.optim, 64)}
+    layers = [m for m in model.modules() if isinstance(m, MixedNorm2d)]
+    assert groups["hidden"]["lr_multiple"] == pytest.approx(multiple)
+    assert groups["hidden"]["lr"] == pytest.approx(0.1 * multiple)
+    assert groups["hidden"]["weight_decay"] == groups["ratio"]["weight_decay"] == 0.0
+    hidden = {
+        id(p) for m in layers for p in [*m.ratio.conv.parameters(), *m.ratio.fc1.parameters()]
+    }
+    assert {id(p) for p in groups["hidden"]["params"]} == hidden
+    assert {id(p) for p in groups["ratio"]["params"]} == {id(m.ratio.fc2.bias) for m in layers}
+
+
+def test_sgd_steps_the_hidden_layer_as_the_ratio_group_did() -> None:
+    """Under SGD the hidden group is the ratio group's lr and decay: the step EN's branch took
+    when both were one group, to the bit."""
+    recipe = load_recipe(QUICK, ["model.name=test_resnet", "model.checkpoint=null"])
+    torch.manual_seed(0)
+    model = prepare_model(recipe, 10).model
+    twin = copy.deepcopy(model)
+    split = recipe_param_groups(model, recipe.optim, 64)
+    joined = [dict(g) for g in recipe_param_groups(twin, recipe.optim, 64)]
+    ratio = next(g for g in joined if g["name"] == "ratio")
+    ratio["params"] = ratio["params"] + next(g for g in joined if g["name"] == "hidden")["params"]
+    joined = [g for g in joined if g["name"] != "hidden"]
+    x = torch.randn(4, 3, 32, 32)
+    for net, groups in ((model, split), (twin, joined)):
+        optimizer = torch.optim.SGD(groups, lr=recipe.optim.lr, momentum=0.9)
+        for _ in range(2):
+            optimizer.zero_grad()
+            net(x).square().mean().backward()
+            optimizer.step()
+    assert all(a.equal(b) for a, b in zip(model.parameters(), twin.parameters(), strict=True))
 
 
 def test_auto_ratio_scale_is_exactly_one_at_the_default_logit_scale() -> None:
@@ -175,6 +233,7 @@ def test_groups_hold_what_each_layer_names(norm: str) -> None:
     layers = [m for m in model.modules() if isinstance(m, MixedNorm2d)]
     assert layers
     assert groups["ratio"] == {id(p) for m in layers for p in m.ratio_parameters()}
+    assert groups.get("hidden", set()) == {id(p) for m in layers for p in m.hidden_parameters()}
     assert groups["affine"] == {id(p) for m in layers for p in m.affine_parameters()}
 
 
@@ -194,7 +253,7 @@ def test_optimizer_and_scheduler_from_the_recipe() -> None:
     assert type(optimizer).__name__ == "AdamW"
     scheduler = build_scheduler(optimizer, recipe, steps_per_epoch=10)
     scheduler.step_update(5)
-    assert 0 < optimizer.param_groups[0]["lr"] < recipe.optim.lr
+    assert 0 < network_lr(optimizer) < recipe.optim.lr  # warming up
     bad = load_recipe(
         QUICK, ["model.name=test_resnet", "model.checkpoint=null", "optim.name=nosuch"]
     )

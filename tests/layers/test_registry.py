@@ -95,9 +95,14 @@ def test_prior_ratio_logits_read_from_tensors_are_the_ratios_forward_uses(name: 
 
 
 @pytest.mark.parametrize("name", NORM_LAYERS)
-def test_ratio_sample_and_affine_parameters_cover_the_layer(name: str) -> None:
+def test_ratio_sample_hidden_and_affine_parameters_cover_the_layer(name: str) -> None:
     layer: MixedNorm2d = get_norm_layer(name)(16)
-    groups = [layer.ratio_parameters(), layer.sample_parameters(), layer.affine_parameters()]
+    groups = [
+        layer.ratio_parameters(),
+        layer.sample_parameters(),
+        layer.hidden_parameters(),
+        layer.affine_parameters(),
+    ]
     ids = [{id(p) for p in group} for group in groups]
     assert sum(len(i) for i in ids) == len(set().union(*ids))  # disjoint
     assert set().union(*ids) == {id(p) for p in layer.parameters()}
