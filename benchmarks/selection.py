@@ -187,15 +187,35 @@ VARIANTS: dict[str, dict[str, Any]] = {
         "optim": {"name": "adamw", "ratio_lr_scale": 10.0, "sample_lr_scale": 10.0},
     },
     # the logits (FC2: the mean mixture and the per-sample weight) at 10 times the lr, the hidden
-    # layer (the conv and FC1) at the lr: ``en_adamw`` since ``optim.hidden_lr_scale``
-    # (``ratio_lr_scale: auto`` is 10 with adaptive optimizers), spelled out; at 10 times (r10)
-    # an Adam step of 0.05 (lr 0.005) grows FC1 until tanh saturates
+    # layer (the conv and FC1) at the lr: ``en_adamw`` up to lr 0.002 since
+    # ``optim.hidden_lr_scale`` (``logit_multiple``), spelled out; at 10 times (r10) an Adam step
+    # of 0.05 (lr 0.005) grows FC1 until tanh saturates
     "en_adamw_f10": {
         "norm": "en",
         "optim": {
             "name": "adamw",
             "ratio_lr_scale": 10.0,
             "sample_lr_scale": 10.0,
+            "hidden_lr_scale": 1.0,
+        },
+    },
+    # the logits at 4 and 2 times the lr (the hidden layer at the lr): ``en_adamw`` at lr 0.005
+    # and 0.01, 0.02 a step; at 0.01 ten times threw most layers' mixtures onto one normalizer
+    "en_adamw_f4": {
+        "norm": "en",
+        "optim": {
+            "name": "adamw",
+            "ratio_lr_scale": 4.0,
+            "sample_lr_scale": 4.0,
+            "hidden_lr_scale": 1.0,
+        },
+    },
+    "en_adamw_f2": {
+        "norm": "en",
+        "optim": {
+            "name": "adamw",
+            "ratio_lr_scale": 2.0,
+            "sample_lr_scale": 2.0,
             "hidden_lr_scale": 1.0,
         },
     },

@@ -217,9 +217,10 @@ class OptimConfig(Section):
     ratio_lr_scale: Annotated[float, Field(gt=0)] | Literal["auto"] = "auto"
     """lr multiple of EN's ratio logits (FC2's bias) and SN's ratio logits. "auto": 1 / (s^2 pi K)
     for EN, with s its logit scale (1 at the default s = 1 / sqrt(pi K): one step moves a
-    sample's ratio logits no further than a plain logit's, as SN's move), 10 times that with
-    adaptive optimizers (Adam, ...), where a step moves every parameter by about the lr; 1 for
-    SN (``enorm_cli.finetune.optim.ratio_scale_of``)."""
+    sample's ratio logits no further than a plain logit's, as SN's move); with adaptive
+    optimizers (Adam, ...), where a step moves every parameter by about the lr, that times
+    0.02 / lr within 1-10 (``enorm_cli.finetune.optim.logit_multiple``); 1 for SN
+    (``enorm_cli.finetune.optim.ratio_scale_of``)."""
     ratio_weight_decay: float = Field(0.0, ge=0)
     """Weight decay of the ratio parameters."""
     sample_lr_scale: Annotated[float, Field(gt=0)] | Literal["auto"] = "auto"

@@ -23,32 +23,52 @@ Scale = float | Literal["auto"]
 """An lr multiple, or "auto" (the layer's own, ``ratio_lr_scale``/``affine_lr_scale``)."""
 
 
-ADAPTIVE_LOGIT_MULTIPLE = 10.0
-"""How much faster than the network EN's logits (FC2: the mean mixture and the per-sample
-weight) learn under optimizers that divide out the gradient's scale (Adam, Lion, ...), as BIN
-gives its gates (``ratio_scale_of``)."""
+ADAPTIVE_LOGIT_LR = 0.02
+"""The lr EN's logits (FC2: the mean mixture and the per-sample weight) take under optimizers
+that divide out the gradient's scale (Adam, Lion, ...), within ``ADAPTIVE_LOGIT_MULTIPLE``
+(``logit_multiple``)."""
+ADAPTIVE_LOGIT_MULTIPLE = (1.0, 10.0)
+"""The least and most multiple of the network's lr the logits get there: never slower than the
+network, at most ten times as fast, as BIN gives its gates."""
 
 
-def ratio_scale_of(module: MixedNorm2d, scale: Scale = "auto", opt: str = "sgd") -> float:
+def logit_multiple(lr: float | None) -> float:
+    """The multiple of the network's peak ``lr`` that EN's logits learn at under adaptive
+    optimizers: ``ADAPTIVE_LOGIT_LR / lr`` within ``ADAPTIVE_LOGIT_MULTIPLE`` (the most where
+    the lr is not known).
+
+    Such an optimizer moves each parameter by about its lr a step whatever the gradient. The
+    network's lr is picked for weights of size 1 / sqrt(fan_in); a logit's unit is 1 (one unit
+    changes a ratio by a factor e). At AdamW's lr 0.001 the logits at that lr left EN's
+    mixture at its start for a whole run; at 0.1 a step (ten times lr 0.01) most layers' mixtures
+    fell onto one normalizer within the run; 0.02-0.05 a step did neither (docs/selection.md,
+    "Under AdamW")."""
+    low, high = ADAPTIVE_LOGIT_MULTIPLE
+    return high if lr is None else min(high, max(low, ADAPTIVE_LOGIT_LR / lr))
+
+
+def ratio_scale_of(
+    module: MixedNorm2d, scale: Scale = "auto", opt: str = "sgd", lr: float | None = None
+) -> float:
     """The lr factor of a mixed layer's ratio parameters (``optim.ratio_lr_scale``) under
-    optimizer ``opt``.
+    optimizer ``opt`` at the network's peak ``lr``.
 
     "auto" divides out how much further one step moves a sample's ratio logits than a plain
     logit (``MixedNorm2d.ratio_step_factor``: s^2 pi K for EN's branch, 1 for SN's logits),
     so EN's ratios are exactly as mobile as SN's under the network's lr, whatever the logit
     scale a layer was built with (1 at the default scale; 0.01 for a K=2, pi=50 checkpoint
     from before the scale, which trained at s = 1). Under optimizers that divide out the
-    gradient's scale, EN's logits get ``ADAPTIVE_LOGIT_MULTIPLE`` on top: there a step moves
-    each parameter by about the lr whatever its gradient, and EN starts as its source (every
-    other normalizer enters only once its logits or its gamma move), so at AdamW's usual lrs
-    its mixture stayed at the start for a whole run while SN, which starts mixed, did not
-    (docs/selection.md, "Under AdamW"). SN's logits keep the lr.
+    gradient's scale, EN's logits get ``logit_multiple(lr)`` on top (up to ten times): there a
+    step moves each parameter by about the lr whatever its gradient, and EN starts as its
+    source (every other normalizer enters only once its logits or its gamma move), so at
+    AdamW's lr 0.001 its mixture stayed at the start for a whole run while SN, which starts
+    mixed, did not (docs/selection.md, "Under AdamW"). SN's logits keep the lr.
     """
     if scale != "auto":
         return scale
     base = 1.0 / module.ratio_step_factor()
     if isinstance(module, ExemplarNorm2d) and not gradient_scaled(opt):
-        return base * ADAPTIVE_LOGIT_MULTIPLE
+        return base * logit_multiple(lr)
     return base
 
 
@@ -76,11 +96,15 @@ it the per-sample term learns at the ratio lr."""
 
 
 def sample_scale_of(
-    module: MixedNorm2d, scale: Scale = "auto", opt: str = "sgd", batch_size: int | None = None
+    module: MixedNorm2d,
+    scale: Scale = "auto",
+    opt: str = "sgd",
+    batch_size: int | None = None,
+    lr: float | None = None,
 ) -> float:
     """The lr factor of a centered EN branch's FC2 weight (``optim.sample_lr_scale``) under
     optimizer ``opt`` at ``batch_size`` images per optimizer step (all processes, all
-    accumulated micro-batches).
+    accumulated micro-batches) and the network's peak ``lr``.
 
     That weight sets only how each sample's logits differ from the layer's mean mixture (the
     branch reads h minus its running mean), so a fast rate cannot throw a whole layer onto a
@@ -91,11 +115,11 @@ def sample_scale_of(
     points of top-1 at batch 4 (lr 0.01) and 20 at batch 16 (lr 0.05), a multiple of 1 nothing
     (docs/stability.md). Without a batch size (a loop that does not say) and under optimizers
     that divide out the gradient's scale (Adam, ...): the ratio lr too (which is then
-    ``ADAPTIVE_LOGIT_MULTIPLE`` times the SGD one).
+    ``logit_multiple(lr)`` times the SGD one).
     """
     if scale != "auto":
         return scale
-    ratio = ratio_scale_of(module, "auto", opt)
+    ratio = ratio_scale_of(module, "auto", opt, lr)
     if batch_size is None or not gradient_scaled(opt):
         return ratio
     return ratio * (SAMPLE_LR_MULTIPLE if batch_size >= SAMPLE_LR_BATCH else 1.0)
@@ -157,8 +181,8 @@ def param_groups(
     scale_of: dict[int, tuple[str, float]] = {}
     for module in model.modules():
         if isinstance(module, MixedNorm2d):
-            ratio = ratio_scale_of(module, ratio_lr_scale, opt)
-            sample = sample_scale_of(module, sample_lr_scale, opt, batch_size)
+            ratio = ratio_scale_of(module, ratio_lr_scale, opt, lr)
+            sample = sample_scale_of(module, sample_lr_scale, opt, batch_size, lr)
             hidden = hidden_scale_of(module, hidden_lr_scale, ratio_lr_scale)
             affine = affine_scale_of(module, affine_lr_scale, opt)
             scale_of.update((id(p), ("ratio", ratio)) for p in module.ratio_parameters())

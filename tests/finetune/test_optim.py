@@ -74,17 +74,13 @@ def test_affine_lr_scale(overrides: list[str], lr: float) -> None:
         (["model.en.ablation.logit_scale=1.0", "model.en.ablation.pi=10"], 0.1 / 20),
         (["model.norm=sn"], 0.1),  # plain logits
         (["optim.ratio_lr_scale=0.5"], 0.05),
-        (["optim.name=adamw"], 1.0),  # adaptive: EN's logits at ADAPTIVE_LOGIT_MULTIPLE
-        (["optim.name=lion"], 1.0),
-        (["optim.name=adamw", "model.en.ablation.logit_scale=1.0"], 1.0 / 100),
-        (["optim.name=adamw", "model.norm=sn"], 0.1),  # SN starts mixed: its logits keep the lr
+        (["optim.name=adamw"], 0.1),  # adaptive at lr 0.1: above ADAPTIVE_LOGIT_LR, the lr
         (["optim.name=adamw", "optim.ratio_lr_scale=0.5"], 0.05),
     ],
 )
 def test_ratio_lr_scale(overrides: list[str], lr: float) -> None:
     """``ratio_lr_scale: auto`` divides out ``ratio_step_factor`` (s^2 pi K), so the ratio
-    logits move as far per step whatever the branch's logit scale; with adaptive optimizers
-    EN's move ten times as far."""
+    logits move as far per step whatever the branch's logit scale."""
     recipe = load_recipe(
         QUICK, ["model.name=test_resnet", "model.checkpoint=null", "optim.lr=0.1", *overrides]
     )
@@ -100,8 +96,8 @@ def test_ratio_lr_scale(overrides: list[str], lr: float) -> None:
         ([], 256, 300.0),
         ([], 63, 1.0),  # fewer: the ratio lr
         ([], None, 1.0),  # a loop that does not say its batch: the ratio lr
-        (["optim.name=adamw"], 64, 10.0),  # adaptive: the ratio lr, ten times the network's
-        (["optim.name=adamw"], 8, 10.0),
+        (["optim.name=adamw"], 64, 1.0),  # adaptive: the ratio lr (lr 0.1: the network's)
+        (["optim.name=adamw"], 8, 1.0),
         (["optim.sample_lr_scale=5"], 8, 5.0),
         (["model.en.ablation.centered=false"], 64, None),  # the paper's branch: no such group
     ],
@@ -124,6 +120,37 @@ def test_sample_lr_scale(overrides: list[str], batch: int | None, multiple: floa
     assert not {id(p) for p in groups["ratio"]["params"]} & {
         id(p) for p in groups["sample"]["params"]
     }
+
+
+@pytest.mark.parametrize(
+    ("opt", "lr", "multiple"),
+    [
+        ("adamw", 0.0002, 10.0),  # at most ten times the lr
+        ("adamw", 0.002, 10.0),  # ADAPTIVE_LOGIT_LR: 0.02 a step
+        ("adamw", 0.005, 4.0),
+        ("lion", 0.01, 2.0),
+        ("adamw", 0.05, 1.0),  # never slower than the network
+        ("sgd", 0.001, 1.0),  # SGD: the step grows with the gradient, no multiple
+    ],
+)
+@pytest.mark.parametrize("extra", [[], ["model.en.ablation.logit_scale=1.0"]])
+def test_adaptive_optimizers_give_ens_logits_their_own_lr(
+    opt: str, lr: float, multiple: float, extra: list[str]
+) -> None:
+    """Under optimizers that step every parameter by about the lr, EN's logits (FC2's bias and
+    per-sample weight) learn at ADAPTIVE_LOGIT_LR within 1-10 times the lr, on top of the
+    logit-scale factor; the hidden layer keeps that factor alone, and SN's logits the lr."""
+    base = ["model.name=test_resnet", "model.checkpoint=null", f"optim.name={opt}"]
+    recipe = load_recipe(QUICK, [*base, f"optim.lr={lr}", *extra])
+    model = prepare_model(recipe, 10).model
+    groups = {g["name"]: g for g in recipe_param_groups(model, recipe.optim, 32)}
+    step = 1.0 if not extra else 1 / 100  # s^2 pi K = 100 at s = 1, K = 2, pi = 50
+    assert groups["ratio"]["lr_multiple"] == pytest.approx(multiple * step)
+    assert groups["sample"]["lr_multiple"] == pytest.approx(multiple * step)  # batch 32 < 64
+    assert groups["hidden"]["lr_multiple"] == pytest.approx(step)
+    sn = load_recipe(QUICK, [*base, f"optim.lr={lr}", "model.norm=sn"])
+    sn_groups = {g["name"]: g for g in groups_of(prepare_model(sn, 10).model, sn)}
+    assert sn_groups["ratio"]["lr_multiple"] == 1.0
 
 
 @pytest.mark.parametrize(
