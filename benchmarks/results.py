@@ -113,6 +113,7 @@ VARIANT_ORDER = (
     "en_r1",
     "en_sample10",
     "en_ratio10",
+    "en_sample_logits",
 )
 
 

@@ -64,6 +64,9 @@ VARIANTS: dict[str, list[str]] = {
         "optim.sample_lr_scale=10",
     ],
     "en_ratio10": ["model.norm=en", "optim.ratio_lr_scale=10", "optim.sample_lr_scale=10"],
+    # the per-sample weight at ten times the lr below 64 images a step too ("auto" gives it the
+    # logits' rate from 64 up; at AdamW's lr 0.002 and below that is ten times)
+    "en_sample_logits": ["model.norm=en", "optim.sample_lr_scale=10"],
 }
 
 DEFAULT_VARIANTS = ("bn", "bn_frozen", "sn", "en")

@@ -224,10 +224,10 @@ class OptimConfig(Section):
     ratio_weight_decay: float = Field(0.0, ge=0)
     """Weight decay of the ratio parameters."""
     sample_lr_scale: Annotated[float, Field(gt=0)] | Literal["auto"] = "auto"
-    """lr multiple of a centered EN branch's FC2 weight, the per-sample term. "auto": with SGD
-    300 times the ratio scale at 64 or more images per optimizer step (all processes), the ratio
-    scale below (a noisier per-sample gradient) and with adaptive optimizers
-    (``enorm_cli.finetune.optim.sample_scale_of``)."""
+    """lr multiple of a centered EN branch's FC2 weight, the per-sample term. "auto": from 64 images
+    per optimizer step (all processes) 300 times the ratio scale with SGD and the logits' rate
+    (``ratio_lr_scale``'s auto) with adaptive optimizers; below (a noisier per-sample gradient),
+    the ratio scale as SGD resolves it (``enorm_cli.finetune.optim.sample_scale_of``)."""
     hidden_lr_scale: Annotated[float, Field(gt=0)] | Literal["auto"] = "auto"
     """lr multiple of EN's hidden layer (the branch's conv and FC1). "auto": ``ratio_lr_scale``
     as SGD resolves it, with any optimizer: faster, adaptive optimizers saturate its tanh

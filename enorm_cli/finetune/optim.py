@@ -91,8 +91,9 @@ SAMPLE_LR_MULTIPLE = 300.0
 at a batch of ``SAMPLE_LR_BATCH`` or more (``sample_scale_of``); picked on the selection
 benchmark (docs/selection.md)."""
 SAMPLE_LR_BATCH = 64
-"""The batch (images per optimizer step, all processes) from which the multiple applies; below
-it the per-sample term learns at the ratio lr."""
+"""The batch (images per optimizer step, all processes) from which the per-sample term learns
+faster than the rest of the branch (under any optimizer); below it, at the ratio scale as SGD
+resolves it."""
 
 
 def sample_scale_of(
@@ -108,21 +109,24 @@ def sample_scale_of(
 
     That weight sets only how each sample's logits differ from the layer's mean mixture (the
     branch reads h minus its running mean), so a fast rate cannot throw a whole layer onto a
-    normalizer the way the uncentered branch could (docs/stability.md). Under SGD its gradient
-    is an average over the batch of per-sample signals, tiny next to the shared logits': "auto"
-    gives it ``SAMPLE_LR_MULTIPLE`` times the ratio lr from ``SAMPLE_LR_BATCH`` images up. Below,
-    where that average is noisier, the ratio lr: on the minimal recipe a multiple of 19 cost 30
-    points of top-1 at batch 4 (lr 0.01) and 20 at batch 16 (lr 0.05), a multiple of 1 nothing
-    (docs/stability.md). Without a batch size (a loop that does not say) and under optimizers
-    that divide out the gradient's scale (Adam, ...): the ratio lr too (which is then
-    ``logit_multiple(lr)`` times the SGD one).
+    normalizer the way the uncentered branch could (docs/stability.md). Its gradient is an
+    average over the batch of per-sample signals, noisy at small batches: "auto" speeds it up
+    only from ``SAMPLE_LR_BATCH`` images per step, to ``SAMPLE_LR_MULTIPLE`` times the ratio lr
+    under SGD (where that average is tiny next to the shared logits' gradient) and to the
+    logits' lr under optimizers that divide out the gradient's scale (``logit_multiple``).
+    Below, and without a batch size (a loop that does not say), the ratio scale as SGD resolves
+    it: on the minimal recipe a multiple of 19 cost 30 points of top-1 at batch 4 (lr 0.01) and
+    20 at batch 16 (lr 0.05) under SGD, and ten times AdamW's lr 0.002 cost 6-10 points at
+    batch 16 against the lr (docs/stability.md).
     """
     if scale != "auto":
         return scale
-    ratio = ratio_scale_of(module, "auto", opt, lr)
-    if batch_size is None or not gradient_scaled(opt):
-        return ratio
-    return ratio * (SAMPLE_LR_MULTIPLE if batch_size >= SAMPLE_LR_BATCH else 1.0)
+    base = ratio_scale_of(module, "auto", "sgd")
+    if batch_size is None or batch_size < SAMPLE_LR_BATCH:
+        return base
+    if gradient_scaled(opt):
+        return base * SAMPLE_LR_MULTIPLE
+    return ratio_scale_of(module, "auto", opt, lr)
 
 
 def affine_scale_of(module: MixedNorm2d, scale: Scale = "auto", opt: str = "sgd") -> float:

@@ -16,6 +16,7 @@ from enorm_cli.convert.surgery import replace_norms
 from enorm_cli.errors import EnormError
 from enorm_cli.finetune.model import prepare_model
 from enorm_cli.finetune.optim import (
+    SAMPLE_LR_MULTIPLE,
     build_optimizer,
     build_scheduler,
     gradient_scaled,
@@ -96,8 +97,7 @@ def test_ratio_lr_scale(overrides: list[str], lr: float) -> None:
         ([], 256, 300.0),
         ([], 63, 1.0),  # fewer: the ratio lr
         ([], None, 1.0),  # a loop that does not say its batch: the ratio lr
-        (["optim.name=adamw"], 64, 1.0),  # adaptive: the ratio lr (lr 0.1: the network's)
-        (["optim.name=adamw"], 8, 1.0),
+        (["optim.name=adamw"], 64, 1.0),  # adaptive: the logits' lr (at lr 0.1: the lr)
         (["optim.sample_lr_scale=5"], 8, 5.0),
         (["model.en.ablation.centered=false"], 64, None),  # the paper's branch: no such group
     ],
@@ -143,11 +143,15 @@ def test_adaptive_optimizers_give_ens_logits_their_own_lr(
     base = ["model.name=test_resnet", "model.checkpoint=null", f"optim.name={opt}"]
     recipe = load_recipe(QUICK, [*base, f"optim.lr={lr}", *extra])
     model = prepare_model(recipe, 10).model
-    groups = {g["name"]: g for g in recipe_param_groups(model, recipe.optim, 32)}
+    groups = {g["name"]: g for g in recipe_param_groups(model, recipe.optim, 64)}
     step = 1.0 if not extra else 1 / 100  # s^2 pi K = 100 at s = 1, K = 2, pi = 50
     assert groups["ratio"]["lr_multiple"] == pytest.approx(multiple * step)
-    assert groups["sample"]["lr_multiple"] == pytest.approx(multiple * step)  # batch 32 < 64
+    sample = multiple * step if opt != "sgd" else SAMPLE_LR_MULTIPLE * step  # 64 images a step
+    assert groups["sample"]["lr_multiple"] == pytest.approx(sample)
     assert groups["hidden"]["lr_multiple"] == pytest.approx(step)
+    small = {g["name"]: g for g in recipe_param_groups(model, recipe.optim, 16)}
+    assert small["sample"]["lr_multiple"] == pytest.approx(step)  # noisy: the SGD ratio scale
+    assert small["ratio"]["lr_multiple"] == pytest.approx(multiple * step)
     sn = load_recipe(QUICK, [*base, f"optim.lr={lr}", "model.norm=sn"])
     sn_groups = {g["name"]: g for g in groups_of(prepare_model(sn, 10).model, sn)}
     assert sn_groups["ratio"]["lr_multiple"] == 1.0
