@@ -480,6 +480,7 @@ BLOCKS: dict[str, tuple[str, Callable[[dict[str, Any]], str]]] = {
     "selection-design": ("selection_design", _selection("table")),
     "selection-cells": ("selection_cells", _selection("table")),
     "selection-adamw": ("selection_adamw", _selection("table")),
+    "selection-adamw-branch": ("selection_adamw", _selection("branch_table")),
     "selection-anchor": ("selection_anchor", _selection("table")),
     "selection-ceiling": ("selection_ceiling", _selection("ceiling_table", "ceiling")),
     "selection-budget": ("selection_budget", _selection("budget_table", "budget")),
