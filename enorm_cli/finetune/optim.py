@@ -78,8 +78,8 @@ def hidden_scale_of(module: MixedNorm2d, scale: Scale = "auto", ratio: Scale = "
     "auto": the ratio scale as SGD resolves it (``ratio``: ``optim.ratio_lr_scale``, so a
     recipe that sets that scale sets it for the whole branch), under any optimizer. The
     hidden units are features of the input, not logits: at ten times AdamW's lr 0.005 FC1's
-    weights grew until tanh saturated, and only 10-16 of 52 layers kept their ratios apart
-    over samples, against 31-38 at the lr (docs/stability.md, "Under AdamW").
+    weights grew until tanh saturated, and only 10-15 of 52 layers kept their ratios apart
+    over samples, against 35-40 at the lr (docs/selection.md, "Under AdamW").
     """
     if scale != "auto":
         return scale

@@ -396,7 +396,7 @@ class ExemplarNorm2d(MixedNorm2d):
         """The conv and FC1: the hidden units FC2 reads. Under optimizers that step each
         parameter by about the lr they keep the network's rate while the logits learn faster
         (``optim.hidden_lr_scale``): ten times as fast, an Adam step of FC1 grows its weights
-        until tanh saturates (docs/stability.md, "Under AdamW")."""
+        until tanh saturates (docs/selection.md, "Under AdamW")."""
         parts = (self.ratio.conv, self.ratio.fc1)
         return [p for part in parts if part is not None for p in part.parameters()]
 
