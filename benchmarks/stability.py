@@ -54,9 +54,9 @@ VARIANTS: dict[str, list[str]] = {
     # EN with auto's small-batch mode at any batch
     "en_renorm_frozen": ["model.norm=en", "model.bn_stats=renorm_frozen"],
     # with an adaptive optimizer: the whole ratio branch at the lr (what "auto" resolved to
-    # before the logits got ten times it), the per-sample weight alone at 10 times the lr, and
-    # the whole branch at 10 times (BIN's policy for its gates; "auto" keeps the hidden layer at
-    # the lr)
+    # before the logits got their own rate), the per-sample weight alone at 10 times the lr, and
+    # the whole branch at 10 times (BIN's policy for its gates; a ratio_lr_scale the recipe sets
+    # is the hidden layer's too)
     "en_r1": ["model.norm=en", "optim.ratio_lr_scale=1", "optim.sample_lr_scale=1"],
     "en_sample10": [
         "model.norm=en",
