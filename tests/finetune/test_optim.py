@@ -161,7 +161,7 @@ def test_adaptive_optimizers_give_ens_logits_their_own_lr(
     ("overrides", "multiple"),
     [
         ([], 1.0),  # SGD: the ratio scale, as when the hidden layer was in the ratio group
-        (["optim.name=adamw"], 1.0),  # adaptive: the network's lr while the logits get 10x
+        (["optim.name=adamw"], 1.0),  # adaptive: the network's lr, whatever the logits get
         (["model.en.ablation.logit_scale=1.0", "model.en.ablation.pi=10"], 1 / 20),
         (["optim.ratio_lr_scale=0.5"], 0.5),  # a set ratio scale sets the whole branch's
         (["optim.name=adamw", "optim.ratio_lr_scale=10"], 10.0),
