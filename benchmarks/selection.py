@@ -46,6 +46,14 @@ from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 
+
+def _logits_at(multiple: float) -> dict[str, Any]:
+    """An AdamW variant with EN's logits (FC2's bias and per-sample weight) at ``multiple`` times
+    the lr and the hidden layer at the lr: what ``en_adamw``'s auto resolves to, spelled out."""
+    scales = {"ratio_lr_scale": multiple, "sample_lr_scale": multiple, "hidden_lr_scale": 1.0}
+    return {"norm": "en", "optim": {"name": "adamw", **scales}}
+
+
 VARIANTS: dict[str, dict[str, Any]] = {
     "bn": {"norm": "bn", "bn_stats": "batch"},
     "bn_frozen": {"norm": "bn", "bn_stats": "running"},
@@ -166,9 +174,9 @@ VARIANTS: dict[str, dict[str, Any]] = {
     # expectation under the ratios the branch's signal (``paired_step``), at a tenth of the
     # weight of ``en_explore``
     "en_pair": {"norm": "en", "explore": 0.1, "paired": True},
-    # AdamW (the lr from --lr): EN as shipped (``en_adamw``: its logits at 10 times the lr, the
-    # hidden layer at the lr), and with the ratio branch at the lr and the per-sample weight at
-    # 10 or 30 times it
+    # AdamW (the lr from --lr): EN as shipped (``en_adamw``: its logits at 0.02 a step within 1-10
+    # times the lr, the hidden layer at the lr), and with the ratio branch at the lr and the
+    # per-sample weight at 10 or 30 times it
     "bn_adamw": {"norm": "bn", "bn_stats": "batch", "optim": {"name": "adamw"}},
     "sn_adamw": {"norm": "sn", "optim": {"name": "adamw"}},
     "en_adamw": {"norm": "en", "optim": {"name": "adamw"}},
@@ -190,35 +198,11 @@ VARIANTS: dict[str, dict[str, Any]] = {
     # layer (the conv and FC1) at the lr: ``en_adamw`` up to lr 0.002 since
     # ``optim.hidden_lr_scale`` (``logit_multiple``), spelled out; at 10 times (r10) an Adam step
     # of 0.05 (lr 0.005) grows FC1 until tanh saturates
-    "en_adamw_f10": {
-        "norm": "en",
-        "optim": {
-            "name": "adamw",
-            "ratio_lr_scale": 10.0,
-            "sample_lr_scale": 10.0,
-            "hidden_lr_scale": 1.0,
-        },
-    },
+    "en_adamw_f10": _logits_at(10.0),
     # the logits at 4 and 2 times the lr (the hidden layer at the lr): ``en_adamw`` at lr 0.005
     # and 0.01, 0.02 a step; at 0.01 ten times threw most layers' mixtures onto one normalizer
-    "en_adamw_f4": {
-        "norm": "en",
-        "optim": {
-            "name": "adamw",
-            "ratio_lr_scale": 4.0,
-            "sample_lr_scale": 4.0,
-            "hidden_lr_scale": 1.0,
-        },
-    },
-    "en_adamw_f2": {
-        "norm": "en",
-        "optim": {
-            "name": "adamw",
-            "ratio_lr_scale": 2.0,
-            "sample_lr_scale": 2.0,
-            "hidden_lr_scale": 1.0,
-        },
-    },
+    "en_adamw_f4": _logits_at(4.0),
+    "en_adamw_f2": _logits_at(2.0),
     # ``en_adamw`` before that: the whole branch at the lr
     "en_adamw_r1": {
         "norm": "en",
@@ -1213,14 +1197,13 @@ def per_sample_figures(run: dict[str, Any]) -> dict[str, float]:
     layers = [lay for lay in run.get("layers", []) if "bn" in lay["normalizers"]]
     if not layers:
         return {}
+    spreads = [lay["std"][lay["normalizers"].index("bn")] for lay in layers]
     out = {
-        "largest_spread_in_ln": max(lay["std"][lay["normalizers"].index("bn")] for lay in layers)
+        "largest_spread_in_ln": max(spreads),
+        "layers_spreading": sum(s > SPREADS for s in spreads),
     }
     if all("gap_in_ln" in lay for lay in layers):  # not in the first probes' records
         out["largest_abs_gap_in_ln"] = max((lay["gap_in_ln"] for lay in layers), key=abs)
-    out["layers_spreading"] = sum(
-        lay["std"][lay["normalizers"].index("bn")] > SPREADS for lay in layers
-    )
     if all(lay.get("saturated") is not None for lay in layers):
         out["saturated_share"] = sum(lay["saturated"] for lay in layers) / len(layers)
     if "in" in layers[0]["normalizers"]:

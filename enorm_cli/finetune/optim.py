@@ -9,7 +9,7 @@ from torch import nn
 
 from ..config.recipe import OptimConfig, Recipe
 from ..errors import EnormError
-from ..layers import ExemplarNorm2d, MixedNorm2d
+from ..layers import MixedNorm2d
 
 
 def gradient_scaled(opt_name: str) -> bool:
@@ -58,16 +58,17 @@ def ratio_scale_of(
     so EN's ratios are exactly as mobile as SN's under the network's lr, whatever the logit
     scale a layer was built with (1 at the default scale; 0.01 for a K=2, pi=50 checkpoint
     from before the scale, which trained at s = 1). Under optimizers that divide out the
-    gradient's scale, EN's logits get ``logit_multiple(lr)`` on top (up to ten times): there a
-    step moves each parameter by about the lr whatever its gradient, and EN starts as its
-    source (every other normalizer enters only once its logits or its gamma move), so at
+    gradient's scale, the logits of a layer that starts as its source
+    (``MixedNorm2d.starts_as_source``: EN's) get ``logit_multiple(lr)`` on top (up to ten
+    times): there a step moves each parameter by about the lr whatever its gradient, and every
+    other normalizer enters EN only once its logits or its gamma move, so at
     AdamW's lr 0.001 its mixture stayed at the start for a whole run while SN, which starts
     mixed, did not (docs/selection.md, "Under AdamW"). SN's logits keep the lr.
     """
     if scale != "auto":
         return scale
     base = 1.0 / module.ratio_step_factor()
-    if isinstance(module, ExemplarNorm2d) and not gradient_scaled(opt):
+    if module.starts_as_source and not gradient_scaled(opt):
         return base * logit_multiple(lr)
     return base
 

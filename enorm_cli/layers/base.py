@@ -190,6 +190,11 @@ class MixedNorm2d(nn.Module):
         """The gammas and betas: their own optimizer group."""
         return [self.weight, self.bias]
 
+    starts_as_source = False
+    """Whether the layer computes exactly its source at the start, so that another normalizer
+    enters only once its logits (or gammas) move: then optimizers that divide out the gradient's
+    scale give its logits their own rate (``optim.logit_multiple``). SN starts mixed."""
+
     def ratio_step_factor(self) -> float:
         """How much further one SGD step moves a sample's ratio logits than it moves a plain
         logit (SN's ratio logits: 1). ``optim.ratio_lr_scale: auto`` divides it out."""

@@ -258,6 +258,7 @@ class ExemplarNorm2d(MixedNorm2d):
     ratio branch's ``logit_scale`` is in the state dict (``ratio._extra_state``); 1 did not
     save it. ``_load_from_state_dict`` migrates both."""
     kind = "en"
+    starts_as_source = True
     options = (
         "reduction",
         "pi",
