@@ -174,6 +174,9 @@ VARIANTS: dict[str, dict[str, Any]] = {
     # expectation under the ratios the branch's signal (``paired_step``), at a tenth of the
     # weight of ``en_explore``
     "en_pair": {"norm": "en", "explore": 0.1, "paired": True},
+    # the same with the switches in the training forward (``en_explore0``'s), so that the layers
+    # after an image's layer read its other normalizers and the pair reads what a switch is worth
+    "en_pair_switch": {"norm": "en", "explore": 0.1, "paired": True, "switch": True},
     # AdamW (the lr from --lr): EN as shipped (``en_adamw``: its logits at 0.02 a step within 1-10
     # times the lr, the hidden layer at the lr), and with the ratio branch at the lr and the
     # per-sample weight at 10 or 30 times it
@@ -218,7 +221,7 @@ VARIANTS: dict[str, dict[str, Any]] = {
 ``model.en``), ``optim`` (recipe keys), the experiments' switches ``rowlr``, ``spread``,
 ``fasthidden``, ``warm_epochs``, ``warm_layers``, ``release_epochs``, ``logit_noise`` and
 ``noise_epochs``, ``reference_path``, ``explore`` (the reward's weight), ``explore_centered``,
-``paired``, and the references' ``route``."""
+``paired``, ``switch``, and the references' ``route``."""
 DEFAULT_VARIANTS = ("bn", "bn_frozen", "sn", "en")
 """What the benchmark compares; the others are design candidates, run by name."""
 REGIMES = ("finetune", "scratch")
@@ -669,7 +672,9 @@ def _losses_without_a_trace(model: Any, x: Any, y: Any) -> Any:
     return out
 
 
-def paired_step(model: Any, x: Any, y: Any, baseline: Any, weight: float, g: Any) -> Any:
+def paired_step(
+    model: Any, x: Any, y: Any, baseline: Any, weight: float, g: Any, switched: bool = False
+) -> Any:
     """The training loss of a paired step (inside ``_explored_mixing``): each image gets one EN
     layer, drawn uniformly, and its loss with that layer run on each normalizer alone, every
     other layer as it is (K forwards without gradients, no sampling): L_ik, what each whole
@@ -678,7 +683,10 @@ def paired_step(model: Any, x: Any, y: Any, baseline: Any, weight: float, g: Any
     (momentum 0.9) of L_ik over images per layer and normalizer (``baseline``, updated in
     place), scaled as if every image had been read at every layer: the expected loss of a
     whole switch drawn from its ratios, less what every image would gain from it, so that only
-    how an image's switches compare with other images' moves its ratios."""
+    how an image's switches compare with other images' moves its ratios. ``switched``: the
+    training forward runs each image's layer on one normalizer, drawn uniformly, instead of its
+    mixture (``explore_step``'s switches), so that the layers after it learn to read every
+    normalizer's output and the paired losses come to say what a switch is worth."""
     import torch
 
     n = len(y)
@@ -690,7 +698,11 @@ def paired_step(model: Any, x: Any, y: Any, baseline: Any, weight: float, g: Any
         with _switched(model, mask, torch.full((n, layers), k)):
             losses.append(_losses_without_a_trace(model, x, y))
     switch = torch.stack(losses, 1).double()  # N x K
-    with _switched(model, mask, torch.zeros(n, layers, dtype=torch.long), record=True) as taken:
+    if switched:
+        choice = torch.randint(normalizers, (n,), generator=g).view(-1, 1).expand(n, layers)
+    else:
+        choice = torch.zeros(n, layers, dtype=torch.long)
+    with _switched(model, mask, choice, record=not switched) as taken:
         loss = torch.nn.functional.cross_entropy(model(x), y)
     surrogate = 0.0
     for j, lam, rows, _ in taken:
@@ -1057,7 +1069,13 @@ def run(
             try:
                 if explored is not None and spec.get("paired"):
                     loss = paired_step(
-                        model, train["x"][idx], train["y"][idx], explored, spec["explore"], switches
+                        model,
+                        train["x"][idx],
+                        train["y"][idx],
+                        explored,
+                        spec["explore"],
+                        switches,
+                        spec.get("switch", False),
                     )
                 elif explored is not None:
                     loss = explore_step(

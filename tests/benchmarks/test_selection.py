@@ -412,7 +412,9 @@ def test_an_explored_step_switches_one_normalizer_in_and_rewards_it() -> None:
     assert torch.allclose(running[0], 0.9 * start_mean.double() + 0.1 * means, atol=1e-6)
 
 
-@pytest.mark.parametrize("variant", ["en_explore", "en_explore0", "en_pair"])
+@pytest.mark.parametrize(
+    "variant", ["en_explore", "en_explore0", "en_pair", "en_pair_switch"]
+)
 def test_every_explored_variant_runs_inside_the_switches(variant: str) -> None:
     from enorm_cli.layers import exemplar_function as ef
 
@@ -512,6 +514,39 @@ def test_a_paired_step_reads_every_normalizer_and_trains_on_the_mixture() -> Non
     # each image alone under each normalizer, the mixture elsewhere (one layer here: all of it)
     switch = torch.stack([_hard_losses(model, data, torch.full((6,), k)) for k in range(3)], 1)
     assert torch.allclose(baseline[0].float(), switch.mean(0), atol=1e-5)  # the first mean
+    rel = (switch - switch.mean(0)).detach()
+    lam = layer.ratios(x)
+    (expected,) = torch.autograd.grad((lam * rel).sum() * 0.5 / 6, layer.ratio.fc2.weight)
+    assert expected.abs().max() > 1e-5
+    assert torch.allclose(grads[1] - grads[0], expected, rtol=1e-3, atol=1e-8)
+
+
+def test_a_switched_paired_step_trains_on_the_switches_and_scores_the_pair() -> None:
+    model, data = _one_layer_model()
+    layer, (x, y) = model[0], (data["x"], data["y"])
+    with torch.no_grad():
+        layer.ratio.fc2.weight.normal_()
+    model.train()
+    # the generator draws each image's layer (one here: all 0), then its normalizer
+    g = torch.Generator().manual_seed(0)
+    torch.randint(1, (6,), generator=g)
+    choice = torch.randint(3, (6,), generator=g)
+    assert len(set(choice.tolist())) > 1
+    start = [b.clone() for b in model.buffers()]
+    grads, losses = [], []
+    for weight in (0.0, 0.5):
+        _put_back(model, start)
+        baseline = torch.full((1, 3), float("nan"), dtype=torch.float64)
+        g = torch.Generator().manual_seed(0)
+        with selection._explored_mixing():
+            loss = selection.paired_step(model, x, y, baseline, weight, g, switched=True)
+        losses.append(loss)
+        grads.append(torch.autograd.grad(loss, layer.ratio.fc2.weight)[0])
+    _put_back(model, start)
+    hard = _hard_losses(model, data, choice)
+    assert torch.allclose(losses[0], hard.mean(), atol=1e-5)  # the switches, not the mixture
+    _put_back(model, start)
+    switch = torch.stack([_hard_losses(model, data, torch.full((6,), k)) for k in range(3)], 1)
     rel = (switch - switch.mean(0)).detach()
     lam = layer.ratios(x)
     (expected,) = torch.autograd.grad((lam * rel).sum() * 0.5 / 6, layer.ratio.fc2.weight)
