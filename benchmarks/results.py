@@ -457,6 +457,7 @@ BLOCKS: dict[str, tuple[str, Callable[[dict[str, Any]], str]]] = {
     "stability-minimal-headline": ("stability_minimal", stability_headline),
     "stability-quickstart": ("stability_quickstart", stability_table),
     "stability-adamw": ("stability_adamw", stability_table),
+    "stability-lion": ("stability_lion", stability_table),
     "small-batch": ("small_batch", small_batch_table),
     "small-batch-sizes": ("small_batch_sizes", small_batch_sizes_table),
     "convert-seeds": ("convert_seeds", convert_table),

@@ -1655,7 +1655,10 @@ def budget_table(rows: list[dict[str, Any]]) -> str:
 def _write(path: Path, runs: list[dict[str, Any]], args: argparse.Namespace, **extra: Any) -> None:
     from enorm_cli.fileio import write_text_atomic
 
-    settings = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}
+    def plain(v: Any) -> Any:  # paths, and --merge's list of them, as strings
+        return [plain(x) for x in v] if isinstance(v, list) else str(v) if isinstance(v, Path) else v
+
+    settings = {k: plain(v) for k, v in vars(args).items()}
     record = {"settings": settings, "runs": runs, "summary": summary(runs), **extra}
     text = json.dumps(record, indent=1)
     write_text_atomic(path, text + "\n")

@@ -259,6 +259,19 @@ def test_a_tiny_run_writes_its_record_and_figure(tmp_path: Path) -> None:
     assert len(layers) == 52 and all(m.anchored for m in layers)  # from scratch: anchored
 
 
+def test_merge_joins_the_runs_of_earlier_records(tmp_path: Path) -> None:
+    record = json.loads((ROOT / "benchmarks/results/selection_routing.json").read_text())
+    runs = record["figures"]["runs"][:3]
+    parts = [tmp_path / "a.json", tmp_path / "b.json"]
+    parts[0].write_text(json.dumps({"runs": runs[:1]}))
+    parts[1].write_text(json.dumps({"runs": runs[1:]}))
+    out = tmp_path / "merged.json"
+    assert selection.main(["--merge", *map(str, parts), "--json", str(out)]) == 0
+    merged = json.loads(out.read_text())
+    assert merged["runs"] == runs
+    assert merged["settings"]["merge"] == [str(p) for p in parts]
+
+
 @pytest.mark.slow
 def test_a_released_anchor_ends_at_the_ratios(tmp_path: Path) -> None:
     from safetensors.torch import load_file
