@@ -177,6 +177,10 @@ VARIANTS: dict[str, dict[str, Any]] = {
     # the same with the switches in the training forward (``en_explore0``'s), so that the layers
     # after an image's layer read its other normalizers and the pair reads what a switch is worth
     "en_pair_switch": {"norm": "en", "explore": 0.1, "paired": True, "switch": True},
+    # the branch's hidden layer (conv, FC1) at 100 times the ratio lr under SGD: at the ratio lr
+    # its gradient passes through the per-sample weight and FC1 moves by under 0.1% in a run, so
+    # the branch reads the groups through random features, where AdamW moves it by 7-13%
+    "en_hidden100": {"norm": "en", "optim": {"hidden_lr_scale": 100.0}},
     # AdamW (the lr from --lr): EN as shipped (``en_adamw``: its logits at 0.02 a step within 1-10
     # times the lr, the hidden layer at the lr), and with the ratio branch at the lr and the
     # per-sample weight at 10 or 30 times it
@@ -1042,6 +1046,11 @@ def run(
     ]
     en_layers = [m for m in model.modules() if isinstance(m, enorm_cli.ExemplarNorm2d)]
     has_en = bool(en_layers)
+    hidden_start = {
+        name: [p.detach().clone() for p in m.hidden_parameters()]
+        for name, m in model.named_modules()
+        if isinstance(m, enorm_cli.ExemplarNorm2d)
+    }
     # an explored run's running mean advantage per layer and normalizer (``explore_step``)
     explored = (
         torch.full((len(en_layers), len(en_layers[0].normalizers)), math.nan, dtype=torch.float64)
@@ -1137,6 +1146,7 @@ def run(
         "layers": [],
     }
     preference = loss_preference(model, test) if has_en else []
+    moved = hidden_moves(model, hidden_start)
     if routed is not None:
         asked = routed_preference(model, routed, test)
         n = len(asked)
@@ -1164,6 +1174,8 @@ def run(
                 # class, and the group, explain
                 "class_share_in_ln": explained_share(per_image, test["y"]),
                 "group_share_in_ln": explained_share(per_image, shifted.long()),
+                # how far the branch's hidden layer moved from its start (relative)
+                "hidden_move": moved.get(row.name),
             }
             if preference:
                 asked, n = preference[i], len(preference[i])
@@ -1207,6 +1219,22 @@ def explained_share(values: Any, labels: Any) -> float | None:
     return float((fitted - values.mean()).square().mean()) / total
 
 
+def hidden_moves(model: Any, start: dict[str, list[Any]]) -> dict[str, float]:
+    """Per EN layer (by name), how far its branch's hidden layer (the conv and FC1) moved from
+    ``start``: |delta| / |start| over those parameters together. A hidden layer that stays at
+    its random start gives the branch random features to read the groups from (the ceiling's
+    "FC2 alone" column)."""
+    import torch
+
+    out: dict[str, float] = {}
+    for name, m in model.named_modules():
+        if start.get(name):
+            now = torch.cat([p.detach().flatten() for p in m.hidden_parameters()])
+            was = torch.cat([p.flatten() for p in start[name]])
+            out[name] = float((now - was).norm() / was.norm().clamp_min(1e-12))
+    return out
+
+
 def per_sample_figures(run: dict[str, Any]) -> dict[str, float]:
     """A run's per-sample reading from its layers: the largest spread over samples of the
     per-image normalizers' ratio (in + ln; with [bn, in, ln] that is 1 - bn, so the bn ratio's
@@ -1226,6 +1254,9 @@ def per_sample_figures(run: dict[str, Any]) -> dict[str, float]:
         out["saturated_share"] = sum(lay["saturated"] for lay in layers) / len(layers)
     if "in" in layers[0]["normalizers"]:
         out["first_in"] = layers[0]["mean"][layers[0]["normalizers"].index("in")]
+    moves = sorted(lay["hidden_move"] for lay in layers if lay.get("hidden_move") is not None)
+    if moves:  # the median layer's
+        out["hidden_move"] = moves[len(moves) // 2]
     return out
 
 
@@ -1252,6 +1283,7 @@ def summary(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
             "layers_spreading",
             "saturated_share",
             "first_in",
+            "hidden_move",
             "top1_clean",
             "top1_shifted",
             "best_auc_in",
@@ -1402,6 +1434,7 @@ def branch_table(runs: list[dict[str, Any]]) -> str:
         ("layers whose ratios spread", "layers_spreading", 1),
         ("hidden units saturated", "saturated_share", 2),
         ("first layer's IN ratio", "first_in", 2),
+        ("hidden layer's move (median layer)", "hidden_move", 4),
     ]
     return _summary_table(runs, columns, needs="layers_spreading")
 
@@ -1656,7 +1689,9 @@ def _write(path: Path, runs: list[dict[str, Any]], args: argparse.Namespace, **e
     from enorm_cli.fileio import write_text_atomic
 
     def plain(v: Any) -> Any:  # paths, and --merge's list of them, as strings
-        return [plain(x) for x in v] if isinstance(v, list) else str(v) if isinstance(v, Path) else v
+        return (
+            [plain(x) for x in v] if isinstance(v, list) else str(v) if isinstance(v, Path) else v
+        )
 
     settings = {k: plain(v) for k, v in vars(args).items()}
     record = {"settings": settings, "runs": runs, "summary": summary(runs), **extra}

@@ -245,6 +245,7 @@ def test_a_tiny_run_writes_its_record_and_figure(tmp_path: Path) -> None:
     assert {"logit_std", "saturated", "gamma_rel", "gap_in_ln"} <= set(en["layers"][0])
     assert {"auc_in_ln_strong", "class_share_in_ln", "group_share_in_ln"} <= set(en["layers"][0])
     assert {"loss_pref_auc", "loss_pref_gap", "loss_pref_t"} <= set(en["layers"][0])
+    assert all(lay["hidden_move"] > 0 for lay in en["layers"])  # the branch's hidden layer learns
     assert en["preference_trace"] == []  # read only with --probe-every
     assert figure.stat().st_size > 0
     from enorm_cli import ExemplarNorm2d, load_model
@@ -425,9 +426,7 @@ def test_an_explored_step_switches_one_normalizer_in_and_rewards_it() -> None:
     assert torch.allclose(running[0], 0.9 * start_mean.double() + 0.1 * means, atol=1e-6)
 
 
-@pytest.mark.parametrize(
-    "variant", ["en_explore", "en_explore0", "en_pair", "en_pair_switch"]
-)
+@pytest.mark.parametrize("variant", ["en_explore", "en_explore0", "en_pair", "en_pair_switch"])
 def test_every_explored_variant_runs_inside_the_switches(variant: str) -> None:
     from enorm_cli.layers import exemplar_function as ef
 
@@ -472,12 +471,13 @@ def test_the_routing_table_counts_runs_with_a_group_gap() -> None:
 
 
 def test_the_branch_table_counts_layers_whose_ratios_spread() -> None:
-    def layer(bn_sd: float, saturated: float, in_mean: float) -> dict[str, Any]:
+    def layer(bn_sd: float, saturated: float, in_mean: float, move: float) -> dict[str, Any]:
         return {
             "normalizers": ["bn", "in", "ln"],
             "std": [bn_sd, 0.5, 0.5],  # in + ln's sd is bn's: the others do not count
             "mean": [0.8, in_mean, 0.2 - in_mean],
             "saturated": saturated,
+            "hidden_move": move,
         }
 
     def run(seed: int, layers: list[dict[str, Any]]) -> dict[str, Any]:
@@ -485,16 +485,21 @@ def test_the_branch_table_counts_layers_whose_ratios_spread() -> None:
         return {"regime": "scratch", "variant": "en", "seed": seed, "layers": layers} | top1
 
     runs = [
-        run(0, [layer(0.2, 0.1, 0.5), layer(0.005, 0.3, 0.1), layer(0.02, 0.2, 0.1)]),
-        run(1, [layer(0.001, 0.9, 0.1), layer(0.5, 0.9, 0.1), layer(0.0, 0.9, 0.1)]),
+        run(
+            0, [layer(0.2, 0.1, 0.5, 0.1), layer(0.005, 0.3, 0.1, 0.3), layer(0.02, 0.2, 0.1, 0.2)]
+        ),
+        run(
+            1,
+            [layer(0.001, 0.9, 0.1, 0.01), layer(0.5, 0.9, 0.1, 0.03), layer(0.0, 0.9, 0.1, 0.02)],
+        ),
         run(0, []) | {"variant": "bn"},
     ]
     lines = selection.branch_table(runs).splitlines()
     assert len(lines) == 3  # BatchNorm has no branch: no row
     assert lines[2] == (
         "| scratch | en | 80.50 (80.00-81.00) | 70.00 (70.00-70.00) | 1.5 (1.0-2.0) "
-        "| 0.55 (0.20-0.90) | 0.30 (0.10-0.50) |"
-    )
+        "| 0.55 (0.20-0.90) | 0.30 (0.10-0.50) | 0.1100 (0.0200-0.2000) |"
+    )  # the hidden layer's move: the median layer's, 0.2 and 0.02
 
 
 def test_the_share_interval_and_the_exact_test_match_their_textbook_values() -> None:
