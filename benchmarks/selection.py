@@ -1076,26 +1076,12 @@ def run(
             if noise_steps:  # annealed: down to 0 over the first noise_steps steps
                 NOISE["sigma"] *= max(0.0, 1.0 - step / noise_steps)
             try:
+                batch_args = (train["x"][idx], train["y"][idx], explored, spec.get("explore"))
                 if explored is not None and spec.get("paired"):
-                    loss = paired_step(
-                        model,
-                        train["x"][idx],
-                        train["y"][idx],
-                        explored,
-                        spec["explore"],
-                        switches,
-                        spec.get("switch", False),
-                    )
+                    loss = paired_step(model, *batch_args, switches, spec.get("switch", False))
                 elif explored is not None:
-                    loss = explore_step(
-                        model,
-                        train["x"][idx],
-                        train["y"][idx],
-                        explored,
-                        spec["explore"],
-                        switches,
-                        spec.get("explore_centered", True),
-                    )
+                    centered = spec.get("explore_centered", True)
+                    loss = explore_step(model, *batch_args, switches, centered)
                 else:
                     out = model(train["x"][idx])
                     loss = torch.nn.functional.cross_entropy(out, train["y"][idx])

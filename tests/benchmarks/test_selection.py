@@ -509,8 +509,11 @@ def test_the_share_interval_and_the_exact_test_match_their_textbook_values() -> 
     assert selection.fisher_p(5, 10, 5, 10) == pytest.approx(1.0)
 
 
-def test_a_paired_step_reads_every_normalizer_and_trains_on_the_mixture() -> None:
-    model, data = _one_layer_model()
+def _paired_steps(
+    model: Any, data: dict[str, Any], switched: bool
+) -> tuple[list[torch.Tensor], list[torch.Tensor], list[torch.Tensor], torch.Tensor]:
+    """A paired step's loss and FC2-weight gradient without a reward and at weight 0.5, from
+    the same start (returned, with the last step's running baseline)."""
     layer, (x, y) = model[0], (data["x"], data["y"])
     with torch.no_grad():  # images' ratios apart, as after some training
         layer.ratio.fc2.weight.normal_()
@@ -522,54 +525,51 @@ def test_a_paired_step_reads_every_normalizer_and_trains_on_the_mixture() -> Non
         baseline = torch.full((1, 3), float("nan"), dtype=torch.float64)
         g = torch.Generator().manual_seed(0)
         with selection._explored_mixing():
-            loss = selection.paired_step(model, x, y, baseline, weight, g)
+            loss = selection.paired_step(model, x, y, baseline, weight, g, switched)
         losses.append(loss)
         grads.append(torch.autograd.grad(loss, layer.ratio.fc2.weight)[0])
-    _put_back(model, start)
-    with torch.no_grad():
-        assert torch.allclose(losses[0], torch.nn.functional.cross_entropy(model(x), y))
+    return losses, grads, start, baseline
+
+
+def _assert_the_pair_scores(
+    model: Any, data: dict[str, Any], start: list[torch.Tensor], grads: list[torch.Tensor]
+) -> torch.Tensor:
+    """The reward's gradient is that of sum_k lambda_k (L_k - mean_k L_k) x 0.5 / N, L_k each
+    image's loss with its layer on normalizer k alone; returns the L_k (N x K)."""
     _put_back(model, start)
     # each image alone under each normalizer, the mixture elsewhere (one layer here: all of it)
     switch = torch.stack([_hard_losses(model, data, torch.full((6,), k)) for k in range(3)], 1)
-    assert torch.allclose(baseline[0].float(), switch.mean(0), atol=1e-5)  # the first mean
     rel = (switch - switch.mean(0)).detach()
-    lam = layer.ratios(x)
-    (expected,) = torch.autograd.grad((lam * rel).sum() * 0.5 / 6, layer.ratio.fc2.weight)
+    lam = model[0].ratios(data["x"])
+    (expected,) = torch.autograd.grad((lam * rel).sum() * 0.5 / 6, model[0].ratio.fc2.weight)
     assert expected.abs().max() > 1e-5
     assert torch.allclose(grads[1] - grads[0], expected, rtol=1e-3, atol=1e-8)
+    return switch
+
+
+def test_a_paired_step_reads_every_normalizer_and_trains_on_the_mixture() -> None:
+    model, data = _one_layer_model()
+    losses, grads, start, baseline = _paired_steps(model, data, switched=False)
+    _put_back(model, start)
+    with torch.no_grad():
+        expected = torch.nn.functional.cross_entropy(model(data["x"]), data["y"])
+        assert torch.allclose(losses[0], expected)
+    switch = _assert_the_pair_scores(model, data, start, grads)
+    assert torch.allclose(baseline[0].float(), switch.mean(0), atol=1e-5)  # the first mean
 
 
 def test_a_switched_paired_step_trains_on_the_switches_and_scores_the_pair() -> None:
     model, data = _one_layer_model()
-    layer, (x, y) = model[0], (data["x"], data["y"])
-    with torch.no_grad():
-        layer.ratio.fc2.weight.normal_()
-    model.train()
     # the generator draws each image's layer (one here: all 0), then its normalizer
     g = torch.Generator().manual_seed(0)
     torch.randint(1, (6,), generator=g)
     choice = torch.randint(3, (6,), generator=g)
     assert len(set(choice.tolist())) > 1
-    start = [b.clone() for b in model.buffers()]
-    grads, losses = [], []
-    for weight in (0.0, 0.5):
-        _put_back(model, start)
-        baseline = torch.full((1, 3), float("nan"), dtype=torch.float64)
-        g = torch.Generator().manual_seed(0)
-        with selection._explored_mixing():
-            loss = selection.paired_step(model, x, y, baseline, weight, g, switched=True)
-        losses.append(loss)
-        grads.append(torch.autograd.grad(loss, layer.ratio.fc2.weight)[0])
+    losses, grads, start, _ = _paired_steps(model, data, switched=True)
     _put_back(model, start)
     hard = _hard_losses(model, data, choice)
     assert torch.allclose(losses[0], hard.mean(), atol=1e-5)  # the switches, not the mixture
-    _put_back(model, start)
-    switch = torch.stack([_hard_losses(model, data, torch.full((6,), k)) for k in range(3)], 1)
-    rel = (switch - switch.mean(0)).detach()
-    lam = layer.ratios(x)
-    (expected,) = torch.autograd.grad((lam * rel).sum() * 0.5 / 6, layer.ratio.fc2.weight)
-    assert expected.abs().max() > 1e-5
-    assert torch.allclose(grads[1] - grads[0], expected, rtol=1e-3, atol=1e-8)
+    _assert_the_pair_scores(model, data, start, grads)
 
 
 def test_the_gap_trace_has_a_row_per_probe_and_the_end() -> None:
