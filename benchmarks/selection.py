@@ -179,7 +179,7 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "en_pair_switch": {"norm": "en", "explore": 0.1, "paired": True, "switch": True},
     # the branch's hidden layer (conv, FC1) at 100 times the ratio lr under SGD: at the ratio lr
     # its gradient passes through the per-sample weight and it moves by 0.3% in a run (median
-    # layer), so the branch reads the groups through random features; AdamW moves it by 16-23%
+    # layer), so the branch reads the groups through random features; AdamW moves it by 15-23%
     "en_hidden100": {"norm": "en", "optim": {"hidden_lr_scale": 100.0}},
     # AdamW (the lr from --lr): EN as shipped (``en_adamw``: its logits at 0.02 a step within 1-10
     # times the lr, the hidden layer at the lr), and with the ratio branch at the lr and the
