@@ -1044,12 +1044,11 @@ def run(
         if isinstance(m, enorm_cli.ExemplarNorm2d) and re.search(spec.get("warm_layers", ""), name)
         for p in [*m.ratio_parameters(), *m.hidden_parameters()]
     ]
-    en_layers = [m for m in model.modules() if isinstance(m, enorm_cli.ExemplarNorm2d)]
+    en_named = {n: m for n, m in model.named_modules() if isinstance(m, enorm_cli.ExemplarNorm2d)}
+    en_layers = list(en_named.values())
     has_en = bool(en_layers)
     hidden_start = {
-        name: [p.detach().clone() for p in m.hidden_parameters()]
-        for name, m in model.named_modules()
-        if isinstance(m, enorm_cli.ExemplarNorm2d)
+        n: [p.detach().clone() for p in m.hidden_parameters()] for n, m in en_named.items()
     }
     # an explored run's running mean advantage per layer and normalizer (``explore_step``)
     explored = (
@@ -1076,15 +1075,15 @@ def run(
             if noise_steps:  # annealed: down to 0 over the first noise_steps steps
                 NOISE["sigma"] *= max(0.0, 1.0 - step / noise_steps)
             try:
-                batch_args = (train["x"][idx], train["y"][idx], explored, spec.get("explore"))
+                x, y = train["x"][idx], train["y"][idx]
                 if explored is not None and spec.get("paired"):
-                    loss = paired_step(model, *batch_args, switches, spec.get("switch", False))
+                    switched = spec.get("switch", False)
+                    loss = paired_step(model, x, y, explored, spec["explore"], switches, switched)
                 elif explored is not None:
                     centered = spec.get("explore_centered", True)
-                    loss = explore_step(model, *batch_args, switches, centered)
+                    loss = explore_step(model, x, y, explored, spec["explore"], switches, centered)
                 else:
-                    out = model(train["x"][idx])
-                    loss = torch.nn.functional.cross_entropy(out, train["y"][idx])
+                    loss = torch.nn.functional.cross_entropy(model(x), y)
             finally:
                 NOISE["sigma"] = 0.0
             optimizer.zero_grad()
@@ -1213,10 +1212,12 @@ def hidden_moves(model: Any, start: dict[str, list[Any]]) -> dict[str, float]:
     import torch
 
     out: dict[str, float] = {}
-    for name, m in model.named_modules():
-        if start.get(name):
-            now = torch.cat([p.detach().flatten() for p in m.hidden_parameters()])
-            was = torch.cat([p.flatten() for p in start[name]])
+    for name, params in start.items():
+        if params:
+            now = torch.cat(
+                [p.detach().flatten() for p in model.get_submodule(name).hidden_parameters()]
+            )
+            was = torch.cat([p.flatten() for p in params])
             out[name] = float((now - was).norm() / was.norm().clamp_min(1e-12))
     return out
 
